@@ -1,0 +1,21 @@
+"""nemon_np: implicit neural networks that are well-posed and robust by l_inf contraction.
+
+NEMON models (Jafarpour, Davydov, Proskurnikov, Bullo, "Robust Implicit Networks via
+Non-Euclidean Contractions", NeurIPS 2021) in NumPy and numba: ``x = relu(Ax + Bu + b)``,
+``y = Cx + c`` with mu_inf(A) <= gamma < 1.
+"""
+from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
+from .models import NEMON, softmax_cross_entropy
+from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
+                         project_mu_inf)
+from .robustness import lipschitz_bound
+from .solvers import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
+                      solve_adjoint, solve_equilibrium)
+
+__version__ = "0.1.0"
+
+__all__ = ["NEMON", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
+           "project_mu_inf", "parametrize_mu_inf", "parametrize_mu_inf_grad",
+           "parametrize_mu_inf_inverse", "lipschitz_bound", "solve_equilibrium", "solve_adjoint",
+           "contraction_alpha", "contraction_factor", "softmax_cross_entropy",
+           "WellPosednessError", "ConvergenceWarning"]

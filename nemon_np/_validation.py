@@ -1,0 +1,62 @@
+"""Input checks shared by every public function: one-line ``ValueError`` messages."""
+import numpy as np
+
+__all__ = ["as_square_matrix", "as_weights", "as_float_dtype", "check_gamma"]
+
+_FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def _as_real_array(a, name):
+    arr = np.asarray(a)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
+                                 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers (integer or floating), got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+    return arr
+
+
+def as_square_matrix(A, name="A"):
+    """Return ``A`` as a finite real square 2-D array (integers become float64)."""
+    arr = _as_real_array(A, name)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"{name} must be a square 2-D matrix, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not np.issubdtype(arr.dtype, np.floating) or arr.dtype not in _FLOAT_DTYPES:
+        arr = arr.astype(np.float64)
+    return arr
+
+
+def as_weights(weights, n, name="weights"):
+    """Return positive finite diagonal weights eta of length n as float64, or None."""
+    if weights is None:
+        return None
+    eta = _as_real_array(weights, name).astype(np.float64)
+    if eta.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {eta.shape}")
+    if np.any(eta <= 0):
+        raise ValueError(f"{name} must be strictly positive (min is {eta.min():g})")
+    return eta
+
+
+def as_float_dtype(dtype):
+    """Return ``np.float32`` or ``np.float64``; anything else is a ``ValueError``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt.type
+
+
+def check_gamma(gamma):
+    """Return gamma as a float; it must be finite and < 1 (the well-posedness margin)."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f"gamma must be a real number, got {gamma!r}") from None
+    if not np.isfinite(g) or g >= 1.0:
+        raise ValueError(f"gamma must be finite and < 1 for a well-posed model, got {gamma!r}")
+    return g

@@ -1,0 +1,243 @@
+"""The NEMON implicit layer with a linear read-out, trained by implicit differentiation.
+
+Model (DESIGN.md; Jafarpour et al., NeurIPS 2021, eq. (2)):
+
+    x* = relu(A x* + B u + b),     y = C x* + c,
+
+well-posed when mu_inf(A) < 1 (or its weighted version, for learned weights eta).
+
+Gradients of the mean softmax cross-entropy over a batch (DESIGN.md, "Implicit
+gradient"): with z = A x* + B u + b, D = diag(1[z > 0]), g = C^T dL/dy, solve
+w = g + A^T D w and put delta = D w; then
+
+    dL/dA = delta x*^T,  dL/dB = delta u^T,  dL/db = delta,  dL/du = B^T delta,
+    dL/dC = dL/dy x*^T,  dL/dc = dL/dy                 (summed over the batch).
+"""
+import zipfile
+
+import numpy as np
+from scipy.special import log_softmax
+
+from ._validation import as_float_dtype, as_weights, check_gamma
+from .measures import mu_inf
+from .projection import project_mu_inf
+from .solvers import solve_adjoint, solve_equilibrium
+
+__all__ = ["NEMON", "softmax_cross_entropy"]
+
+FORMAT_NAME = "nemon_np.NEMON"
+FORMAT_VERSION = 1
+PARAMETERS = ("A", "B", "b", "C", "c")
+
+
+def softmax_cross_entropy(Y, labels):
+    """Mean cross-entropy of logits Y (m, k) against integer labels (m,), and dL/dY."""
+    logp = log_softmax(Y.astype(np.float64), axis=1)
+    m = Y.shape[0]
+    rows = np.arange(m)
+    loss = -logp[rows, labels].mean()
+    dY = np.exp(logp)
+    dY[rows, labels] -= 1.0
+    return float(loss), (dY / m).astype(Y.dtype)
+
+
+class NEMON:
+    """Non-Euclidean monotone operator network: ``x = relu(Ax + Bu + b)``, ``y = Cx + c``.
+
+    Parameters
+    ----------
+    n_in, n_hidden, n_out : int
+        Input, hidden-state and output sizes.
+    gamma : float, < 1
+        Well-posedness margin: the initial A is projected onto mu_inf(A) <= gamma.
+    seed : int
+        Seed of the initialization (``numpy.random.default_rng``).
+    dtype : float32 or float64
+    weights : (n_hidden,) array, optional
+        Diagonal weights eta > 0 of the weighted norm ``||x||_{inf,eta} = max_i |x_i|/eta_i``
+        in which A is held contractive; None is the unweighted l_inf norm.
+
+    Attributes
+    ----------
+    A (n, n), B (n, n_in), b (n,), C (n_out, n), c (n_out,) : ndarray of ``dtype``
+    """
+
+    def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None):
+        for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        self.gamma = check_gamma(gamma)
+        self.dtype = as_float_dtype(dtype)
+        self.seed = int(seed)
+        self.weights = as_weights(weights, int(n_hidden))
+        rng = np.random.default_rng(self.seed)
+        n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
+        # PyTorch-Linear-like scales; A starts small and inside P(gamma).
+        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
+        self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
+        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
+        self.b = np.zeros(n, self.dtype)
+        self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
+        self.c = np.zeros(n_out, self.dtype)
+
+    # -- shapes -----------------------------------------------------------
+    @property
+    def n_in(self):
+        return self.B.shape[1]
+
+    @property
+    def n_hidden(self):
+        return self.A.shape[0]
+
+    @property
+    def n_out(self):
+        return self.C.shape[0]
+
+    def params(self):
+        """The parameters as a dict keyed ``"A","B","b","C","c"`` (the arrays themselves)."""
+        return {k: getattr(self, k) for k in PARAMETERS}
+
+    def mu_inf(self):
+        """mu_inf(A) in the model's (weighted) norm."""
+        return mu_inf(self.A, self.weights)
+
+    def _inputs(self, U):
+        U = np.asarray(U)
+        if U.ndim == 1:
+            U = U[None, :]
+        if U.ndim != 2 or U.shape[1] != self.n_in:
+            raise ValueError(f"U must have shape (batch, {self.n_in}), got {np.shape(U)}")
+        if not np.all(np.isfinite(U)):
+            raise ValueError("U has non-finite entries (NaN or inf)")
+        return np.ascontiguousarray(U, dtype=self.dtype)
+
+    def _labels(self, y, m):
+        y = np.asarray(y)
+        if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must be {m} integer class labels, got shape {y.shape} dtype {y.dtype}")
+        if y.size and (y.min() < 0 or y.max() >= self.n_out):
+            raise ValueError(f"labels must lie in [0, {self.n_out - 1}], got range [{y.min()}, {y.max()}]")
+        return y
+
+    # -- forward ----------------------------------------------------------
+    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None,
+                    on_violation="raise"):
+        """Fixed points x* of ``x = relu(Ax + Bu + b)`` for a batch U of shape (m, n_in).
+
+        Returns ``(X, info)``: X (m, n_hidden) and the solver's OptimizeResult with
+        per-sample ``iterations`` and ``residual`` (see :func:`nemon_np.solve_equilibrium`).
+        """
+        U = self._inputs(U)
+        Q = U @ self.B.T + self.b
+        return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
+                                 X0=X0, weights=self.weights, on_violation=on_violation)
+
+    def logits(self, U, **solver_options):
+        """Logits ``y = C x* + c``, shape (m, n_out); keyword options go to :meth:`equilibrium`."""
+        X, _ = self.equilibrium(U, **solver_options)
+        return X @ self.C.T + self.c
+
+    def predict(self, U, **solver_options):
+        """Predicted class per sample, argmax of the logits."""
+        return np.argmax(self.logits(U, **solver_options), axis=1)
+
+    # -- backward ---------------------------------------------------------
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol):
+        U = self._inputs(U)
+        y = self._labels(y, U.shape[0])
+        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha)
+        loss, dY = softmax_cross_entropy(X @ self.C.T + self.c, y)
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        m = U.shape[0]
+        # Solve for the per-sample loss (g of order 1), so that tol means the same at any batch size.
+        W, binfo = solve_adjoint(self.A, mask, (m * dY) @ self.C, method=adjoint,
+                                 alpha=alpha if method == "average" else None,
+                                 tol=tol if adjoint_tol is None else adjoint_tol,
+                                 max_iter=max_iter, weights=self.weights)
+        delta = (mask * W) / m
+        return U, X, loss, dY, delta, {"forward": finfo, "backward": binfo}
+
+    def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
+                      adjoint="iterative", adjoint_tol=None, return_info=False):
+        """Mean softmax cross-entropy over the batch and its gradients.
+
+        Parameters
+        ----------
+        U : (m, n_in) inputs; y : (m,) integer labels
+        tol, max_iter, method, alpha : forward solver settings (:meth:`equilibrium`)
+        adjoint : {"iterative", "direct"}
+            Averaged adjoint iteration or exact per-sample solve (:func:`nemon_np.solve_adjoint`).
+        adjoint_tol : float, optional
+            l_1 residual tolerance of the adjoint iteration (default ``tol``).
+        return_info : bool
+            Also return ``{"forward": info, "backward": info}`` from the solvers.
+
+        Returns
+        -------
+        loss : float
+        grads : dict ``"A","B","b","C","c"`` -> arrays shaped like the parameters
+        """
+        U, X, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha,
+                                                     adjoint, adjoint_tol)
+        grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0),
+                 "C": dY.T @ X, "c": dY.sum(axis=0)}
+        return (loss, grads, info) if return_info else (loss, grads)
+
+    def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
+                   adjoint="iterative", adjoint_tol=None):
+        """Gradient of the *mean* loss of :meth:`loss_and_grad` with respect to U, shape (m, n_in).
+
+        ``dL/du_i = B^T delta_i``; multiply by m for the gradient of sample i's own loss.
+        """
+        _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol)
+        return delta @ self.B
+
+    # -- persistence ------------------------------------------------------
+    def save(self, path):
+        """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
+        state = {k: getattr(self, k) for k in PARAMETERS}
+        state.update(format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION),
+                     gamma=np.array(self.gamma), seed=np.array(self.seed),
+                     dtype=np.array(np.dtype(self.dtype).name),
+                     weights=np.array([]) if self.weights is None else self.weights)
+        with open(path, "wb") as f:
+            np.savez(f, **state)
+
+    @classmethod
+    def load(cls, path):
+        """Read a model written by :meth:`save`; a truncated or foreign file is a ``ValueError``."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict) or str(data.get("format", "")) != FORMAT_NAME:
+            raise ValueError(f"{path}: not a nemon_np model file (no '{FORMAT_NAME}' format marker)")
+        if int(data["version"]) > FORMAT_VERSION:
+            raise ValueError(f"{path}: model format version {int(data['version'])} is newer than "
+                             f"this nemon_np reads ({FORMAT_VERSION})")
+        missing = [k for k in PARAMETERS + ("gamma", "seed", "dtype", "weights") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: model file lacks {', '.join(missing)}")
+        A, B, C = data["A"], data["B"], data["C"]
+        n = A.shape[0] if A.ndim == 2 else -1
+        if (A.shape != (n, n) or B.ndim != 2 or B.shape[0] != n or C.ndim != 2 or C.shape[1] != n
+                or data["b"].shape != (n,) or data["c"].shape != (C.shape[0],)):
+            raise ValueError(f"{path}: parameter shapes are inconsistent "
+                             f"(A {A.shape}, B {B.shape}, b {data['b'].shape}, C {C.shape}, c {data['c'].shape})")
+        model = cls.__new__(cls)
+        model.gamma = float(data["gamma"])
+        model.seed = int(data["seed"])
+        model.dtype = as_float_dtype(str(data["dtype"]))
+        w = data["weights"]
+        model.weights = None if w.size == 0 else as_weights(w, n)
+        for k in PARAMETERS:
+            setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
+        return model
+
+    def __repr__(self):
+        w = "" if self.weights is None else ", weighted"
+        return (f"NEMON(n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, "
+                f"gamma={self.gamma}, dtype={np.dtype(self.dtype).name}{w})")

@@ -1,0 +1,212 @@
+"""Keeping mu_inf(A) <= gamma: exact Euclidean projection and a surjective parametrization.
+
+Projection (DESIGN.md, "Keeping mu_inf(A) <= gamma", 1 and 3)
+---------------------------------------------------------------
+P(gamma) = {A : a_ii + sum_{j!=i} w_ij |a_ij| <= gamma for every row i}, with
+w_ij = eta_j / eta_i (w = 1 unweighted), is a polytope whose Frobenius
+projection splits into rows. For a row with diagonal d and off-diagonals o that
+violates its constraint:
+
+    d' = d - lam,   o'_j = sign(o_j) max(|o_j| - lam w_ij, 0),
+
+lam > 0 the root of the decreasing piecewise-linear function
+
+    f(lam) = (d - lam) + sum_j w_ij max(|o_j| - lam w_ij, 0) - gamma,
+
+the same root as DESIGN.md's scan of the sorted breakpoints |o_j| / w_ij (as in
+l_1-ball projection; :func:`project_mu_inf_reference` does exactly that). The numba
+kernel finds it without sorting, by Michelot's filtering (exact, a few O(n) passes
+per row): at n = 100 sorting every row cost 4/5 of the time. Rows already inside
+are returned unchanged.
+
+Parametrization (DESIGN.md, 2)
+------------------------------
+A = gamma I + T - diag(|T| 1) maps any T onto P(gamma) (surjectively: take
+t_ij = a_ij off the diagonal and t_ii = (a_ii - gamma + sum_{j!=i} |a_ij|) / 2 <= 0),
+with gradient dL/dT_ij = G_ij - G_ii sign(T_ij) for G = dL/dA.
+"""
+import numpy as np
+from numba import njit
+
+from ._validation import as_square_matrix, as_weights
+
+__all__ = ["project_mu_inf", "project_mu_inf_reference", "parametrize_mu_inf",
+           "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse"]
+
+
+@njit(cache=True, fastmath=True)
+def _row_measure(R, i, W):
+    """a_ii + sum_{j != i} W_ij |a_ij| for row i of R (two branch-free, vectorized loops)."""
+    total = 0.0
+    for j in range(i):
+        total += W[i, j] * abs(R[i, j])
+    for j in range(i + 1, R.shape[1]):
+        total += W[i, j] * abs(R[i, j])
+    return R[i, i] + total
+
+
+@njit(cache=True)
+def _shrink_row(A, out, i, W, lam):
+    for j in range(A.shape[1]):
+        shrunk = abs(A[i, j]) - lam * W[i, j]
+        out[i, j] = np.sign(A[i, j]) * shrunk if shrunk > 0.0 else 0.0
+    out[i, i] = A[i, i] - lam
+
+
+@njit(cache=True)
+def _project_rows(A, gamma, W):
+    """Row-wise projection of float64 A onto {a_ii + sum_j W_ij |a_ij| <= gamma}."""
+    n = A.shape[0]
+    out = A.copy()
+    active = np.empty(n, np.int64)
+    for i in range(n):
+        if _row_measure(A, i, W) <= gamma:
+            continue
+        # Michelot's filtering: with a set K containing every truly active entry, the
+        # candidate lam_K (root of f with K forced active) is a lower bound of the
+        # root, so entries with breakpoint |a_ij| / W_ij <= lam_K are zeroed for sure.
+        # Dropping them and repeating stops, in a few passes, at the exact root.
+        k = 0
+        for j in range(n):
+            if j != i:
+                active[k] = j
+                k += 1
+        while True:
+            num = A[i, i] - gamma
+            den = 1.0
+            for r in range(k):
+                j = active[r]
+                num += W[i, j] * abs(A[i, j])
+                den += W[i, j] * W[i, j]
+            lam = num / den
+            kept = 0
+            for r in range(k):
+                j = active[r]
+                if abs(A[i, j]) > lam * W[i, j]:
+                    active[kept] = j
+                    kept += 1
+            if kept == k:
+                break
+            k = kept
+        _shrink_row(A, out, i, W, lam)
+        # Rounding may leave the row an ulp outside; nudge lam until the same test
+        # that decides membership passes, so that projecting again changes nothing.
+        while _row_measure(out, i, W) > gamma:
+            lam += 4e-16 * max(abs(lam), abs(gamma), 1e-300)
+            _shrink_row(A, out, i, W, lam)
+    return out
+
+
+def _ratio_weights(eta, n):
+    if eta is None:
+        return np.ones((n, n))
+    return eta[None, :] / eta[:, None]
+
+
+def _round_inside(P64, dtype):
+    """Cast a projected float64 matrix to ``dtype`` without leaving the set.
+
+    Rounding to nearest could push a row sum above gamma by an ulp; off-diagonal
+    entries are rounded toward zero and the diagonal downward instead.
+    """
+    if dtype == np.float64:
+        return P64
+    P = P64.astype(dtype)
+    up = np.abs(P.astype(np.float64)) > np.abs(P64)
+    np.fill_diagonal(up, False)
+    P[up] = np.nextafter(P[up], dtype(0))
+    d = np.diag(P).copy()
+    high = d.astype(np.float64) > np.diag(P64)
+    d[high] = np.nextafter(d[high], dtype(-np.inf))
+    np.fill_diagonal(P, d)
+    return P
+
+
+def project_mu_inf(A, gamma, weights=None):
+    """Euclidean (Frobenius) projection of A onto {A : mu_inf,eta(A) <= gamma}.
+
+    Parameters
+    ----------
+    A : (n, n) array_like, float32 or float64 (integers are taken as float64)
+    gamma : float
+        The bound on the (weighted) l_inf measure.
+    weights : (n,) array_like, optional
+        Diagonal weights eta > 0: projects onto mu_inf(diag(eta)^-1 A diag(eta)) <= gamma,
+        the row constraints a_ii + sum_{j!=i} (eta_j/eta_i) |a_ij| <= gamma.
+
+    Returns
+    -------
+    (n, n) ndarray of A's dtype, a new array (A is never modified) with
+    ``mu_inf(result, weights) <= gamma`` up to float64 rounding of the row sums.
+    Rows already satisfying their constraint are copied unchanged.
+    """
+    A = as_square_matrix(A)
+    gamma = float(gamma)
+    if not np.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    eta = as_weights(weights, A.shape[0])
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), gamma,
+                        _ratio_weights(eta, A.shape[0]))
+    return _round_inside(P64, A.dtype.type)
+
+
+def project_mu_inf_reference(A, gamma, weights=None):
+    """Plain NumPy version of :func:`project_mu_inf` (vectorized bisection-free
+    breakpoint search per row); the independent reference the kernel is tested against."""
+    A = as_square_matrix(A).astype(np.float64)
+    n = A.shape[0]
+    W = _ratio_weights(as_weights(weights, n), n)
+    out = A.copy()
+    for i in range(n):
+        mask = np.arange(n) != i
+        d, o, w = A[i, i], A[i, mask], W[i, mask]
+        if d + np.sum(w * np.abs(o)) <= gamma:
+            continue
+        # Evaluate f at every breakpoint, then interpolate linearly on the segment holding the root.
+        bp = np.concatenate(([0.0], np.sort(np.abs(o) / w)))
+        f = (d - bp) + np.sum(w * np.maximum(np.abs(o)[None, :] - bp[:, None] * w, 0.0), axis=1) - gamma
+        neg = np.nonzero(f <= 0)[0]
+        if neg.size == 0:  # root beyond every breakpoint: f(lam) = d - lam - gamma there
+            lam = d - gamma
+        else:
+            k = neg[0]
+            lam = bp[k - 1] + f[k - 1] * (bp[k] - bp[k - 1]) / (f[k - 1] - f[k])
+        out[i, i] = d - lam
+        out[i, mask] = np.sign(o) * np.maximum(np.abs(o) - lam * w, 0.0)
+    return out
+
+
+def parametrize_mu_inf(T, gamma):
+    """``A = gamma I + T - diag(|T| 1)``: any T gives mu_inf(A) <= gamma.
+
+    Row i has measure gamma + t_ii - |t_ii| <= gamma. Returns a new (n, n) array.
+    """
+    T = as_square_matrix(T, "T")
+    A = T - np.diag(np.abs(T).sum(axis=1))
+    A[np.diag_indices_from(A)] += gamma
+    return A
+
+
+def parametrize_mu_inf_grad(T, G):
+    """Chain rule through :func:`parametrize_mu_inf`: ``dL/dT_ij = G_ij - G_ii sign(T_ij)``."""
+    T = as_square_matrix(T, "T")
+    G = np.asarray(G)
+    if G.shape != T.shape:
+        raise ValueError(f"G must have the shape of T {T.shape}, got {G.shape}")
+    return G - np.diag(G)[:, None] * np.sign(T)
+
+
+def parametrize_mu_inf_inverse(A, gamma):
+    """A T with ``parametrize_mu_inf(T, gamma) == A`` for A in P(gamma) (a right inverse).
+
+    Off-diagonal t_ij = a_ij; diagonal t_ii = (a_ii - gamma + sum_{j!=i} |a_ij|) / 2 <= 0.
+    Raises ``ValueError`` if mu_inf(A) > gamma (no T exists).
+    """
+    A = as_square_matrix(A)
+    off = np.abs(A).sum(axis=1) - np.abs(np.diag(A))
+    excess = np.diag(A) + off - gamma
+    if np.any(excess > 1e-12 * max(1.0, abs(gamma))):
+        raise ValueError(f"A is outside P(gamma): mu_inf(A) - gamma = {excess.max():.3g} > 0")
+    T = A.copy()
+    np.fill_diagonal(T, np.minimum(excess, 0.0) / 2)
+    return T

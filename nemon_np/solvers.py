@@ -1,0 +1,292 @@
+"""Fixed-point and adjoint solvers for the implicit layer x = relu(A x + q).
+
+Average iteration (DESIGN.md, "Average iteration"; Jafarpour et al. 2021, Thm. 2)
+    x_{k+1} = (1 - alpha) x_k + alpha relu(A x_k + q)
+is an l_inf contraction with factor rho(alpha) = 1 - alpha (1 - max(mu_inf(A), 0))
+for 0 < alpha <= alpha* = 1 / (1 - min(min_i a_ii, 0)); Picard is alpha = 1.
+
+Adjoint (DESIGN.md, "Implicit gradient")
+    w = g + A^T D w,     D = diag(1[z > 0]) at the fixed point,
+with the averaged iteration w <- (1 - alpha) w + alpha (g + A^T D w), an l_1
+contraction with the same rho(alpha), or a direct solve of (I - D A)^T w = g.
+
+Both run over a batch stored row-wise (sample i is row i), stop each sample on its
+own residual and stop spending work on it once converged. The forward residual is
+``||relu(A x_k + q) - x_k||_inf`` (then ``||x_k - x*||_inf <= residual / (1 - max(mu_inf(A), 0))``);
+the adjoint residual is ``||g + A^T D w_k - w_k||_1``.
+"""
+import warnings
+
+import numpy as np
+from numba import njit
+from scipy.optimize import OptimizeResult
+
+from ._validation import as_square_matrix, as_weights
+from .measures import mu_inf
+
+__all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference",
+           "contraction_alpha", "contraction_factor", "WellPosednessError", "ConvergenceWarning"]
+
+FORWARD_METHODS = ("average", "picard")
+ADJOINT_METHODS = ("iterative", "direct")
+
+
+class WellPosednessError(ValueError):
+    """The contraction guarantee does not hold (mu_inf(A) >= 1 or alpha > alpha*)."""
+
+
+class WellPosednessWarning(UserWarning):
+    """Like :class:`WellPosednessError`, issued when the caller opted into warnings."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Some samples reached max_iter before their residual fell below tol."""
+
+
+@njit(cache=True, fastmath=True)
+def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
+    """Row-wise x <- (1 - alpha) x + alpha phi((x * s) M + q), phi = relu or identity.
+
+    M (n, n); Q, S, X0 (m, n) C-contiguous of one dtype; S has 0 rows to mean "no mask".
+    Returns, for each row, the last iterate x_k, its pre-activation (x_k * s) M + q,
+    k and its residual ||phi(.) - x_k|| (l_1 if l1 else l_inf). Converged rows are
+    compacted out of the working set so that they cost no further matmul.
+    """
+    m, n = Q.shape
+    masked = S.shape[0] > 0
+    X_out = np.empty_like(Q)
+    P_out = np.empty_like(Q)
+    iterations = np.zeros(m, np.int64)
+    residual = np.empty(m, Q.dtype)
+    active = np.arange(m)
+    X = X0.copy()
+    Qa = Q.copy()
+    Sa = S.copy()
+    F = np.empty(n, Q.dtype)
+    n_act = m
+    for k in range(max_iter + 1):
+        if masked:
+            P = np.dot(X[:n_act] * Sa[:n_act], M)
+        else:
+            P = np.dot(X[:n_act], M)
+        n_keep = 0
+        for r in range(n_act):
+            # Branches hoisted out of the inner loops so that each one vectorizes.
+            for j in range(n):
+                P[r, j] += Qa[r, j]
+            if relu:
+                for j in range(n):
+                    F[j] = max(P[r, j], 0.0)
+            else:
+                F[:] = P[r]
+            res = tol - tol  # zero of the batch dtype: no float64 promotion in float32 loops
+            if l1:
+                for j in range(n):
+                    res += abs(F[j] - X[r, j])
+            else:
+                for j in range(n):
+                    res = max(res, abs(F[j] - X[r, j]))
+            if res <= tol or k == max_iter:
+                i = active[r]
+                X_out[i] = X[r]
+                P_out[i] = P[r]
+                iterations[i] = k
+                residual[i] = res
+                continue
+            for j in range(n):
+                X[n_keep, j] = X[r, j] + alpha * (F[j] - X[r, j])
+            if n_keep != r:
+                Qa[n_keep] = Qa[r]
+                if masked:
+                    Sa[n_keep] = Sa[r]
+                active[n_keep] = active[r]
+            n_keep += 1
+        n_act = n_keep
+        if n_act == 0:
+            break
+    return X_out, P_out, iterations, residual
+
+
+def averaged_fixed_point_reference(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
+    """NumPy reference of the numba kernel (same contract, one sample at a time)."""
+    m, n = Q.shape
+    X_out, P_out = np.empty_like(Q), np.empty_like(Q)
+    iterations, residual = np.zeros(m, np.int64), np.empty(m, Q.dtype)
+    for i in range(m):
+        x = X0[i].astype(Q.dtype, copy=True)
+        s = S[i] if S.shape[0] else 1
+        for k in range(max_iter + 1):
+            p = (x * s) @ M + Q[i]
+            f = np.maximum(p, 0) if relu else p
+            diff = np.abs(f - x)
+            res = diff.sum() if l1 else diff.max()
+            if res <= tol or k == max_iter:
+                break
+            x = (x + alpha * (f - x)).astype(Q.dtype)
+        X_out[i], P_out[i], iterations[i], residual[i] = x, p, k, res
+    return X_out, P_out, iterations, residual
+
+
+def contraction_alpha(A):
+    """alpha* = 1 / (1 - min(min_i a_ii, 0)), the step minimizing rho(alpha)."""
+    A = as_square_matrix(A)
+    return 1.0 / (1.0 - min(float(np.diag(A).min()), 0.0))
+
+
+def contraction_factor(A, alpha=None, weights=None):
+    """rho(alpha) = 1 - alpha (1 - max(mu_inf(A), 0)), valid for 0 < alpha <= alpha*."""
+    alpha = contraction_alpha(A) if alpha is None else float(alpha)
+    return 1.0 - alpha * (1.0 - max(mu_inf(A, weights), 0.0))
+
+
+def _check_contraction(A, method, alpha, weights, on_violation):
+    """Validate the step of an averaged iteration; return alpha and mu_inf(A)."""
+    if on_violation not in ("raise", "warn"):
+        raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
+    alpha_star = contraction_alpha(A)
+    if method == "picard":
+        if alpha not in (None, 1, 1.0):
+            raise ValueError("picard iteration uses alpha = 1; pass method='average' for another step")
+        alpha = 1.0
+    elif alpha is None:
+        alpha = alpha_star
+    alpha = float(alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
+    mu = mu_inf(A, weights)
+    problems = []
+    if mu >= 1.0:
+        problems.append(f"mu_inf(A) = {mu:.6g} >= 1: the fixed point may not exist or be unique")
+    if alpha > alpha_star * (1 + 1e-12):
+        problems.append(f"alpha = {alpha:.6g} > alpha* = {alpha_star:.6g}: the iteration may not contract")
+    if problems:
+        msg = "; ".join(problems)
+        if on_violation == "raise":
+            raise WellPosednessError(msg + " (pass on_violation='warn' to run anyway)")
+        warnings.warn(msg, WellPosednessWarning, stacklevel=3)
+    return alpha, mu
+
+
+def _check_batch(Q, n, name):
+    Q = np.asarray(Q)
+    if Q.ndim != 2 or Q.shape[1] != n:
+        raise ValueError(f"{name} must have shape (batch, {n}), got {Q.shape}")
+    if not np.all(np.isfinite(Q)):
+        raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+    return Q
+
+
+def _check_budget(tol, max_iter):
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if int(max_iter) != max_iter or max_iter < 0:
+        raise ValueError(f"max_iter must be a whole number >= 0, got {max_iter!r}")
+    return float(tol), int(max_iter)
+
+
+def _warn_unconverged(info, tol, what):
+    n_bad = int(np.count_nonzero(~info.converged))
+    if n_bad:
+        warnings.warn(f"{what}: {n_bad} of {info.converged.size} samples stopped at max_iter with "
+                      f"residual up to {info.residual.max():.3g} > tol = {tol:.3g}",
+                      ConvergenceWarning, stacklevel=3)
+
+
+def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=500,
+                      X0=None, weights=None, on_violation="raise"):
+    """Solve ``x = relu(A x + q)`` for every row q of Q.
+
+    Parameters
+    ----------
+    A : (n, n) array, float32 or float64
+    Q : (m, n) array, the input injection ``U B^T + b`` per sample (cast to A's dtype)
+    method : {"average", "picard"}
+        Average iteration with step ``alpha`` (default alpha*), or Picard (alpha = 1).
+    tol : float
+        Stop a sample when ``||relu(A x_k + q) - x_k||_inf <= tol``.
+    max_iter : int
+        At most this many updates per sample.
+    X0 : (m, n) array, optional
+        Warm start (default zeros).
+    weights : (n,) array, optional
+        Diagonal weights eta; the well-posedness check uses mu_inf,eta(A).
+    on_violation : {"raise", "warn"}
+        What to do when mu_inf(A) >= 1 or alpha > alpha* (the guarantee is gone).
+
+    Returns
+    -------
+    X : (m, n) ndarray, the last iterate of each sample
+    info : scipy.optimize.OptimizeResult with per-sample ``iterations``, ``residual``,
+        ``converged`` and the run's ``alpha``, ``mu_inf``, ``rho`` (contraction factor)
+        and ``preactivation`` Z = X A^T + Q (whose sign pattern the backward pass needs).
+    """
+    A = as_square_matrix(A)
+    n = A.shape[0]
+    eta = as_weights(weights, n)
+    tol, max_iter = _check_budget(tol, max_iter)
+    if method not in FORWARD_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(FORWARD_METHODS)}")
+    alpha, mu = _check_contraction(A, method, alpha, eta, on_violation)
+    dtype = A.dtype
+    Q = np.ascontiguousarray(_check_batch(Q, n, "Q"), dtype=dtype)
+    X0 = np.zeros_like(Q) if X0 is None else np.ascontiguousarray(_check_batch(X0, n, "X0"), dtype=dtype)
+    if X0.shape != Q.shape:
+        raise ValueError(f"X0 must have the shape of Q {Q.shape}, got {X0.shape}")
+    no_mask = np.empty((0, n), dtype)
+    X, Z, iterations, residual = _averaged_fixed_point(
+        np.ascontiguousarray(A.T), Q, no_mask, X0, dtype.type(alpha), dtype.type(tol), max_iter, True, False)
+    info = OptimizeResult(iterations=iterations, residual=residual.astype(np.float64),
+                          converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu,
+                          rho=1.0 - alpha * (1.0 - max(mu, 0.0)), method=method, preactivation=Z)
+    _warn_unconverged(info, tol, "forward fixed point")
+    return X, info
+
+
+def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_iter=500,
+                  weights=None, on_violation="raise"):
+    """Solve the adjoint equation ``w = g + A^T D w`` for every row g of G.
+
+    Parameters
+    ----------
+    A : (n, n) array
+    mask : (m, n) array of {0, 1} (or bool), the diagonal of D = 1[z > 0] per sample
+    G : (m, n) array, dL/dx* per sample
+    method : {"iterative", "direct"}
+        Averaged adjoint iteration (l_1 contraction, residual ``||g + A^T D w - w||_1 <= tol``),
+        or an exact LU solve of ``(I - D A)^T w = g`` per sample.
+
+    Returns
+    -------
+    W : (m, n) ndarray; the gradient pieces use ``delta = D w``
+    info : OptimizeResult with per-sample ``iterations`` and ``residual`` (zero
+        iterations and the exact residual for the direct solve).
+    """
+    A = as_square_matrix(A)
+    n = A.shape[0]
+    eta = as_weights(weights, n)
+    tol, max_iter = _check_budget(tol, max_iter)
+    dtype = A.dtype
+    G = np.ascontiguousarray(_check_batch(G, n, "G"), dtype=dtype)
+    S = np.ascontiguousarray(_check_batch(mask, n, "mask"), dtype=dtype)
+    if S.shape != G.shape:
+        raise ValueError(f"mask must have the shape of G {G.shape}, got {S.shape}")
+    if method not in ADJOINT_METHODS:
+        raise ValueError(f"unknown adjoint method {method!r}; choose one of {', '.join(ADJOINT_METHODS)}")
+    # Both variants rest on the same contraction: the direct solve needs I - D A invertible.
+    alpha, mu = _check_contraction(A, "average", alpha if method == "iterative" else None, eta,
+                                   on_violation)
+    if method == "direct":
+        # (I - D A)^T = I - A^T D: column j of A^T scaled by d_j.
+        M = np.eye(n)[None] - A.T.astype(np.float64)[None] * S.astype(np.float64)[:, None, :]
+        W = np.linalg.solve(M, G.astype(np.float64)[..., None])[..., 0].astype(dtype)
+        residual = np.abs(G + (W * S) @ A - W).sum(axis=1).astype(np.float64)
+        info = OptimizeResult(iterations=np.zeros(len(G), np.int64), residual=residual,
+                              converged=np.ones(len(G), bool), alpha=None, mu_inf=mu, method=method)
+        return W, info
+    W, _, iterations, residual = _averaged_fixed_point(
+        np.ascontiguousarray(A), G, S, G.copy(), dtype.type(alpha), dtype.type(tol), max_iter, False, True)
+    info = OptimizeResult(iterations=iterations, residual=residual.astype(np.float64),
+                          converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu,
+                          rho=1.0 - alpha * (1.0 - max(mu, 0.0)), method=method)
+    _warn_unconverged(info, tol, "adjoint")
+    return W, info

@@ -1,0 +1,30 @@
+import pathlib
+
+import numpy as np
+import pytest
+
+import nemon_np
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def random_model(n_in, n, n_out, mu, seed, dtype=np.float64, weights=None):
+    """A NEMON with dense random parameters and A projected onto mu_inf(A) <= mu."""
+    rng = np.random.default_rng(seed)
+    model = nemon_np.NEMON(n_in, n, n_out, gamma=min(mu, 0.99), seed=seed, dtype=dtype, weights=weights)
+    model.A = nemon_np.project_mu_inf((rng.normal(size=(n, n)) / np.sqrt(n)).astype(dtype), mu, weights)
+    model.b = (0.3 * rng.normal(size=n)).astype(dtype)
+    model.c = rng.normal(size=n_out).astype(dtype)
+    return model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA

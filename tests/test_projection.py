@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from nemon_np import (mu_inf, parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
+                      project_mu_inf, row_measures)
+from nemon_np.projection import project_mu_inf_reference
+from nemon_np.regions import project_mu_inf_cvxpy
+
+
+@pytest.mark.parametrize("n, gamma, scale", [(1, 0.5, 1.0), (3, 0.0, 1.0), (20, 0.9, 0.3),
+                                             (60, -0.5, 1.0), (200, 0.5, 0.1)])
+def test_projection_equals_the_cvxpy_qp(rng, n, gamma, scale):
+    A = scale * rng.normal(size=(n, n))
+    P = project_mu_inf(A, gamma)
+    np.testing.assert_allclose(P, project_mu_inf_cvxpy(A, gamma), atol=1e-6, rtol=0)
+    assert mu_inf(P) <= gamma + 1e-12
+
+
+def test_weighted_projection_equals_the_cvxpy_qp(rng):
+    n = 30
+    A = rng.normal(size=(n, n)) / 3
+    eta = rng.uniform(0.2, 5.0, size=n)
+    P = project_mu_inf(A, 0.2, weights=eta)
+    np.testing.assert_allclose(P, project_mu_inf_cvxpy(A, 0.2, weights=eta), atol=1e-6, rtol=0)
+    assert mu_inf(P, weights=eta) <= 0.2 + 1e-12
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_numba_kernel_matches_numpy_reference(rng, weighted):
+    for n in (1, 2, 5, 33):
+        A = rng.normal(size=(n, n))
+        eta = rng.uniform(0.5, 2.0, size=n) if weighted else None
+        np.testing.assert_allclose(project_mu_inf(A, 0.1, eta), project_mu_inf_reference(A, 0.1, eta),
+                                   atol=1e-13, rtol=0)
+
+
+def test_projection_is_a_projection(rng):
+    n, gamma = 25, 0.3
+    A = rng.normal(size=(n, n))
+    A[:5] *= 1e-3                      # a few rows already inside
+    inside = row_measures(A) <= gamma
+    assert inside.any() and not inside.all()
+    A_before = A.copy()
+    P = project_mu_inf(A, gamma)
+    np.testing.assert_array_equal(A, A_before)                  # input untouched
+    np.testing.assert_array_equal(P[inside], A[inside])          # rows inside untouched
+    np.testing.assert_array_equal(project_mu_inf(P, gamma), P)   # idempotent
+    # Variational inequality of a Euclidean projection onto a convex set:
+    # <A - P, Z - P> <= 0 for every Z in the set.
+    for _ in range(20):
+        Z = project_mu_inf(3 * rng.normal(size=(n, n)), gamma)
+        assert np.sum((A - P) * (Z - P)) <= 1e-9
+
+
+def test_float32_stays_inside_and_keeps_its_dtype(rng):
+    for gamma in (0.0, 0.37, 0.95):
+        A = rng.normal(size=(100, 100)).astype(np.float32)
+        P = project_mu_inf(A, gamma)
+        assert P.dtype == np.float32
+        assert mu_inf(P) <= gamma + 1e-12
+        np.testing.assert_allclose(P, project_mu_inf(A.astype(np.float64), gamma), atol=1e-6)
+        np.testing.assert_array_equal(project_mu_inf(P, gamma), P)
+
+
+def test_projection_rejects_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        project_mu_inf(np.ones((3, 2)), 0.5)
+    with pytest.raises(ValueError, match="gamma"):
+        project_mu_inf(np.eye(2), np.nan)
+
+
+def test_parametrization_covers_the_polytope(rng):
+    gamma = 0.4
+    for _ in range(5):
+        T = 2 * rng.normal(size=(15, 15))
+        assert mu_inf(parametrize_mu_inf(T, gamma)) <= gamma + 1e-12
+    # Every A of P(gamma) is reached (surjectivity), including rows on the boundary.
+    A = project_mu_inf(rng.normal(size=(15, 15)), gamma)
+    np.testing.assert_allclose(parametrize_mu_inf(parametrize_mu_inf_inverse(A, gamma), gamma), A,
+                               atol=1e-13)
+    with pytest.raises(ValueError, match="outside"):
+        parametrize_mu_inf_inverse(rng.normal(size=(15, 15)) + np.eye(15), gamma)
+
+
+def test_parametrization_gradient_matches_finite_differences(rng):
+    n, gamma = 6, 0.2
+    T = rng.normal(size=(n, n))
+    G0 = rng.normal(size=(n, n))
+
+    def loss(T):
+        A = parametrize_mu_inf(T, gamma)
+        return np.sum(G0 * A) + 0.5 * np.sum(A ** 2)
+
+    grad = parametrize_mu_inf_grad(T, G0 + parametrize_mu_inf(T, gamma))
+    fd = np.zeros_like(T)
+    h = 1e-6
+    for idx in np.ndindex(T.shape):
+        Tp, Tm = T.copy(), T.copy()
+        Tp[idx] += h
+        Tm[idx] -= h
+        fd[idx] = (loss(Tp) - loss(Tm)) / (2 * h)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)

@@ -1,0 +1,182 @@
+import itertools
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from nemon_np import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
+                      mu_inf, project_mu_inf, solve_adjoint, solve_equilibrium)
+from nemon_np.solvers import WellPosednessWarning, _averaged_fixed_point, averaged_fixed_point_reference
+
+
+def well_posed(rng, n, mu, diag_shift=0.0, weights=None):
+    A = rng.normal(size=(n, n)) / np.sqrt(n) + diag_shift * np.eye(n)
+    return project_mu_inf(A, mu, weights)
+
+
+def enumerate_fixed_point(A, q):
+    """The fixed point of x = relu(Ax + q) by trying every activation pattern (tiny n only)."""
+    n = len(q)
+    for pattern in itertools.product((0.0, 1.0), repeat=n):
+        D = np.diag(pattern)
+        x = np.linalg.solve(np.eye(n) - D @ A, D @ q)
+        z = A @ x + q
+        if np.all((z > 0) == np.array(pattern, bool)) or np.allclose(np.maximum(z, 0), x, atol=1e-12):
+            return x
+    raise AssertionError("no consistent activation pattern")
+
+
+def test_fixed_point_equals_the_enumerated_direct_solve(rng):
+    n = 5
+    A = well_posed(rng, n, 0.6, diag_shift=-1.0)
+    Q = rng.normal(size=(8, n))
+    for method in ("average", "picard") if contraction_alpha(A) >= 1 else ("average",):
+        X, info = solve_equilibrium(A, Q, tol=1e-13, max_iter=10_000, method=method)
+        expected = np.array([enumerate_fixed_point(A, q) for q in Q])
+        np.testing.assert_allclose(X, expected, atol=1e-8, rtol=0)
+        assert np.all(info.residual <= 1e-13)
+
+
+def test_fixed_point_solves_its_active_linear_system(rng):
+    n = 60
+    A = well_posed(rng, n, 0.9)
+    Q = rng.normal(size=(30, n))
+    X, info = solve_equilibrium(A, Q, tol=1e-12)
+    D = (info.preactivation > 0).astype(float)
+    for x, q, d in zip(X, Q, D):
+        direct = np.linalg.solve(np.eye(n) - d[:, None] * A, d * q)
+        # Error bound of DESIGN.md: ||x_k - x*|| <= residual / (1 - mu_inf(A)).
+        assert np.abs(x - direct).max() <= 1e-12 / (1 - mu_inf(A)) + 1e-14
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kernel_matches_numpy_reference(rng, dtype):
+    n, m = 40, 25
+    A = well_posed(rng, n, 0.5).astype(dtype)
+    Q = rng.normal(size=(m, n)).astype(dtype)
+    S = (rng.random((m, n)) > 0.4).astype(dtype)
+    X0 = rng.normal(size=(m, n)).astype(dtype)
+    tol = dtype(1e-10 if dtype == np.float64 else 1e-4)
+    for relu, l1, mask in ((True, False, np.empty((0, n), dtype)), (False, True, S)):
+        args = (np.ascontiguousarray(A.T), Q, mask, X0, dtype(0.8), tol, 300, relu, l1)
+        got = _averaged_fixed_point(*args)
+        ref = averaged_fixed_point_reference(*args)
+        if dtype == np.float64:
+            np.testing.assert_array_equal(got[2], ref[2])      # same iteration counts
+            np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
+            np.testing.assert_allclose(got[1], ref[1], atol=1e-12)
+        else:  # BLAS and NumPy sum in different orders: compare the converged points.
+            np.testing.assert_allclose(got[0], ref[0], atol=1e-3)
+            assert np.abs(got[2] - ref[2]).max() <= 3
+
+
+def test_samples_are_solved_independently(rng):
+    n = 30
+    A = well_posed(rng, n, 0.8)
+    Q = rng.normal(size=(12, n))
+    Q[3] = -1.0                     # x* = 0 at once
+    Q[7] *= 50                      # large input: many more iterations
+    X, info = solve_equilibrium(A, Q, tol=1e-10)
+    assert info.iterations[3] == 0 and np.all(X[3] == 0)
+    assert info.iterations[7] > np.median(info.iterations)
+    for i in range(len(Q)):
+        Xi, infoi = solve_equilibrium(A, Q[i:i + 1], tol=1e-10)
+        np.testing.assert_allclose(Xi[0], X[i], atol=1e-13)
+        assert infoi.iterations[0] == info.iterations[i]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_contraction_factor_bounds_the_error(rng, weighted):
+    n = 25
+    eta = rng.uniform(0.3, 3.0, size=n) if weighted else None
+    A = well_posed(rng, n, 0.7, diag_shift=-0.8, weights=eta)
+    assert contraction_alpha(A) < 1.0
+    Q = 3 * rng.normal(size=(6, n))
+    Xstar, _ = solve_equilibrium(A, Q, tol=1e-14, max_iter=100_000, weights=eta)
+    rho = contraction_factor(A, weights=eta)
+    norm = (lambda v: np.abs(v / eta).max(axis=-1)) if weighted else (lambda v: np.abs(v).max(axis=-1))
+    e0 = norm(Xstar)                                           # x_0 = 0
+    for k in range(1, 30):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            Xk, info = solve_equilibrium(A, Q, tol=0.0, max_iter=k, weights=eta)
+        assert np.all(info.iterations == k)
+        assert np.all(norm(Xk - Xstar) <= rho ** k * e0 * (1 + 1e-9) + 1e-13)
+
+
+def test_bad_settings_are_refused(rng):
+    n = 10
+    A = well_posed(rng, n, 0.5, diag_shift=-2.0)   # alpha* < 1: Picard is not guaranteed
+    Q = rng.normal(size=(3, n))
+    with pytest.raises(WellPosednessError, match="alpha"):
+        solve_equilibrium(A, Q, method="picard")
+    with pytest.raises(WellPosednessError, match="alpha"):
+        solve_equilibrium(A, Q, alpha=0.99)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, info = solve_equilibrium(A, Q, method="picard", on_violation="warn", max_iter=2000)
+    assert any(issubclass(w.category, WellPosednessWarning) and "alpha" in str(w.message) for w in caught)
+    # On this matrix Picard indeed fails where the average iteration converges.
+    assert not info.converged.all() and solve_equilibrium(A, Q)[1].converged.all()
+    bad = np.eye(n) * 1.2
+    with pytest.raises(WellPosednessError, match="mu_inf"):
+        solve_equilibrium(bad, Q)
+    with pytest.raises(ValueError, match="shape"):
+        solve_equilibrium(A, Q[:, :5])
+    with pytest.raises(ValueError, match="method"):
+        solve_equilibrium(A, Q, method="newton")
+    with pytest.raises(ValueError, match="tol"):
+        solve_equilibrium(A, Q, tol=-1)
+    with pytest.raises(ValueError, match="max_iter"):
+        solve_equilibrium(A, Q, max_iter=2.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_equilibrium(A, np.full((2, n), np.nan))
+
+
+def test_max_iter_bounds_the_work_and_warns(rng):
+    A = well_posed(np.random.default_rng(0), 20, 0.95)
+    Q = 10 * rng.normal(size=(5, 20))
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        X, info = solve_equilibrium(A, Q, tol=1e-15, max_iter=3)
+    assert np.all(info.iterations <= 3) and not info.converged.all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_adjoint_solvers_agree(rng, dtype, tol):
+    n, m = 50, 20
+    A = well_posed(rng, n, 0.9).astype(dtype)
+    mask = (rng.random((m, n)) > 0.5).astype(dtype)
+    G = rng.normal(size=(m, n)).astype(dtype)
+    W_it, info_it = solve_adjoint(A, mask, G, tol=tol, max_iter=5000)
+    W_dir, info_dir = solve_adjoint(A, mask, G, method="direct")
+    assert W_it.dtype == dtype and W_dir.dtype == dtype
+    # l_1 error bound from the residual, as for the forward iteration.
+    bound = info_it.residual / (1 - mu_inf(A))
+    assert np.all(np.abs(W_it - W_dir).sum(axis=1) <= bound * 1.01 + 50 * np.finfo(dtype).eps * np.abs(W_dir).sum(axis=1))
+    # The direct solve satisfies w = g + A^T D w.
+    np.testing.assert_allclose(W_dir, G + (W_dir * mask) @ A, atol=100 * np.finfo(dtype).eps * np.abs(W_dir).max())
+
+
+def test_float32_solution_converges(rng):
+    A = well_posed(rng, 100, 0.5).astype(np.float32)
+    Q = rng.normal(size=(100, 100)).astype(np.float32)
+    X, info = solve_equilibrium(A, Q, tol=1e-5)
+    assert X.dtype == np.float32 and info.converged.all()
+    X64, _ = solve_equilibrium(A.astype(np.float64), Q.astype(np.float64), tol=1e-12)
+    assert np.abs(X - X64).max() <= 1e-5 / (1 - mu_inf(A)) + 1e-5
+
+
+def test_numba_kernels_are_cached_for_the_next_process(tmp_path):
+    code = ("import numpy as np, nemon_np\n"
+            "from nemon_np.solvers import _averaged_fixed_point\n"
+            "from nemon_np.projection import _project_rows\n"
+            "nemon_np.solve_equilibrium(np.zeros((3, 3)), np.ones((2, 3)))\n"
+            "nemon_np.project_mu_inf(np.ones((3, 3)), 0.0)\n"
+            "print(sum(_averaged_fixed_point.stats.cache_hits.values()),"
+            " sum(_project_rows.stats.cache_hits.values()))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    hits = [int(v) for v in out.split()]
+    assert all(h >= 1 for h in hits), f"second process recompiled: cache hits {hits}"
