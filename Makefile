@@ -11,9 +11,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-## run: create .venv, install, run the main job (the core benchmark until training lands)
+# Real data beside the repository when present; otherwise the library's own lookup
+# ($$NEMON_DATA, ~/.cache/nemon_np) and download.
+DATA_DIR ?= $(wildcard ../shared/data)
+TRAIN_FLAGS ?=
+
+## run: create .venv, install, train NEMON on MNIST (outputs in runs/mnist-<timestamp>)
 run: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	$(PY) -m nemon_np.train --dataset mnist $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(TRAIN_FLAGS)
 
 ## test: create .venv, install, run the whole suite
 test: $(STAMP)

@@ -7,15 +7,24 @@ Non-Euclidean Contractions", NeurIPS 2021) in NumPy and numba: ``x = relu(Ax + B
 from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
 from .models import NEMON, softmax_cross_entropy
 from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
-                         project_mu_inf)
+                         parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
 from .robustness import lipschitz_bound
 from .solvers import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
                       solve_adjoint, solve_equilibrium)
 
 __version__ = "0.1.0"
 
-__all__ = ["NEMON", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
+
+def __getattr__(name):
+    # scikit-learn is imported only by those who use the estimator.
+    if name == "NEMONClassifier":
+        from .estimator import NEMONClassifier
+        return NEMONClassifier
+    raise AttributeError(f"module 'nemon_np' has no attribute {name!r}")
+
+__all__ = ["NEMON", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
            "project_mu_inf", "parametrize_mu_inf", "parametrize_mu_inf_grad",
-           "parametrize_mu_inf_inverse", "lipschitz_bound", "solve_equilibrium", "solve_adjoint",
+           "parametrize_mu_inf_inverse", "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad",
+           "lipschitz_bound", "solve_equilibrium", "solve_adjoint",
            "contraction_alpha", "contraction_factor", "softmax_cross_entropy",
            "WellPosednessError", "ConvergenceWarning"]

@@ -60,6 +60,8 @@ class NEMON:
     Attributes
     ----------
     A (n, n), B (n, n_in), b (n,), C (n_out, n), c (n_out,) : ndarray of ``dtype``
+    metadata : dict of str -> str, number or array
+        Saved with the model (for instance the dataset and its normalization).
     """
 
     def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None):
@@ -70,6 +72,7 @@ class NEMON:
         self.dtype = as_float_dtype(dtype)
         self.seed = int(seed)
         self.weights = as_weights(weights, int(n_hidden))
+        self.metadata = {}
         rng = np.random.default_rng(self.seed)
         n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
         # PyTorch-Linear-like scales; A starts small and inside P(gamma).
@@ -200,6 +203,8 @@ class NEMON:
                      gamma=np.array(self.gamma), seed=np.array(self.seed),
                      dtype=np.array(np.dtype(self.dtype).name),
                      weights=np.array([]) if self.weights is None else self.weights)
+        for k, v in self.metadata.items():
+            state["meta." + k] = np.asarray(v)
         with open(path, "wb") as f:
             np.savez(f, **state)
 
@@ -235,6 +240,8 @@ class NEMON:
         model.weights = None if w.size == 0 else as_weights(w, n)
         for k in PARAMETERS:
             setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
+        model.metadata = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items()
+                          if k.startswith("meta.")}
         return model
 
     def __repr__(self):

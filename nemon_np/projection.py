@@ -24,6 +24,16 @@ Parametrization (DESIGN.md, 2)
 A = gamma I + T - diag(|T| 1) maps any T onto P(gamma) (surjectively: take
 t_ij = a_ij off the diagonal and t_ii = (a_ii - gamma + sum_{j!=i} |a_ij|) / 2 <= 0),
 with gradient dL/dT_ij = G_ij - G_ii sign(T_ij) for G = dL/dA.
+
+Weighted parametrization (DESIGN.md, 3; the paper's code)
+---------------------------------------------------------
+A = gamma I + D^-1 T D - diag(|T| 1), D = diag(exp(s)), for free T and log-scales s:
+then D A D^-1 = gamma I + T - diag(|T| 1), so mu_inf,eta(A) <= gamma with weights
+eta = exp(-s) (the measure of diag(eta)^-1 A diag(eta)). Off the diagonal
+a_ij = t_ij exp(s_j - s_i), hence with G = dL/dA and H = G * A off the diagonal
+
+    dL/dT_ij = G_ij exp(s_j - s_i) - G_ii sign(T_ij),
+    dL/ds_k  = sum_i H_ik - sum_j H_kj.
 """
 import numpy as np
 from numba import njit
@@ -31,7 +41,8 @@ from numba import njit
 from ._validation import as_square_matrix, as_weights
 
 __all__ = ["project_mu_inf", "project_mu_inf_reference", "parametrize_mu_inf",
-           "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse"]
+           "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse",
+           "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad"]
 
 
 @njit(cache=True, fastmath=True)
@@ -210,3 +221,37 @@ def parametrize_mu_inf_inverse(A, gamma):
     T = A.copy()
     np.fill_diagonal(T, np.minimum(excess, 0.0) / 2)
     return T
+
+
+def _log_scale(s, n):
+    s = np.asarray(s, dtype=np.float64)
+    if s.shape != (n,) or not np.all(np.isfinite(s)):
+        raise ValueError(f"log_scale must be {n} finite numbers, got shape {s.shape}")
+    return s
+
+
+def parametrize_weighted_mu_inf(T, log_scale, gamma):
+    """``A = gamma I + D^-1 T D - diag(|T| 1)``, D = diag(exp(log_scale)); returns (A, eta).
+
+    ``mu_inf(A, weights=eta) <= gamma`` for every T and log_scale, with eta = exp(-log_scale).
+    """
+    T = as_square_matrix(T, "T")
+    s = _log_scale(log_scale, T.shape[0])
+    A = (T * np.exp(s[None, :] - s[:, None])).astype(T.dtype)
+    np.fill_diagonal(A, gamma + np.diag(T) - np.abs(T).sum(axis=1))
+    return A, np.exp(-s)
+
+
+def parametrize_weighted_mu_inf_grad(T, log_scale, G):
+    """Chain rule through :func:`parametrize_weighted_mu_inf`: returns (dL/dT, dL/dlog_scale)."""
+    T = as_square_matrix(T, "T")
+    s = _log_scale(log_scale, T.shape[0])
+    G = np.asarray(G)
+    if G.shape != T.shape:
+        raise ValueError(f"G must have the shape of T {T.shape}, got {G.shape}")
+    E = np.exp(s[None, :] - s[:, None]).astype(T.dtype)
+    dT = G * E - np.diag(G)[:, None] * np.sign(T)
+    np.fill_diagonal(dT, np.diag(G) * (1 - np.sign(np.diag(T))))
+    H = G * T * E
+    np.fill_diagonal(H, 0.0)
+    return dT, (H.sum(axis=0) - H.sum(axis=1)).astype(T.dtype)

@@ -100,3 +100,34 @@ def test_parametrization_gradient_matches_finite_differences(rng):
         Tm[idx] -= h
         fd[idx] = (loss(Tp) - loss(Tm)) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_weighted_parametrization_is_inside_and_its_gradient_matches(rng):
+    from nemon_np import parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad
+    n, gamma = 7, 0.3
+    T = rng.normal(size=(n, n))
+    s = rng.normal(size=n)
+    A, eta = parametrize_weighted_mu_inf(T, s, gamma)
+    assert mu_inf(A, weights=eta) <= gamma + 1e-12
+    # With zero log-scales it is the plain parametrization.
+    np.testing.assert_allclose(parametrize_weighted_mu_inf(T, np.zeros(n), gamma)[0], parametrize_mu_inf(T, gamma))
+    G0 = rng.normal(size=(n, n))
+
+    def loss(T, s):
+        A, _ = parametrize_weighted_mu_inf(T, s, gamma)
+        return np.sum(G0 * A) + 0.25 * np.sum(A ** 2)
+
+    A, _ = parametrize_weighted_mu_inf(T, s, gamma)
+    dT, ds = parametrize_weighted_mu_inf_grad(T, s, G0 + 0.5 * A)
+    h = 1e-6
+    for P, grad in ((T, dT), (s, ds)):
+        fd = np.zeros_like(P)
+        for idx in np.ndindex(P.shape):
+            old = P[idx]
+            P[idx] = old + h
+            fp = loss(T, s)
+            P[idx] = old - h
+            fm = loss(T, s)
+            P[idx] = old
+            fd[idx] = (fp - fm) / (2 * h)
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)

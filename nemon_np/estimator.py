@@ -1,0 +1,79 @@
+"""scikit-learn estimator: ``NEMONClassifier`` drops a NEMON model into Pipeline and GridSearchCV.
+
+Inputs are used as given (put a scaler in front of it in a Pipeline); labels may be
+any hashable values (mapped to 0..k-1 through ``classes_``).
+"""
+import numpy as np
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .training import TrainConfig, Trainer
+
+__all__ = ["NEMONClassifier"]
+
+
+class NEMONClassifier(ClassifierMixin, BaseEstimator):
+    """NEMON classifier ``x = relu(Ax + Bu + b)``, ``y = Cx + c`` with mu_inf(A) <= gamma.
+
+    Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
+    hidden, epochs, batch_size, lr, schedule, gamma, constraint, lipschitz_reg, solver,
+    alpha, tol, max_iter, adjoint, dtype, seed.
+
+    Attributes
+    ----------
+    model_ : nemon_np.NEMON; classes_ : (k,) labels; history_ : list of per-epoch metrics dicts;
+    n_features_in_ : int
+    """
+
+    def __init__(self, hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine", gamma=0.95,
+                 constraint="projection", lipschitz_reg=0.0, solver="average", alpha=None, tol=1e-4,
+                 max_iter=300, adjoint="iterative", dtype="float32", seed=0):
+        self.hidden = hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.schedule = schedule
+        self.gamma = gamma
+        self.constraint = constraint
+        self.lipschitz_reg = lipschitz_reg
+        self.solver = solver
+        self.alpha = alpha
+        self.tol = tol
+        self.max_iter = max_iter
+        self.adjoint = adjoint
+        self.dtype = dtype
+        self.seed = seed
+
+    def _config(self):
+        return TrainConfig(**self.get_params()).validate()
+
+    def fit(self, X, y):
+        """Train on X (n_samples, n_features) and labels y; returns self."""
+        config = self._config()
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to fit, got {len(self.classes_)}")
+        trainer = Trainer(config, X.shape[1], len(self.classes_))
+        trainer.fit(X, y_idx.astype(np.int64), progress=False)
+        self.model_, self.history_ = trainer.model, trainer.history
+        return self
+
+    def _logits(self, X):
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self.model_.logits(X, tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+
+    def decision_function(self, X):
+        """Logits, shape (n_samples, n_classes)."""
+        return self._logits(X)
+
+    def predict_proba(self, X):
+        """Softmax of the logits, shape (n_samples, n_classes)."""
+        return softmax(self._logits(X).astype(np.float64), axis=1)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self._logits(X), axis=1)]

@@ -1,0 +1,285 @@
+"""Training NEMON classifiers: constraint modes, the minibatch loop, evaluation, run outputs.
+
+Three ways to keep the model well-posed (DESIGN.md, "Keeping mu_inf(A) <= gamma"):
+
+* ``projection``: Adam on A, then the exact projection onto mu_inf(A) <= gamma;
+* ``parametrization``: Adam on T with A = gamma I + T - diag(|T| 1) (the paper's code);
+* ``weighted``: Adam on T and log-scales s with A = gamma I + D^-1 T D - diag(|T| 1),
+  D = diag(exp(s)): mu_inf(A) <= gamma in the weighted norm with learned weights
+  eta = exp(-s), the search space of the paper's own trained models.
+
+The loss is the mean softmax cross-entropy, plus ``lipschitz_reg`` times the
+l_inf Lipschitz bound ||C|| ||B|| / (1 - max(mu_inf(A), 0)) when asked.
+"""
+import csv
+import json
+import math
+import os
+import pathlib
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._validation import as_float_dtype, check_gamma
+from .models import NEMON, softmax_cross_entropy
+from .optim import SCHEDULES, Adam, learning_rate
+from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
+                         parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
+from .robustness import lipschitz_bound, lipschitz_bound_and_grad
+from .solvers import ADJOINT_METHODS, FORWARD_METHODS
+
+__all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "evaluate", "write_metrics", "plot_history"]
+
+CONSTRAINTS = ("projection", "parametrization", "weighted")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI flags, the estimator's parameters)."""
+    hidden: int = 100
+    epochs: int = 40
+    batch_size: int = 100
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    gamma: float = 0.95
+    constraint: str = "projection"
+    lipschitz_reg: float = 0.0
+    solver: str = "average"
+    alpha: float = None
+    tol: float = 1e-4
+    max_iter: int = 300
+    adjoint: str = "iterative"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def validate(self):
+        """Raise ``ValueError`` with a one-line message for the first bad setting."""
+        for name in ("hidden", "epochs", "batch_size", "max_iter"):
+            v = getattr(self, name)
+            if int(v) != v or v < (0 if name == "max_iter" else 1):
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        check_gamma(self.gamma)
+        as_float_dtype(self.dtype)
+        for name, allowed in (("constraint", CONSTRAINTS), ("schedule", SCHEDULES),
+                              ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.tol > 0 and math.isfinite(self.tol)):
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        if not (self.lipschitz_reg >= 0 and math.isfinite(self.lipschitz_reg)):
+            raise ValueError(f"lipschitz_reg must be >= 0, got {self.lipschitz_reg!r}")
+        if self.alpha is not None and not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
+        return self
+
+    def solver_options(self):
+        return dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+
+
+class _Constraint:
+    """Maps the free (optimized) parameters to the model's A, and dL/dA back to them."""
+
+    def __init__(self, kind, model):
+        self.kind, self.gamma = kind, model.gamma
+        if kind == "projection":
+            self.free = {"A": model.A}
+        elif kind == "parametrization":
+            self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma)}
+        else:
+            self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma),
+                         "s": np.zeros(model.n_hidden, model.dtype)}
+        self.apply(model)
+
+    def grads(self, gA):
+        if self.kind == "projection":
+            return {"A": gA}
+        if self.kind == "parametrization":
+            return {"T": parametrize_mu_inf_grad(self.free["T"], gA)}
+        dT, ds = parametrize_weighted_mu_inf_grad(self.free["T"], self.free["s"], gA)
+        return {"T": dT, "s": ds}
+
+    def apply(self, model):
+        """Write the constrained A (and weights) into the model after a step.
+
+        Rounding in the parametrization (and in a cast to float32) can leave a row an
+        ulp above gamma; projecting the result, a no-op for rows inside, keeps
+        mu_inf(A) <= gamma exact in the model's dtype.
+        """
+        if self.kind == "projection":
+            model.A[...] = project_mu_inf(model.A, self.gamma)
+        elif self.kind == "parametrization":
+            model.A = project_mu_inf(parametrize_mu_inf(self.free["T"], self.gamma).astype(model.dtype), self.gamma)
+        else:
+            A, eta = parametrize_weighted_mu_inf(self.free["T"], self.free["s"], self.gamma)
+            model.A, model.weights = project_mu_inf(A.astype(model.dtype), self.gamma, eta), eta
+
+
+def evaluate(model, X, y, batch_size=1000, **solver_options):
+    """Mean loss, accuracy and per-sample forward iterations of ``model`` on (X, y)."""
+    losses, correct, iterations = 0.0, 0, []
+    for start in range(0, len(X), batch_size):
+        U, t = X[start:start + batch_size], y[start:start + batch_size]
+        Z, info = model.equilibrium(U, **solver_options)
+        Y = Z @ model.C.T + model.c
+        losses += softmax_cross_entropy(Y, t)[0] * len(U)
+        correct += int(np.count_nonzero(Y.argmax(axis=1) == t))
+        iterations.append(info.iterations)
+    return losses / len(X), correct / len(X), np.concatenate(iterations)
+
+
+class Trainer:
+    """Minibatch Adam training of a NEMON classifier on arrays.
+
+    ``Trainer(config, n_in, n_out).fit(X, y, X_test, y_test, on_epoch=callback)``; ``on_epoch``
+    receives each epoch's metrics dict after the epoch is complete (checkpoint there).
+    """
+
+    def __init__(self, config, n_in, n_out, model=None):
+        self.config = config.validate()
+        self.model = model or NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed,
+                                    dtype=as_float_dtype(config.dtype))
+        self.constraint = _Constraint(config.constraint, self.model)
+        self.optimizer = Adam(lr=config.lr)
+        self.history = []
+
+    def _params(self):
+        m = self.model
+        return {**self.constraint.free, "B": m.B, "b": m.b, "C": m.C, "c": m.c}
+
+    def step(self, U, y, lr):
+        """One optimizer step on a batch; returns (loss, correct, forward its, backward its)."""
+        cfg, m = self.config, self.model
+        loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, return_info=True, **cfg.solver_options())
+        if cfg.lipschitz_reg > 0:
+            L, lg = lipschitz_bound_and_grad(m)
+            loss += cfg.lipschitz_reg * L
+            for k in ("A", "B", "C"):
+                grads[k] = grads[k] + cfg.lipschitz_reg * lg[k]
+        grads.update(self.constraint.grads(grads.pop("A")))
+        self.optimizer.step(self._params(), grads, lr=lr)
+        self.constraint.apply(m)
+        Z = info["forward"].preactivation
+        correct = int(np.count_nonzero((np.maximum(Z, 0) @ m.C.T).argmax(axis=1) == y))
+        return loss, correct, info["forward"].iterations, info["backward"].iterations
+
+    def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True):
+        cfg = self.config
+        dtype = as_float_dtype(cfg.dtype)
+        X = np.ascontiguousarray(X, dtype=dtype)
+        X_test = None if X_test is None else np.ascontiguousarray(X_test, dtype=dtype)
+        rng = np.random.default_rng(cfg.seed)
+        n_batches = math.ceil(len(X) / cfg.batch_size)
+        for epoch in range(len(self.history), cfg.epochs):
+            t0 = time.perf_counter()
+            order = rng.permutation(len(X))
+            total_loss, total_correct, fwd, bwd = 0.0, 0, [], []
+            bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not progress, unit="batch")
+            for k in bar:
+                lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
+                idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+                loss, correct, f, b = self.step(X[idx], y[idx], lr)
+                total_loss += loss * len(idx)
+                total_correct += correct
+                fwd.append(f)
+                bwd.append(b)
+                if k % 20 == 0:
+                    seen = min((k + 1) * cfg.batch_size, len(X))
+                    bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.4f}",
+                                    fwd_it=f"{np.mean(f):.1f}", bwd_it=f"{np.mean(b):.1f}")
+            train_seconds = time.perf_counter() - t0
+            fwd, bwd = np.concatenate(fwd), np.concatenate(bwd)
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / len(X),
+                   "train_acc": total_correct / len(X)}
+            if X_test is not None:
+                test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
+                row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
+            row.update(mu_inf=self.model.mu_inf(), mu_inf_unweighted=float(_unweighted_mu(self.model)),
+                       lipschitz_bound=lipschitz_bound(self.model),
+                       fwd_iter_mean=float(fwd.mean()), fwd_iter_max=int(fwd.max()),
+                       bwd_iter_mean=float(bwd.mean()), bwd_iter_max=int(bwd.max()),
+                       train_seconds=train_seconds, epoch_seconds=time.perf_counter() - t0)
+            self.history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+        return self
+
+
+def _unweighted_mu(model):
+    from .measures import mu_inf
+    return mu_inf(model.A)
+
+
+# -- run outputs ----------------------------------------------------------------------------------
+
+def write_metrics(out_dir, config, history, extra=None):
+    """``metrics.json`` (config, per-epoch rows, extra) and ``metrics.csv`` (one row per epoch)."""
+    out_dir = pathlib.Path(out_dir)
+    payload = {"config": asdict(config), "epochs": history, **(extra or {})}
+    _atomic_write(out_dir / "metrics.json", json.dumps(payload, indent=2))
+    if history:
+        keys = list(history[0])
+        tmp = out_dir / "metrics.csv.part"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+        os.replace(tmp, out_dir / "metrics.csv")
+
+
+def _atomic_write(path, text):
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, out_dir):
+    """Write ``model.npz`` atomically: an interrupted write never replaces the last good one."""
+    out_dir = pathlib.Path(out_dir)
+    tmp = out_dir / "model.npz.part"
+    model.save(tmp)
+    os.replace(tmp, out_dir / "model.npz")
+
+
+def plot_history(history, path, title=""):
+    """Training curves: loss, accuracy, fixed-point iterations, mu_inf and Lipschitz bound."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    ax[0, 0].plot(ep, [r["train_loss"] for r in history], label="train")
+    ax[0, 1].plot(ep, [100 * r["train_acc"] for r in history], label="train")
+    if "test_loss" in history[0]:
+        ax[0, 0].plot(ep, [r["test_loss"] for r in history], label="test")
+        ax[0, 1].plot(ep, [100 * r["test_acc"] for r in history], label="test")
+    ax[0, 0].set(ylabel="cross-entropy", yscale="log")
+    ax[0, 1].set(ylabel="accuracy (%)")
+    ax[1, 0].plot(ep, [r["fwd_iter_mean"] for r in history], label="forward, mean")
+    ax[1, 0].plot(ep, [r["bwd_iter_mean"] for r in history], label="adjoint, mean")
+    ax[1, 0].plot(ep, [r["fwd_iter_max"] for r in history], ":", label="forward, max")
+    ax[1, 0].set(ylabel="iterations per sample")
+    ax[1, 1].plot(ep, [r["mu_inf"] for r in history], label="mu_inf(A) (model's norm)")
+    ax[1, 1].set(ylabel="mu_inf(A)")
+    twin = ax[1, 1].twinx()
+    twin.plot(ep, [r["lipschitz_bound"] for r in history], color="C3", label="Lipschitz bound")
+    twin.set(ylabel="l_inf Lipschitz bound", yscale="log")
+    for a in ax.flat:
+        a.set(xlabel="epoch")
+        a.grid(alpha=0.3)
+        a.legend(loc="best", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def config_from_dict(d):
+    """A TrainConfig from a dict, ignoring unknown keys (as written to metrics.json)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})

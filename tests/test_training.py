@@ -1,0 +1,191 @@
+import json
+
+import numpy as np
+import pytest
+
+import nemon_np
+from nemon_np import mu_inf
+from nemon_np.data import load_mnist, normalize
+from nemon_np.models import NEMON
+from nemon_np.optim import Adam, _adam_update, adam_update_reference, learning_rate
+from nemon_np.robustness import lipschitz_bound, lipschitz_bound_and_grad
+from nemon_np.training import TrainConfig, Trainer
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def mnist_arrays():
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    d = load_mnist(SHARED_DATA, download=False)
+    return (normalize(d.train_images[:4000], d.mean, d.std), d.train_labels[:4000],
+            normalize(d.test_images[:2000], d.mean, d.std), d.test_labels[:2000])
+
+
+def test_adam_kernel_matches_reference(rng):
+    for dtype in (np.float32, np.float64):
+        p, g, m, v = (rng.normal(size=500).astype(dtype) for _ in range(4))
+        v = np.abs(v)
+        ref = [a.copy() for a in (p, g, m, v)]
+        args = tuple(dtype(x) for x in (0.9, 0.999, 1e-3, 1e-8))
+        _adam_update(p, g, m, v, *args)
+        adam_update_reference(*ref, *args)
+        for a, b in zip((p, m, v), (ref[0], ref[2], ref[3])):
+            np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_adam_minimizes_a_quadratic():
+    target = np.array([3.0, -2.0])
+    x = {"x": np.zeros(2)}
+    opt = Adam(lr=0.1)
+    for _ in range(500):
+        opt.step(x, {"x": 2 * (x["x"] - target)})
+    np.testing.assert_allclose(x["x"], target, atol=1e-3)
+
+
+def test_learning_rate_schedules():
+    assert learning_rate("constant", 0.1, 0.7) == 0.1
+    assert learning_rate("cosine", 0.1, 0.0) == pytest.approx(0.1)
+    assert learning_rate("cosine", 0.1, 0.5) == pytest.approx(0.05)
+    assert learning_rate("cosine", 0.1, 1.0) == pytest.approx(0.0)
+    assert [learning_rate("step", 1.0, p) for p in (0.1, 0.3, 0.6, 0.99)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate("linear", 0.1, 0.5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lipschitz_subgradient_matches_finite_differences(rng, weighted):
+    eta = rng.uniform(0.5, 2, size=6) if weighted else None
+    model = random_model(5, 6, 3, 0.6, seed=7, weights=eta)
+    model.A = 0.05 * rng.normal(size=(6, 6)) + 0.3 * np.eye(6)   # distinct row measures: no ties at the max
+    assert 0 < model.mu_inf() < 1
+    _, grads = lipschitz_bound_and_grad(model)
+    h = 1e-7
+    for name in ("A", "B", "C"):
+        P = getattr(model, name)
+        fd = np.zeros_like(P)
+        for idx in np.ndindex(P.shape):
+            old = P[idx]
+            P[idx] = old + h
+            up = lipschitz_bound(model)
+            P[idx] = old - h
+            down = lipschitz_bound(model)
+            P[idx] = old
+            fd[idx] = (up - down) / (2 * h)
+        np.testing.assert_allclose(grads[name], fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+
+
+@pytest.mark.parametrize("constraint", ["projection", "parametrization", "weighted"])
+def test_training_on_real_mnist_learns_and_stays_well_posed(mnist_arrays, constraint, tmp_path):
+    X, y, Xt, yt = mnist_arrays
+    config = TrainConfig(hidden=40, epochs=3, gamma=0.9, constraint=constraint, lr=2e-3, seed=1)
+    trainer = Trainer(config, 784, 10).fit(X, y, Xt, yt, progress=False)
+    h = trainer.history
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[-1]["test_acc"] > 0.85                       # 10% is chance
+    model = trainer.model
+    path = tmp_path / "m.npz"
+    model.save(path)
+    saved = NEMON.load(path)
+    assert saved.mu_inf() <= 0.9 + 1e-12
+    if constraint == "weighted":
+        assert saved.weights is not None and np.ptp(np.log(saved.weights)) > 0   # weights were learned
+    # The logged train accuracy is that of the batches seen; the test one matches a fresh evaluation.
+    assert np.mean(saved.predict(Xt, tol=1e-4) == yt) == pytest.approx(h[-1]["test_acc"], abs=2e-3)
+
+
+def test_lipschitz_regularization_lowers_the_bound(mnist_arrays):
+    X, y, Xt, yt = mnist_arrays
+    bounds = []
+    for reg in (0.0, 1e-2):
+        config = TrainConfig(hidden=30, epochs=2, gamma=0.5, lipschitz_reg=reg, seed=2)
+        history = Trainer(config, 784, 10).fit(X, y, progress=False).history
+        bounds.append(history[-1]["lipschitz_bound"])
+        assert history[-1]["train_acc"] > 0.75
+    assert bounds[1] < 0.6 * bounds[0]
+
+
+def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
+    from nemon_np import evaluate, train
+    out = tmp_path / "run"
+    rc = train.main(["--data-dir", str(shared_data), "--epochs", "2", "--limit-train", "3000", "--hidden", "30",
+                     "--out", str(out), "--no-progress", "--constraint", "weighted", "--gamma", "0.8"])
+    assert rc == 0
+    for name in ("model.npz", "metrics.json", "metrics.csv", "training_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["summary"]["mu_inf_verified"]
+    assert metrics["config"]["constraint"] == "weighted"
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("train_loss", "test_acc", "mu_inf", "lipschitz_bound", "fwd_iter_mean", "bwd_iter_max",
+                "epoch_seconds"):
+        assert col in header
+    model = NEMON.load(out / "model.npz")
+    assert model.metadata["dataset"] == "mnist" and model.weights is not None
+    capsys.readouterr()
+    assert evaluate.main([str(out), "--data-dir", str(shared_data)]) == 0
+    report = capsys.readouterr().out
+    assert f"{100 * metrics['epochs'][-1]['test_acc']:.2f}%" in report or "test accuracy" in report
+    assert "mu_inf(A)" in report and "weighted" in report and "Lipschitz bound" in report
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gamma", "1.0"], "gamma"), (["--hidden", "-3"], "hidden"), (["--dataset", "svhn"], "dataset"),
+    (["--epochs", "0"], "epochs"), (["--lr", "-1"], "lr"), (["--tol", "0"], "tol"),
+])
+def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
+    from nemon_np import train
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_ctrl_c_keeps_the_last_complete_checkpoint(shared_data, tmp_path, monkeypatch, capsys):
+    from nemon_np import train
+    from nemon_np.training import Trainer as T
+    calls = {"n": 0}
+    original = T.step
+
+    def interrupted_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 25:           # in the second epoch (20 batches per epoch)
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(T, "step", interrupted_step)
+    out = tmp_path / "run"
+    rc = train.main(["--data-dir", str(shared_data), "--epochs", "3", "--limit-train", "2000", "--hidden", "20",
+                     "--out", str(out), "--no-progress"])
+    assert rc == 130
+    assert "last complete epoch (1)" in capsys.readouterr().err
+    model = NEMON.load(out / "model.npz")
+    assert model.mu_inf() <= model.gamma + 1e-12
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
+    assert not list(out.glob("*.part"))
+
+
+def test_sklearn_estimator_in_a_grid_search(mnist_arrays):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    X, y, Xt, yt = mnist_arrays
+    clf = nemon_np.NEMONClassifier(hidden=20, epochs=5, gamma=0.5, lr=3e-3)
+    assert clone(clf).get_params() == clf.get_params()
+    clf.set_params(gamma=0.3)
+    assert clf.gamma == 0.3
+    labels = np.array(list("abcdefghij"))[y[:1500]]
+    search = GridSearchCV(make_pipeline(StandardScaler(), clf), {"nemonclassifier__gamma": [0.0, 0.9]}, cv=2)
+    search.fit(X[:1500], labels)
+    best = search.best_estimator_
+    assert set(best.predict(Xt[:300])) <= set("abcdefghij")
+    proba = best.predict_proba(Xt[:300])
+    assert proba.shape == (300, 10) and np.allclose(proba.sum(axis=1), 1)
+    assert best.score(Xt[:300], np.array(list("abcdefghij"))[yt[:300]]) > 0.7
+    fitted = best[-1]
+    assert mu_inf(fitted.model_.A) <= fitted.gamma + 1e-12
+    with pytest.raises(ValueError, match="gamma"):
+        nemon_np.NEMONClassifier(gamma=2.0).fit(X[:50], y[:50])
