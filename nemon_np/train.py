@@ -106,7 +106,8 @@ def main(argv=None):
         print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done})"
               if done else "\ninterrupted before the first epoch ended: nothing saved", file=sys.stderr)
         if done:
-            plot_history(trainer.history, out / "training_curves.png", f"NEMON on {data.name} (interrupted)")
+            plot_history(trainer.history, out / "training_curves.png", f"NEMON on {data.name} (interrupted)",
+                         config.gamma)
         return 130
     # The guarantee is checked on the saved file, not on the in-memory model.
     from .models import NEMON
@@ -118,7 +119,7 @@ def main(argv=None):
                "mu_inf_verified": verified, "total_seconds": time.perf_counter() - started}
     write_metrics(out, config, trainer.history, {"summary": summary})
     plot_history(trainer.history, out / "training_curves.png",
-                 f"NEMON on {data.name}, {config.constraint}, gamma {config.gamma}")
+                 f"NEMON on {data.name}, {config.constraint} constraint, n = {config.hidden}", config.gamma)
     norm = "weighted with the saved weights" if saved.weights is not None else "unweighted"
     print(f"done in {summary['total_seconds']:.0f}s: test accuracy {100 * summary['test_acc']:.2f}%, "
           f"mu_inf(A) = {measure:.6f} ({norm}) <= gamma = {config.gamma}: "

@@ -245,37 +245,50 @@ def save_checkpoint(model, out_dir):
     os.replace(tmp, out_dir / "model.npz")
 
 
-def plot_history(history, path, title=""):
-    """Training curves: loss, accuracy, fixed-point iterations, mu_inf and Lipschitz bound."""
+def plot_history(history, path, title="", gamma=None):
+    """Training curves (PNG): loss, accuracy, iterations, mu_inf(A), Lipschitz bound, seconds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
-    ax[0, 0].plot(ep, [r["train_loss"] for r in history], label="train")
-    ax[0, 1].plot(ep, [100 * r["train_acc"] for r in history], label="train")
-    if "test_loss" in history[0]:
-        ax[0, 0].plot(ep, [r["test_loss"] for r in history], label="test")
-        ax[0, 1].plot(ep, [100 * r["test_acc"] for r in history], label="test")
-    ax[0, 0].set(ylabel="cross-entropy", yscale="log")
-    ax[0, 1].set(ylabel="accuracy (%)")
-    ax[1, 0].plot(ep, [r["fwd_iter_mean"] for r in history], label="forward, mean")
-    ax[1, 0].plot(ep, [r["bwd_iter_mean"] for r in history], label="adjoint, mean")
-    ax[1, 0].plot(ep, [r["fwd_iter_max"] for r in history], ":", label="forward, max")
-    ax[1, 0].set(ylabel="iterations per sample")
-    ax[1, 1].plot(ep, [r["mu_inf"] for r in history], label="mu_inf(A) (model's norm)")
-    ax[1, 1].set(ylabel="mu_inf(A)")
-    twin = ax[1, 1].twinx()
-    twin.plot(ep, [r["lipschitz_bound"] for r in history], color="C3", label="Lipschitz bound")
-    twin.set(ylabel="l_inf Lipschitz bound", yscale="log")
+    col = {k: [r.get(k) for r in history] for k in history[0]}
+    fig, ax = plt.subplots(2, 3, figsize=(14, 7))
+    ax[0, 0].plot(ep, col["train_loss"], label="train")
+    ax[0, 1].plot(ep, [100 * a for a in col["train_acc"]], label="train")
+    if "test_loss" in col:
+        ax[0, 0].plot(ep, col["test_loss"], label="test")
+        ax[0, 1].plot(ep, [100 * a for a in col["test_acc"]], label="test")
+        ax[0, 1].annotate(f"{100 * col['test_acc'][-1]:.2f}%", (ep[-1], 100 * col["test_acc"][-1]),
+                          textcoords="offset points", xytext=(-40, -15))
+    ax[0, 0].set(ylabel="cross-entropy", yscale="log", title="loss")
+    ax[0, 1].set(ylabel="accuracy (%)", title="accuracy")
+    ax[0, 2].plot(ep, col["fwd_iter_mean"], label="forward, mean")
+    ax[0, 2].plot(ep, col["fwd_iter_max"], ":", color="C0", label="forward, max")
+    ax[0, 2].plot(ep, col["bwd_iter_mean"], label="adjoint, mean")
+    ax[0, 2].set(ylabel="iterations per sample", title="fixed-point iterations")
+    ax[1, 0].plot(ep, col["mu_inf"], label="mu_inf(A), the model's norm")
+    if any(abs(a - b) > 1e-9 for a, b in zip(col["mu_inf"], col["mu_inf_unweighted"])):
+        ax[1, 0].plot(ep, col["mu_inf_unweighted"], label="mu_inf(A), unweighted")
+    ax[1, 0].axhline(1.0, color="k", lw=0.8, ls="--", label="1: well-posedness limit")
+    if gamma is not None:
+        ax[1, 0].axhline(gamma, color="C3", lw=0.8, ls=":", label=f"gamma = {gamma}")
+    lo = min(min(col["mu_inf"]), min(col["mu_inf_unweighted"]), 0.0)
+    ax[1, 0].set(ylabel="mu_inf(A)", title="well-posedness margin",
+                 ylim=(lo - 0.1, max(1.1, max(col["mu_inf_unweighted"]) + 0.1)))
+    ax[1, 1].plot(ep, col["lipschitz_bound"], color="C3")
+    ax[1, 1].set(ylabel="bound (per unit of normalized input)", yscale="log",
+                 title="l_inf Lipschitz bound ||C|| ||B|| / (1 - mu)")
+    ax[1, 2].plot(ep, col["epoch_seconds"], label="epoch (with test evaluation)")
+    ax[1, 2].plot(ep, col["train_seconds"], label="training part")
+    ax[1, 2].set(ylabel="seconds", ylim=(0, None), title="time per epoch")
     for a in ax.flat:
         a.set(xlabel="epoch")
         a.grid(alpha=0.3)
-        a.legend(loc="best", fontsize=8)
-    twin.legend(loc="lower right", fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(loc="best", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
