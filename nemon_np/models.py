@@ -21,7 +21,7 @@ from scipy.special import log_softmax
 from ._validation import as_float_dtype, as_weights, check_gamma
 from .measures import mu_inf
 from .projection import project_mu_inf
-from .solvers import solve_adjoint, solve_equilibrium
+from .solvers import MONDEQ_METHODS, solve_adjoint, solve_equilibrium
 
 __all__ = ["NEMON", "softmax_cross_entropy"]
 
@@ -145,10 +145,11 @@ class NEMON:
         return np.argmax(self.logits(U, **solver_options), axis=1)
 
     # -- backward ---------------------------------------------------------
-    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol):
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
         U = self._inputs(U)
         y = self._labels(y, U.shape[0])
-        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha)
+        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
+                                    on_violation=on_violation)
         loss, dY = softmax_cross_entropy(X @ self.C.T + self.c, y)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = U.shape[0]
@@ -156,12 +157,13 @@ class NEMON:
         W, binfo = solve_adjoint(self.A, mask, (m * dY) @ self.C, method=adjoint,
                                  alpha=alpha if method == "average" else None,
                                  tol=tol if adjoint_tol is None else adjoint_tol,
-                                 max_iter=max_iter, weights=self.weights)
+                                 max_iter=max_iter, weights=self.weights, on_violation=on_violation,
+                                 certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
         delta = (mask * W) / m
         return U, X, loss, dY, delta, {"forward": finfo, "backward": binfo}
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
-                      adjoint="iterative", adjoint_tol=None, return_info=False):
+                      adjoint="iterative", adjoint_tol=None, return_info=False, on_violation="raise"):
         """Mean softmax cross-entropy over the batch and its gradients.
 
         Parameters
@@ -174,6 +176,8 @@ class NEMON:
             l_1 residual tolerance of the adjoint iteration (default ``tol``).
         return_info : bool
             Also return ``{"forward": info, "backward": info}`` from the solvers.
+        on_violation : {"raise", "warn"}
+            When the solvers' certificate fails (see :func:`nemon_np.solve_equilibrium`).
 
         Returns
         -------
@@ -181,18 +185,19 @@ class NEMON:
         grads : dict ``"A","B","b","C","c"`` -> arrays shaped like the parameters
         """
         U, X, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha,
-                                                     adjoint, adjoint_tol)
+                                                     adjoint, adjoint_tol, on_violation)
         grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0),
                  "C": dY.T @ X, "c": dY.sum(axis=0)}
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
-                   adjoint="iterative", adjoint_tol=None):
+                   adjoint="iterative", adjoint_tol=None, on_violation="raise"):
         """Gradient of the *mean* loss of :meth:`loss_and_grad` with respect to U, shape (m, n_in).
 
         ``dL/du_i = B^T delta_i``; multiply by m for the gradient of sample i's own loss.
         """
-        _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol)
+        _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol,
+                                              on_violation)
         return delta @ self.B
 
     # -- persistence ------------------------------------------------------

@@ -40,38 +40,39 @@ from numba import njit
 
 from ._validation import as_square_matrix, as_weights
 
-__all__ = ["project_mu_inf", "project_mu_inf_reference", "parametrize_mu_inf",
+__all__ = ["project_mu_inf", "project_norm_inf", "project_mondeq", "project_mu_inf_reference", "parametrize_mu_inf",
            "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse",
            "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad"]
 
 
 @njit(cache=True, fastmath=True)
-def _row_measure(R, i, W):
-    """a_ii + sum_{j != i} W_ij |a_ij| for row i of R (two branch-free, vectorized loops)."""
+def _row_measure(R, i, W, signed_diagonal):
+    """a_ii + sum_{j != i} W_ij |a_ij| (or sum_j W_ij |a_ij| if not signed_diagonal) for row i."""
     total = 0.0
     for j in range(i):
         total += W[i, j] * abs(R[i, j])
     for j in range(i + 1, R.shape[1]):
         total += W[i, j] * abs(R[i, j])
-    return R[i, i] + total
+    return total + (R[i, i] if signed_diagonal else W[i, i] * abs(R[i, i]))
 
 
 @njit(cache=True)
-def _shrink_row(A, out, i, W, lam):
+def _shrink_row(A, out, i, W, lam, signed_diagonal):
     for j in range(A.shape[1]):
         shrunk = abs(A[i, j]) - lam * W[i, j]
         out[i, j] = np.sign(A[i, j]) * shrunk if shrunk > 0.0 else 0.0
-    out[i, i] = A[i, i] - lam
+    if signed_diagonal:
+        out[i, i] = A[i, i] - lam
 
 
 @njit(cache=True)
-def _project_rows(A, gamma, W):
-    """Row-wise projection of float64 A onto {a_ii + sum_j W_ij |a_ij| <= gamma}."""
+def _project_rows(A, gamma, W, signed_diagonal):
+    """Row-wise projection of float64 A onto {row measure <= gamma} (see _row_measure)."""
     n = A.shape[0]
     out = A.copy()
     active = np.empty(n, np.int64)
     for i in range(n):
-        if _row_measure(A, i, W) <= gamma:
+        if _row_measure(A, i, W, signed_diagonal) <= gamma:
             continue
         # Michelot's filtering: with a set K containing every truly active entry, the
         # candidate lam_K (root of f with K forced active) is a lower bound of the
@@ -79,12 +80,12 @@ def _project_rows(A, gamma, W):
         # Dropping them and repeating stops, in a few passes, at the exact root.
         k = 0
         for j in range(n):
-            if j != i:
+            if j != i or not signed_diagonal:
                 active[k] = j
                 k += 1
         while True:
-            num = A[i, i] - gamma
-            den = 1.0
+            num = A[i, i] - gamma if signed_diagonal else -gamma
+            den = 1.0 if signed_diagonal else 0.0
             for r in range(k):
                 j = active[r]
                 num += W[i, j] * abs(A[i, j])
@@ -99,12 +100,12 @@ def _project_rows(A, gamma, W):
             if kept == k:
                 break
             k = kept
-        _shrink_row(A, out, i, W, lam)
+        _shrink_row(A, out, i, W, lam, signed_diagonal)
         # Rounding may leave the row an ulp outside; nudge lam until the same test
         # that decides membership passes, so that projecting again changes nothing.
-        while _row_measure(out, i, W) > gamma:
+        while _row_measure(out, i, W, signed_diagonal) > gamma:
             lam += 4e-16 * max(abs(lam), abs(gamma), 1e-300)
-            _shrink_row(A, out, i, W, lam)
+            _shrink_row(A, out, i, W, lam, signed_diagonal)
     return out
 
 
@@ -114,7 +115,7 @@ def _ratio_weights(eta, n):
     return eta[None, :] / eta[:, None]
 
 
-def _round_inside(P64, dtype):
+def _round_inside(P64, dtype, signed_diagonal=True):
     """Cast a projected float64 matrix to ``dtype`` without leaving the set.
 
     Rounding to nearest could push a row sum above gamma by an ulp; off-diagonal
@@ -124,11 +125,15 @@ def _round_inside(P64, dtype):
         return P64
     P = P64.astype(dtype)
     up = np.abs(P.astype(np.float64)) > np.abs(P64)
-    np.fill_diagonal(up, False)
+    np.fill_diagonal(up, False)   # the diagonal is rounded below, by its own rule
     P[up] = np.nextafter(P[up], dtype(0))
     d = np.diag(P).copy()
-    high = d.astype(np.float64) > np.diag(P64)
-    d[high] = np.nextafter(d[high], dtype(-np.inf))
+    if signed_diagonal:
+        high = d.astype(np.float64) > np.diag(P64)
+        d[high] = np.nextafter(d[high], dtype(-np.inf))
+    else:
+        high = np.abs(d.astype(np.float64)) > np.abs(np.diag(P64))
+        d[high] = np.nextafter(d[high], dtype(0))
     np.fill_diagonal(P, d)
     return P
 
@@ -157,8 +162,42 @@ def project_mu_inf(A, gamma, weights=None):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     eta = as_weights(weights, A.shape[0])
     P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), gamma,
-                        _ratio_weights(eta, A.shape[0]))
+                        _ratio_weights(eta, A.shape[0]), True)
     return _round_inside(P64, A.dtype.type)
+
+
+def project_norm_inf(A, gamma):
+    """Frobenius projection onto the norm ball {A : ||A||_inf <= gamma}, gamma >= 0.
+
+    Row-wise l_1-ball projection: a'_ij = sign(a_ij) max(|a_ij| - lam_i, 0) with lam_i >= 0
+    the root of sum_j max(|a_ij| - lam, 0) = gamma (the same kernel as
+    :func:`project_mu_inf`, with the diagonal entry taken in absolute value).
+    """
+    A = as_square_matrix(A)
+    gamma = float(gamma)
+    if not (np.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0 for the norm ball, got {gamma!r}")
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), gamma, np.ones(A.shape), False)
+    return _round_inside(P64, A.dtype.type, signed_diagonal=False)
+
+
+def project_mondeq(A, m):
+    """Frobenius projection onto monDEQ's set {A : (A + A^T)/2 <= (1 - m) I} (DESIGN.md).
+
+    Keeps the skew part (A - A^T)/2 and clips the eigenvalues of the symmetric part at
+    1 - m: S = V diag(lambda) V^T -> V diag(min(lambda, 1 - m)) V^T. Exact (the
+    constraint restricts the symmetric part only, and the two parts are orthogonal).
+    """
+    A = as_square_matrix(A)
+    m = float(m)
+    if not np.isfinite(m):
+        raise ValueError(f"m must be finite, got {m!r}")
+    A64 = A.astype(np.float64)
+    sym, skew = 0.5 * (A64 + A64.T), 0.5 * (A64 - A64.T)
+    lam, V = np.linalg.eigh(sym)
+    if lam[-1] <= 1 - m:
+        return A.copy()
+    return ((V * np.minimum(lam, 1 - m)) @ V.T + skew).astype(A.dtype)
 
 
 def project_mu_inf_reference(A, gamma, weights=None):

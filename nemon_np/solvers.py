@@ -10,7 +10,13 @@ Adjoint (DESIGN.md, "Implicit gradient")
 with the averaged iteration w <- (1 - alpha) w + alpha (g + A^T D w), an l_1
 contraction with the same rho(alpha), or a direct solve of (I - D A)^T w = g.
 
-Both run over a batch stored row-wise (sample i is row i), stop each sample on its
+monDEQ's splittings (Winston & Kolter 2020) are certified instead by strong monotonicity,
+I - A >= m I with m = 1 - mu_2(A) > 0: forward-backward
+    x_{k+1} = relu((1 - alpha) x_k + alpha (A x_k + q)),  0 < alpha < 2 m / L^2, L = ||I - A||_2,
+(an l_2 contraction with factor sqrt(1 - 2 alpha m + alpha^2 L^2)) and Peaceman-Rachford
+with the resolvent (I + alpha (I - A))^-1, convergent for every alpha > 0.
+
+All run over a batch stored row-wise (sample i is row i), stop each sample on its
 own residual and stop spending work on it once converged. The forward residual is
 ``||relu(A x_k + q) - x_k||_inf`` (then ``||x_k - x*||_inf <= residual / (1 - max(mu_inf(A), 0))``);
 the adjoint residual is ``||g + A^T D w_k - w_k||_1``.
@@ -27,7 +33,9 @@ from .measures import mu_inf
 __all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference",
            "contraction_alpha", "contraction_factor", "WellPosednessError", "ConvergenceWarning"]
 
-FORWARD_METHODS = ("average", "picard")
+NEMON_METHODS = ("average", "picard")
+MONDEQ_METHODS = ("forward-backward", "peaceman-rachford")
+FORWARD_METHODS = NEMON_METHODS + MONDEQ_METHODS
 ADJOINT_METHODS = ("iterative", "direct")
 
 
@@ -44,8 +52,11 @@ class ConvergenceWarning(UserWarning):
 
 
 @njit(cache=True, fastmath=True)
-def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
+def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False):
     """Row-wise x <- (1 - alpha) x + alpha phi((x * s) M + q), phi = relu or identity.
+
+    With ``forward_backward`` the average is taken before the activation instead
+    (monDEQ's forward-backward splitting): x <- phi((1 - alpha) x + alpha ((x * s) M + q)).
 
     M (n, n); Q, S, X0 (m, n) C-contiguous of one dtype; S has 0 rows to mean "no mask".
     Returns, for each row, the last iterate x_k, its pre-activation (x_k * s) M + q,
@@ -93,8 +104,13 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
                 iterations[i] = k
                 residual[i] = res
                 continue
-            for j in range(n):
-                X[n_keep, j] = X[r, j] + alpha * (F[j] - X[r, j])
+            if forward_backward:
+                for j in range(n):
+                    v = X[r, j] + alpha * (P[r, j] - X[r, j])
+                    X[n_keep, j] = max(v, 0.0) if relu else v
+            else:
+                for j in range(n):
+                    X[n_keep, j] = X[r, j] + alpha * (F[j] - X[r, j])
             if n_keep != r:
                 Qa[n_keep] = Qa[r]
                 if masked:
@@ -107,7 +123,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
     return X_out, P_out, iterations, residual
 
 
-def averaged_fixed_point_reference(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
+def averaged_fixed_point_reference(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False):
     """NumPy reference of the numba kernel (same contract, one sample at a time)."""
     m, n = Q.shape
     X_out, P_out = np.empty_like(Q), np.empty_like(Q)
@@ -122,9 +138,62 @@ def averaged_fixed_point_reference(M, Q, S, X0, alpha, tol, max_iter, relu, l1):
             res = diff.sum() if l1 else diff.max()
             if res <= tol or k == max_iter:
                 break
-            x = (x + alpha * (f - x)).astype(Q.dtype)
+            if forward_backward:
+                v = x + alpha * (p - x)
+                x = (np.maximum(v, 0) if relu else v).astype(Q.dtype)
+            else:
+                x = (x + alpha * (f - x)).astype(Q.dtype)
         X_out[i], P_out[i], iterations[i], residual[i] = x, p, k, res
     return X_out, P_out, iterations, residual
+
+
+@njit(cache=True, fastmath=True)
+def _peaceman_rachford(VT, Q, alpha, tol, max_iter):
+    """monDEQ's Peaceman-Rachford splitting for x = relu(A x + q), row-wise.
+
+    With V = (I + alpha (I - A))^-1 (factored once by the caller), from u = x = 0:
+        u_half = 2 x - u,  z = V (u_half + alpha q),  u = 2 z - u_half,  x = relu(u).
+    A row stops when ||x_{k+1} - x_k||_inf <= tol. Returns X, iterations, that step norm.
+    """
+    m, n = Q.shape
+    X_out = np.empty_like(Q)
+    iterations = np.zeros(m, np.int64)
+    step = np.empty(m, Q.dtype)
+    active = np.arange(m)
+    X = np.zeros_like(Q)
+    Uh = np.zeros_like(Q)           # holds u, then u_half + alpha q
+    Qa = Q.copy()
+    n_act = m
+    for k in range(1, max_iter + 1):
+        for r in range(n_act):
+            for j in range(n):
+                Uh[r, j] = 2 * X[r, j] - Uh[r, j] + alpha * Qa[r, j]
+        Z = np.dot(Uh[:n_act], VT)
+        n_keep = 0
+        for r in range(n_act):
+            res = tol - tol
+            for j in range(n):
+                u = 2 * Z[r, j] - (Uh[r, j] - alpha * Qa[r, j])
+                x = max(u, 0.0)
+                res = max(res, abs(x - X[r, j]))
+                X[r, j] = x
+                Uh[r, j] = u
+            if res <= tol or k == max_iter:
+                i = active[r]
+                X_out[i] = X[r]
+                iterations[i] = k
+                step[i] = res
+                continue
+            if n_keep != r:
+                X[n_keep] = X[r]
+                Uh[n_keep] = Uh[r]
+                Qa[n_keep] = Qa[r]
+                active[n_keep] = active[r]
+            n_keep += 1
+        n_act = n_keep
+        if n_act == 0:
+            break
+    return X_out, iterations, step
 
 
 def contraction_alpha(A):
@@ -167,6 +236,36 @@ def _check_contraction(A, method, alpha, weights, on_violation):
     return alpha, mu
 
 
+def _check_monotone(A, method, alpha, on_violation):
+    """Validate a monDEQ splitting: return alpha, mu_2(A), the strong-monotonicity margin m, L."""
+    if on_violation not in ("raise", "warn"):
+        raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
+    A64 = A.astype(np.float64)
+    I_A = np.eye(len(A)) - A64
+    margin = float(np.linalg.eigvalsh(0.5 * (I_A + I_A.T))[0])
+    L = float(np.linalg.norm(I_A, 2))
+    fb_limit = 2.0 * margin / L ** 2 if margin > 0 else 0.0
+    if alpha is None:
+        alpha = 0.5 * fb_limit if method == "forward-backward" else 1.0
+    alpha = float(alpha)
+    problems = []
+    if margin <= 0:
+        problems.append(f"mu_2(A) = {1 - margin:.6g} >= 1: I - A is not strongly monotone, "
+                        f"{method} is not guaranteed to converge")
+        if method == "forward-backward" and alpha <= 0:
+            alpha = 0.5
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if method == "forward-backward" and margin > 0 and alpha >= fb_limit:
+        problems.append(f"alpha = {alpha:.6g} >= 2 m / L^2 = {fb_limit:.6g}: forward-backward may not converge")
+    if problems:
+        msg = "; ".join(problems)
+        if on_violation == "raise":
+            raise WellPosednessError(msg + " (pass on_violation='warn' to run anyway)")
+        warnings.warn(msg, WellPosednessWarning, stacklevel=3)
+    return alpha, 1.0 - margin, margin, L
+
+
 def _check_batch(Q, n, name):
     Q = np.asarray(Q)
     if Q.ndim != 2 or Q.shape[1] != n:
@@ -200,10 +299,14 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     ----------
     A : (n, n) array, float32 or float64
     Q : (m, n) array, the input injection ``U B^T + b`` per sample (cast to A's dtype)
-    method : {"average", "picard"}
-        Average iteration with step ``alpha`` (default alpha*), or Picard (alpha = 1).
+    method : {"average", "picard", "forward-backward", "peaceman-rachford"}
+        Average iteration with step ``alpha`` (default alpha*), Picard (alpha = 1), both
+        certified by mu_inf(A) < 1; or monDEQ's splittings, certified by mu_2(A) < 1
+        (forward-backward: default alpha = m / L^2, half its limit; Peaceman-Rachford:
+        default alpha = 1, any alpha > 0).
     tol : float
-        Stop a sample when ``||relu(A x_k + q) - x_k||_inf <= tol``.
+        Stop a sample when ``||relu(A x_k + q) - x_k||_inf <= tol`` (Peaceman-Rachford:
+        when its step ``||x_{k+1} - x_k||_inf <= tol``; the fixed-point residual is reported).
     max_iter : int
         At most this many updates per sample.
     X0 : (m, n) array, optional
@@ -211,14 +314,15 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     weights : (n,) array, optional
         Diagonal weights eta; the well-posedness check uses mu_inf,eta(A).
     on_violation : {"raise", "warn"}
-        What to do when mu_inf(A) >= 1 or alpha > alpha* (the guarantee is gone).
+        What to do when the method's certificate fails (mu_inf(A) >= 1 or alpha > alpha*;
+        for the splittings mu_2(A) >= 1 or a too large forward-backward step).
 
     Returns
     -------
     X : (m, n) ndarray, the last iterate of each sample
     info : scipy.optimize.OptimizeResult with per-sample ``iterations``, ``residual``,
-        ``converged`` and the run's ``alpha``, ``mu_inf``, ``rho`` (contraction factor)
-        and ``preactivation`` Z = X A^T + Q (whose sign pattern the backward pass needs).
+        ``converged`` and the run's ``alpha``, ``mu_inf`` (or ``mu_2``), ``rho``
+        (contraction factor, None where no rate is known) and ``preactivation`` Z = X A^T + Q (whose sign pattern the backward pass needs).
     """
     A = as_square_matrix(A)
     n = A.shape[0]
@@ -226,24 +330,45 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     tol, max_iter = _check_budget(tol, max_iter)
     if method not in FORWARD_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(FORWARD_METHODS)}")
-    alpha, mu = _check_contraction(A, method, alpha, eta, on_violation)
     dtype = A.dtype
     Q = np.ascontiguousarray(_check_batch(Q, n, "Q"), dtype=dtype)
-    X0 = np.zeros_like(Q) if X0 is None else np.ascontiguousarray(_check_batch(X0, n, "X0"), dtype=dtype)
-    if X0.shape != Q.shape:
-        raise ValueError(f"X0 must have the shape of Q {Q.shape}, got {X0.shape}")
-    no_mask = np.empty((0, n), dtype)
-    X, Z, iterations, residual = _averaged_fixed_point(
-        np.ascontiguousarray(A.T), Q, no_mask, X0, dtype.type(alpha), dtype.type(tol), max_iter, True, False)
-    info = OptimizeResult(iterations=iterations, residual=residual.astype(np.float64),
-                          converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu,
-                          rho=1.0 - alpha * (1.0 - max(mu, 0.0)), method=method, preactivation=Z)
+    if X0 is not None:
+        X0 = np.ascontiguousarray(_check_batch(X0, n, "X0"), dtype=dtype)
+        if X0.shape != Q.shape:
+            raise ValueError(f"X0 must have the shape of Q {Q.shape}, got {X0.shape}")
+    if method in NEMON_METHODS:
+        alpha, mu = _check_contraction(A, method, alpha, eta, on_violation)
+        certificate = dict(mu_inf=mu, rho=1.0 - alpha * (1.0 - max(mu, 0.0)))
+    else:
+        alpha, mu2, margin, L = _check_monotone(A, method, alpha, on_violation)
+        certificate = dict(mu_2=mu2, rho=(float(np.sqrt(max(1 - 2 * alpha * margin + alpha ** 2 * L ** 2, 0.0)))
+                                          if method == "forward-backward" else None))
+    if method == "peaceman-rachford":
+        if X0 is not None:
+            raise ValueError("peaceman-rachford starts from zero; X0 is not supported")
+        V = np.linalg.inv(np.eye(n) + alpha * (np.eye(n) - A.astype(np.float64)))
+        X, iterations, step = _peaceman_rachford(np.ascontiguousarray(V.T, dtype=dtype), Q, dtype.type(alpha),
+                                                 dtype.type(tol), max_iter)
+        # Stopped on its own step norm; the reported residual is the fixed-point one, as for the others.
+        Z = X @ A.T + Q
+        residual = np.abs(np.maximum(Z, 0) - X).max(axis=1).astype(np.float64)
+        converged = step <= dtype.type(tol)
+    else:
+        X0 = np.zeros_like(Q) if X0 is None else X0
+        no_mask = np.empty((0, n), dtype)
+        X, Z, iterations, residual = _averaged_fixed_point(
+            np.ascontiguousarray(A.T), Q, no_mask, X0, dtype.type(alpha), dtype.type(tol), max_iter, True, False,
+            method == "forward-backward")
+        converged = residual <= dtype.type(tol)
+        residual = residual.astype(np.float64)
+    info = OptimizeResult(iterations=iterations, residual=residual, converged=converged, alpha=alpha,
+                          method=method, preactivation=Z, **certificate)
     _warn_unconverged(info, tol, "forward fixed point")
     return X, info
 
 
 def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_iter=500,
-                  weights=None, on_violation="raise"):
+                  weights=None, on_violation="raise", certificate="mu_inf"):
     """Solve the adjoint equation ``w = g + A^T D w`` for every row g of G.
 
     Parameters
@@ -254,6 +379,9 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
     method : {"iterative", "direct"}
         Averaged adjoint iteration (l_1 contraction, residual ``||g + A^T D w - w||_1 <= tol``),
         or an exact LU solve of ``(I - D A)^T w = g`` per sample.
+    certificate : {"mu_inf", "mu_2"}
+        What makes ``I - D A`` invertible: mu_inf(A) < 1 (NEMON, both methods) or
+        mu_2(A) < 1 (monDEQ: the direct solve only, the iteration is not certified then).
 
     Returns
     -------
@@ -272,16 +400,25 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
         raise ValueError(f"mask must have the shape of G {G.shape}, got {S.shape}")
     if method not in ADJOINT_METHODS:
         raise ValueError(f"unknown adjoint method {method!r}; choose one of {', '.join(ADJOINT_METHODS)}")
-    # Both variants rest on the same contraction: the direct solve needs I - D A invertible.
-    alpha, mu = _check_contraction(A, "average", alpha if method == "iterative" else None, eta,
-                                   on_violation)
+    if certificate == "mu_2":
+        if method != "direct":
+            raise ValueError("a monDEQ-certified model (mu_2(A) < 1) needs adjoint='direct': "
+                             "the averaged adjoint iteration is certified by mu_inf(A) < 1 only")
+        _, mu, _, _ = _check_monotone(A, "peaceman-rachford", None, on_violation)
+    elif certificate == "mu_inf":
+        # Both variants rest on the same contraction: the direct solve needs I - D A invertible.
+        alpha, mu = _check_contraction(A, "average", alpha if method == "iterative" else None, eta,
+                                       on_violation)
+    else:
+        raise ValueError(f"certificate must be 'mu_inf' or 'mu_2', got {certificate!r}")
     if method == "direct":
         # (I - D A)^T = I - A^T D: column j of A^T scaled by d_j.
         M = np.eye(n)[None] - A.T.astype(np.float64)[None] * S.astype(np.float64)[:, None, :]
         W = np.linalg.solve(M, G.astype(np.float64)[..., None])[..., 0].astype(dtype)
         residual = np.abs(G + (W * S) @ A - W).sum(axis=1).astype(np.float64)
         info = OptimizeResult(iterations=np.zeros(len(G), np.int64), residual=residual,
-                              converged=np.ones(len(G), bool), alpha=None, mu_inf=mu, method=method)
+                              converged=np.ones(len(G), bool), alpha=None, method=method,
+                              **{certificate: mu})
         return W, info
     W, _, iterations, residual = _averaged_fixed_point(
         np.ascontiguousarray(A), G, S, G.copy(), dtype.type(alpha), dtype.type(tol), max_iter, False, True)

@@ -8,6 +8,11 @@ Three ways to keep the model well-posed (DESIGN.md, "Keeping mu_inf(A) <= gamma"
   D = diag(exp(s)): mu_inf(A) <= gamma in the weighted norm with learned weights
   eta = exp(-s), the search space of the paper's own trained models.
 
+For comparisons (``analysis/compare_regions.py``): ``norm`` projects onto ||A||_inf <= gamma,
+``mondeq`` onto mu_2(A) <= gamma (monDEQ's condition with margin m = 1 - gamma; it needs a
+monDEQ splitting and the direct adjoint) and ``none`` trains A freely (the solver then only
+warns when no certificate holds, and the fraction of converged solves is recorded).
+
 The loss is the mean softmax cross-entropy, plus ``lipschitz_reg`` times the
 l_inf Lipschitz bound ||C|| ||B|| / (1 - max(mu_inf(A), 0)) when asked.
 """
@@ -17,6 +22,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -26,13 +32,14 @@ from ._validation import as_float_dtype, check_gamma
 from .models import NEMON, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
 from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
-                         parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
+                         parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mondeq,
+                         project_mu_inf, project_norm_inf)
 from .robustness import lipschitz_bound, lipschitz_bound_and_grad
-from .solvers import ADJOINT_METHODS, FORWARD_METHODS
+from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "evaluate", "write_metrics", "plot_history"]
 
-CONSTRAINTS = ("projection", "parametrization", "weighted")
+CONSTRAINTS = ("projection", "parametrization", "weighted", "norm", "mondeq", "none")
 
 
 @dataclass
@@ -72,12 +79,25 @@ class TrainConfig:
             raise ValueError(f"tol must be a positive number, got {self.tol!r}")
         if not (self.lipschitz_reg >= 0 and math.isfinite(self.lipschitz_reg)):
             raise ValueError(f"lipschitz_reg must be >= 0, got {self.lipschitz_reg!r}")
-        if self.alpha is not None and not 0 < self.alpha <= 1:
+        if self.alpha is not None and not 0 < self.alpha <= (1 if self.solver not in MONDEQ_METHODS else np.inf):
             raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
+        if (self.constraint == "mondeq") != (self.solver in MONDEQ_METHODS) and self.constraint != "none":
+            raise ValueError("constraint mondeq (mu_2(A) <= gamma) goes with a monDEQ solver "
+                             f"({', '.join(MONDEQ_METHODS)}) and the others with average or picard; "
+                             f"got constraint {self.constraint} with solver {self.solver}")
+        if self.lipschitz_reg > 0 and self.constraint in ("mondeq", "none"):
+            raise ValueError(f"lipschitz_reg needs an l_inf certificate, which constraint {self.constraint} "
+                             "does not give")
+        if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
+            raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
+                             "direct adjoint is certified: pass adjoint='direct'")
         return self
 
     def solver_options(self):
-        return dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+        options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+        if self.constraint == "none":
+            options["on_violation"] = "warn"
+        return options
 
 
 class _Constraint:
@@ -85,7 +105,7 @@ class _Constraint:
 
     def __init__(self, kind, model):
         self.kind, self.gamma = kind, model.gamma
-        if kind == "projection":
+        if kind in ("projection", "norm", "mondeq", "none"):
             self.free = {"A": model.A}
         elif kind == "parametrization":
             self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma)}
@@ -95,7 +115,7 @@ class _Constraint:
         self.apply(model)
 
     def grads(self, gA):
-        if self.kind == "projection":
+        if "A" in self.free:
             return {"A": gA}
         if self.kind == "parametrization":
             return {"T": parametrize_mu_inf_grad(self.free["T"], gA)}
@@ -111,6 +131,12 @@ class _Constraint:
         """
         if self.kind == "projection":
             model.A[...] = project_mu_inf(model.A, self.gamma)
+        elif self.kind == "norm":
+            model.A[...] = project_norm_inf(model.A, self.gamma)
+        elif self.kind == "mondeq":
+            model.A[...] = project_mondeq(model.A, 1.0 - self.gamma)
+        elif self.kind == "none":
+            pass
         elif self.kind == "parametrization":
             model.A = project_mu_inf(parametrize_mu_inf(self.free["T"], self.gamma).astype(model.dtype), self.gamma)
         else:
@@ -153,7 +179,11 @@ class Trainer:
     def step(self, U, y, lr):
         """One optimizer step on a batch; returns (loss, correct, forward its, backward its)."""
         cfg, m = self.config, self.model
-        loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, return_info=True, **cfg.solver_options())
+        with warnings.catch_warnings():
+            if cfg.constraint == "none":   # uncertified by design: counted, not printed per batch
+                warnings.simplefilter("ignore")
+            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, return_info=True,
+                                                **cfg.solver_options())
         if cfg.lipschitz_reg > 0:
             L, lg = lipschitz_bound_and_grad(m)
             loss += cfg.lipschitz_reg * L
@@ -164,7 +194,7 @@ class Trainer:
         self.constraint.apply(m)
         Z = info["forward"].preactivation
         correct = int(np.count_nonzero((np.maximum(Z, 0) @ m.C.T).argmax(axis=1) == y))
-        return loss, correct, info["forward"].iterations, info["backward"].iterations
+        return loss, correct, info["forward"].iterations, info["backward"].iterations, info["forward"].converged
 
     def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True):
         cfg = self.config
@@ -176,13 +206,14 @@ class Trainer:
         for epoch in range(len(self.history), cfg.epochs):
             t0 = time.perf_counter()
             order = rng.permutation(len(X))
-            total_loss, total_correct, fwd, bwd = 0.0, 0, [], []
+            total_loss, total_correct, fwd, bwd, converged = 0.0, 0, [], [], 0
             bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress, unit="batch")
             for k in bar:
                 lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                loss, correct, f, b = self.step(X[idx], y[idx], lr)
+                loss, correct, f, b, conv = self.step(X[idx], y[idx], lr)
+                converged += int(np.count_nonzero(conv))
                 total_loss += loss * len(idx)
                 total_correct += correct
                 fwd.append(f)
@@ -196,10 +227,16 @@ class Trainer:
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / len(X),
                    "train_acc": total_correct / len(X)}
             if X_test is not None:
-                test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
+                with warnings.catch_warnings():
+                    if cfg.constraint == "none":
+                        warnings.simplefilter("ignore")
+                    test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
-            row.update(mu_inf=self.model.mu_inf(), mu_inf_unweighted=float(_unweighted_mu(self.model)),
-                       lipschitz_bound=lipschitz_bound(self.model),
+            mu = self.model.mu_inf()
+            row.update(mu_inf=mu, mu_inf_unweighted=float(_unweighted_mu(self.model)),
+                       # No l_inf certificate, no bound (monDEQ and unconstrained models may lack one).
+                       lipschitz_bound=lipschitz_bound(self.model) if mu < 1 else None,
+                       fwd_converged_frac=converged / len(X),
                        fwd_iter_mean=float(fwd.mean()), fwd_iter_max=int(fwd.max()),
                        bwd_iter_mean=float(bwd.mean()), bwd_iter_max=int(bwd.max()),
                        train_seconds=train_seconds, epoch_seconds=time.perf_counter() - t0)
@@ -275,7 +312,7 @@ def plot_history(history, path, title="", gamma=None):
     lo = min(min(col["mu_inf"]), min(col["mu_inf_unweighted"]), 0.0)
     ax[1, 0].set(ylabel="mu_inf(A)", title="well-posedness margin",
                  ylim=(lo - 0.1, max(1.1, max(col["mu_inf_unweighted"]) + 0.1)))
-    ax[1, 1].plot(ep, col["lipschitz_bound"], color="C3")
+    ax[1, 1].plot(ep, [np.nan if v is None else v for v in col["lipschitz_bound"]], color="C3")
     ax[1, 1].set(ylabel="bound (per unit of normalized input)", yscale="log",
                  title="l_inf Lipschitz bound ||C|| ||B|| / (1 - mu)")
     ax[1, 2].plot(ep, col["epoch_seconds"], label="epoch (with test evaluation)")

@@ -147,3 +147,19 @@ def test_bad_arguments_give_clear_errors(rng):
         model.loss_and_grad(np.ones((2, 3)), np.array([0, 2]))
     with pytest.raises(ValueError, match="integer"):
         model.loss_and_grad(np.ones((2, 3)), np.array([0.0, 1.0]))
+
+
+def test_gradients_of_a_monDEQ_certified_model_match_finite_differences():
+    rng = np.random.default_rng(11)
+    n = 8
+    model = random_model(6, n, 3, 0.5, seed=3)
+    W, S = rng.normal(size=(2, n, n)) / np.sqrt(n)
+    model.A = 0.8 * np.eye(n) - W.T @ W + S - S.T
+    assert mu_inf(model.A) > 1          # only monDEQ's certificate holds
+    U = rng.normal(size=(4, 6))
+    y = rng.integers(0, 3, size=4)
+    kw = dict(method="peaceman-rachford", adjoint="direct", tol=1e-13, max_iter=100_000)
+    _, grads = model.loss_and_grad(U, y, **kw)
+    loss = lambda: model.loss_and_grad(U, y, **kw)[0]  # noqa: E731
+    for name in ("A", "B", "C"):
+        assert rel_err(grads[name], finite_difference(loss, getattr(model, name))) < 1e-5, name

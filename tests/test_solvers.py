@@ -180,3 +180,61 @@ def test_numba_kernels_are_cached_for_the_next_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     hits = [int(v) for v in out.split()]
     assert all(h >= 1 for h in hits), f"second process recompiled: cache hits {hits}"
+
+
+def mondeq_matrix(rng, n, m):
+    """monDEQ's parametrization A = (1 - m) I - W^T W + S - S^T: mu_2(A) <= 1 - m."""
+    W = rng.normal(size=(n, n)) / np.sqrt(n)
+    S = rng.normal(size=(n, n)) / np.sqrt(n)
+    return (1 - m) * np.eye(n) - W.T @ W + S - S.T
+
+
+def test_monDEQ_splittings_reach_the_enumerated_fixed_point(rng):
+    n = 5
+    A = mondeq_matrix(rng, n, 0.2)
+    Q = rng.normal(size=(6, n))
+    expected = np.array([enumerate_fixed_point(A, q) for q in Q])
+    for method in ("forward-backward", "peaceman-rachford"):
+        X, info = solve_equilibrium(A, Q, method=method, tol=1e-13, max_iter=200_000)
+        np.testing.assert_allclose(X, expected, atol=1e-8, rtol=0)
+        assert info.converged.all() and "mu_2" in info
+    with pytest.raises(WellPosednessError, match="mu_2"):
+        solve_equilibrium(np.eye(n) * 1.1, Q, method="peaceman-rachford")
+    margin = 1 - np.linalg.eigvalsh((A + A.T) / 2)[-1]
+    limit = 2 * margin / np.linalg.norm(np.eye(n) - A, 2) ** 2
+    with pytest.raises(WellPosednessError, match="2 m / L"):
+        solve_equilibrium(A, Q, method="forward-backward", alpha=1.01 * limit)
+
+
+def test_every_solver_reaches_the_same_fixed_point_where_both_certificates_hold(rng):
+    n = 40
+    A = project_mu_inf(mondeq_matrix(rng, n, 0.5) / 4, 0.9)
+    assert mu_inf(A) <= 0.9 + 1e-12 and np.linalg.eigvalsh((A + A.T) / 2)[-1] < 1
+    Q = rng.normal(size=(10, n))
+    ref, _ = solve_equilibrium(A, Q, tol=1e-13, max_iter=100_000)
+    for method in ("picard", "forward-backward", "peaceman-rachford"):
+        if method == "picard" and contraction_alpha(A) < 1:
+            continue
+        X, _ = solve_equilibrium(A, Q, method=method, tol=1e-13, max_iter=500_000)
+        np.testing.assert_allclose(X, ref, atol=1e-8, rtol=0)
+
+
+def test_forward_backward_kernel_matches_reference(rng):
+    n, m = 20, 8
+    A = mondeq_matrix(rng, n, 0.3)
+    Q = rng.normal(size=(m, n))
+    args = (np.ascontiguousarray(A.T), Q, np.empty((0, n)), np.zeros((m, n)), 0.05, 1e-9, 2000, True, False, True)
+    got, ref = _averaged_fixed_point(*args), averaged_fixed_point_reference(*args)
+    np.testing.assert_array_equal(got[2], ref[2])
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
+
+
+def test_monDEQ_certified_adjoint_is_direct_only(rng):
+    n = 10
+    A = mondeq_matrix(rng, n, 0.2)
+    mask = (rng.random((3, n)) > 0.5).astype(float)
+    G = rng.normal(size=(3, n))
+    W, info = solve_adjoint(A, mask, G, method="direct", certificate="mu_2")
+    np.testing.assert_allclose(W, G + (W * mask) @ A, atol=1e-12)
+    with pytest.raises(ValueError, match="direct"):
+        solve_adjoint(A, mask, G, method="iterative", certificate="mu_2")

@@ -76,7 +76,7 @@ def test_lipschitz_subgradient_matches_finite_differences(rng, weighted):
         np.testing.assert_allclose(grads[name], fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
 
 
-@pytest.mark.parametrize("constraint", ["projection", "parametrization", "weighted"])
+@pytest.mark.parametrize("constraint", ["projection", "parametrization", "weighted", "norm"])
 def test_training_on_real_mnist_learns_and_stays_well_posed(mnist_arrays, constraint, tmp_path):
     X, y, Xt, yt = mnist_arrays
     config = TrainConfig(hidden=40, epochs=3, gamma=0.9, constraint=constraint, lr=2e-3, seed=1)
@@ -93,6 +93,17 @@ def test_training_on_real_mnist_learns_and_stays_well_posed(mnist_arrays, constr
         assert saved.weights is not None and np.ptp(np.log(saved.weights)) > 0   # weights were learned
     # The logged train accuracy is that of the batches seen; the test one matches a fresh evaluation.
     assert np.mean(saved.predict(Xt, tol=1e-4) == yt) == pytest.approx(h[-1]["test_acc"], abs=2e-3)
+
+
+def test_mondeq_and_unconstrained_training(mnist_arrays):
+    X, y, Xt, yt = mnist_arrays
+    config = TrainConfig(hidden=30, epochs=2, gamma=0.3, constraint="mondeq", solver="peaceman-rachford",
+                         adjoint="direct", lr=3e-3, seed=3)
+    trainer = Trainer(config, 784, 10).fit(X, y, Xt, yt, progress=False)
+    assert nemon_np.mu_2(trainer.model.A) <= 0.3 + 1e-9 and trainer.history[-1]["test_acc"] > 0.8
+    free = Trainer(TrainConfig(hidden=30, epochs=2, constraint="none", adjoint="direct", lr=3e-3, seed=3),
+                   784, 10).fit(X, y, Xt, yt, progress=False)
+    assert 0 <= free.history[-1]["fwd_converged_frac"] <= 1 and free.history[-1]["test_acc"] > 0.8
 
 
 def test_lipschitz_regularization_lowers_the_bound(mnist_arrays):
@@ -115,7 +126,7 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     for name in ("model.npz", "metrics.json", "metrics.csv", "training_curves.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["epochs"]) == 2 and metrics["summary"]["mu_inf_verified"]
+    assert len(metrics["epochs"]) == 2 and metrics["summary"]["verified"]
     assert metrics["config"]["constraint"] == "weighted"
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train_loss", "test_acc", "mu_inf", "lipschitz_bound", "fwd_iter_mean", "bwd_iter_max",
@@ -133,6 +144,7 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--gamma", "1.0"], "gamma"), (["--hidden", "-3"], "hidden"), (["--dataset", "svhn"], "dataset"),
     (["--epochs", "0"], "epochs"), (["--lr", "-1"], "lr"), (["--tol", "0"], "tol"),
+    (["--constraint", "mondeq"], "monDEQ solver"), (["--solver", "peaceman-rachford", "--constraint", "mondeq"], "direct"),
 ])
 def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train
