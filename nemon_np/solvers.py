@@ -30,13 +30,14 @@ from scipy.optimize import OptimizeResult
 from ._validation import as_square_matrix, as_weights
 from .measures import mu_inf
 
-__all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference",
+__all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference", "anderson_fixed_point_reference",
            "contraction_alpha", "contraction_factor", "WellPosednessError", "ConvergenceWarning"]
 
-NEMON_METHODS = ("average", "picard")
+NEMON_METHODS = ("average", "picard", "adaptive", "anderson")
 MONDEQ_METHODS = ("forward-backward", "peaceman-rachford")
 FORWARD_METHODS = NEMON_METHODS + MONDEQ_METHODS
-ADJOINT_METHODS = ("iterative", "direct")
+ADJOINT_METHODS = ("iterative", "adaptive", "anderson", "direct")
+ANDERSON_DEPTH, ANDERSON_REG = 5, 1e-10  # depth: measured in benchmarks/bench_solvers.py
 
 
 class WellPosednessError(ValueError):
@@ -52,11 +53,15 @@ class ConvergenceWarning(UserWarning):
 
 
 @njit(cache=True, fastmath=True)
-def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False):
+def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False,
+                          adaptive=False, record=None):
     """Row-wise x <- (1 - alpha) x + alpha phi((x * s) M + q), phi = relu or identity.
 
     With ``forward_backward`` the average is taken before the activation instead
     (monDEQ's forward-backward splitting): x <- phi((1 - alpha) x + alpha ((x * s) M + q)).
+    With ``adaptive`` each row's alpha is divided by 1.5 whenever its residual fails to
+    drop below 0.85 of the previous one (the heuristic of the paper's code).
+    ``record`` (m, max_iter + 1), if given, receives each row's residual at every step.
 
     M (n, n); Q, S, X0 (m, n) C-contiguous of one dtype; S has 0 rows to mean "no mask".
     Returns, for each row, the last iterate x_k, its pre-activation (x_k * s) M + q,
@@ -74,6 +79,8 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
     Qa = Q.copy()
     Sa = S.copy()
     F = np.empty(n, Q.dtype)
+    alphas = np.full(m, alpha)
+    previous = np.full(m, np.inf)
     n_act = m
     for k in range(max_iter + 1):
         if masked:
@@ -97,6 +104,8 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
             else:
                 for j in range(n):
                     res = max(res, abs(F[j] - X[r, j]))
+            if record is not None:
+                record[active[r], k] = res
             if res <= tol or k == max_iter:
                 i = active[r]
                 X_out[i] = X[r]
@@ -104,13 +113,19 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
                 iterations[i] = k
                 residual[i] = res
                 continue
+            a = alphas[r]
+            if adaptive:
+                if res > 0.85 * previous[r]:
+                    a /= 1.5
+                previous[n_keep] = res
+            alphas[n_keep] = a
             if forward_backward:
                 for j in range(n):
-                    v = X[r, j] + alpha * (P[r, j] - X[r, j])
+                    v = X[r, j] + a * (P[r, j] - X[r, j])
                     X[n_keep, j] = max(v, 0.0) if relu else v
             else:
                 for j in range(n):
-                    X[n_keep, j] = X[r, j] + alpha * (F[j] - X[r, j])
+                    X[n_keep, j] = X[r, j] + a * (F[j] - X[r, j])
             if n_keep != r:
                 Qa[n_keep] = Qa[r]
                 if masked:
@@ -120,6 +135,202 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
         n_act = n_keep
         if n_act == 0:
             break
+    return X_out, P_out, iterations, residual
+
+
+@njit(cache=True)
+def _solve_small(H, b):
+    """Solve the small SPD system H y = b in place by Gaussian elimination with pivoting."""
+    k = b.shape[0]
+    for c in range(k):
+        p = c
+        for r in range(c + 1, k):
+            if abs(H[r, c]) > abs(H[p, c]):
+                p = r
+        if p != c:
+            for j in range(k):
+                H[c, j], H[p, j] = H[p, j], H[c, j]
+            b[c], b[p] = b[p], b[c]
+        for r in range(c + 1, k):
+            f = H[r, c] / H[c, c]
+            for j in range(c, k):
+                H[r, j] -= f * H[c, j]
+            b[r] -= f * b[c]
+    for c in range(k - 1, -1, -1):
+        acc = b[c]
+        for j in range(c + 1, k):
+            acc -= H[c, j] * b[j]
+        b[c] = acc / H[c, c]
+    return b
+
+
+@njit(cache=True, fastmath=True)
+def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, reg, rho, record=None):
+    """Anderson acceleration (type II, depth ``depth``) of the averaged iteration, row-wise.
+
+    With T(x) = x + alpha (phi((x * s) M + q) - x) and g_i = T(x_i) - x_i over the accepted
+    iterates, the candidate is x_k + g_k - (dX + dG) c with c = argmin ||g_k - dG c||^2 +
+    reg ||dG||_F^2 ||c||^2, dX and dG the last ``depth`` consecutive differences (kept in a
+    ring buffer, with their Gram matrix updated one row per step). Safeguard: a candidate
+    whose residual exceeds ``rho`` times that of the last accepted point is replaced by the
+    plain step T(x_acc) and the history is cleared, so that every accepted point contracts at
+    least as the bound rho says: convergence is never lost. Outputs as :func:`_averaged_fixed_point`.
+    """
+    m, n = Q.shape
+    masked = S.shape[0] > 0
+    X_out = np.empty_like(Q)
+    P_out = np.empty_like(Q)
+    iterations = np.zeros(m, np.int64)
+    residual = np.empty(m, Q.dtype)
+    active = np.arange(m)
+    X = X0.copy()                           # compacted: row r is sample active[r]
+    Sa = S.copy()
+    # Per-sample state is indexed by the sample, not compacted: no history copies.
+    X_acc = np.zeros((m, n), Q.dtype)       # last accepted point, its g and pre-activation
+    G_acc = np.zeros((m, n), Q.dtype)
+    P_acc = np.zeros((m, n), Q.dtype)
+    dXh = np.zeros((m, depth, n), Q.dtype)  # ring buffers of differences and their Gram matrix
+    dGh = np.zeros((m, depth, n), Q.dtype)
+    gram = np.zeros((m, depth, depth))
+    n_acc = np.zeros(m, np.int64)           # accepted points so far
+    n_diff = np.zeros(m, np.int64)          # differences stored since the last reset
+    accepted = np.full(m, np.inf)
+    candidate = np.zeros(m, np.bool_)
+    F = np.empty(n, Q.dtype)
+    H = np.empty((depth, depth))
+    rhs = np.empty(depth)
+    n_act = m
+    for k in range(max_iter + 1):
+        if masked:
+            P = np.dot(X[:n_act] * Sa[:n_act], M)
+        else:
+            P = np.dot(X[:n_act], M)
+        n_keep = 0
+        for r in range(n_act):
+            i = active[r]
+            for j in range(n):
+                P[r, j] += Q[i, j]
+            if relu:
+                for j in range(n):
+                    F[j] = max(P[r, j], 0.0)
+            else:
+                F[:] = P[r]
+            res = tol - tol
+            if l1:
+                for j in range(n):
+                    res += abs(F[j] - X[r, j])
+            else:
+                for j in range(n):
+                    res = max(res, abs(F[j] - X[r, j]))
+            if record is not None:
+                record[i, k] = res
+            rejected = candidate[i] and res > rho * accepted[i]
+            if res <= tol or k == max_iter:
+                iterations[i] = k
+                if rejected and res > accepted[i]:   # out of budget on a worse candidate
+                    X_out[i] = X_acc[i]
+                    P_out[i] = P_acc[i]
+                    residual[i] = accepted[i]
+                else:
+                    X_out[i] = X[r]
+                    P_out[i] = P[r]
+                    residual[i] = res
+                continue
+            w = n_keep   # rows only move down: row r is read before row w is overwritten
+            if rejected:
+                for j in range(n):
+                    X[w, j] = X_acc[i, j] + G_acc[i, j]
+                n_diff[i] = 0
+                candidate[i] = False
+            else:
+                nd = n_diff[i]
+                slot = nd % depth
+                if n_acc[i] > 0:
+                    for j in range(n):
+                        dXh[i, slot, j] = X[r, j] - X_acc[i, j]
+                        dGh[i, slot, j] = alpha * (F[j] - X[r, j]) - G_acc[i, j]
+                    nd += 1
+                mk = min(nd, depth)
+                for j in range(n):
+                    G_acc[i, j] = alpha * (F[j] - X[r, j])
+                    X_acc[i, j] = X[r, j]
+                    P_acc[i, j] = P[r, j]
+                for j in range(n):
+                    X[w, j] = X_acc[i, j] + G_acc[i, j]
+                if mk > 0:
+                    # One pass over the history: the Gram row of the new difference and the rhs.
+                    for q in range(mk):
+                        gq = 0.0
+                        rq = 0.0
+                        for j in range(n):
+                            gq += dGh[i, slot, j] * dGh[i, q, j]
+                            rq += dGh[i, q, j] * G_acc[i, j]
+                        gram[i, slot, q] = gq
+                        gram[i, q, slot] = gq
+                        rhs[q] = rq
+                    trace = 0.0
+                    for q in range(mk):
+                        trace += gram[i, q, q]
+                        for p in range(mk):
+                            H[q, p] = gram[i, q, p]
+                    for q in range(mk):
+                        H[q, q] += reg * trace + 1e-300
+                    coef = _solve_small(H[:mk, :mk], rhs[:mk])
+                    for q in range(mk):
+                        c = coef[q]
+                        for j in range(n):
+                            X[w, j] -= (dXh[i, q, j] + dGh[i, q, j]) * c
+                n_diff[i] = nd
+                n_acc[i] += 1
+                accepted[i] = res
+                candidate[i] = mk > 0
+            if w != r:
+                if masked:
+                    Sa[w] = Sa[r]
+                active[w] = i
+            n_keep += 1
+        n_act = n_keep
+        if n_act == 0:
+            break
+    return X_out, P_out, iterations, residual
+
+
+def anderson_fixed_point_reference(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, reg, rho):
+    """NumPy reference of :func:`_anderson_fixed_point` (same contract, one sample at a time)."""
+    m, n = Q.shape
+    X_out, P_out = np.empty_like(Q), np.empty_like(Q)
+    iterations, residual = np.zeros(m, np.int64), np.empty(m, Q.dtype)
+    for i in range(m):
+        x = X0[i].astype(Q.dtype, copy=True)
+        s = S[i] if S.shape[0] else 1
+        x_acc = g_acc = p_acc = None
+        dX, dG = [], []
+        accepted, candidate = np.inf, False
+        for k in range(max_iter + 1):
+            p = (x * s) @ M + Q[i]
+            f = np.maximum(p, 0) if relu else p
+            res = np.abs(f - x).sum() if l1 else np.abs(f - x).max()
+            rejected = candidate and res > rho * accepted
+            if res <= tol or k == max_iter:
+                out = (x_acc, p_acc, accepted) if rejected and res > accepted else (x, p, res)
+                X_out[i], P_out[i], residual[i] = out
+                iterations[i] = k
+                break
+            if rejected:
+                x = (x_acc + g_acc).astype(Q.dtype)
+                dX, dG, candidate = [], [], False
+                continue
+            g = (alpha * (f - x)).astype(Q.dtype)
+            if x_acc is not None:
+                dX, dG = (dX + [x - x_acc])[-depth:], (dG + [g - g_acc])[-depth:]
+            x_acc, g_acc, p_acc = x, g, p
+            x_new = x + g
+            if dG:
+                DG, DX = np.array(dG, np.float64), np.array(dX, np.float64)
+                H = DG @ DG.T
+                H += (reg * np.trace(H) + 1e-300) * np.eye(len(dG))
+                x_new = x_new - (DX + DG).T @ np.linalg.solve(H, DG @ g)
+            x, accepted, candidate = x_new.astype(Q.dtype), res, bool(dG)
     return X_out, P_out, iterations, residual
 
 
@@ -213,6 +424,9 @@ def _check_contraction(A, method, alpha, weights, on_violation):
     if on_violation not in ("raise", "warn"):
         raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
     alpha_star = contraction_alpha(A)
+    if method == "adaptive" and alpha is None:
+        # The paper's heuristic starts at Picard's step and shrinks it; no a-priori guarantee.
+        return 1.0, mu_inf(A, weights)
     if method == "picard":
         if alpha not in (None, 1, 1.0):
             raise ValueError("picard iteration uses alpha = 1; pass method='average' for another step")
@@ -243,8 +457,9 @@ def _check_monotone(A, method, alpha, on_violation):
     A64 = A.astype(np.float64)
     I_A = np.eye(len(A)) - A64
     margin = float(np.linalg.eigvalsh(0.5 * (I_A + I_A.T))[0])
-    L = float(np.linalg.norm(I_A, 2))
-    fb_limit = 2.0 * margin / L ** 2 if margin > 0 else 0.0
+    # Only forward-backward's step bound needs L = ||I - A||_2 (an SVD: the costly part).
+    L = float(np.linalg.norm(I_A, 2)) if method == "forward-backward" else None
+    fb_limit = 2.0 * margin / L ** 2 if (L is not None and margin > 0) else 0.0
     if alpha is None:
         alpha = 0.5 * fb_limit if method == "forward-backward" else 1.0
     alpha = float(alpha)
@@ -291,17 +506,30 @@ def _warn_unconverged(info, tol, what):
                       ConvergenceWarning, stacklevel=3)
 
 
+def _iterate(method, M, Q, S, X0, alpha, tol, max_iter, relu, l1, rho, record):
+    """Run the numba kernel of an averaged-family ``method`` on batch arrays of one dtype."""
+    dt = Q.dtype.type
+    if method == "anderson":
+        return _anderson_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1, ANDERSON_DEPTH,
+                                     ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), record)
+    return _averaged_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1,
+                                 method == "forward-backward", method == "adaptive", record)
+
+
 def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=500,
-                      X0=None, weights=None, on_violation="raise"):
+                      X0=None, weights=None, on_violation="raise", record=None):
     """Solve ``x = relu(A x + q)`` for every row q of Q.
 
     Parameters
     ----------
     A : (n, n) array, float32 or float64
     Q : (m, n) array, the input injection ``U B^T + b`` per sample (cast to A's dtype)
-    method : {"average", "picard", "forward-backward", "peaceman-rachford"}
-        Average iteration with step ``alpha`` (default alpha*), Picard (alpha = 1), both
-        certified by mu_inf(A) < 1; or monDEQ's splittings, certified by mu_2(A) < 1
+    method : {"average", "picard", "adaptive", "anderson", "forward-backward", "peaceman-rachford"}
+        Average iteration with step ``alpha`` (default alpha*), Picard (alpha = 1), the
+        paper code's adaptive step (from alpha = 1, divided by 1.5 whenever the residual fails
+        to drop below 0.85 of the last; guaranteed only once alpha <= alpha*), or the average
+        iteration with safeguarded Anderson acceleration (depth 5), all certified by
+        mu_inf(A) < 1; or monDEQ's splittings, certified by mu_2(A) < 1
         (forward-backward: default alpha = m / L^2, half its limit; Peaceman-Rachford:
         default alpha = 1, any alpha > 0).
     tol : float
@@ -316,6 +544,9 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     on_violation : {"raise", "warn"}
         What to do when the method's certificate fails (mu_inf(A) >= 1 or alpha > alpha*;
         for the splittings mu_2(A) >= 1 or a too large forward-backward step).
+    record : (m, max_iter + 1) float array, optional
+        Receives each sample's residual at every iteration (for convergence studies; not
+        for Peaceman-Rachford).
 
     Returns
     -------
@@ -342,10 +573,14 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     else:
         alpha, mu2, margin, L = _check_monotone(A, method, alpha, on_violation)
         certificate = dict(mu_2=mu2, rho=(float(np.sqrt(max(1 - 2 * alpha * margin + alpha ** 2 * L ** 2, 0.0)))
-                                          if method == "forward-backward" else None))
+                                          if method == "forward-backward" and margin > 0 else None))
+    if record is not None and (not isinstance(record, np.ndarray) or record.shape != (len(Q), max_iter + 1)
+                               or record.dtype != dtype):
+        raise ValueError(f"record must be a {dtype.name} array of shape ({len(Q)}, {max_iter + 1})")
     if method == "peaceman-rachford":
-        if X0 is not None:
-            raise ValueError("peaceman-rachford starts from zero; X0 is not supported")
+        if X0 is not None or record is not None:
+            raise ValueError("peaceman-rachford starts from zero and records no history; "
+                             "X0 and record are not supported")
         V = np.linalg.inv(np.eye(n) + alpha * (np.eye(n) - A.astype(np.float64)))
         X, iterations, step = _peaceman_rachford(np.ascontiguousarray(V.T, dtype=dtype), Q, dtype.type(alpha),
                                                  dtype.type(tol), max_iter)
@@ -355,10 +590,8 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
         converged = step <= dtype.type(tol)
     else:
         X0 = np.zeros_like(Q) if X0 is None else X0
-        no_mask = np.empty((0, n), dtype)
-        X, Z, iterations, residual = _averaged_fixed_point(
-            np.ascontiguousarray(A.T), Q, no_mask, X0, dtype.type(alpha), dtype.type(tol), max_iter, True, False,
-            method == "forward-backward")
+        X, Z, iterations, residual = _iterate(method, np.ascontiguousarray(A.T), Q, np.empty((0, n), dtype), X0,
+                                              alpha, tol, max_iter, True, False, certificate["rho"] or 1.0, record)
         converged = residual <= dtype.type(tol)
         residual = residual.astype(np.float64)
     info = OptimizeResult(iterations=iterations, residual=residual, converged=converged, alpha=alpha,
@@ -376,9 +609,10 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
     A : (n, n) array
     mask : (m, n) array of {0, 1} (or bool), the diagonal of D = 1[z > 0] per sample
     G : (m, n) array, dL/dx* per sample
-    method : {"iterative", "direct"}
+    method : {"iterative", "adaptive", "anderson", "direct"}
         Averaged adjoint iteration (l_1 contraction, residual ``||g + A^T D w - w||_1 <= tol``),
-        or an exact LU solve of ``(I - D A)^T w = g`` per sample.
+        the same with the adaptive step or with Anderson acceleration (as for the forward
+        solve), or an exact LU solve of ``(I - D A)^T w = g`` per sample.
     certificate : {"mu_inf", "mu_2"}
         What makes ``I - D A`` invertible: mu_inf(A) < 1 (NEMON, both methods) or
         mu_2(A) < 1 (monDEQ: the direct solve only, the iteration is not certified then).
@@ -407,8 +641,8 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
         _, mu, _, _ = _check_monotone(A, "peaceman-rachford", None, on_violation)
     elif certificate == "mu_inf":
         # Both variants rest on the same contraction: the direct solve needs I - D A invertible.
-        alpha, mu = _check_contraction(A, "average", alpha if method == "iterative" else None, eta,
-                                       on_violation)
+        alpha, mu = _check_contraction(A, method if method == "adaptive" else "average",
+                                       None if method == "direct" else alpha, eta, on_violation)
     else:
         raise ValueError(f"certificate must be 'mu_inf' or 'mu_2', got {certificate!r}")
     if method == "direct":
@@ -420,10 +654,10 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
                               converged=np.ones(len(G), bool), alpha=None, method=method,
                               **{certificate: mu})
         return W, info
-    W, _, iterations, residual = _averaged_fixed_point(
-        np.ascontiguousarray(A), G, S, G.copy(), dtype.type(alpha), dtype.type(tol), max_iter, False, True)
+    rho = 1.0 - alpha * (1.0 - max(mu, 0.0))
+    W, _, iterations, residual = _iterate("average" if method == "iterative" else method, np.ascontiguousarray(A),
+                                          G, S, G.copy(), alpha, tol, max_iter, False, True, rho, None)
     info = OptimizeResult(iterations=iterations, residual=residual.astype(np.float64),
-                          converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu,
-                          rho=1.0 - alpha * (1.0 - max(mu, 0.0)), method=method)
+                          converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu, rho=rho, method=method)
     _warn_unconverged(info, tol, "adjoint")
     return W, info

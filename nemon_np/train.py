@@ -32,11 +32,14 @@ HELP = {
                   "parametrization (A = gamma I + T - diag(|T|1)), weighted (same with learned "
                   "diagonal weights, the paper's search space)",
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss",
-    "solver": "fixed-point iteration: average (step alpha, default alpha*) or picard (alpha = 1)",
+    "solver": "fixed-point solver: average (step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
+              "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
+              "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual <= tol",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
-    "adjoint": "backward solve: iterative (averaged adjoint iteration) or direct (exact LU per sample)",
+    "adjoint": "backward solve: iterative (averaged adjoint iteration), adaptive, anderson, or direct "
+               "(exact LU per sample; the only one certified for --constraint mondeq)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
 }
