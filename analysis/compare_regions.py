@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from _figures import save_figure  # noqa: E402
 from nemon_np import best_weights, mu_2, mu_inf, norm_inf, project_mu_inf  # noqa: E402
 from nemon_np.projection import project_mondeq, project_norm_inf  # noqa: E402
 from nemon_np.regions import (REGIONS, is_well_posed_exact, project_mondeq_cvxpy, project_mu_inf_cvxpy,  # noqa: E402
@@ -149,7 +150,7 @@ def plot_shares(rows, cfg, out):
     fig.suptitle("Share of random matrices inside each well-posedness region "
                  "(solid Gaussian, dashed uniform entries; bands: 95% CI)")
     fig.tight_layout()
-    save(fig, out, "share")
+    save_figure(fig, out, "share")
 
 
 # -- 2. Two-dimensional slices --------------------------------------------------------------------
@@ -197,7 +198,7 @@ def plot_slices(out, resolution):
     fig.suptitle(f"Each region at gamma = {GAMMA} in four 2-D slices of 2x2 matrices, window [-2.5, 2.5]^2 "
                  "(dotted: truly well-posed, I - A a P-matrix)", fontsize=10)
     fig.tight_layout()
-    save(fig, out, "slices")
+    save_figure(fig, out, "slices")
     return areas
 
 
@@ -329,13 +330,7 @@ def plot_distance_and_accuracy(dist_rows, train, trained, out, budget=""):
         axes[1].set(ylim=(max(lo - 3, 0), 100), ylabel="MNIST test accuracy (%)",
                     title=f"MNIST, each condition at margin gamma = {GAMMA}{budget}")
     fig.tight_layout()
-    save(fig, out, "distance")
-
-
-def save(fig, out, name):
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{name}.{ext}", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, "distance")
 
 
 # -- oracle check ---------------------------------------------------------------------------------

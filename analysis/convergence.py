@@ -30,7 +30,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from _figures import save_figure  # noqa: E402
 from nemon_np import NEMON, contraction_alpha, mu_2, mu_inf, project_mu_inf, solve_equilibrium  # noqa: E402
+from nemon_np._timing import best_time  # noqa: E402
 from nemon_np.solvers import MONDEQ_METHODS, NEMON_METHODS, WellPosednessError  # noqa: E402
 
 TOLS = (1e-3, 1e-6, 1e-9)
@@ -73,15 +75,6 @@ def first_below(record, tol):
     k = np.argmax(hit, axis=1).astype(float)
     k[~hit.any(axis=1)] = np.nan
     return k
-
-
-def best_time(f, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def study(A, Q, weights, max_iter, repeats):
@@ -128,11 +121,11 @@ def study(A, Q, weights, max_iter, repeats):
                     "mean": float(info.iterations.mean()), "max": int(info.iterations.max()),
                     "converged": float(info.converged.mean())}
                 entry.setdefault("seconds", {})[f"{tol:g}"] = best_time(
-                    lambda: solve_equilibrium(A, Q, tol=tol, **opts), repeats)
+                    lambda: solve_equilibrium(A, Q, tol=tol, **opts), repeats, warmup=False)
             curve = []
             for tol in np.geomspace(1e-1, 1e-10, 10):
                 _, info = solve_equilibrium(A, Q, tol=tol, **opts)
-                curve.append((best_time(lambda: solve_equilibrium(A, Q, tol=tol, **opts), repeats),
+                curve.append((best_time(lambda: solve_equilibrium(A, Q, tol=tol, **opts), repeats, warmup=False),
                               float(info.residual.max())))
             entry["time_curve"] = curve
         out["solvers"][method] = entry
@@ -173,9 +166,7 @@ def plot_problem(name, res, out, max_iter):
     if skipped:
         fig.text(0.01, 0.01, "not certified (run anyway): " + "; ".join(skipped)[:240], fontsize=7)
     fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 1))
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{name}.{ext}", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, name)
 
 
 def plot_contraction(problems, out):
@@ -190,9 +181,7 @@ def plot_contraction(problems, out):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"contraction.{ext}", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, "contraction")
 
 
 def table(problems):

@@ -7,25 +7,14 @@ even on a shared, noisy machine. Numba compilation happens before any timing.
 """
 import argparse
 import platform
-import time
 
 import numpy as np
 
 import nemon_np
+from nemon_np._timing import best_time
 from nemon_np.projection import project_mu_inf
 from nemon_np.regions import project_mu_inf_cvxpy
 from nemon_np.solvers import _averaged_fixed_point
-
-
-def best_time(f, repeats):
-    """Smallest wall time of ``repeats`` calls (the least disturbed by other load)."""
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bench_projection(rng, repeats):

@@ -8,7 +8,6 @@ from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
 from .models import NEMON, softmax_cross_entropy
 from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
                          parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
-from .robustness import lipschitz_bound
 from .solvers import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
                       solve_adjoint, solve_equilibrium)
 
@@ -16,10 +15,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # scikit-learn is imported only by those who use the estimator.
+    # scikit-learn is imported only by those who use the estimator; the robustness module
+    # is not imported by the package so that `python -m nemon_np.robustness` runs it cleanly.
     if name == "NEMONClassifier":
         from .estimator import NEMONClassifier
         return NEMONClassifier
+    if name == "lipschitz_bound":
+        from .robustness import lipschitz_bound
+        return lipschitz_bound
     raise AttributeError(f"module 'nemon_np' has no attribute {name!r}")
 
 __all__ = ["NEMON", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",

@@ -9,3 +9,29 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def load_run(parser, run_dir, data_dir):
+    """The model of a training run (RUN_DIR/model.npz, or that file) and its data set.
+
+    Problems end the program with a one-line message (exit 2): a missing file through the
+    parser, an unreadable model or data set as ``error: ...``. Returns (model, data, model_path).
+    """
+    import pathlib
+
+    from .data import DataError, load_dataset
+    from .models import NEMON
+
+    path = pathlib.Path(run_dir)
+    model_path = path / "model.npz" if path.is_dir() else path
+    if not model_path.is_file():
+        parser.error(f"{model_path} not found")
+    try:
+        model = NEMON.load(model_path)
+        name = model.metadata.get("dataset")
+        if name is None:
+            raise ValueError(f"{model_path} does not say which data set it was trained on")
+        return model, load_dataset(name, data_dir), model_path
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -145,12 +145,17 @@ class NEMON:
         return np.argmax(self.logits(U, **solver_options), axis=1)
 
     # -- backward ---------------------------------------------------------
-    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
+        """Forward solve, then the adjoint for dL/dY: the cross-entropy's (``y`` given) or ``dY``'s."""
         U = self._inputs(U)
-        y = self._labels(y, U.shape[0])
         X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
                                     on_violation=on_violation)
-        loss, dY = softmax_cross_entropy(X @ self.C.T + self.c, y)
+        if dY is None:
+            loss, dY = softmax_cross_entropy(X @ self.C.T + self.c, self._labels(y, U.shape[0]))
+        else:
+            loss, dY = None, np.asarray(dY, dtype=self.dtype)
+            if dY.shape != (U.shape[0], self.n_out):
+                raise ValueError(f"dY must have shape ({U.shape[0]}, {self.n_out}), got {dY.shape}")
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = U.shape[0]
         # Solve for the per-sample loss (g of order 1), so that tol means the same at any batch size.
@@ -161,6 +166,17 @@ class NEMON:
                                  certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
         delta = (mask * W) / m
         return U, X, loss, dY, delta, {"forward": finfo, "backward": binfo}
+
+    def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,
+                  adjoint="iterative", adjoint_tol=None, on_violation="raise"):
+        """``d/dU sum_{i,k} dY_ik y_ik(U)``: the input gradient of any linear functional of the logits.
+
+        With dY = e_k for every sample it is the gradient of logit k per sample, row k of the
+        input-output Jacobian ``C (I - D A)^-1 D B``. Returns (m, n_in).
+        """
+        _, _, _, _, delta, _ = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol,
+                                              on_violation, dY=dY)
+        return delta @ self.B
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
                       adjoint="iterative", adjoint_tol=None, return_info=False, on_violation="raise"):

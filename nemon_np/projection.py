@@ -42,7 +42,8 @@ from ._validation import as_square_matrix, as_weights
 
 __all__ = ["project_mu_inf", "project_norm_inf", "project_mondeq", "project_mu_inf_reference", "parametrize_mu_inf",
            "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse",
-           "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad"]
+           "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad", "parametrize_mondeq",
+           "parametrize_mondeq_grad"]
 
 
 @njit(cache=True, fastmath=True)
@@ -294,3 +295,24 @@ def parametrize_weighted_mu_inf_grad(T, log_scale, G):
     H = G * T * E
     np.fill_diagonal(H, 0.0)
     return dT, (H.sum(axis=0) - H.sum(axis=1)).astype(T.dtype)
+
+
+def parametrize_mondeq(W, S, m):
+    """monDEQ's parametrization (Winston & Kolter 2020): ``A = (1 - m) I - W^T W + S - S^T``.
+
+    Then (A + A^T)/2 = (1 - m) I - W^T W <= (1 - m) I: I - A is m-strongly monotone for every
+    W, S, and every such A is reached. Returns a new (n, n) array.
+    """
+    W, S = as_square_matrix(W, "W"), as_square_matrix(S, "S")
+    if W.shape != S.shape:
+        raise ValueError(f"W and S must have one shape, got {W.shape} and {S.shape}")
+    A = S - S.T - W.T @ W
+    A[np.diag_indices_from(A)] += 1.0 - m
+    return A
+
+
+def parametrize_mondeq_grad(W, S, G):
+    """Chain rule through :func:`parametrize_mondeq`: ``dL/dW = -W (G + G^T)``, ``dL/dS = G - G^T``."""
+    W = as_square_matrix(W, "W")
+    G = np.asarray(G)
+    return -W @ (G + G.T), G - G.T

@@ -12,7 +12,10 @@ import numpy as np
 
 from .measures import norm_inf
 
-__all__ = ["lipschitz_bound", "lipschitz_bound_and_grad"]
+__all__ = ["lipschitz_bound", "lipschitz_bound_and_grad", "smooth_lipschitz_bound_and_grad", "solver_options_for",
+           "to_inputs", "attack", "certified_correct", "empirical_lipschitz", "robustness_report", "ATTACKS"]
+
+ATTACKS = ("noise", "fgsm", "pgd")
 
 
 def lipschitz_bound(model):
@@ -70,3 +73,233 @@ def lipschitz_bound_and_grad(model):
         dA *= L / denom
     dt = model.dtype
     return L, {"A": dA.astype(dt), "B": dB.astype(dt), "C": dC.astype(dt)}
+
+
+def _weighted_BC(model):
+    B, C = np.asarray(model.B, np.float64), np.asarray(model.C, np.float64)
+    if model.weights is not None:
+        B, C = B / model.weights[:, None], C * model.weights[None, :]
+    return B, C
+
+
+def smooth_lipschitz_bound_and_grad(model):
+    """The paper code's smooth regularizer ``(||B||_inf^2 + ||C||_inf^2) / (2 (1 - max(gamma, 0)))``.
+
+    An upper bound of :func:`lipschitz_bound` whenever mu_inf(A) <= gamma (AM-GM), with the
+    margin gamma in place of mu_inf(A), so A gets no gradient. Returns (value, {"B", "C"}).
+    """
+    Bw, Cw = _weighted_BC(model)
+    nB, nC = norm_inf(Bw), norm_inf(Cw)
+    denom = 1.0 - max(model.gamma, 0.0)
+    dB, dC = nB / denom * _row_subgradient(Bw), nC / denom * _row_subgradient(Cw)
+    if model.weights is not None:
+        dB, dC = dB / model.weights[:, None], dC * model.weights[None, :]
+    dt = model.dtype
+    return (nB ** 2 + nC ** 2) / (2 * denom), {"A": np.zeros_like(model.A), "B": dB.astype(dt), "C": dC.astype(dt)}
+
+
+# -- attacks and certificates, in pixel units -------------------------------------------------------
+
+def solver_options_for(model, tol=None, max_iter=1000):
+    """Forward/adjoint solvers certified for ``model``: monDEQ models (metadata certificate
+    "mu_2") use Peaceman-Rachford and the direct adjoint, NEMON models the average iteration.
+    Default tolerance 1e-4 in float32 (whose rounding stalls solves near 1e-5), 1e-8 in float64."""
+    if tol is None:
+        tol = 1e-4 if model.dtype == np.float32 else 1e-8
+    if model.metadata.get("certificate") == "mu_2":
+        return dict(tol=tol, max_iter=max_iter, method="peaceman-rachford", adjoint="direct")
+    return dict(tol=tol, max_iter=max_iter, method="average", adjoint="iterative")
+
+
+def _channel_stats(model, n_features):
+    mean = np.atleast_1d(np.asarray(model.metadata.get("mean", 0.0), np.float64))
+    std = np.atleast_1d(np.asarray(model.metadata.get("std", 1.0), np.float64))
+    per = n_features // len(mean)
+    return np.repeat(mean, per), np.repeat(std, per)
+
+
+def to_inputs(model, pixels):
+    """Model inputs ``(pixels - mean) / std`` from pixels in [0, 1], shape (m, features), per channel
+    (channel-major layout, as :func:`nemon_np.data.normalize`)."""
+    pixels = np.asarray(pixels, np.float64)
+    mean, std = _channel_stats(model, pixels.shape[1])
+    return ((pixels - mean) / std).astype(model.dtype)
+
+
+def _ce_pixel_grad(model, P, y, options):
+    """Gradient of each sample's own cross-entropy with respect to its pixels."""
+    U = to_inputs(model, P)
+    _, std = _channel_stats(model, P.shape[1])
+    return model.input_grad(U, y, **options) * len(P) / std
+
+
+def attack(model, pixels, labels, eps, kind="pgd", steps=10, step_size=None, seed=0, options=None):
+    """Perturbed pixels within the l_inf ball of radius ``eps`` around ``pixels``, clipped to [0, 1].
+
+    kind: "noise" (uniform in the ball), "fgsm" (one signed-gradient step of size eps) or "pgd"
+    (random start in the ball, then ``steps`` signed-gradient steps of ``step_size``, default
+    2.5 eps / steps, each projected back onto the ball and [0, 1]; the iterate with the highest
+    loss per sample is kept). Gradients are the model's implicit input gradients.
+    """
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    P = np.asarray(pixels, np.float64)
+    options = options or solver_options_for(model)
+    rng = np.random.default_rng(seed)
+    lo, hi = np.maximum(P - eps, 0.0), np.minimum(P + eps, 1.0)
+    if kind == "noise":
+        return np.clip(P + rng.uniform(-eps, eps, size=P.shape), lo, hi)
+    if kind == "fgsm":
+        return np.clip(P + eps * np.sign(_ce_pixel_grad(model, P, labels, options)), lo, hi)
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    X = np.clip(P + rng.uniform(-eps, eps, size=P.shape), lo, hi)
+    best, best_loss = X.copy(), np.full(len(P), -np.inf)
+    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    for _ in range(steps + 1):
+        logits = model.logits(to_inputs(model, X), **fwd).astype(np.float64)
+        z = logits - logits.max(axis=1, keepdims=True)
+        loss = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(P)), labels]
+        better = loss > best_loss
+        best[better], best_loss[better] = X[better], loss[better]
+        X = np.clip(X + step_size * np.sign(_ce_pixel_grad(model, X, labels, options)), lo, hi)
+    return best
+
+
+def certified_correct(model, pixels, labels, eps, options=None):
+    """Samples whose prediction is correct and provably constant in the l_inf ball of radius ``eps``
+    (pixel units): y_k - y_j > ||(c_k - c_j) diag(eta)||_1 ||diag(eta)^-1 B||_inf eps_u / (1 - max(mu, 0))
+    for every j != k, eps_u = eps / std (DESIGN.md). All False when mu_inf(A) >= 1 (no certificate).
+    """
+    P = np.asarray(pixels, np.float64)
+    options = options or solver_options_for(model)
+    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    Y = model.logits(to_inputs(model, P), **fwd).astype(np.float64)
+    correct = Y.argmax(axis=1) == labels
+    mu = model.mu_inf()
+    if mu >= 1:
+        return np.zeros(len(P), bool)
+    _, std = _channel_stats(model, P.shape[1])
+    Bw, Cw = _weighted_BC(model)
+    eps_u = eps / std.min()
+    # ||(c_k - c_j) diag(eta)||_1 for every pair (k, j).
+    pair = np.abs(Cw[:, None, :] - Cw[None, :, :]).sum(axis=2)
+    radius = pair * norm_inf(Bw) * eps_u / (1.0 - max(mu, 0.0))
+    k = labels
+    margins = Y[np.arange(len(P)), k][:, None] - Y
+    need = radius[k]
+    need[np.arange(len(P)), k] = -np.inf
+    return correct & np.all(margins > need, axis=1)
+
+
+def empirical_lipschitz(model, pixels, radius=1e-3, steps=3, options=None):
+    """A lower bound of the l_inf -> l_inf Lipschitz constant of u -> y (normalized-input units):
+    for every sample and logit k, signed-gradient ascent of |y_k(u + d) - y_k(u)| over ||d||_inf <= radius,
+    the largest ratio |dy_k| / ||d||_inf found. Every ratio is realized by two actual forward solves."""
+    options = options or solver_options_for(model, tol=1e-10)
+    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    U = to_inputs(model, pixels).astype(np.float64)
+    if model.dtype != np.float64:
+        raise ValueError("empirical_lipschitz needs a float64 model (differences of 1e-3 are lost in float32)")
+    Y0 = model.logits(U, **fwd)
+    best = 0.0
+    for k in range(model.n_out):
+        for sign in (1.0, -1.0):
+            E = np.zeros((len(U), model.n_out))
+            E[:, k] = sign
+            D = np.zeros_like(U)
+            for _ in range(steps):
+                D = np.clip(D + radius * np.sign(model.input_vjp(U + D, E, **options)), -radius, radius)
+            dy = np.abs(model.logits(U + D, **fwd)[:, k] - Y0[:, k])
+            du = np.abs(D).max(axis=1)
+            ok = du > 0
+            if ok.any():
+                best = max(best, float((dy[ok] / du[ok]).max()))
+    return best
+
+
+def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.1), pgd_steps=10, seed=0,
+                      lipschitz_samples=50, progress=None):
+    """Accuracy under each attack at each eps (pixel units), certified accuracy, the Lipschitz bound
+    and an empirical lower bound of the Lipschitz constant, as one dict."""
+    options = solver_options_for(model)
+    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    P = np.asarray(pixels, np.float64)
+    labels = np.asarray(labels)
+    acc = lambda X: float(np.mean(model.predict(to_inputs(model, X), **fwd) == labels))  # noqa: E731
+    report = {"clean_acc": acc(P), "eps": list(eps_list), "attacks": {}, "certified": []}
+    for kind in ATTACKS:
+        report["attacks"][kind] = []
+        for eps in eps_list:
+            X = attack(model, P, labels, eps, kind, steps=pgd_steps, seed=seed, options=options)
+            report["attacks"][kind].append(acc(X))
+            if progress:
+                progress()
+    report["certified"] = [float(np.mean(certified_correct(model, P, labels, eps, options))) for eps in eps_list]
+    mu = model.mu_inf()
+    report["mu_inf"] = mu
+    report["lipschitz_bound"] = lipschitz_bound(model) if mu < 1 else None
+    m64 = model if model.dtype == np.float64 else _as_float64(model)
+    report["lipschitz_empirical"] = empirical_lipschitz(m64, P[:lipschitz_samples])
+    return report
+
+
+def _as_float64(model):
+    import copy
+    m = copy.copy(model)
+    m.dtype = np.float64
+    for k in ("A", "B", "b", "C", "c"):
+        setattr(m, k, getattr(model, k).astype(np.float64))
+    return m
+
+
+def main(argv=None):
+    """``python -m nemon_np.robustness RUN_DIR``: attacks, certificate and Lipschitz bounds of a run."""
+    import json
+    import pathlib
+
+    from tqdm.auto import tqdm
+
+    from ._cli import OneLineErrorParser, load_run
+
+    p = OneLineErrorParser(prog="python -m nemon_np.robustness",
+                           description="Accuracy of a trained model under l_inf perturbations of its test images "
+                                       "(pixel units, [0, 1] images): uniform noise, FGSM and PGD through the "
+                                       "model's implicit input gradient; certified accuracy from the Lipschitz "
+                                       "bound; and an empirical lower bound of the Lipschitz constant.")
+    p.add_argument("run_dir", help="a folder written by python -m nemon_np.train (or its model.npz)")
+    p.add_argument("--data-dir", default=None, help="folder with the data set (as for training)")
+    p.add_argument("--samples", type=int, default=1000, help="test images used (the first N)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1],
+                   help="radii in pixel units")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts and noise")
+    p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.pgd_steps < 1 or min(args.eps) < 0:
+        p.error("--samples and --pgd-steps must be >= 1 and every --eps >= 0")
+    model, data, model_path = load_run(p, args.run_dir, args.data_dir)
+    images = data.test_images[:args.samples]
+    pixels = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    bar = tqdm(total=len(ATTACKS) * len(args.eps), desc="attacks", unit="attack")
+    report = robustness_report(model, pixels, data.test_labels[:args.samples], tuple(args.eps), args.pgd_steps,
+                               args.seed, progress=bar.update)
+    bar.close()
+    print(f"{model}, {len(pixels)} test images, clean accuracy {100 * report['clean_acc']:.2f}%")
+    print(f"{'eps (pixels)':>12s} " + " ".join(f"{e:>7g}" for e in args.eps))
+    for kind in ATTACKS:
+        print(f"{kind:>12s} " + " ".join(f"{100 * a:6.2f}%" for a in report["attacks"][kind]))
+    print(f"{'certified':>12s} " + " ".join(f"{100 * a:6.2f}%" for a in report["certified"]))
+    bound = report["lipschitz_bound"]
+    print(f"Lipschitz bound {bound:.4g}" if bound is not None else "Lipschitz bound: none (mu_inf(A) >= 1)",
+          f"(normalized-input units); empirical lower bound {report['lipschitz_empirical']:.4g}")
+    out = pathlib.Path(args.out) if args.out else model_path.parent / "robustness.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

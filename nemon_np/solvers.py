@@ -53,6 +53,30 @@ class ConvergenceWarning(UserWarning):
 
 
 @njit(cache=True, fastmath=True)
+def _evaluate_row(p, q, x, F, relu, l1, zero):
+    """p += q; F = phi(p); return ||F - x|| (l_1 or l_inf), in the batch dtype (``zero``).
+
+    Branches are hoisted out of the inner loops so that each one vectorizes.
+    """
+    n = p.shape[0]
+    for j in range(n):
+        p[j] += q[j]
+    if relu:
+        for j in range(n):
+            F[j] = max(p[j], 0.0)
+    else:
+        F[:] = p
+    res = zero
+    if l1:
+        for j in range(n):
+            res += abs(F[j] - x[j])
+    else:
+        for j in range(n):
+            res = max(res, abs(F[j] - x[j]))
+    return res
+
+
+@njit(cache=True, fastmath=True)
 def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False,
                           adaptive=False, record=None):
     """Row-wise x <- (1 - alpha) x + alpha phi((x * s) M + q), phi = relu or identity.
@@ -89,21 +113,8 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
             P = np.dot(X[:n_act], M)
         n_keep = 0
         for r in range(n_act):
-            # Branches hoisted out of the inner loops so that each one vectorizes.
-            for j in range(n):
-                P[r, j] += Qa[r, j]
-            if relu:
-                for j in range(n):
-                    F[j] = max(P[r, j], 0.0)
-            else:
-                F[:] = P[r]
-            res = tol - tol  # zero of the batch dtype: no float64 promotion in float32 loops
-            if l1:
-                for j in range(n):
-                    res += abs(F[j] - X[r, j])
-            else:
-                for j in range(n):
-                    res = max(res, abs(F[j] - X[r, j]))
+            # tol - tol: zero of the batch dtype, so that float32 loops stay in float32
+            res = _evaluate_row(P[r], Qa[r], X[r], F, relu, l1, tol - tol)
             if record is not None:
                 record[active[r], k] = res
             if res <= tol or k == max_iter:
@@ -208,20 +219,7 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
         n_keep = 0
         for r in range(n_act):
             i = active[r]
-            for j in range(n):
-                P[r, j] += Q[i, j]
-            if relu:
-                for j in range(n):
-                    F[j] = max(P[r, j], 0.0)
-            else:
-                F[:] = P[r]
-            res = tol - tol
-            if l1:
-                for j in range(n):
-                    res += abs(F[j] - X[r, j])
-            else:
-                for j in range(n):
-                    res = max(res, abs(F[j] - X[r, j]))
+            res = _evaluate_row(P[r], Q[i], X[r], F, relu, l1, tol - tol)
             if record is not None:
                 record[i, k] = res
             rejected = candidate[i] and res > rho * accepted[i]

@@ -19,9 +19,12 @@ from .measures import mu_2, mu_inf
 from .models import NEMON
 from .optim import SCHEDULES
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS
-from .training import (CONSTRAINTS, TrainConfig, Trainer, plot_history, save_checkpoint, write_metrics)
+from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, plot_history, save_checkpoint,
+                       write_metrics)
 
 HELP = {
+    "model": "nemon (this library's l_inf-contractive model) or mondeq (the monDEQ baseline, "
+             "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint)",
     "hidden": "hidden units n (size of the implicit state x)",
     "epochs": "passes over the training set",
     "batch_size": "samples per minibatch",
@@ -32,19 +35,22 @@ HELP = {
                   "parametrization (A = gamma I + T - diag(|T|1)), weighted (same with learned "
                   "diagonal weights, the paper's search space)",
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss",
-    "solver": "fixed-point solver: average (step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
+    "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
+                      "(||B||^2 + ||C||^2) / (2 (1 - gamma)))",
+    "solver": "default: average (nemon) or peaceman-rachford (mondeq). Fixed-point solver: average (step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
               "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
               "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual <= tol",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
-    "adjoint": "backward solve: iterative (averaged adjoint iteration), adaptive, anderson, or direct "
+    "adjoint": "default: iterative (nemon) or direct (mondeq). Backward solve: iterative (averaged adjoint iteration), adaptive, anderson, or direct "
                "(exact LU per sample; the only one certified for --constraint mondeq)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
 }
-CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS,
-           "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64")}
+CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
+           "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS}
+TYPES = {"alpha": float, "solver": str, "adjoint": str}
 
 
 def build_parser():
@@ -62,7 +68,7 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kind = float if f.name == "alpha" else type(default)
+        kind = TYPES.get(f.name, type(default))
         p.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name])
     return p
 
@@ -90,9 +96,10 @@ def main(argv=None):
     X_test = normalize(data.test_images, data.mean, data.std, dtype)
     trainer = Trainer(config, X.shape[1], data.n_classes)
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
-                                  constraint=config.constraint)
-    print(f"training {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
-          f"{data.source}); constraint {config.constraint}, tol {config.tol:g}; writing to {out}")
+                                  constraint=config.constraint if config.model == "nemon" else "mondeq-parametrization")
+    print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
+          f"{data.source}); {'constraint ' + config.constraint if config.model == 'nemon' else 'monDEQ parametrization'}, "
+          f"solver {config.solver}, tol {config.tol:g}; writing to {out}")
     started = time.perf_counter()
 
     def on_epoch(row):
@@ -138,7 +145,7 @@ def certify(model, config):
     if config.constraint == "none":
         value = model.mu_inf()
         return value, None, f"unconstrained: mu_inf(A) = {value:.4f}, mu_2(A) = {mu_2(model.A):.4f}, no certificate"
-    if config.constraint == "mondeq":
+    if config.constraint == "mondeq" or config.model == "mondeq":
         value = mu_2(model.A)
         return value, bool(value <= config.gamma + 1e-9), f"mu_2(A) = {value:.6f} <= gamma = {config.gamma}"
     value = model.mu_inf()

@@ -31,20 +31,28 @@ from tqdm.auto import tqdm
 from ._validation import as_float_dtype, check_gamma
 from .models import NEMON, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
-from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
-                         parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mondeq,
-                         project_mu_inf, project_norm_inf)
-from .robustness import lipschitz_bound, lipschitz_bound_and_grad
+from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf, parametrize_mu_inf_grad,
+                         parametrize_mu_inf_inverse, parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad,
+                         project_mondeq, project_mu_inf, project_norm_inf)
+from .robustness import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "evaluate", "write_metrics", "plot_history"]
 
 CONSTRAINTS = ("projection", "parametrization", "weighted", "norm", "mondeq", "none")
+MODELS = ("nemon", "mondeq")
+LIPSCHITZ_FORMS = ("exact", "smooth")
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run (the CLI flags, the estimator's parameters)."""
+    """Every setting of a training run (the CLI flags, the estimator's parameters).
+
+    ``model="mondeq"`` is the monDEQ baseline: A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma,
+    solved by Peaceman-Rachford with the direct adjoint (``solver``/``adjoint`` None pick the
+    model's defaults); ``constraint`` then does not apply.
+    """
+    model: str = "nemon"
     hidden: int = 100
     epochs: int = 40
     batch_size: int = 100
@@ -53,23 +61,32 @@ class TrainConfig:
     gamma: float = 0.95
     constraint: str = "projection"
     lipschitz_reg: float = 0.0
-    solver: str = "average"
+    lipschitz_form: str = "exact"
+    solver: str = None
     alpha: float = None
     tol: float = 1e-4
     max_iter: int = 300
-    adjoint: str = "iterative"
+    adjoint: str = None
     dtype: str = "float32"
     seed: int = 0
 
     def validate(self):
-        """Raise ``ValueError`` with a one-line message for the first bad setting."""
+        """Resolve the model's default solvers; raise ``ValueError`` with a one-line message
+        for the first bad setting."""
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        mondeq_like = self.model == "mondeq" or self.constraint == "mondeq"
+        if self.solver is None:
+            self.solver = "peaceman-rachford" if mondeq_like else "average"
+        if self.adjoint is None:
+            self.adjoint = "direct" if (mondeq_like or self.solver in MONDEQ_METHODS) else "iterative"
         for name in ("hidden", "epochs", "batch_size", "max_iter"):
             v = getattr(self, name)
             if int(v) != v or v < (0 if name == "max_iter" else 1):
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         check_gamma(self.gamma)
         as_float_dtype(self.dtype)
-        for name, allowed in (("constraint", CONSTRAINTS), ("schedule", SCHEDULES),
+        for name, allowed in (("constraint", CONSTRAINTS), ("schedule", SCHEDULES), ("lipschitz_form", LIPSCHITZ_FORMS),
                               ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -81,12 +98,13 @@ class TrainConfig:
             raise ValueError(f"lipschitz_reg must be >= 0, got {self.lipschitz_reg!r}")
         if self.alpha is not None and not 0 < self.alpha <= (1 if self.solver not in MONDEQ_METHODS else np.inf):
             raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
-        if (self.constraint == "mondeq") != (self.solver in MONDEQ_METHODS) and self.constraint != "none":
+        if mondeq_like != (self.solver in MONDEQ_METHODS) and self.constraint != "none":
             raise ValueError("constraint mondeq (mu_2(A) <= gamma) goes with a monDEQ solver "
                              f"({', '.join(MONDEQ_METHODS)}) and the others with average or picard; "
                              f"got constraint {self.constraint} with solver {self.solver}")
-        if self.lipschitz_reg > 0 and self.constraint in ("mondeq", "none"):
-            raise ValueError(f"lipschitz_reg needs an l_inf certificate, which constraint {self.constraint} "
+        if self.lipschitz_reg > 0 and (mondeq_like or self.constraint == "none"):
+            raise ValueError("lipschitz_reg needs an l_inf certificate, which "
+                             f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
@@ -105,7 +123,12 @@ class _Constraint:
 
     def __init__(self, kind, model):
         self.kind, self.gamma = kind, model.gamma
-        if kind in ("projection", "norm", "mondeq", "none"):
+        if kind == "mondeq-parametrization":
+            rng = np.random.default_rng(model.seed + 1)
+            n = model.n_hidden
+            self.free = {"W": (rng.normal(size=(n, n)) * 0.3 / np.sqrt(n)).astype(model.dtype),
+                         "S": (rng.normal(size=(n, n)) * 0.1 / np.sqrt(n)).astype(model.dtype)}
+        elif kind in ("projection", "norm", "mondeq", "none"):
             self.free = {"A": model.A}
         elif kind == "parametrization":
             self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma)}
@@ -119,6 +142,9 @@ class _Constraint:
             return {"A": gA}
         if self.kind == "parametrization":
             return {"T": parametrize_mu_inf_grad(self.free["T"], gA)}
+        if self.kind == "mondeq-parametrization":
+            dW, dS = parametrize_mondeq_grad(self.free["W"], self.free["S"], gA)
+            return {"W": dW, "S": dS}
         dT, ds = parametrize_weighted_mu_inf_grad(self.free["T"], self.free["s"], gA)
         return {"T": dT, "s": ds}
 
@@ -137,6 +163,8 @@ class _Constraint:
             model.A[...] = project_mondeq(model.A, 1.0 - self.gamma)
         elif self.kind == "none":
             pass
+        elif self.kind == "mondeq-parametrization":
+            model.A = parametrize_mondeq(self.free["W"], self.free["S"], 1.0 - self.gamma).astype(model.dtype)
         elif self.kind == "parametrization":
             model.A = project_mu_inf(parametrize_mu_inf(self.free["T"], self.gamma).astype(model.dtype), self.gamma)
         else:
@@ -168,7 +196,10 @@ class Trainer:
         self.config = config.validate()
         self.model = model or NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed,
                                     dtype=as_float_dtype(config.dtype))
-        self.constraint = _Constraint(config.constraint, self.model)
+        self.constraint = _Constraint("mondeq-parametrization" if config.model == "mondeq" else config.constraint,
+                                      self.model)
+        self.model.metadata.update(model=config.model,
+                                   certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
         self.history = []
 
@@ -185,7 +216,7 @@ class Trainer:
             loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, return_info=True,
                                                 **cfg.solver_options())
         if cfg.lipschitz_reg > 0:
-            L, lg = lipschitz_bound_and_grad(m)
+            L, lg = (lipschitz_bound_and_grad if cfg.lipschitz_form == "exact" else smooth_lipschitz_bound_and_grad)(m)
             loss += cfg.lipschitz_reg * L
             for k in ("A", "B", "C"):
                 grads[k] = grads[k] + cfg.lipschitz_reg * lg[k]

@@ -18,6 +18,20 @@ def random_model(n_in, n, n_out, mu, seed, dtype=np.float64, weights=None):
     return model
 
 
+def finite_difference(f, P, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of P (modified in place, restored)."""
+    out = np.zeros_like(P, dtype=np.float64)
+    for idx in np.ndindex(P.shape):
+        old = P[idx]
+        P[idx] = old + h
+        fp = f()
+        P[idx] = old - h
+        fm = f()
+        P[idx] = old
+        out[idx] = (fp - fm) / (2 * h)
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -3,23 +3,9 @@ import pytest
 
 import nemon_np
 from nemon_np import NEMON, lipschitz_bound, mu_inf, norm_inf
-from conftest import random_model
+from conftest import finite_difference, random_model
 
 TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
-
-
-def finite_difference(f, P, h=1e-6):
-    """Central differences of the scalar f() with respect to every entry of P (modified in place)."""
-    out = np.zeros_like(P)
-    for idx in np.ndindex(P.shape):
-        old = P[idx]
-        P[idx] = old + h
-        fp = f()
-        P[idx] = old - h
-        fm = f()
-        P[idx] = old
-        out[idx] = (fp - fm) / (2 * h)
-    return out
 
 
 def rel_err(a, b):
@@ -163,3 +149,18 @@ def test_gradients_of_a_monDEQ_certified_model_match_finite_differences():
     loss = lambda: model.loss_and_grad(U, y, **kw)[0]  # noqa: E731
     for name in ("A", "B", "C"):
         assert rel_err(grads[name], finite_difference(loss, getattr(model, name))) < 1e-5, name
+
+
+def test_input_vjp_is_the_jacobian_of_the_logits(rng):
+    model = random_model(6, 7, 3, 0.7, seed=5)
+    U = rng.normal(size=(4, 6))
+    V = rng.normal(size=(4, 3))
+    got = model.input_vjp(U, V, **TIGHT)
+    fd = finite_difference(lambda: float(np.sum(V * model.logits(U, tol=1e-13, max_iter=20_000))), U)
+    assert rel_err(got, fd) < 1e-5
+    # Against the explicit Jacobian C (I - D A)^-1 D B of each sample.
+    X, info = model.equilibrium(U, tol=1e-13)
+    for i in range(4):
+        D = np.diag((info.preactivation[i] > 0).astype(float))
+        J = model.C @ np.linalg.solve(np.eye(7) - D @ model.A, D @ model.B)
+        np.testing.assert_allclose(got[i], V[i] @ J, atol=1e-10)

@@ -5,6 +5,7 @@ from nemon_np import (mu_inf, parametrize_mu_inf, parametrize_mu_inf_grad, param
                       project_mu_inf, row_measures)
 from nemon_np.projection import project_mu_inf_reference
 from nemon_np.regions import project_mu_inf_cvxpy
+from conftest import finite_difference
 
 
 @pytest.mark.parametrize("n, gamma, scale", [(1, 0.5, 1.0), (3, 0.0, 1.0), (20, 0.9, 0.3),
@@ -92,14 +93,7 @@ def test_parametrization_gradient_matches_finite_differences(rng):
         return np.sum(G0 * A) + 0.5 * np.sum(A ** 2)
 
     grad = parametrize_mu_inf_grad(T, G0 + parametrize_mu_inf(T, gamma))
-    fd = np.zeros_like(T)
-    h = 1e-6
-    for idx in np.ndindex(T.shape):
-        Tp, Tm = T.copy(), T.copy()
-        Tp[idx] += h
-        Tm[idx] -= h
-        fd[idx] = (loss(Tp) - loss(Tm)) / (2 * h)
-    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad, finite_difference(lambda: loss(T), T), rtol=1e-6, atol=1e-8)
 
 
 def test_weighted_parametrization_is_inside_and_its_gradient_matches(rng):
@@ -119,15 +113,5 @@ def test_weighted_parametrization_is_inside_and_its_gradient_matches(rng):
 
     A, _ = parametrize_weighted_mu_inf(T, s, gamma)
     dT, ds = parametrize_weighted_mu_inf_grad(T, s, G0 + 0.5 * A)
-    h = 1e-6
     for P, grad in ((T, dT), (s, ds)):
-        fd = np.zeros_like(P)
-        for idx in np.ndindex(P.shape):
-            old = P[idx]
-            P[idx] = old + h
-            fp = loss(T, s)
-            P[idx] = old - h
-            fm = loss(T, s)
-            P[idx] = old
-            fd[idx] = (fp - fm) / (2 * h)
-        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grad, finite_difference(lambda: loss(T, s), P), rtol=1e-6, atol=1e-8)

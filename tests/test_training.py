@@ -10,7 +10,7 @@ from nemon_np.models import NEMON
 from nemon_np.optim import Adam, _adam_update, adam_update_reference, learning_rate
 from nemon_np.robustness import lipschitz_bound, lipschitz_bound_and_grad
 from nemon_np.training import TrainConfig, Trainer
-from conftest import random_model
+from conftest import finite_difference, random_model
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +61,8 @@ def test_lipschitz_subgradient_matches_finite_differences(rng, weighted):
     model.A = 0.05 * rng.normal(size=(6, 6)) + 0.3 * np.eye(6)   # distinct row measures: no ties at the max
     assert 0 < model.mu_inf() < 1
     _, grads = lipschitz_bound_and_grad(model)
-    h = 1e-7
     for name in ("A", "B", "C"):
-        P = getattr(model, name)
-        fd = np.zeros_like(P)
-        for idx in np.ndindex(P.shape):
-            old = P[idx]
-            P[idx] = old + h
-            up = lipschitz_bound(model)
-            P[idx] = old - h
-            down = lipschitz_bound(model)
-            P[idx] = old
-            fd[idx] = (up - down) / (2 * h)
+        fd = finite_difference(lambda: lipschitz_bound(model), getattr(model, name), h=1e-7)
         np.testing.assert_allclose(grads[name], fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
 
 
@@ -144,7 +134,8 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--gamma", "1.0"], "gamma"), (["--hidden", "-3"], "hidden"), (["--dataset", "svhn"], "dataset"),
     (["--epochs", "0"], "epochs"), (["--lr", "-1"], "lr"), (["--tol", "0"], "tol"),
-    (["--constraint", "mondeq"], "monDEQ solver"), (["--solver", "peaceman-rachford", "--constraint", "mondeq"], "direct"),
+    (["--constraint", "mondeq", "--solver", "average"], "monDEQ solver"),
+    (["--solver", "peaceman-rachford", "--constraint", "mondeq", "--adjoint", "iterative"], "direct"),
 ])
 def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train

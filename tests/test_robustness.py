@@ -1,0 +1,121 @@
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nemon_np.data import load_mnist, normalize
+from nemon_np.projection import parametrize_mondeq, parametrize_mondeq_grad
+from nemon_np.robustness import (attack, certified_correct, empirical_lipschitz, lipschitz_bound,
+                                 smooth_lipschitz_bound_and_grad, to_inputs)
+from nemon_np.training import TrainConfig, Trainer
+from nemon_np import mu_2
+from conftest import finite_difference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small float64 NEMON trained with Lipschitz regularization on real MNIST, and test pixels."""
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    d = load_mnist(SHARED_DATA, download=False)
+    X = normalize(d.train_images[:3000], d.mean, d.std, np.float64)
+    config = TrainConfig(hidden=30, epochs=2, gamma=0.5, lipschitz_reg=3e-2, dtype="float64", lr=3e-3, seed=4)
+    model = Trainer(config, 784, 10).fit(X, d.train_labels[:3000], progress=False).model
+    model.metadata.update(mean=np.array(d.mean), std=np.array(d.std))
+    pixels = d.test_images[:60].reshape(60, -1) / 255.0
+    return model, pixels, d.test_labels[:60]
+
+
+def test_pixels_map_to_the_training_normalization(trained):
+    model, pixels, _ = trained
+    np.testing.assert_allclose(to_inputs(model, pixels), (pixels - 0.1307) / 0.3081, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["noise", "fgsm", "pgd"])
+def test_attacks_stay_in_the_ball_and_the_image_range(trained, kind):
+    model, pixels, labels = trained
+    for eps in (0.0, 0.02, 0.1):
+        adv = attack(model, pixels, labels, eps, kind, steps=3)
+        assert np.all(np.abs(adv - pixels) <= eps + 1e-12)
+        assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+
+def test_pgd_is_at_least_as_strong_as_fgsm(trained):
+    model, pixels, labels = trained
+    acc = lambda P: np.mean(model.predict(to_inputs(model, P), tol=1e-8) == labels)  # noqa: E731
+    for eps in (0.05, 0.1):
+        fgsm = acc(attack(model, pixels, labels, eps, "fgsm"))
+        pgd = acc(attack(model, pixels, labels, eps, "pgd", steps=10))
+        assert pgd <= fgsm
+
+
+def test_certified_points_are_never_broken(trained):
+    model, pixels, labels = trained
+    eps = 0.01
+    cert = certified_correct(model, pixels, labels, eps)
+    assert cert.any(), "this model should certify some points at eps = 0.01"
+    for kind in ("pgd", "fgsm", "noise"):
+        adv = attack(model, pixels[cert], labels[cert], eps, kind, steps=10)
+        assert np.all(model.predict(to_inputs(model, adv), tol=1e-8) == labels[cert])
+
+
+def test_bound_is_never_below_the_empirical_lipschitz(trained):
+    model, pixels, _ = trained
+    low = empirical_lipschitz(model, pixels[:20])
+    assert 0 < low <= lipschitz_bound(model)
+
+
+def test_smooth_bound_is_an_upper_bound_with_its_gradient(trained):
+    model, _, _ = trained
+    value, grads = smooth_lipschitz_bound_and_grad(model)
+    assert value >= lipschitz_bound(model) * (1 - max(model.mu_inf(), 0)) / (1 - max(model.gamma, 0)) - 1e-9
+    B = model.B
+    h = 1e-6
+    i, j = np.unravel_index(np.argmax(np.abs(grads["B"])), B.shape)
+    old = B[i, j]
+    B[i, j] = old + h
+    up = smooth_lipschitz_bound_and_grad(model)[0]
+    B[i, j] = old - h
+    down = smooth_lipschitz_bound_and_grad(model)[0]
+    B[i, j] = old
+    assert (up - down) / (2 * h) == pytest.approx(grads["B"][i, j], rel=1e-5)
+
+
+def test_mondeq_parametrization_and_gradient(rng):
+    n, m = 6, 0.1
+    W, S = rng.normal(size=(2, n, n))
+    A = parametrize_mondeq(W, S, m)
+    assert mu_2(A) <= 1 - m + 1e-12
+    G0 = rng.normal(size=(n, n))
+    dW, dS = parametrize_mondeq_grad(W, S, G0)
+    for P, grad in ((W, dW), (S, dS)):
+        fd = finite_difference(lambda: np.sum(G0 * parametrize_mondeq(W, S, m)), P)
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_robustness_cli_and_quick_analysis(tmp_path, shared_data):
+    from nemon_np import train
+    run = tmp_path / "run"
+    assert train.main(["--data-dir", str(shared_data), "--model", "mondeq", "--epochs", "1", "--limit-train", "2000",
+                       "--hidden", "20", "--out", str(run), "--no-progress"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "nemon_np.robustness", str(run), "--data-dir", str(shared_data),
+                           "--samples", "50", "--pgd-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pgd" in proc.stdout and "certified" in proc.stdout and "RuntimeWarning" not in proc.stderr
+    report = json.loads((run / "robustness.json").read_text())
+    assert report["lipschitz_bound"] is None or report["mu_inf"] < 1
+    out = tmp_path / "rob"
+    proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "robustness.py"), "--quick", "--out", str(out),
+                           "--data-dir", str(shared_data)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert "monDEQ" in res["models"] and len(res["models"]) >= 3
+    for kind in ("noise", "fgsm", "pgd", "certified"):
+        assert (out / f"{kind}.png").stat().st_size > 1000 and (out / f"{kind}.pdf").stat().st_size > 1000
+    assert not any("ABOVE THE BOUND" in v for v in res["verdict"])
