@@ -13,7 +13,6 @@ share.* (Monte Carlo share inside each region against the entry scale), slices.*
 of 2x2 matrix space), distance.* (Frobenius distance to each set) and accuracy.* (short MNIST
 trainings constrained by each condition at the same margin). --quick is what the tests run.
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -28,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _figures import save_figure  # noqa: E402
+from _common import analysis_parser, save_figure  # noqa: E402
 from nemon_np import best_weights, mu_2, mu_inf, norm_inf, project_mu_inf  # noqa: E402
 from nemon_np.projection import project_mondeq, project_norm_inf  # noqa: E402
 from nemon_np.regions import (REGIONS, is_well_posed_exact, project_mondeq_cvxpy, project_mu_inf_cvxpy,  # noqa: E402
@@ -366,11 +365,7 @@ def verdict(summary, train):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/compare_regions", help="output folder")
-    p.add_argument("--quick", action="store_true", help="small samples, one short training each (< 1 minute)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw and training")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (as for nemon_np.train)")
+    p = analysis_parser(__doc__, "runs/compare_regions", "small samples, one short training each (< 1 minute)")
     p.add_argument("--no-training", action="store_true", help="skip the MNIST trainings")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL

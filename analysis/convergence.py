@@ -15,7 +15,6 @@ Writes to --out (default runs/convergence): results.json and, as PNG and PDF, on
 problem (residual against iteration with the bound rho(alpha*)^k, and against wall time) and
 contraction.* (empirical against theoretical contraction factor of the average iteration).
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -30,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _figures import save_figure  # noqa: E402
+from _common import analysis_parser, save_figure  # noqa: E402
 from nemon_np import NEMON, contraction_alpha, mu_2, mu_inf, project_mu_inf, solve_equilibrium  # noqa: E402
 from nemon_np._timing import best_time  # noqa: E402
 from nemon_np.solvers import MONDEQ_METHODS, NEMON_METHODS, WellPosednessError  # noqa: E402
@@ -223,12 +222,8 @@ def verdicts(problems):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = analysis_parser(__doc__, "runs/convergence", "small problems and budgets (what the tests run)")
     p.add_argument("--model", default=None, help="a training run folder (or model.npz); default: train one")
-    p.add_argument("--out", default="runs/convergence", help="output folder")
-    p.add_argument("--quick", action="store_true", help="small problems and budgets (what the tests run)")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (as for nemon_np.train)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="BLAS threads while timing: on 2-core machines OpenBLAS's threaded path made the "
                         "(batch > 128) x 100 x 100 products of these solvers up to 6x slower than one thread")

@@ -13,7 +13,6 @@ under PGD at eps = 0.05 by >= 10 points at a clean accuracy within 1 point of it
 Writes to --out (default runs/robustness): results.json and, as PNG and PDF, one accuracy-
 against-eps figure per attack (noise, fgsm, pgd) and certified.*.
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -27,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _figures import save_figure  # noqa: E402
+from _common import analysis_parser, save_figure  # noqa: E402
 from nemon_np.data import load_mnist, normalize  # noqa: E402
 from nemon_np.robustness import ATTACKS, robustness_report  # noqa: E402
 from nemon_np.training import TrainConfig, Trainer  # noqa: E402
@@ -102,11 +101,7 @@ def verdict(results, k):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/robustness", help="output folder")
-    p.add_argument("--quick", action="store_true", help="tiny models and samples (what the tests run)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and attacks")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (as for nemon_np.train)")
+    p = analysis_parser(__doc__, "runs/robustness", "tiny models and samples (what the tests run)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     out = pathlib.Path(args.out)

@@ -52,6 +52,14 @@ class ConvergenceWarning(UserWarning):
     """Some samples reached max_iter before their residual fell below tol."""
 
 
+@njit(cache=True)
+def _product(X, S, M, n_act, masked):
+    """(X * S) M over the first n_act (still active) rows, or X M without a mask."""
+    if masked:
+        return np.dot(X[:n_act] * S[:n_act], M)
+    return np.dot(X[:n_act], M)
+
+
 @njit(cache=True, fastmath=True)
 def _evaluate_row(p, q, x, F, relu, l1, zero):
     """p += q; F = phi(p); return ||F - x|| (l_1 or l_inf), in the batch dtype (``zero``).
@@ -107,10 +115,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
     previous = np.full(m, np.inf)
     n_act = m
     for k in range(max_iter + 1):
-        if masked:
-            P = np.dot(X[:n_act] * Sa[:n_act], M)
-        else:
-            P = np.dot(X[:n_act], M)
+        P = _product(X, Sa, M, n_act, masked)
         n_keep = 0
         for r in range(n_act):
             # tol - tol: zero of the batch dtype, so that float32 loops stay in float32
@@ -212,10 +217,7 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
     rhs = np.empty(depth)
     n_act = m
     for k in range(max_iter + 1):
-        if masked:
-            P = np.dot(X[:n_act] * Sa[:n_act], M)
-        else:
-            P = np.dot(X[:n_act], M)
+        P = _product(X, Sa, M, n_act, masked)
         n_keep = 0
         for r in range(n_act):
             i = active[r]
