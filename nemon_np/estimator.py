@@ -18,18 +18,20 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     """NEMON classifier ``x = relu(Ax + Bu + b)``, ``y = Cx + c`` with mu_inf(A) <= gamma.
 
     Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
-    hidden, epochs, batch_size, lr, schedule, gamma, constraint, lipschitz_reg, solver,
-    alpha, tol, max_iter, adjoint, dtype, seed.
+    model, hidden, epochs, batch_size, lr, schedule, gamma, constraint, lipschitz_reg,
+    lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint
+    None: the model's certified defaults).
 
     Attributes
     ----------
     model_ : nemon_np.NEMON; classes_ : (k,) labels; history_ : list of per-epoch metrics dicts;
-    n_features_in_ : int
+    config_ : the resolved TrainConfig; n_features_in_ : int
     """
 
-    def __init__(self, hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine", gamma=0.95,
-                 constraint="projection", lipschitz_reg=0.0, solver="average", alpha=None, tol=1e-4,
-                 max_iter=300, adjoint="iterative", dtype="float32", seed=0):
+    def __init__(self, model="nemon", hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine",
+                 gamma=0.95, constraint="projection", lipschitz_reg=0.0, lipschitz_form="exact", solver=None,
+                 alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0):
+        self.model = model
         self.hidden = hidden
         self.epochs = epochs
         self.batch_size = batch_size
@@ -38,6 +40,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         self.gamma = gamma
         self.constraint = constraint
         self.lipschitz_reg = lipschitz_reg
+        self.lipschitz_form = lipschitz_form
         self.solver = solver
         self.alpha = alpha
         self.tol = tol
@@ -59,13 +62,13 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"need at least 2 classes to fit, got {len(self.classes_)}")
         trainer = Trainer(config, X.shape[1], len(self.classes_))
         trainer.fit(X, y_idx.astype(np.int64), progress=False)
-        self.model_, self.history_ = trainer.model, trainer.history
+        self.model_, self.history_, self.config_ = trainer.model, trainer.history, config
         return self
 
     def _logits(self, X):
         check_is_fitted(self, "model_")
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return self.model_.logits(X, tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+        return self.model_.logits(X, **self.config_.solver_options())
 
     def decision_function(self, X):
         """Logits, shape (n_samples, n_classes)."""

@@ -192,3 +192,5 @@ def test_sklearn_estimator_in_a_grid_search(mnist_arrays):
     assert mu_inf(fitted.model_.A) <= fitted.gamma + 1e-12
     with pytest.raises(ValueError, match="gamma"):
         nemon_np.NEMONClassifier(gamma=2.0).fit(X[:50], y[:50])
+    mondeq = nemon_np.NEMONClassifier(model="mondeq", hidden=20, epochs=2, lr=3e-3).fit(X, y)
+    assert mondeq.config_.solver == "peaceman-rachford" and mondeq.score(Xt[:300], yt[:300]) > 0.7
