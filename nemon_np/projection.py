@@ -47,45 +47,48 @@ __all__ = ["project_mu_inf", "project_norm_inf", "project_mondeq", "project_mu_i
 
 
 @njit(cache=True, fastmath=True)
-def _row_measure(R, i, W, signed_diagonal):
-    """a_ii + sum_{j != i} W_ij |a_ij| (or sum_j W_ij |a_ij| if not signed_diagonal) for row i."""
+def _row_measure(R, i, d, W, signed_diagonal):
+    """r_id + sum_{j != d} W_ij |r_ij| (or sum_j W_ij |r_ij| if not signed_diagonal) for row i,
+    d the column of the row's diagonal entry."""
     total = 0.0
-    for j in range(i):
+    for j in range(d):
         total += W[i, j] * abs(R[i, j])
-    for j in range(i + 1, R.shape[1]):
+    for j in range(d + 1, R.shape[1]):
         total += W[i, j] * abs(R[i, j])
-    return total + (R[i, i] if signed_diagonal else W[i, i] * abs(R[i, i]))
+    return total + (R[i, d] if signed_diagonal else W[i, d] * abs(R[i, d]))
 
 
 @njit(cache=True)
-def _shrink_row(A, out, i, W, lam, signed_diagonal):
+def _shrink_row(A, out, i, d, W, lam, signed_diagonal):
     for j in range(A.shape[1]):
         shrunk = abs(A[i, j]) - lam * W[i, j]
         out[i, j] = np.sign(A[i, j]) * shrunk if shrunk > 0.0 else 0.0
     if signed_diagonal:
-        out[i, i] = A[i, i] - lam
+        out[i, d] = A[i, d] - lam
 
 
 @njit(cache=True)
-def _project_rows(A, gamma, W, signed_diagonal):
-    """Row-wise projection of float64 A onto {row measure <= gamma} (see _row_measure)."""
-    n = A.shape[0]
+def _project_rows(A, diag, gamma, W, signed_diagonal):
+    """Row-wise projection of float64 A (m, L) onto {row measure <= gamma} (see _row_measure);
+    row i's diagonal entry is column diag[i] (i for a square matrix, the centre tap of a convolution)."""
+    m, L = A.shape
     out = A.copy()
-    active = np.empty(n, np.int64)
-    for i in range(n):
-        if _row_measure(A, i, W, signed_diagonal) <= gamma:
+    active = np.empty(L, np.int64)
+    for i in range(m):
+        d = diag[i]
+        if _row_measure(A, i, d, W, signed_diagonal) <= gamma:
             continue
         # Michelot's filtering: with a set K containing every truly active entry, the
         # candidate lam_K (root of f with K forced active) is a lower bound of the
         # root, so entries with breakpoint |a_ij| / W_ij <= lam_K are zeroed for sure.
         # Dropping them and repeating stops, in a few passes, at the exact root.
         k = 0
-        for j in range(n):
-            if j != i or not signed_diagonal:
+        for j in range(L):
+            if j != d or not signed_diagonal:
                 active[k] = j
                 k += 1
         while True:
-            num = A[i, i] - gamma if signed_diagonal else -gamma
+            num = A[i, d] - gamma if signed_diagonal else -gamma
             den = 1.0 if signed_diagonal else 0.0
             for r in range(k):
                 j = active[r]
@@ -101,12 +104,12 @@ def _project_rows(A, gamma, W, signed_diagonal):
             if kept == k:
                 break
             k = kept
-        _shrink_row(A, out, i, W, lam, signed_diagonal)
+        _shrink_row(A, out, i, d, W, lam, signed_diagonal)
         # Rounding may leave the row an ulp outside; nudge lam until the same test
         # that decides membership passes, so that projecting again changes nothing.
-        while _row_measure(out, i, W, signed_diagonal) > gamma:
+        while _row_measure(out, i, d, W, signed_diagonal) > gamma:
             lam += 4e-16 * max(abs(lam), abs(gamma), 1e-300)
-            _shrink_row(A, out, i, W, lam, signed_diagonal)
+            _shrink_row(A, out, i, d, W, lam, signed_diagonal)
     return out
 
 
@@ -116,26 +119,24 @@ def _ratio_weights(eta, n):
     return eta[None, :] / eta[:, None]
 
 
-def _round_inside(P64, dtype, signed_diagonal=True):
+def _round_inside(P64, dtype, diag, signed_diagonal=True):
     """Cast a projected float64 matrix to ``dtype`` without leaving the set.
 
-    Rounding to nearest could push a row sum above gamma by an ulp; off-diagonal
-    entries are rounded toward zero and the diagonal downward instead.
+    Rounding to nearest could push a row sum above gamma by an ulp: entries are rounded
+    toward zero instead, and a signed diagonal entry (column diag[i] of row i) downward.
     """
     if dtype == np.float64:
         return P64
     P = P64.astype(dtype)
+    rows = np.arange(len(P))
     up = np.abs(P.astype(np.float64)) > np.abs(P64)
-    np.fill_diagonal(up, False)   # the diagonal is rounded below, by its own rule
-    P[up] = np.nextafter(P[up], dtype(0))
-    d = np.diag(P).copy()
     if signed_diagonal:
-        high = d.astype(np.float64) > np.diag(P64)
-        d[high] = np.nextafter(d[high], dtype(-np.inf))
-    else:
-        high = np.abs(d.astype(np.float64)) > np.abs(np.diag(P64))
-        d[high] = np.nextafter(d[high], dtype(0))
-    np.fill_diagonal(P, d)
+        up[rows, diag] = False   # rounded below, by its own rule
+    P[up] = np.nextafter(P[up], dtype(0))
+    if signed_diagonal:
+        d = P[rows, diag]
+        high = d.astype(np.float64) > P64[rows, diag]
+        P[rows[high], diag[high]] = np.nextafter(d[high], dtype(-np.inf))
     return P
 
 
@@ -162,9 +163,9 @@ def project_mu_inf(A, gamma, weights=None):
     if not np.isfinite(gamma):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     eta = as_weights(weights, A.shape[0])
-    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), gamma,
-                        _ratio_weights(eta, A.shape[0]), True)
-    return _round_inside(P64, A.dtype.type)
+    diag = np.arange(A.shape[0])
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, _ratio_weights(eta, A.shape[0]), True)
+    return _round_inside(P64, A.dtype.type, diag)
 
 
 def project_norm_inf(A, gamma):
@@ -178,8 +179,9 @@ def project_norm_inf(A, gamma):
     gamma = float(gamma)
     if not (np.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0 for the norm ball, got {gamma!r}")
-    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), gamma, np.ones(A.shape), False)
-    return _round_inside(P64, A.dtype.type, signed_diagonal=False)
+    diag = np.arange(A.shape[0])
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, np.ones(A.shape), False)
+    return _round_inside(P64, A.dtype.type, diag, signed_diagonal=False)
 
 
 def project_mondeq(A, m):

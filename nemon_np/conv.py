@@ -1,0 +1,122 @@
+"""Convolutional A: a C-channel k x k convolution as the implicit layer's linear map.
+
+DESIGN.md, "Convolutional A". For a kernel K of shape (C, C, k, k), k odd, p = (k - 1) / 2,
+acting on images x of shape (C, H, W) (cross-correlation, as deep-learning libraries define it):
+
+    (A x)[c, i, j] = sum_{c', a, e} K[c, c', a, e] x[c', i + a - p, j + e - p],
+
+with circular indices ("circular" padding) or zeros outside the image ("zero"). Row (c, i, j)
+of A holds the centre tap K[c, c, p, p] on its diagonal and the other taps of output channel
+c off it, so for images at least k x k
+
+    mu_inf(A) = max_c ( K[c, c, p, p] + sum_{(c', a, e) != (c, p, p)} |K[c, c', a, e]| ),
+
+exactly for circular padding; with zero padding border rows only lose taps, so the formula is
+an upper bound that interior rows attain. Keeping it <= gamma is the core's row projection
+applied to the C k^2 taps of each output channel (:func:`project_conv_mu_inf`). (The paper's
+code shifts the diagonal by C max|K| only, which does not bound mu_inf for k > 1.)
+"""
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .projection import _project_rows, _round_inside
+
+__all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_matrix", "mu_inf_conv", "project_conv_mu_inf"]
+
+PADDINGS = ("circular", "zero")
+
+
+def _check_kernel(K):
+    K = np.asarray(K)
+    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3] or K.shape[2] % 2 == 0:
+        raise ValueError(f"K must have shape (C, C, k, k) with k odd, got {K.shape}")
+    if not np.issubdtype(K.dtype, np.floating) or not np.all(np.isfinite(K)):
+        raise ValueError("K must hold finite floating-point numbers")
+    return K
+
+
+def _check_images(X, C, name):
+    X = np.asarray(X)
+    if X.ndim != 4 or X.shape[1] != C:
+        raise ValueError(f"{name} must have shape (batch, {C}, H, W), got {X.shape}")
+    return X
+
+
+def _correlate(K, X, padding):
+    """Same-size cross-correlation of a batch X (m, C, H, W) with K (C, C, k, k), by im2col + BLAS."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+    C, k = K.shape[0], K.shape[2]
+    p = k // 2
+    m, _, H, W = X.shape
+    if padding == "circular" and (H < k or W < k):
+        raise ValueError(f"circular padding needs images at least {k} x {k}, got {H} x {W}")
+    Xp = np.pad(X, ((0, 0), (0, 0), (p, p), (p, p)), mode="wrap" if padding == "circular" else "constant")
+    cols = sliding_window_view(Xp, (k, k), axis=(2, 3))            # (m, C, H, W, k, k)
+    cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(m * H * W, C * k * k)
+    Y = cols @ K.reshape(C, C * k * k).T                             # (m H W, C)
+    return np.ascontiguousarray(Y.reshape(m, H, W, C).transpose(0, 3, 1, 2))
+
+
+def conv_apply(K, X, padding="circular"):
+    """A x for a batch of images X (m, C, H, W): the same-size cross-correlation with K."""
+    K = _check_kernel(K)
+    return _correlate(K, _check_images(X, K.shape[0], "X"), padding)
+
+
+def conv_transpose(K, Y, padding="circular"):
+    """A^T y for a batch Y (m, C, H, W): correlation with the flipped kernel, channels swapped
+    (exact for both paddings: the transpose of a same-size correlation with odd k)."""
+    K = _check_kernel(K)
+    K_T = np.ascontiguousarray(K.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    return _correlate(K_T, _check_images(Y, K.shape[0], "Y"), padding)
+
+
+def conv_matrix(K, H, W, padding="circular"):
+    """The dense (C H W, C H W) matrix of A, built entry by entry from the definition (for tests)."""
+    K = _check_kernel(K)
+    C, k = K.shape[0], K.shape[2]
+    p = k // 2
+    n = C * H * W
+    A = np.zeros((n, n), K.dtype)
+    idx = lambda c, i, j: (c * H + i) * W + j  # noqa: E731
+    for c in range(C):
+        for i in range(H):
+            for j in range(W):
+                for c2 in range(C):
+                    for a in range(k):
+                        for e in range(k):
+                            u, v = i + a - p, j + e - p
+                            if padding == "circular":
+                                u, v = u % H, v % W
+                            elif not (0 <= u < H and 0 <= v < W):
+                                continue
+                            A[idx(c, i, j), idx(c2, u, v)] += K[c, c2, a, e]
+    return A
+
+
+def _channel_rows(K):
+    """Rows (C, C k^2) of every output channel's taps and the column of each one's centre tap."""
+    C, k = K.shape[0], K.shape[2]
+    centre = (k // 2) * k + k // 2
+    return K.reshape(C, C * k * k), np.arange(C) * k * k + centre
+
+
+def mu_inf_conv(K):
+    """Exact mu_inf of the circular convolution (an upper bound with zero padding), see the module doc."""
+    R, diag = _channel_rows(_check_kernel(K).astype(np.float64))
+    rows = np.arange(len(R))
+    return float((np.abs(R).sum(axis=1) - np.abs(R[rows, diag]) + R[rows, diag]).max())
+
+
+def project_conv_mu_inf(K, gamma):
+    """Frobenius projection of the kernel onto {mu_inf_conv(K) <= gamma}: the exact row projection
+    of :func:`nemon_np.project_mu_inf` applied to each output channel's C k^2 taps, centre tap as
+    the signed diagonal. Returns a new kernel of K's dtype."""
+    K = _check_kernel(K)
+    gamma = float(gamma)
+    if not np.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    R, diag = _channel_rows(np.ascontiguousarray(K, dtype=np.float64))
+    P64 = _project_rows(np.ascontiguousarray(R), diag, gamma, np.ones(R.shape), True)
+    return _round_inside(P64, K.dtype.type, diag).reshape(K.shape)
