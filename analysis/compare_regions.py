@@ -336,13 +336,14 @@ def plot_distance_and_accuracy(dist_rows, train, trained, out, budget=""):
 
 def oracle_check(rng):
     """Closed-form projections against their cvxpy programs on a few random matrices."""
-    worst = {"nemon": 0.0, "norm": 0.0, "mondeq": 0.0}
+    pairs = {"nemon": (lambda A: project_mu_inf(A, GAMMA), lambda A: project_mu_inf_cvxpy(A, GAMMA)),
+             "norm": (lambda A: project_norm_inf(A, GAMMA), lambda A: project_norm_inf_cvxpy(A, GAMMA)),
+             "mondeq": (lambda A: project_mondeq(A, 1 - GAMMA), lambda A: project_mondeq_cvxpy(A, 1 - GAMMA))}
+    worst = dict.fromkeys(pairs, 0.0)
     for n in (3, 12):
         A = rng.normal(size=(n, n))
-        worst["nemon"] = max(worst["nemon"], float(np.abs(project_mu_inf(A, GAMMA) - project_mu_inf_cvxpy(A, GAMMA)).max()))
-        worst["norm"] = max(worst["norm"], float(np.abs(project_norm_inf(A, GAMMA) - project_norm_inf_cvxpy(A, GAMMA)).max()))
-        worst["mondeq"] = max(worst["mondeq"], float(np.abs(project_mondeq(A, 1 - GAMMA)
-                                                            - project_mondeq_cvxpy(A, 1 - GAMMA)).max()))
+        for name, (closed, oracle) in pairs.items():
+            worst[name] = max(worst[name], float(np.abs(closed(A) - oracle(A)).max()))
     return worst
 
 

@@ -192,7 +192,8 @@ def table(problems):
                 it = e["iterations"][f"{t:g}"]
                 mark = "" if it["converged"] == 1 else "*"
                 cells.append(f"{it['mean']:8.1f}{mark or ' '} {1e3 * e['seconds'][f'{t:g}']:7.2f}")
-            lines.append(f"{name:26s} {method:18s} " + " ".join(cells) + ("" if e["certified"] else "  (not certified)"))
+            mark = "" if e["certified"] else "  (not certified)"
+            lines.append(f"{name:26s} {method:18s} " + " ".join(cells) + mark)
     lines.append("(it: mean iterations per sample when the batch stops at that tolerance; * = some samples "
                  "hit max_iter; ms: wall time for the batch; not certified: run although its guarantee fails)")
     return lines
@@ -242,7 +243,8 @@ def run(args):
     max_iter = 300 if args.quick else 2000
     repeats = 1 if args.quick else 3
     started = time.perf_counter()
-    specs = [(0.5, 0.0), (0.99, -2.0)] if args.quick else [(0.5, 0.0), (0.9, 0.0), (0.99, 0.0), (0.9, -2.0), (0.99, -2.0)]
+    specs = ([(0.5, 0.0), (0.99, -2.0)] if args.quick
+             else [(0.5, 0.0), (0.9, 0.0), (0.99, 0.0), (0.9, -2.0), (0.99, -2.0)])
     problems, meta = {}, {}
     # The trained model is studied on a batch of 100 test images, the training batch size.
     A, Q, w, source = trained_problem(args.model, args.data_dir, args.quick, 100)

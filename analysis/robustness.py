@@ -96,7 +96,8 @@ def verdict(results, k):
                else "certified accuracy at eps = 0.01: zero for every model")
     for name, r in results.items():
         if r["lipschitz_bound"] is not None and r["lipschitz_empirical"] > r["lipschitz_bound"] * (1 + 1e-6):
-            out.append(f"{name}: EMPIRICAL LIPSCHITZ ABOVE THE BOUND ({r['lipschitz_empirical']} > {r['lipschitz_bound']})")
+            out.append(f"{name}: EMPIRICAL LIPSCHITZ ABOVE THE BOUND "
+                       f"({r['lipschitz_empirical']} > {r['lipschitz_bound']})")
     return out
 
 

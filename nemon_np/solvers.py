@@ -553,7 +553,8 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     X : (m, n) ndarray, the last iterate of each sample
     info : scipy.optimize.OptimizeResult with per-sample ``iterations``, ``residual``,
         ``converged`` and the run's ``alpha``, ``mu_inf`` (or ``mu_2``), ``rho``
-        (contraction factor, None where no rate is known) and ``preactivation`` Z = X A^T + Q (whose sign pattern the backward pass needs).
+        (contraction factor, None where no rate is known) and ``preactivation``
+        Z = X A^T + Q (whose sign pattern the backward pass needs).
     """
     A = as_square_matrix(A)
     n = A.shape[0]

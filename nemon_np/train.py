@@ -37,13 +37,15 @@ HELP = {
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
                       "(||B||^2 + ||C||^2) / (2 (1 - gamma)))",
-    "solver": "default: average (nemon) or peaceman-rachford (mondeq). Fixed-point solver: average (step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
+    "solver": "default: average (nemon) or peaceman-rachford (mondeq). Fixed-point solver: average "
+              "(step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
               "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
               "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual <= tol",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
-    "adjoint": "default: iterative (nemon) or direct (mondeq). Backward solve: iterative (averaged adjoint iteration), adaptive, anderson, or direct "
+    "adjoint": "default: iterative (nemon) or direct (mondeq). Backward solve: iterative (averaged adjoint "
+               "iteration), adaptive, anderson, or direct "
                "(exact LU per sample; the only one certified for --constraint mondeq)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
@@ -98,7 +100,8 @@ def main(argv=None):
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
                                   constraint=config.constraint if config.model == "nemon" else "mondeq-parametrization")
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
-          f"{data.source}); {'constraint ' + config.constraint if config.model == 'nemon' else 'monDEQ parametrization'}, "
+          f"{data.source}); "
+          f"{'constraint ' + config.constraint if config.model == 'nemon' else 'monDEQ parametrization'}, "
           f"solver {config.solver}, tol {config.tol:g}; writing to {out}")
     started = time.perf_counter()
 
