@@ -21,15 +21,18 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .projection import _project_rows, _round_inside
 
-__all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_matrix", "mu_inf_conv", "project_conv_mu_inf"]
+__all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
+           "project_conv_mu_inf", "im2col"]
 
 PADDINGS = ("circular", "zero")
 
 
-def _check_kernel(K):
+def _check_kernel(K, square=True):
     K = np.asarray(K)
-    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3] or K.shape[2] % 2 == 0:
-        raise ValueError(f"K must have shape (C, C, k, k) with k odd, got {K.shape}")
+    if (K.ndim != 4 or (square and K.shape[0] != K.shape[1]) or K.shape[2] != K.shape[3]
+            or K.shape[2] % 2 == 0):
+        shape = "(C, C, k, k)" if square else "(C_out, C_in, k, k)"
+        raise ValueError(f"K must have shape {shape} with k odd, got {K.shape}")
     if not np.issubdtype(K.dtype, np.floating) or not np.all(np.isfinite(K)):
         raise ValueError("K must hold finite floating-point numbers")
     return K
@@ -42,48 +45,62 @@ def _check_images(X, C, name):
     return X
 
 
-def _correlate(K, X, padding):
-    """Same-size cross-correlation of a batch X (m, C, H, W) with K (C, C, k, k), by im2col + BLAS."""
+def im2col(X, k, padding):
+    """Patches of a batch X (m, C, H, W): (m H W, C k k), row (b, i, j) holding the k x k window
+    around pixel (i, j) of every channel, padded circularly or with zeros."""
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-    C, k = K.shape[0], K.shape[2]
     p = k // 2
-    m, _, H, W = X.shape
+    m, C, H, W = X.shape
     if padding == "circular" and (H < k or W < k):
         raise ValueError(f"circular padding needs images at least {k} x {k}, got {H} x {W}")
     Xp = np.pad(X, ((0, 0), (0, 0), (p, p), (p, p)), mode="wrap" if padding == "circular" else "constant")
     cols = sliding_window_view(Xp, (k, k), axis=(2, 3))            # (m, C, H, W, k, k)
-    cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(m * H * W, C * k * k)
-    Y = cols @ K.reshape(C, C * k * k).T                             # (m H W, C)
-    return np.ascontiguousarray(Y.reshape(m, H, W, C).transpose(0, 3, 1, 2))
+    return cols.transpose(0, 2, 3, 1, 4, 5).reshape(m * H * W, C * k * k)
+
+
+def _correlate(K, X, padding):
+    """Same-size cross-correlation of a batch X (m, C_in, H, W) with K (C_out, C_in, k, k), by im2col + BLAS."""
+    C_out, k = K.shape[0], K.shape[2]
+    m, _, H, W = X.shape
+    Y = im2col(X, k, padding) @ K.reshape(C_out, -1).T               # (m H W, C_out)
+    return np.ascontiguousarray(Y.reshape(m, H, W, C_out).transpose(0, 3, 1, 2))
 
 
 def conv_apply(K, X, padding="circular"):
-    """A x for a batch of images X (m, C, H, W): the same-size cross-correlation with K."""
-    K = _check_kernel(K)
-    return _correlate(K, _check_images(X, K.shape[0], "X"), padding)
+    """A x for a batch of images X (m, C_in, H, W): the same-size cross-correlation with
+    K (C_out, C_in, k, k); (m, C_out, H, W)."""
+    K = _check_kernel(K, square=False)
+    return _correlate(K, _check_images(X, K.shape[1], "X"), padding)
 
 
 def conv_transpose(K, Y, padding="circular"):
-    """A^T y for a batch Y (m, C, H, W): correlation with the flipped kernel, channels swapped
-    (exact for both paddings: the transpose of a same-size correlation with odd k)."""
-    K = _check_kernel(K)
+    """A^T y for a batch Y (m, C_out, H, W): correlation with the flipped kernel, channels swapped
+    (exact for both paddings: the transpose of a same-size correlation with odd k); (m, C_in, H, W)."""
+    K = _check_kernel(K, square=False)
     K_T = np.ascontiguousarray(K.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     return _correlate(K_T, _check_images(Y, K.shape[0], "Y"), padding)
 
 
+def conv_weight_grad(delta, X, k, padding="circular"):
+    """d/dK of sum(delta * conv_apply(K, X)): (C_out, C_in, k, k), summed over the batch."""
+    C_out, C_in = delta.shape[1], X.shape[1]
+    G = delta.transpose(0, 2, 3, 1).reshape(-1, C_out).T @ im2col(X, k, padding)
+    return G.reshape(C_out, C_in, k, k)
+
+
 def conv_matrix(K, H, W, padding="circular"):
-    """The dense (C H W, C H W) matrix of A, built entry by entry from the definition (for tests)."""
-    K = _check_kernel(K)
-    C, k = K.shape[0], K.shape[2]
+    """The dense (C_out H W, C_in H W) matrix of the convolution, built entry by entry from the
+    definition (for tests)."""
+    K = _check_kernel(K, square=False)
+    C, C_in, k = K.shape[0], K.shape[1], K.shape[2]
     p = k // 2
-    n = C * H * W
-    A = np.zeros((n, n), K.dtype)
+    A = np.zeros((C * H * W, C_in * H * W), K.dtype)
     idx = lambda c, i, j: (c * H + i) * W + j  # noqa: E731
     for c in range(C):
         for i in range(H):
             for j in range(W):
-                for c2 in range(C):
+                for c2 in range(C_in):
                     for a in range(k):
                         for e in range(k):
                             u, v = i + a - p, j + e - p

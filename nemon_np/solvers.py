@@ -662,3 +662,34 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
                           converged=residual <= dtype.type(tol), alpha=alpha, mu_inf=mu, rho=rho, method=method)
     _warn_unconverged(info, tol, "adjoint")
     return W, info
+
+
+def averaged_fixed_point_operator(apply, Q, alpha, tol, max_iter, relu=True, l1=False, S=None, X0=None):
+    """The averaged iteration of :func:`_averaged_fixed_point` for a linear map given as a function.
+
+    x <- x + alpha (phi(apply(x * s) + q) - x) row-wise, for maps such as a convolution that are
+    not stored as matrices; ``apply`` maps an (r, n) batch to (r, n). Rows stop on their own
+    residual (l_1 or l_inf) and leave the working set. Returns X, pre-activations, iterations,
+    residuals, as the numba kernel does (whose NumPy counterpart this is).
+    """
+    m, n = Q.shape
+    X = np.zeros_like(Q) if X0 is None else np.array(X0, dtype=Q.dtype)
+    P_out = np.empty_like(Q)
+    iterations = np.zeros(m, np.int64)
+    residual = np.empty(m)
+    active = np.arange(m)
+    for k in range(max_iter + 1):
+        Xa = X[active]
+        P = apply(Xa if S is None else Xa * S[active]) + Q[active]
+        F = np.maximum(P, 0) if relu else P
+        diff = np.abs(F - Xa)
+        res = diff.sum(axis=1) if l1 else diff.max(axis=1)
+        done = (res <= tol) | (k == max_iter)
+        idx = active[done]
+        P_out[idx], iterations[idx], residual[idx] = P[done], k, res[done]
+        keep = ~done
+        X[active[keep]] = Xa[keep] + alpha * (F[keep] - Xa[keep])
+        active = active[keep]
+        if active.size == 0:
+            break
+    return X, P_out, iterations, residual

@@ -63,3 +63,42 @@ def test_conv_rejects_bad_shapes(rng):
         conv_apply(rng.normal(size=(2, 2, 3, 3)), rng.normal(size=(1, 3, 4, 4)))
     with pytest.raises(ValueError, match="at least 3 x 3"):
         conv_apply(rng.normal(size=(2, 2, 3, 3)), rng.normal(size=(1, 2, 2, 2)))
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_rectangular_kernels_and_the_weight_gradient(rng, padding):
+    from conftest import finite_difference
+    from nemon_np.conv import conv_weight_grad
+    K = rng.normal(size=(4, 2, 3, 3))                 # 2 input channels to 4
+    X = rng.normal(size=(2, 2, 5, 5))
+    A = conv_matrix(K, 5, 5, padding)
+    assert A.shape == (100, 50)
+    np.testing.assert_allclose(conv_apply(K, X, padding).reshape(2, -1), X.reshape(2, -1) @ A.T, atol=1e-12)
+    D = rng.normal(size=(2, 4, 5, 5))
+    np.testing.assert_allclose(conv_transpose(K, D, padding).reshape(2, -1), D.reshape(2, -1) @ A, atol=1e-12)
+    fd = finite_difference(lambda: float(np.sum(D * conv_apply(K, X, padding))), K)
+    np.testing.assert_allclose(conv_weight_grad(D, X, 3, padding), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_conv_nemon_fixed_point_and_gradients(rng, padding):
+    from conftest import finite_difference
+    from nemon_np.conv_model import ConvNEMON
+    model = ConvNEMON(2, (4, 4), channels=3, kernel=3, n_out=3, pool=2, gamma=0.7, padding=padding, seed=1)
+    model.K = project_conv_mu_inf(rng.normal(size=model.K.shape) / 3, 0.7)
+    model.b = 0.2 * rng.normal(size=3)
+    U = rng.normal(size=(3, 2, 4, 4))
+    y = np.array([0, 2, 1])
+    X, info = model.equilibrium(U, tol=1e-13, max_iter=5000)
+    # The fixed point of the dense problem with the same matrices.
+    A, Bm = conv_matrix(model.K, 4, 4, padding), conv_matrix(model.B, 4, 4, padding)
+    Q = U.reshape(3, -1) @ Bm.T + np.repeat(model.b, 16)
+    np.testing.assert_allclose(np.maximum(X.reshape(3, -1) @ A.T + Q, 0), X.reshape(3, -1), atol=1e-12)
+    kw = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=5000)
+    _, grads = model.loss_and_grad(U, y, with_input=True, **kw)
+    loss = lambda: model.loss_and_grad(U, y, **kw)[0]  # noqa: E731
+    for name, P in model.params().items():
+        fd = finite_difference(loss, P)
+        assert np.abs(grads[name] - fd).max() <= 1e-5 * np.abs(fd).max(), name
+    fd = finite_difference(loss, U)
+    assert np.abs(grads["U"] - fd).max() <= 1e-5 * np.abs(fd).max()
