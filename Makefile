@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PY) benchmarks/bench_conv.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
