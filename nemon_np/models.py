@@ -150,8 +150,9 @@ class NEMON:
         U = self._inputs(U)
         X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
                                     on_violation=on_violation)
+        finfo["logits"] = X @ self.C.T + self.c
         if dY is None:
-            loss, dY = softmax_cross_entropy(X @ self.C.T + self.c, self._labels(y, U.shape[0]))
+            loss, dY = softmax_cross_entropy(finfo["logits"], self._labels(y, U.shape[0]))
         else:
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (U.shape[0], self.n_out):
@@ -191,7 +192,8 @@ class NEMON:
         adjoint_tol : float, optional
             l_1 residual tolerance of the adjoint iteration (default ``tol``).
         return_info : bool
-            Also return ``{"forward": info, "backward": info}`` from the solvers.
+            Also return ``{"forward": info, "backward": info}`` from the solvers (the forward
+            info also holds the batch's ``logits``).
         on_violation : {"raise", "warn"}
             When the solvers' certificate fails (see :func:`nemon_np.solve_equilibrium`).
 

@@ -37,7 +37,7 @@ NEMON_METHODS = ("average", "picard", "adaptive", "anderson")
 MONDEQ_METHODS = ("forward-backward", "peaceman-rachford")
 FORWARD_METHODS = NEMON_METHODS + MONDEQ_METHODS
 ADJOINT_METHODS = ("iterative", "adaptive", "anderson", "direct")
-ANDERSON_DEPTH, ANDERSON_REG = 5, 1e-10  # depth: measured in benchmarks/bench_solvers.py
+ANDERSON_DEPTH, ANDERSON_REG = 5, 1e-10  # depth: see docs/benchmarks.md, fixed-point solvers
 
 
 class WellPosednessError(ValueError):
@@ -108,7 +108,6 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
     residual = np.empty(m, Q.dtype)
     active = np.arange(m)
     X = X0.copy()
-    Qa = Q.copy()
     Sa = S.copy()
     F = np.empty(n, Q.dtype)
     alphas = np.full(m, alpha)
@@ -119,7 +118,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
         n_keep = 0
         for r in range(n_act):
             # tol - tol: zero of the batch dtype, so that float32 loops stay in float32
-            res = _evaluate_row(P[r], Qa[r], X[r], F, relu, l1, tol - tol)
+            res = _evaluate_row(P[r], Q[active[r]], X[r], F, relu, l1, tol - tol)
             if record is not None:
                 record[active[r], k] = res
             if res <= tol or k == max_iter:
@@ -143,7 +142,6 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
                 for j in range(n):
                     X[n_keep, j] = X[r, j] + a * (F[j] - X[r, j])
             if n_keep != r:
-                Qa[n_keep] = Qa[r]
                 if masked:
                     Sa[n_keep] = Sa[r]
                 active[n_keep] = active[r]
@@ -373,24 +371,24 @@ def _peaceman_rachford(VT, Q, alpha, tol, max_iter):
     active = np.arange(m)
     X = np.zeros_like(Q)
     Uh = np.zeros_like(Q)           # holds u, then u_half + alpha q
-    Qa = Q.copy()
     n_act = m
     for k in range(1, max_iter + 1):
         for r in range(n_act):
+            i = active[r]
             for j in range(n):
-                Uh[r, j] = 2 * X[r, j] - Uh[r, j] + alpha * Qa[r, j]
+                Uh[r, j] = 2 * X[r, j] - Uh[r, j] + alpha * Q[i, j]
         Z = np.dot(Uh[:n_act], VT)
         n_keep = 0
         for r in range(n_act):
+            i = active[r]
             res = tol - tol
             for j in range(n):
-                u = 2 * Z[r, j] - (Uh[r, j] - alpha * Qa[r, j])
+                u = 2 * Z[r, j] - (Uh[r, j] - alpha * Q[i, j])
                 x = max(u, 0.0)
                 res = max(res, abs(x - X[r, j]))
                 X[r, j] = x
                 Uh[r, j] = u
             if res <= tol or k == max_iter:
-                i = active[r]
                 X_out[i] = X[r]
                 iterations[i] = k
                 step[i] = res
@@ -398,8 +396,7 @@ def _peaceman_rachford(VT, Q, alpha, tol, max_iter):
             if n_keep != r:
                 X[n_keep] = X[r]
                 Uh[n_keep] = Uh[r]
-                Qa[n_keep] = Qa[r]
-                active[n_keep] = active[r]
+                active[n_keep] = i
             n_keep += 1
         n_act = n_keep
         if n_act == 0:
@@ -461,14 +458,13 @@ def _check_monotone(A, method, alpha, on_violation):
     L = float(np.linalg.norm(I_A, 2)) if method == "forward-backward" else None
     fb_limit = 2.0 * margin / L ** 2 if (L is not None and margin > 0) else 0.0
     if alpha is None:
-        alpha = 0.5 * fb_limit if method == "forward-backward" else 1.0
+        # Half of forward-backward's limit; without a certificate there is no limit to halve.
+        alpha = (0.5 * fb_limit if fb_limit > 0 else 0.5) if method == "forward-backward" else 1.0
     alpha = float(alpha)
     problems = []
     if margin <= 0:
         problems.append(f"mu_2(A) = {1 - margin:.6g} >= 1: I - A is not strongly monotone, "
                         f"{method} is not guaranteed to converge")
-        if method == "forward-backward" and alpha <= 0:
-            alpha = 0.5
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if method == "forward-backward" and margin > 0 and alpha >= fb_limit:

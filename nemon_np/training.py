@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._validation import as_float_dtype, check_gamma
+from .measures import mu_inf
 from .models import NEMON, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
 from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf, parametrize_mu_inf_grad,
@@ -223,8 +224,7 @@ class Trainer:
         grads.update(self.constraint.grads(grads.pop("A")))
         self.optimizer.step(self._params(), grads, lr=lr)
         self.constraint.apply(m)
-        Z = info["forward"].preactivation
-        correct = int(np.count_nonzero((np.maximum(Z, 0) @ m.C.T).argmax(axis=1) == y))
+        correct = int(np.count_nonzero(info["forward"].logits.argmax(axis=1) == y))
         return loss, correct, info["forward"].iterations, info["backward"].iterations, info["forward"].converged
 
     def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True):
@@ -264,7 +264,7 @@ class Trainer:
                     test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
             mu = self.model.mu_inf()
-            row.update(mu_inf=mu, mu_inf_unweighted=float(_unweighted_mu(self.model)),
+            row.update(mu_inf=mu, mu_inf_unweighted=mu_inf(self.model.A),
                        # No l_inf certificate, no bound (monDEQ and unconstrained models may lack one).
                        lipschitz_bound=lipschitz_bound(self.model) if mu < 1 else None,
                        fwd_converged_frac=converged / len(X),
@@ -275,11 +275,6 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(row)
         return self
-
-
-def _unweighted_mu(model):
-    from .measures import mu_inf
-    return mu_inf(model.A)
 
 
 # -- run outputs ----------------------------------------------------------------------------------

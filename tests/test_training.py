@@ -194,3 +194,13 @@ def test_sklearn_estimator_in_a_grid_search(mnist_arrays):
         nemon_np.NEMONClassifier(gamma=2.0).fit(X[:50], y[:50])
     mondeq = nemon_np.NEMONClassifier(model="mondeq", hidden=20, epochs=2, lr=3e-3).fit(X, y)
     assert mondeq.config_.solver == "peaceman-rachford" and mondeq.score(Xt[:300], yt[:300]) > 0.7
+
+
+def test_logged_batch_accuracy_is_that_of_the_model_predictions(mnist_arrays):
+    X, y, _, _ = mnist_arrays
+    trainer = Trainer(TrainConfig(hidden=20, epochs=1, seed=5), 784, 10)
+    trainer.model.c[:] = np.linspace(-3, 3, 10).astype(trainer.model.c.dtype)   # the bias decides many
+    U, labels = X[:100], y[:100]
+    expected = int(np.count_nonzero(trainer.model.predict(U, tol=1e-4, max_iter=300) == labels))
+    _, correct, _, _, _ = trainer.step(U, labels, lr=1e-3)
+    assert correct == expected
