@@ -5,7 +5,8 @@ Non-Euclidean Contractions", NeurIPS 2021) in NumPy and numba: ``x = relu(Ax + B
 ``y = Cx + c`` with mu_inf(A) <= gamma < 1.
 """
 from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
-from .models import NEMON, softmax_cross_entropy
+from .conv_model import ConvNEMON
+from .models import NEMON, load_model, softmax_cross_entropy
 from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
                          parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
 from .solvers import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
@@ -25,7 +26,7 @@ def __getattr__(name):
         return lipschitz_bound
     raise AttributeError(f"module 'nemon_np' has no attribute {name!r}")
 
-__all__ = ["NEMON", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
+__all__ = ["NEMON", "ConvNEMON", "load_model", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
            "project_mu_inf", "parametrize_mu_inf", "parametrize_mu_inf_grad",
            "parametrize_mu_inf_inverse", "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad",
            "lipschitz_bound", "solve_equilibrium", "solve_adjoint",

@@ -20,14 +20,14 @@ def load_run(parser, run_dir, data_dir):
     import pathlib
 
     from .data import DataError, load_dataset
-    from .models import NEMON
+    from .models import load_model
 
     path = pathlib.Path(run_dir)
     model_path = path / "model.npz" if path.is_dir() else path
     if not model_path.is_file():
         parser.error(f"{model_path} not found")
     try:
-        model = NEMON.load(model_path)
+        model = load_model(model_path)
         name = model.metadata.get("dataset")
         if name is None:
             raise ValueError(f"{model_path} does not say which data set it was trained on")

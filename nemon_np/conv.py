@@ -18,10 +18,12 @@ code shifts the diagonal by C max|K| only, which does not bound mu_inf for k > 1
 """
 import numpy as np
 
-from .projection import _project_rows, _round_inside
+from .projection import _project_rows, _round_inside, parametrize_rows, parametrize_rows_grad, parametrize_rows_inverse
 
 __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
-           "project_conv_mu_inf"]
+           "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded", "transpose_kernel",
+           "weight_grad_channel_last", "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
+           "parametrize_conv_mu_inf_inverse", "conv_input_norm"]
 
 PADDINGS = ("circular", "zero")
 
@@ -44,43 +46,69 @@ def _check_images(X, C, name):
     return X
 
 
-def _padded_rows(X, k, padding):
-    """The batch X (m, C, H, W) padded by p = k // 2 (circularly or with zeros), channel-last and
-    flattened to rows (m (H + 2p) (W + 2p), C), with the padded width Wp.
-
-    In this layout the input of tap (a, e) for output pixel (i, j) is the row a Wp + e after
-    that pixel's own row, for every image at once: each tap is one contiguous slice.
-    """
+def _check_padding(padding, k, H, W):
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-    p = k // 2
-    m, C, H, W = X.shape
     if padding == "circular" and (H < k or W < k):
         raise ValueError(f"circular padding needs images at least {k} x {k}, got {H} x {W}")
-    Xp = np.pad(X.transpose(0, 2, 3, 1), ((0, 0), (p, p), (p, p), (0, 0)),
-                mode="wrap" if padding == "circular" else "constant")
-    return Xp.reshape(-1, C), W + 2 * p
 
 
-def _correlate(K, X, padding):
-    """Same-size cross-correlation of a batch X (m, C_in, H, W) with K (C_out, C_in, k, k).
+def pad_channel_last(X, k, padding):
+    """A channel-last batch X (m, H, W, C) padded by p = k // 2 on both image axes, circularly
+    or with zeros: (m, H + 2p, W + 2p, C).
 
-    Shift and multiply: sum over the k^2 taps of (contiguous slice of the padded rows) @ K[:, :, a, e]^T,
-    k^2 BLAS products and no patch matrix (building im2col patches cost 4-5x the product).
+    Flattened to rows (m (H + 2p) (W + 2p), C), the input of tap (a, e) for output pixel (i, j)
+    is the row a Wp + e after row (i, j), for every image at once: each tap is one contiguous slice.
     """
-    C_out, k = K.shape[0], K.shape[2]
-    m, _, H, W = X.shape
-    rows, Wp = _padded_rows(X, k, padding)
+    _check_padding(padding, k, X.shape[1], X.shape[2])
+    p = k // 2
+    return np.pad(X, ((0, 0), (p, p), (p, p), (0, 0)), mode="wrap" if padding == "circular" else "constant")
+
+
+def conv_taps(K):
+    """The kernel K (C_out, C_in, k, k) as per-tap matrices (k, k, C_in, C_out), the layout of
+    :func:`correlate_padded`."""
+    return np.ascontiguousarray(np.asarray(K).transpose(2, 3, 1, 0))
+
+
+def correlate_padded(taps, Xp, out=None, scratch=None):
+    """Same-size cross-correlation of a padded channel-last batch Xp (m, Hp, Wp, C_in) with the
+    taps (k, k, C_in, C_out) of :func:`conv_taps`, on the padded grid: returns Y (m, Hp, Wp, C_out)
+    whose entries Y[:, i, j] for i < H, j < W are the output pixels (the rest is not meaningful).
+
+    Shift and multiply: the sum over the k^2 taps of (a contiguous slice of the padded rows)
+    @ taps[a, e]; k^2 BLAS products and no patch matrix (building im2col patches cost 4-5x the
+    products). ``out`` and ``scratch`` (m Hp Wp, C_out) buffers may be passed to avoid allocation.
+    """
+    k, C_out = taps.shape[0], taps.shape[3]
+    m, Hp, Wp, C_in = Xp.shape
+    rows = Xp.reshape(-1, C_in)
     span = len(rows) - (k - 1) * (Wp + 1)
-    Y = np.zeros((len(rows), C_out), X.dtype)
-    tap = np.empty((span, C_out), X.dtype)
+    Y = np.empty((len(rows), C_out), Xp.dtype) if out is None else out.reshape(-1, C_out)
+    tmp = np.empty((span, C_out), Xp.dtype) if scratch is None else scratch.reshape(-1, C_out)[:span]
+    Y[span:] = 0
     for a in range(k):
         for e in range(k):
             off = a * Wp + e
-            np.matmul(rows[off:off + span], K[:, :, a, e].T, out=tap)
-            Y[:span] += tap
-    Hp = len(rows) // (m * Wp)
-    return np.ascontiguousarray(Y.reshape(m, Hp, Wp, C_out)[:, :H, :W, :].transpose(0, 3, 1, 2))
+            if a == e == 0:
+                np.matmul(rows[:span], taps[0, 0], out=Y[:span])
+            else:
+                np.matmul(rows[off:off + span], taps[a, e], out=tmp)
+                Y[:span] += tmp
+    return Y.reshape(m, Hp, Wp, C_out)
+
+
+def conv_apply_channel_last(K, X, padding="circular"):
+    """The same-size cross-correlation of a channel-last batch X (m, H, W, C_in) with
+    K (C_out, C_in, k, k): (m, H, W, C_out), the layout the model keeps its state in."""
+    m, H, W, _ = X.shape
+    Y = correlate_padded(conv_taps(K), np.ascontiguousarray(pad_channel_last(X, K.shape[2], padding)))
+    return np.ascontiguousarray(Y[:, :H, :W, :])
+
+
+def _correlate(K, X, padding):
+    """conv_apply_channel_last for a batch X (m, C_in, H, W) in channel-first layout."""
+    return np.ascontiguousarray(conv_apply_channel_last(K, X.transpose(0, 2, 3, 1), padding).transpose(0, 3, 1, 2))
 
 
 def conv_apply(K, X, padding="circular"):
@@ -90,32 +118,42 @@ def conv_apply(K, X, padding="circular"):
     return _correlate(K, _check_images(X, K.shape[1], "X"), padding)
 
 
+def transpose_kernel(K):
+    """The kernel of A^T: K with input and output channels swapped and the taps flipped
+    (exact for both paddings: the transpose of a same-size correlation with odd k)."""
+    return np.ascontiguousarray(np.asarray(K).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+
+
 def conv_transpose(K, Y, padding="circular"):
-    """A^T y for a batch Y (m, C_out, H, W): correlation with the flipped kernel, channels swapped
-    (exact for both paddings: the transpose of a same-size correlation with odd k); (m, C_in, H, W)."""
+    """A^T y for a batch Y (m, C_out, H, W), a correlation with :func:`transpose_kernel`; (m, C_in, H, W)."""
     K = _check_kernel(K, square=False)
-    K_T = np.ascontiguousarray(K.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-    return _correlate(K_T, _check_images(Y, K.shape[0], "Y"), padding)
+    return _correlate(transpose_kernel(K), _check_images(Y, K.shape[0], "Y"), padding)
 
 
-def conv_weight_grad(delta, X, k, padding="circular"):
-    """d/dK of sum(delta * conv_apply(K, X)): (C_out, C_in, k, k), summed over the batch.
-
-    Tap (a, e) is (delta on the padded grid)^T @ (the padded rows shifted by a Wp + e).
-    """
-    m, C_out, H, W = delta.shape
-    rows, Wp = _padded_rows(X, k, padding)
-    Hp = len(rows) // (m * Wp)
+def weight_grad_channel_last(delta, X, k, padding):
+    """d/dK of sum(delta * A_K x) for channel-last delta (m, H, W, C_out) and X (m, H, W, C_in):
+    (C_out, C_in, k, k), summed over the batch. Tap (a, e) is (delta on the padded grid)^T @
+    (the padded rows of X shifted by a Wp + e)."""
+    m, H, W, C_out = delta.shape
+    Xp = pad_channel_last(X, k, padding)
+    _, Hp, Wp, C_in = Xp.shape
+    rows = Xp.reshape(-1, C_in)
     D = np.zeros((m, Hp, Wp, C_out), delta.dtype)
-    D[:, :H, :W, :] = delta.transpose(0, 2, 3, 1)
+    D[:, :H, :W, :] = delta
     D = D.reshape(-1, C_out)
     span = len(rows) - (k - 1) * (Wp + 1)
-    G = np.empty((C_out, X.shape[1], k, k), np.result_type(delta, X))
+    G = np.empty((C_out, C_in, k, k), np.result_type(delta, X))
     for a in range(k):
         for e in range(k):
             off = a * Wp + e
             G[:, :, a, e] = D[:span].T @ rows[off:off + span]
     return G
+
+
+def conv_weight_grad(delta, X, k, padding="circular"):
+    """d/dK of sum(delta * conv_apply(K, X)) for delta (m, C_out, H, W), X (m, C_in, H, W):
+    (C_out, C_in, k, k), summed over the batch."""
+    return weight_grad_channel_last(delta.transpose(0, 2, 3, 1), X.transpose(0, 2, 3, 1), k, padding)
 
 
 def conv_matrix(K, H, W, padding="circular"):
@@ -166,3 +204,30 @@ def project_conv_mu_inf(K, gamma):
     R, diag = _channel_rows(np.ascontiguousarray(K, dtype=np.float64))
     P64 = _project_rows(np.ascontiguousarray(R), diag, gamma, np.ones(R.shape), True)
     return _round_inside(P64, K.dtype.type, diag).reshape(K.shape)
+
+
+def parametrize_conv_mu_inf(T, gamma):
+    """The parametrization of :func:`nemon_np.parametrize_mu_inf` per output channel: off-centre
+    taps K = T, centre tap K[c, c, p, p] = gamma + T[c, c, p, p] - sum |T[c]|, so any T
+    (C, C, k, k) gives mu_inf_conv(K) <= gamma."""
+    R, diag = _channel_rows(_check_kernel(T))
+    return parametrize_rows(R, diag, gamma).reshape(T.shape)
+
+
+def parametrize_conv_mu_inf_grad(T, G):
+    """dL/dT from dL/dK = G through :func:`parametrize_conv_mu_inf`."""
+    R, diag = _channel_rows(T)
+    return parametrize_rows_grad(R, diag, np.asarray(G).reshape(R.shape)).reshape(T.shape)
+
+
+def parametrize_conv_mu_inf_inverse(K, gamma):
+    """A T with ``parametrize_conv_mu_inf(T, gamma) == K`` for mu_inf_conv(K) <= gamma."""
+    R, diag = _channel_rows(_check_kernel(K))
+    return parametrize_rows_inverse(R, diag, gamma).reshape(K.shape)
+
+
+def conv_input_norm(B):
+    """||A_B||_inf of the convolution with B (C_out, C_in, k, k): the largest l_1 norm of an output
+    channel's taps (exact for circular padding, an upper bound for zero)."""
+    B = _check_kernel(B, square=False)
+    return float(np.abs(B.astype(np.float64)).reshape(B.shape[0], -1).sum(axis=1).max())

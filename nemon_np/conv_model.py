@@ -8,15 +8,27 @@ Implicit gradients as for the dense model (DESIGN.md): with z the pre-activation
 point, D = 1[z > 0] and g = dL/dx*, solve w = g + K^T * (D w) and put delta = D w; then
 dL/dK = sum delta (x) x* (a correlation of delta with x*), dL/dB likewise with u,
 dL/db = sum over pixels of delta, dL/du = B^T * delta.
+
+The state is kept channel-last, (m, H, W, C), which is what the fast convolution works in;
+inputs are given as the data loaders give them, (m, C_in, H, W) or flattened from it.
 """
+import warnings
+
 import numpy as np
+from scipy.optimize import OptimizeResult
 
 from ._validation import as_float_dtype, check_gamma
-from .conv import PADDINGS, conv_apply, conv_transpose, conv_weight_grad, mu_inf_conv, project_conv_mu_inf
-from .models import softmax_cross_entropy
-from .solvers import WellPosednessError, averaged_fixed_point_operator
+from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
+                   weight_grad_channel_last)
+from .conv_solvers import conv_fixed_point
+from .models import read_model_file, softmax_cross_entropy
+from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
 
 __all__ = ["ConvNEMON"]
+
+FORMAT_NAME = "nemon_np.ConvNEMON"
+FORMAT_VERSION = 1
+PARAMETERS = ("K", "B", "b", "C", "c")
 
 
 class ConvNEMON:
@@ -26,27 +38,36 @@ class ConvNEMON:
     ----------
     in_channels : int; image_size : (H, W)
     channels : int, C; kernel : odd int, k; n_out : int; pool : int, s (divides H and W)
-    gamma : float < 1, bound on mu_inf_conv(K) at initialization; padding : "circular" or "zero"
+    gamma : float < 1, mu_inf_conv(K) <= gamma at initialization; padding : "circular" or "zero"
     seed : int; dtype : float32 or float64
 
     Attributes
     ----------
-    K (C, C, k, k), B (C, in_channels, k, k), b (C,), C (n_out, C H W / s^2), c (n_out,)
+    K (C, C, k, k), B (C, in_channels, k, k), b (C,), c (n_out,)
+    C (n_out, (H / s) (W / s) C): the head, on pooled features in (row, column, channel) order
+    metadata : dict saved with the model (dataset, normalization, ...)
     """
 
-    def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.5,
+    weights = None  # the certificate is the unweighted mu_inf of the convolution
+
+    def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
                  padding="circular", seed=0, dtype=np.float64):
-        H, W = image_size
+        H, W = (int(v) for v in image_size)
+        for name, v in (("in_channels", in_channels), ("channels", channels), ("n_out", n_out), ("pool", pool)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         if H % pool or W % pool:
-            raise ValueError(f"pool = {pool} must divide the image size {image_size}")
-        if kernel % 2 == 0 or kernel < 1:
-            raise ValueError(f"kernel must be a positive odd size, got {kernel}")
+            raise ValueError(f"pool = {pool} must divide the image size {H} x {W}")
+        if int(kernel) != kernel or kernel % 2 == 0 or kernel < 1:
+            raise ValueError(f"kernel must be a positive odd size, got {kernel!r}")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         self.gamma, self.dtype, self.padding = check_gamma(gamma), as_float_dtype(dtype), padding
-        self.in_channels, self.image_size, self.pool, self.kernel = in_channels, (H, W), pool, kernel
-        rng = np.random.default_rng(seed)
-        C, k = channels, kernel
+        self.in_channels, self.image_size, self.pool, self.kernel = int(in_channels), (H, W), int(pool), int(kernel)
+        self.seed = int(seed)
+        self.metadata = {}
+        rng = np.random.default_rng(self.seed)
+        C, k = int(channels), int(kernel)
         K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(self.dtype)
         self.K = project_conv_mu_inf(K0, self.gamma)
         self.B = (rng.uniform(-1, 1, size=(C, in_channels, k, k)) / np.sqrt(in_channels * k * k)).astype(self.dtype)
@@ -55,79 +76,199 @@ class ConvNEMON:
         self.C = (rng.uniform(-1, 1, size=(n_out, n_pooled)) / np.sqrt(n_pooled)).astype(self.dtype)
         self.c = np.zeros(n_out, self.dtype)
 
+    # -- shapes -----------------------------------------------------------
     @property
     def channels(self):
         return self.K.shape[0]
 
+    @property
+    def n_in(self):
+        return self.in_channels * self.image_size[0] * self.image_size[1]
+
+    @property
+    def n_hidden(self):
+        return self.channels * self.image_size[0] * self.image_size[1]
+
+    @property
+    def n_out(self):
+        return self.C.shape[0]
+
     def params(self):
-        return {"K": self.K, "B": self.B, "b": self.b, "C": self.C, "c": self.c}
+        """The parameters as a dict keyed ``"K","B","b","C","c"`` (the arrays themselves)."""
+        return {k: getattr(self, k) for k in PARAMETERS}
 
     def mu_inf(self):
         """mu_inf of the convolution K (exact for circular padding, an upper bound for zero)."""
         return mu_inf_conv(self.K)
 
     def _images(self, U):
-        U = np.asarray(U, dtype=self.dtype)
+        """U as a channel-last batch (m, H, W, C_in) of the model's dtype."""
+        U = np.asarray(U)
         H, W = self.image_size
-        if U.ndim == 2:
+        if U.ndim == 1:
+            U = U[None, :]
+        if U.ndim == 2 and U.shape[1] == self.n_in:
             U = U.reshape(len(U), self.in_channels, H, W)
-        if U.shape[1:] != (self.in_channels, H, W):
-            raise ValueError(f"U must have shape (batch, {self.in_channels}, {H}, {W}) or flat, got {U.shape}")
-        return U
+        if U.ndim != 4 or U.shape[1:] != (self.in_channels, H, W):
+            raise ValueError(f"U must have shape (batch, {self.in_channels}, {H}, {W}) or (batch, {self.n_in}), "
+                             f"got {U.shape}")
+        if not np.all(np.isfinite(U)):
+            raise ValueError("U has non-finite entries (NaN or inf)")
+        return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype)
 
-    def _alpha(self, alpha):
+    def _alpha(self, alpha, on_violation):
         mu = self.mu_inf()
         if mu >= 1:
-            raise WellPosednessError(f"mu_inf(K) = {mu:.6g} >= 1: the fixed point may not exist or be unique")
-        k = self.kernel // 2
-        alpha_star = 1.0 / (1.0 - min(float(np.diag(self.K[:, :, k, k]).min()), 0.0))
+            msg = f"mu_inf(K) = {mu:.6g} >= 1: the fixed point may not exist or be unique"
+            if on_violation == "raise":
+                raise WellPosednessError(msg)
+            warnings.warn(msg, WellPosednessWarning, stacklevel=3)
+        p = self.kernel // 2
+        alpha_star = 1.0 / (1.0 - min(float(np.diag(self.K[:, :, p, p]).min()), 0.0))
         alpha = alpha_star if alpha is None else float(alpha)
         if not 0 < alpha <= alpha_star * (1 + 1e-12):
             raise WellPosednessError(f"alpha = {alpha:.6g} outside (0, alpha* = {alpha_star:.6g}]")
-        return alpha
+        return alpha, mu
 
-    def _flat_apply(self, K, transpose):
-        shape = (self.channels,) + self.image_size
-        op = conv_transpose if transpose else conv_apply
-        return lambda X: op(K, X.reshape((len(X),) + shape), self.padding).reshape(len(X), -1)
+    @staticmethod
+    def _check_method(method, adjoint="iterative"):
+        if method != "average" or adjoint != "iterative":
+            raise ValueError(f"ConvNEMON solves with method='average' and adjoint='iterative', got method={method!r}, "
+                             f"adjoint={adjoint!r}")
 
-    def equilibrium(self, U, tol=1e-6, max_iter=500, alpha=None):
-        """Fixed points x* (m, C, H, W) and an info dict (per-sample iterations, residual, preactivation)."""
-        U = self._images(U)
-        alpha = self._alpha(alpha)
-        Q = (conv_apply(self.B, U, self.padding) + self.b[None, :, None, None]).reshape(len(U), -1)
-        X, Z, its, res = averaged_fixed_point_operator(self._flat_apply(self.K, False), Q, alpha, tol, max_iter)
-        shape = (len(U), self.channels) + self.image_size
-        return X.reshape(shape), {"iterations": its, "residual": res, "preactivation": Z.reshape(shape),
-                                  "alpha": alpha}
+    # -- forward ----------------------------------------------------------
+    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise"):
+        """Fixed points x* (m, H, W, C), channel-last, and an OptimizeResult with per-sample
+        ``iterations``, ``residual`` (l_inf), ``converged`` and the ``preactivation`` z."""
+        self._check_method(method)
+        Ucl = self._images(U)
+        alpha, mu = self._alpha(alpha, on_violation)
+        Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
+        X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0)
+        info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),
+                              preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
+        if not info.converged.all():
+            warnings.warn(f"forward: {np.count_nonzero(~info.converged)} of {len(its)} samples did not reach "
+                          f"tol = {tol:g} in {max_iter} iterations", ConvergenceWarning, stacklevel=2)
+        return X, info
 
     def _pool(self, X):
-        m, C, H, W = X.shape
+        m, H, W, C = X.shape
         s = self.pool
-        return X.reshape(m, C, H // s, s, W // s, s).mean(axis=(3, 5)).reshape(m, -1)
+        return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4)).reshape(m, -1)
 
-    def logits(self, U, **solver_options):
-        X, _ = self.equilibrium(U, **solver_options)
+    def readout(self, X):
+        """Logits ``C pool(x) + c`` of fixed points X (m, H, W, C)."""
         return self._pool(X) @ self.C.T + self.c
 
-    def loss_and_grad(self, U, y, tol=1e-6, max_iter=500, alpha=None, adjoint_tol=None, with_input=False):
-        """Mean cross-entropy and its gradients {"K","B","b","C","c"} (and "U" if with_input)."""
-        U = self._images(U)
-        X, info = self.equilibrium(U, tol=tol, max_iter=max_iter, alpha=alpha)
+    def logits(self, U, **solver_options):
+        """Logits (m, n_out); keyword options go to :meth:`equilibrium`."""
+        X, _ = self.equilibrium(U, **solver_options)
+        return self.readout(X)
+
+    def predict(self, U, **solver_options):
+        """Predicted class per sample, argmax of the logits."""
+        return np.argmax(self.logits(U, **solver_options), axis=1)
+
+    # -- backward ---------------------------------------------------------
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
+        self._check_method(method, adjoint)
+        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, alpha=alpha, on_violation=on_violation)
         pooled = self._pool(X)
-        loss, dY = softmax_cross_entropy(pooled @ self.C.T + self.c, np.asarray(y))
-        m, C, H, W = X.shape
+        finfo["logits"] = pooled @ self.C.T + self.c
+        m, H, W, C = X.shape
+        if dY is None:
+            y = np.asarray(y)
+            if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer) or (m and (y.min() < 0 or y.max() >= self.n_out)):
+                raise ValueError(f"y must be {m} integer class labels in [0, {self.n_out - 1}], got shape {y.shape}")
+            loss, dY = softmax_cross_entropy(finfo["logits"], y)
+        else:
+            loss, dY = None, np.asarray(dY, dtype=self.dtype)
+            if dY.shape != (m, self.n_out):
+                raise ValueError(f"dY must have shape ({m}, {self.n_out}), got {dY.shape}")
         s = self.pool
-        g_pooled = (m * dY @ self.C).reshape(m, C, H // s, W // s) / (s * s)
-        g = np.repeat(np.repeat(g_pooled, s, axis=2), s, axis=3).reshape(m, -1)
-        mask = (info["preactivation"] > 0).astype(self.dtype).reshape(m, -1)
-        Wadj, _, _, _ = averaged_fixed_point_operator(self._flat_apply(self.K, True), g, info["alpha"],
-                                                      tol if adjoint_tol is None else adjoint_tol, max_iter,
-                                                      relu=False, l1=True, S=mask, X0=g)
-        delta = ((mask * Wadj) / m).reshape(X.shape)
-        grads = {"K": conv_weight_grad(delta, X, self.kernel, self.padding),
-                 "B": conv_weight_grad(delta, U, self.kernel, self.padding),
-                 "b": delta.sum(axis=(0, 2, 3)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
+        # Per-sample scale (m dY), so that tol means the same at any batch size.
+        g = ((m * dY) @ self.C).reshape(m, H // s, 1, W // s, 1, C) / (s * s)
+        g = np.ascontiguousarray(np.broadcast_to(g, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), g, finfo.alpha,
+                                               tol if adjoint_tol is None else adjoint_tol, max_iter, self.padding,
+                                               relu=False, l1=True, S=mask, X0=g)
+        binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
+                               converged=bres <= self.dtype(tol if adjoint_tol is None else adjoint_tol))
+        delta = mask * Wadj / m
+        return X, pooled, loss, dY, delta, {"forward": finfo, "backward": binfo}
+
+    def _input_shape(self, U, G):
+        """G (m, H, W, C_in) back in U's layout: flat or (m, C_in, H, W)."""
+        G = np.ascontiguousarray(G.transpose(0, 3, 1, 2))
+        return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
+
+    def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
+                      adjoint_tol=None, return_info=False, on_violation="raise", with_input=False):
+        """Mean softmax cross-entropy and its gradients {"K","B","b","C","c"} (and "U" if with_input),
+        plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits)."""
+        X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol,
+                                                          on_violation)
+        Ucl = self._images(U)
+        grads = {"K": weight_grad_channel_last(delta, X, self.kernel, self.padding),
+                 "B": weight_grad_channel_last(delta, Ucl, self.kernel, self.padding),
+                 "b": delta.sum(axis=(0, 1, 2)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
         if with_input:
-            grads["U"] = conv_transpose(self.B, delta, self.padding)
-        return loss, grads
+            grads["U"] = self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+        return (loss, grads, info) if return_info else (loss, grads)
+
+    def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
+                  adjoint_tol=None, on_violation="raise"):
+        """``d/dU sum_{i,k} dY_ik y_ik(U)``, in U's layout (see :meth:`nemon_np.NEMON.input_vjp`)."""
+        _, _, _, _, delta, _ = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol,
+                                              on_violation, dY=dY)
+        return self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+
+    def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
+                   adjoint_tol=None, on_violation="raise"):
+        """Gradient of the mean loss with respect to U, in U's layout: ``B^T * delta``."""
+        _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
+        return self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+
+    # -- persistence ------------------------------------------------------
+    def save(self, path):
+        """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
+        state = {k: getattr(self, k) for k in PARAMETERS}
+        state.update(format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION), gamma=np.array(self.gamma),
+                     seed=np.array(self.seed), dtype=np.array(np.dtype(self.dtype).name),
+                     padding=np.array(self.padding), pool=np.array(self.pool),
+                     image_size=np.array(self.image_size), in_channels=np.array(self.in_channels))
+        for k, v in self.metadata.items():
+            state["meta." + k] = np.asarray(v)
+        with open(path, "wb") as f:
+            np.savez(f, **state)
+
+    @classmethod
+    def load(cls, path):
+        """Read a model written by :meth:`save`; a truncated or foreign file is a ``ValueError``."""
+        data = read_model_file(path, FORMAT_NAME, FORMAT_VERSION,
+                               PARAMETERS + ("gamma", "seed", "dtype", "padding", "pool", "image_size", "in_channels"))
+        model = cls.__new__(cls)
+        model.gamma, model.seed = float(data["gamma"]), int(data["seed"])
+        model.dtype = as_float_dtype(str(data["dtype"]))
+        model.padding, model.pool = str(data["padding"]), int(data["pool"])
+        model.image_size, model.in_channels = tuple(int(v) for v in data["image_size"]), int(data["in_channels"])
+        for k in PARAMETERS:
+            setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
+        model.kernel = model.K.shape[2]
+        H, W = model.image_size
+        C = model.K.shape[0]
+        if (model.K.shape != (C, C, model.kernel, model.kernel) or model.B.shape != (C, model.in_channels) + model.K.shape[2:]
+                or model.b.shape != (C,) or model.C.shape[1:] != (C * (H // model.pool) * (W // model.pool),)
+                or model.c.shape != (model.C.shape[0],)):
+            raise ValueError(f"{path}: parameter shapes are inconsistent (K {model.K.shape}, B {model.B.shape}, "
+                             f"b {model.b.shape}, C {model.C.shape}, c {model.c.shape})")
+        model.metadata = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items() if k.startswith("meta.")}
+        return model
+
+    def __repr__(self):
+        H, W = self.image_size
+        return (f"ConvNEMON(in_channels={self.in_channels}, image_size=({H}, {W}), channels={self.channels}, "
+                f"kernel={self.kernel}, pool={self.pool}, n_out={self.n_out}, gamma={self.gamma}, "
+                f"padding={self.padding!r}, dtype={np.dtype(self.dtype).name})")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Dataset", "load_dataset", "load_mnist", "load_cifar10", "data_dirs", "normalize", "mnist_from_hub_wheel",
-           "DataError", "DATASETS"]
+           "DataError", "DATASETS", "augment_crop_flip"]
 
 DATASETS = ("mnist", "cifar10")
 
@@ -317,3 +317,23 @@ def load_dataset(name, data_dir=None, download=True, progress=print):
     if name == "cifar10":
         return load_cifar10(data_dir, download, progress)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def augment_crop_flip(X, image_shape, rng, pad=4):
+    """CIFAR-10's standard augmentation of a batch: a random crop of the image padded by ``pad``
+    (zeros, the mean colour after normalization), then a horizontal flip with probability 1/2.
+
+    X (m, C H W) flattened images of shape ``image_shape`` (C, H, W); returns a new array of
+    the same shape. Shifts and flips are drawn from ``rng`` (``numpy.random.Generator``).
+    """
+    C, H, W = image_shape
+    m = len(X)
+    P = np.zeros((m, C, H + 2 * pad, W + 2 * pad), X.dtype)
+    P[:, :, pad:pad + H, pad:pad + W] = X.reshape(m, C, H, W)
+    di, dj = rng.integers(0, 2 * pad + 1, size=(2, m))
+    flip = rng.random(m) < 0.5
+    out = np.empty((m, C, H, W), X.dtype)
+    for n in range(m):
+        crop = P[n, :, di[n]:di[n] + H, dj[n]:dj[n] + W]
+        out[n] = crop[:, :, ::-1] if flip[n] else crop
+    return out.reshape(m, -1)

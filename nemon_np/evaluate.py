@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from ._cli import OneLineErrorParser, load_run
+from .conv_model import ConvNEMON
 from .data import normalize
 from .measures import mu_2, mu_inf
 from .robustness import lipschitz_bound, solver_options_for
@@ -34,8 +35,12 @@ def main(argv=None):
     print(f"model           {model}")
     print(f"test accuracy   {100 * acc:.2f}%  (loss {loss:.4f}, {len(X)} images, {its.mean():.1f} "
           f"{options['method']} iterations per image at tol {options['tol']:g})")
-    print(f"mu_inf(A)       {model.mu_inf():.6f}  ({norm}; gamma = {model.gamma}; unweighted {mu_inf(model.A):.4f}); "
-          f"mu_2(A) {mu_2(model.A):.4f}")
+    if isinstance(model, ConvNEMON):
+        print(f"mu_inf(K)       {model.mu_inf():.6f}  (exact measure of the {model.padding} convolution, "
+              f"gamma = {model.gamma})")
+    else:
+        print(f"mu_inf(A)       {model.mu_inf():.6f}  ({norm}; gamma = {model.gamma}; unweighted "
+              f"{mu_inf(model.A):.4f}); mu_2(A) {mu_2(model.A):.4f}")
     if L is None:
         print("Lipschitz bound none: mu_inf(A) >= 1 gives no l_inf certificate")
     else:

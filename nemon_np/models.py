@@ -23,7 +23,7 @@ from .measures import mu_inf
 from .projection import project_mu_inf
 from .solvers import MONDEQ_METHODS, solve_adjoint, solve_equilibrium
 
-__all__ = ["NEMON", "softmax_cross_entropy"]
+__all__ = ["NEMON", "softmax_cross_entropy", "load_model"]
 
 FORMAT_NAME = "nemon_np.NEMON"
 FORMAT_VERSION = 1
@@ -39,6 +39,41 @@ def softmax_cross_entropy(Y, labels):
     dY = np.exp(logp)
     dY[rows, labels] -= 1.0
     return float(loss), (dY / m).astype(Y.dtype)
+
+
+def read_model_file(path, format_name, version, required):
+    """The arrays of a model ``.npz`` as a dict, checked for its format marker, version and keys;
+    a truncated or foreign file is a one-line ``ValueError``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or str(data.get("format", "")) != format_name:
+        raise ValueError(f"{path}: not a nemon_np model file of kind {format_name} "
+                         f"(format marker {str(data.get('format', 'none'))!r})")
+    if int(data["version"]) > version:
+        raise ValueError(f"{path}: model format version {int(data['version'])} is newer than "
+                         f"this nemon_np reads ({version})")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path}: model file lacks {', '.join(missing)}")
+    return data
+
+
+def load_model(path):
+    """Read a saved :class:`NEMON` or :class:`nemon_np.ConvNEMON`, whichever the file holds."""
+    from .conv_model import FORMAT_NAME as CONV_FORMAT, ConvNEMON
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            kind = str(z["format"]) if "format" in z.files else ""
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
+    return (ConvNEMON if kind == CONV_FORMAT else NEMON).load(path)
 
 
 class NEMON:
@@ -135,10 +170,14 @@ class NEMON:
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation)
 
+    def readout(self, X):
+        """Logits ``C x + c`` of hidden states X (m, n_hidden)."""
+        return X @ self.C.T + self.c
+
     def logits(self, U, **solver_options):
         """Logits ``y = C x* + c``, shape (m, n_out); keyword options go to :meth:`equilibrium`."""
         X, _ = self.equilibrium(U, **solver_options)
-        return X @ self.C.T + self.c
+        return self.readout(X)
 
     def predict(self, U, **solver_options):
         """Predicted class per sample, argmax of the logits."""
@@ -150,7 +189,7 @@ class NEMON:
         U = self._inputs(U)
         X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
                                     on_violation=on_violation)
-        finfo["logits"] = X @ self.C.T + self.c
+        finfo["logits"] = self.readout(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], self._labels(y, U.shape[0]))
         else:
@@ -234,21 +273,7 @@ class NEMON:
     @classmethod
     def load(cls, path):
         """Read a model written by :meth:`save`; a truncated or foreign file is a ``ValueError``."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
-        if not isinstance(data, dict) or str(data.get("format", "")) != FORMAT_NAME:
-            raise ValueError(f"{path}: not a nemon_np model file (no '{FORMAT_NAME}' format marker)")
-        if int(data["version"]) > FORMAT_VERSION:
-            raise ValueError(f"{path}: model format version {int(data['version'])} is newer than "
-                             f"this nemon_np reads ({FORMAT_VERSION})")
-        missing = [k for k in PARAMETERS + ("gamma", "seed", "dtype", "weights") if k not in data]
-        if missing:
-            raise ValueError(f"{path}: model file lacks {', '.join(missing)}")
+        data = read_model_file(path, FORMAT_NAME, FORMAT_VERSION, PARAMETERS + ("gamma", "seed", "dtype", "weights"))
         A, B, C = data["A"], data["B"], data["C"]
         n = A.shape[0] if A.ndim == 2 else -1
         if (A.shape != (n, n) or B.ndim != 2 or B.shape[0] != n or C.ndim != 2 or C.shape[1] != n

@@ -229,15 +229,43 @@ def project_mu_inf_reference(A, gamma, weights=None):
     return out
 
 
+def parametrize_rows(T, diag, gamma):
+    """Rows (r, p) with signed diagonal entry in column diag[i] of row i: ``a_ij = t_ij`` off it,
+    ``a_i,diag[i] = gamma + t_i,diag[i] - sum_j |t_ij|``, so every row measure is
+    ``gamma + t_ii - |t_ii| <= gamma``. For a square matrix diag = 0..n-1; for a convolution,
+    each output channel's taps with the centre tap on the diagonal. Returns a new array."""
+    rows = np.arange(len(T))
+    A = np.array(T, dtype=np.result_type(T, np.float32))
+    A[rows, diag] += gamma - np.abs(T).sum(axis=1)
+    return A
+
+
+def parametrize_rows_grad(T, diag, G):
+    """Chain rule through :func:`parametrize_rows`: ``dL/dt_ij = G_ij - G_i,diag[i] sign(t_ij)``."""
+    return G - G[np.arange(len(T)), diag][:, None] * np.sign(T)
+
+
+def parametrize_rows_inverse(A, diag, gamma):
+    """A right inverse of :func:`parametrize_rows` for rows of measure <= gamma: off the diagonal
+    t_ij = a_ij, on it t_ii = (a_ii - gamma + sum_{j != i} |a_ij|) / 2 <= 0.
+    Raises ``ValueError`` if a row measure exceeds gamma (no T exists)."""
+    rows = np.arange(len(A))
+    d = A[rows, diag]
+    excess = d + np.abs(A).sum(axis=1) - np.abs(d) - gamma
+    if np.any(excess > 1e-12 * max(1.0, abs(gamma))):
+        raise ValueError(f"A is outside P(gamma): mu_inf(A) - gamma = {excess.max():.3g} > 0")
+    T = np.array(A)
+    T[rows, diag] = np.minimum(excess, 0.0) / 2
+    return T
+
+
 def parametrize_mu_inf(T, gamma):
     """``A = gamma I + T - diag(|T| 1)``: any T gives mu_inf(A) <= gamma.
 
     Row i has measure gamma + t_ii - |t_ii| <= gamma. Returns a new (n, n) array.
     """
     T = as_square_matrix(T, "T")
-    A = T - np.diag(np.abs(T).sum(axis=1))
-    A[np.diag_indices_from(A)] += gamma
-    return A
+    return parametrize_rows(T, np.arange(len(T)), gamma)
 
 
 def parametrize_mu_inf_grad(T, G):
@@ -246,7 +274,7 @@ def parametrize_mu_inf_grad(T, G):
     G = np.asarray(G)
     if G.shape != T.shape:
         raise ValueError(f"G must have the shape of T {T.shape}, got {G.shape}")
-    return G - np.diag(G)[:, None] * np.sign(T)
+    return parametrize_rows_grad(T, np.arange(len(T)), G)
 
 
 def parametrize_mu_inf_inverse(A, gamma):
@@ -256,13 +284,7 @@ def parametrize_mu_inf_inverse(A, gamma):
     Raises ``ValueError`` if mu_inf(A) > gamma (no T exists).
     """
     A = as_square_matrix(A)
-    off = np.abs(A).sum(axis=1) - np.abs(np.diag(A))
-    excess = np.diag(A) + off - gamma
-    if np.any(excess > 1e-12 * max(1.0, abs(gamma))):
-        raise ValueError(f"A is outside P(gamma): mu_inf(A) - gamma = {excess.max():.3g} > 0")
-    T = A.copy()
-    np.fill_diagonal(T, np.minimum(excess, 0.0) / 2)
-    return T
+    return parametrize_rows_inverse(A, np.arange(len(A)), gamma)
 
 
 def _log_scale(s, n):

@@ -10,6 +10,8 @@ so B and C enter through the matching induced norms ``||diag(eta)^-1 B||_inf`` a
 """
 import numpy as np
 
+from .conv import conv_input_norm
+from .conv_model import ConvNEMON
 from .measures import norm_inf
 
 __all__ = ["lipschitz_bound", "lipschitz_bound_and_grad", "smooth_lipschitz_bound_and_grad", "solver_options_for",
@@ -21,11 +23,17 @@ ATTACKS = ("noise", "fgsm", "pgd")
 def lipschitz_bound(model):
     """Certified l_inf -> l_inf Lipschitz constant of ``u -> y`` (in the units of u).
 
+    For a :class:`ConvNEMON`, ``||C||_inf ||B||_inf / (1 - max(mu_inf(K), 0))`` with ||B||_inf
+    the convolution's norm (:func:`nemon_np.conv.conv_input_norm`); the pooling has norm 1.
+
     Raises ``ValueError`` when the model is not well-posed (mu_inf(A) >= 1): no bound holds.
     """
     mu = model.mu_inf()
     if mu >= 1.0:
         raise ValueError(f"mu_inf(A) = {mu:.6g} >= 1: the model is not certified well-posed, no Lipschitz bound")
+    if isinstance(model, ConvNEMON):
+        # B is a convolution, and average pooling before the head has l_inf norm 1.
+        return norm_inf(model.C.astype(np.float64)) * conv_input_norm(model.B) / (1.0 - max(mu, 0.0))
     B, C = model.B.astype(np.float64), model.C.astype(np.float64)
     if model.weights is not None:
         B = B / model.weights[:, None]
@@ -181,11 +189,15 @@ def certified_correct(model, pixels, labels, eps, options=None):
     if mu >= 1:
         return np.zeros(len(P), bool)
     _, std = _channel_stats(model, P.shape[1])
-    Bw, Cw = _weighted_BC(model)
+    if isinstance(model, ConvNEMON):  # pooling (norm 1) then C: the pair rows of C as they are
+        Cw, nB = np.asarray(model.C, np.float64), conv_input_norm(model.B)
+    else:
+        Bw, Cw = _weighted_BC(model)
+        nB = norm_inf(Bw)
     eps_u = eps / std.min()
     # ||(c_k - c_j) diag(eta)||_1 for every pair (k, j).
     pair = np.abs(Cw[:, None, :] - Cw[None, :, :]).sum(axis=2)
-    radius = pair * norm_inf(Bw) * eps_u / (1.0 - max(mu, 0.0))
+    radius = pair * nB * eps_u / (1.0 - max(mu, 0.0))
     k = labels
     margins = Y[np.arange(len(P)), k][:, None] - Y
     need = radius[k]
@@ -249,8 +261,8 @@ def _as_float64(model):
     import copy
     m = copy.copy(model)
     m.dtype = np.float64
-    for k in ("A", "B", "b", "C", "c"):
-        setattr(m, k, getattr(model, k).astype(np.float64))
+    for k, v in model.params().items():
+        setattr(m, k, v.astype(np.float64))
     return m
 
 

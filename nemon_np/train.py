@@ -16,16 +16,25 @@ import numpy as np
 from ._cli import OneLineErrorParser
 from .data import DATASETS, DataError, load_dataset, normalize
 from .measures import mu_2, mu_inf
-from .models import NEMON
+from .conv import PADDINGS
+from .models import load_model
 from .optim import SCHEDULES
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS
 from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, plot_history, save_checkpoint,
                        write_metrics)
 
 HELP = {
-    "model": "nemon (this library's l_inf-contractive model) or mondeq (the monDEQ baseline, "
-             "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint)",
-    "hidden": "hidden units n (size of the implicit state x)",
+    "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
+             "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint) "
+             "or conv (convolutional NEMON: x = relu(K * x + B * u + b), pooling, linear head; "
+             "mu_inf(K) <= gamma exact per output channel)",
+    "hidden": "hidden units n (size of the implicit state x; dense models)",
+    "channels": "conv model: channels C of the implicit convolutional layer",
+    "kernel": "conv model: odd kernel size k of the k x k convolutions K (implicit) and B (input)",
+    "pool": "conv model: s x s average pooling before the linear head (s divides the image size)",
+    "padding": "conv model: circular (the paper's; mu_inf(K) exact) or zero padding (mu_inf(K) an upper bound)",
+    "augment": "random crops (padding 4) and horizontal flips of the training images (CIFAR-10's standard "
+               "augmentation)",
     "epochs": "passes over the training set",
     "batch_size": "samples per minibatch",
     "lr": "Adam learning rate at the start of the schedule",
@@ -43,6 +52,8 @@ HELP = {
               "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual <= tol",
+    "adjoint_tol": "l_1 residual tolerance of the adjoint solve; default: tol for dense models, "
+                   "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
     "adjoint": "default: iterative (nemon) or direct (mondeq). Backward solve: iterative (averaged adjoint "
                "iteration), adaptive, anderson, or direct "
@@ -51,8 +62,9 @@ HELP = {
     "seed": "seed of initialization and shuffling",
 }
 CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
-           "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS}
-TYPES = {"alpha": float, "solver": str, "adjoint": str}
+           "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
+           "padding": PADDINGS}
+TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float}
 
 
 def build_parser():
@@ -70,6 +82,9 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
         kind = TYPES.get(f.name, type(default))
         p.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name])
     return p
@@ -96,12 +111,18 @@ def main(argv=None):
     X = normalize(data.train_images[:args.limit_train], data.mean, data.std, dtype)
     y = data.train_labels[:args.limit_train]
     X_test = normalize(data.test_images, data.mean, data.std, dtype)
-    trainer = Trainer(config, X.shape[1], data.n_classes)
+    image_shape = data.train_images.shape[1:]
+    image_shape = (1,) + image_shape if len(image_shape) == 2 else image_shape
+    try:
+        trainer = Trainer(config, X.shape[1], data.n_classes, image_shape=image_shape)
+    except ValueError as e:
+        parser.error(str(e))
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
-                                  constraint=config.constraint if config.model == "nemon" else "mondeq-parametrization")
+                                  constraint=config.constraint if config.model != "mondeq" else "mondeq-parametrization")
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
           f"{data.source}); "
-          f"{'constraint ' + config.constraint if config.model == 'nemon' else 'monDEQ parametrization'}, "
+          f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
+          f"{', augmented' if config.augment else ''}, "
           f"solver {config.solver}, tol {config.tol:g}; writing to {out}")
     started = time.perf_counter()
 
@@ -120,22 +141,30 @@ def main(argv=None):
         print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done})"
               if done else "\ninterrupted before the first epoch ended: nothing saved", file=sys.stderr)
         if done:
-            plot_history(trainer.history, out / "training_curves.png", f"NEMON on {data.name} (interrupted)",
+            plot_history(trainer.history, out / "training_curves.png", f"{describe(config)} on {data.name} (interrupted)",
                          config.gamma)
         return 130
     # The guarantee is checked on the saved file, not on the in-memory model.
-    saved = NEMON.load(out / "model.npz")
+    saved = load_model(out / "model.npz")
     measure, verified, statement = certify(saved, config)
     summary = {"test_acc": trainer.history[-1]["test_acc"], "certificate": statement,
-               "mu_inf_saved": saved.mu_inf(), "mu_inf_unweighted_saved": mu_inf(saved.A),
+               "mu_inf_saved": saved.mu_inf(),
+               "mu_inf_unweighted_saved": saved.mu_inf() if saved.weights is None else mu_inf(saved.A),
                "weighted": saved.weights is not None, "verified": verified,
                "total_seconds": time.perf_counter() - started}
     write_metrics(out, config, trainer.history, {"summary": summary})
     plot_history(trainer.history, out / "training_curves.png",
-                 f"NEMON on {data.name}, {config.constraint} constraint, n = {config.hidden}", config.gamma)
+                 f"{describe(config)} on {data.name}, {config.constraint} constraint", config.gamma)
     print(f"done in {summary['total_seconds']:.0f}s: test accuracy {100 * summary['test_acc']:.2f}%, {statement}"
           + ("" if verified is None else f": {'verified' if verified else 'VIOLATED'} on {out / 'model.npz'}"))
     return 0 if verified is not False else 1
+
+
+def describe(config):
+    """A short name of the configured model for figure titles."""
+    if config.model == "conv":
+        return f"conv NEMON, {config.channels} channels, {config.kernel}x{config.kernel}"
+    return f"{'monDEQ' if config.model == 'mondeq' else 'NEMON'}, n = {config.hidden}"
 
 
 def certify(model, config):
@@ -152,6 +181,9 @@ def certify(model, config):
         value = mu_2(model.A)
         return value, bool(value <= config.gamma + 1e-9), f"mu_2(A) = {value:.6f} <= gamma = {config.gamma}"
     value = model.mu_inf()
+    if config.model == "conv":
+        return value, bool(value <= config.gamma + 1e-12), (f"mu_inf(K) = {value:.6f} (exact, per output channel) "
+                                                            f"<= gamma = {config.gamma}")
     norm = "weighted with the saved weights" if model.weights is not None else "unweighted"
     return value, bool(value <= config.gamma + 1e-12), f"mu_inf(A) = {value:.6f} ({norm}) <= gamma = {config.gamma}"
 

@@ -29,6 +29,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._validation import as_float_dtype, check_gamma
+from .conv import (PADDINGS, parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse,
+                   project_conv_mu_inf)
+from .conv_model import ConvNEMON
+from .data import augment_crop_flip
 from .measures import mu_inf
 from .models import NEMON, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
@@ -38,10 +42,11 @@ from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametriz
 from .robustness import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
 
-__all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "evaluate", "write_metrics", "plot_history"]
+__all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history"]
 
 CONSTRAINTS = ("projection", "parametrization", "weighted", "norm", "mondeq", "none")
-MODELS = ("nemon", "mondeq")
+MODELS = ("nemon", "mondeq", "conv")
+CONV_CONSTRAINTS = ("projection", "parametrization")
 LIPSCHITZ_FORMS = ("exact", "smooth")
 
 
@@ -52,9 +57,17 @@ class TrainConfig:
     ``model="mondeq"`` is the monDEQ baseline: A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma,
     solved by Peaceman-Rachford with the direct adjoint (``solver``/``adjoint`` None pick the
     model's defaults); ``constraint`` then does not apply.
+    ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
+    ``hidden`` does not apply), with the projection or parametrization constraint on its kernel;
+    ``augment`` turns on random crops (padding 4) and horizontal flips of the training images.
     """
     model: str = "nemon"
     hidden: int = 100
+    channels: int = 32
+    kernel: int = 3
+    pool: int = 4
+    padding: str = "circular"
+    augment: bool = False
     epochs: int = 40
     batch_size: int = 100
     lr: float = 1e-3
@@ -66,6 +79,7 @@ class TrainConfig:
     solver: str = None
     alpha: float = None
     tol: float = 1e-4
+    adjoint_tol: float = None
     max_iter: int = 300
     adjoint: str = None
     dtype: str = "float32"
@@ -81,7 +95,7 @@ class TrainConfig:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
         if self.adjoint is None:
             self.adjoint = "direct" if (mondeq_like or self.solver in MONDEQ_METHODS) else "iterative"
-        for name in ("hidden", "epochs", "batch_size", "max_iter"):
+        for name in ("hidden", "epochs", "batch_size", "max_iter", "channels", "kernel", "pool"):
             v = getattr(self, name)
             if int(v) != v or v < (0 if name == "max_iter" else 1):
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
@@ -93,8 +107,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (self.tol > 0 and math.isfinite(self.tol)):
-            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        for name in ("tol", "adjoint_tol"):
+            v = getattr(self, name)
+            if not (v is None and name == "adjoint_tol") and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not (self.lipschitz_reg >= 0 and math.isfinite(self.lipschitz_reg)):
             raise ValueError(f"lipschitz_reg must be >= 0, got {self.lipschitz_reg!r}")
         if self.alpha is not None and not 0 < self.alpha <= (1 if self.solver not in MONDEQ_METHODS else np.inf):
@@ -107,12 +123,26 @@ class TrainConfig:
             raise ValueError("lipschitz_reg needs an l_inf certificate, which "
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give")
+        if self.model == "conv":
+            if self.constraint not in CONV_CONSTRAINTS:
+                raise ValueError(f"model conv supports constraint {' or '.join(CONV_CONSTRAINTS)}, got {self.constraint}")
+            if self.solver != "average" or self.adjoint != "iterative":
+                raise ValueError(f"model conv solves with solver average and adjoint iterative, got {self.solver} "
+                                 f"and {self.adjoint}")
+            if self.lipschitz_reg > 0:
+                raise ValueError("lipschitz_reg is not implemented for model conv (its bound is reported, "
+                                 "not trained)")
+            if self.kernel % 2 == 0:
+                raise ValueError(f"kernel must be odd, got {self.kernel}")
+            if self.padding not in PADDINGS:
+                raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
                              "direct adjoint is certified: pass adjoint='direct'")
         return self
 
     def solver_options(self):
+        """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
         options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
         if self.constraint == "none":
             options["on_violation"] = "warn"
@@ -124,7 +154,12 @@ class _Constraint:
 
     def __init__(self, kind, model):
         self.kind, self.gamma = kind, model.gamma
-        if kind == "mondeq-parametrization":
+        self.name = "K" if isinstance(model, ConvNEMON) else "A"
+        if kind == "conv-projection":
+            self.free = {"K": model.K}
+        elif kind == "conv-parametrization":
+            self.free = {"T": parametrize_conv_mu_inf_inverse(model.K, self.gamma)}
+        elif kind == "mondeq-parametrization":
             rng = np.random.default_rng(model.seed + 1)
             n = model.n_hidden
             self.free = {"W": (rng.normal(size=(n, n)) * 0.3 / np.sqrt(n)).astype(model.dtype),
@@ -139,8 +174,11 @@ class _Constraint:
         self.apply(model)
 
     def grads(self, gA):
-        if "A" in self.free:
-            return {"A": gA}
+        """dL/d(free parameters) from dL/dA (dL/dK for a conv model)."""
+        if self.name in self.free:
+            return {self.name: gA}
+        if self.kind == "conv-parametrization":
+            return {"T": parametrize_conv_mu_inf_grad(self.free["T"], gA)}
         if self.kind == "parametrization":
             return {"T": parametrize_mu_inf_grad(self.free["T"], gA)}
         if self.kind == "mondeq-parametrization":
@@ -156,7 +194,12 @@ class _Constraint:
         ulp above gamma; projecting the result, a no-op for rows inside, keeps
         mu_inf(A) <= gamma exact in the model's dtype.
         """
-        if self.kind == "projection":
+        if self.kind == "conv-projection":
+            model.K[...] = project_conv_mu_inf(model.K, self.gamma)
+        elif self.kind == "conv-parametrization":
+            model.K = project_conv_mu_inf(parametrize_conv_mu_inf(self.free["T"], self.gamma).astype(model.dtype),
+                                          self.gamma)
+        elif self.kind == "projection":
             model.A[...] = project_mu_inf(model.A, self.gamma)
         elif self.kind == "norm":
             model.A[...] = project_norm_inf(model.A, self.gamma)
@@ -173,17 +216,32 @@ class _Constraint:
             model.A, model.weights = project_mu_inf(A.astype(model.dtype), self.gamma, eta), eta
 
 
-def evaluate(model, X, y, batch_size=1000, **solver_options):
-    """Mean loss, accuracy and per-sample forward iterations of ``model`` on (X, y)."""
+def evaluate(model, X, y, batch_size=None, **solver_options):
+    """Mean loss, accuracy and per-sample forward iterations of ``model`` on (X, y), in batches
+    (default 1000 samples, 200 for a conv model, whose state is C H W floats a sample)."""
+    batch_size = batch_size or (200 if isinstance(model, ConvNEMON) else 1000)
     losses, correct, iterations = 0.0, 0, []
     for start in range(0, len(X), batch_size):
         U, t = X[start:start + batch_size], y[start:start + batch_size]
         Z, info = model.equilibrium(U, **solver_options)
-        Y = Z @ model.C.T + model.c
+        Y = model.readout(Z)
         losses += softmax_cross_entropy(Y, t)[0] * len(U)
         correct += int(np.count_nonzero(Y.argmax(axis=1) == t))
         iterations.append(info.iterations)
     return losses / len(X), correct / len(X), np.concatenate(iterations)
+
+
+def build_model(config, n_in, n_out, image_shape=None):
+    """The untrained model a config describes: NEMON (and the monDEQ baseline, which is a NEMON
+    with a monDEQ-parametrized A) on n_in features, or ConvNEMON on images of ``image_shape``
+    (C, H, W)."""
+    dtype = as_float_dtype(config.dtype)
+    if config.model != "conv":
+        return NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed, dtype=dtype)
+    if image_shape is None or len(image_shape) != 3 or int(np.prod(image_shape)) != n_in:
+        raise ValueError(f"model conv needs the image shape (C, H, W) of the {n_in} input features, got {image_shape}")
+    return ConvNEMON(image_shape[0], image_shape[1:], channels=config.channels, kernel=config.kernel, n_out=n_out,
+                     pool=config.pool, gamma=config.gamma, padding=config.padding, seed=config.seed, dtype=dtype)
 
 
 class Trainer:
@@ -193,12 +251,17 @@ class Trainer:
     receives each epoch's metrics dict after the epoch is complete (checkpoint there).
     """
 
-    def __init__(self, config, n_in, n_out, model=None):
+    def __init__(self, config, n_in, n_out, model=None, image_shape=None):
         self.config = config.validate()
-        self.model = model or NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed,
-                                    dtype=as_float_dtype(config.dtype))
-        self.constraint = _Constraint("mondeq-parametrization" if config.model == "mondeq" else config.constraint,
-                                      self.model)
+        self.image_shape = image_shape
+        self.model = model or build_model(config, n_in, n_out, image_shape)
+        kind = {"mondeq": "mondeq-parametrization", "conv": "conv-" + config.constraint}.get(config.model,
+                                                                                             config.constraint)
+        self.constraint = _Constraint(kind, self.model)
+        # The adjoint residual is an l_1 norm over the hidden state: by default the same residual
+        # per hidden unit as a dense model of 100 units at tol (for dense models, tol itself).
+        self.adjoint_tol = config.adjoint_tol if config.adjoint_tol is not None else (
+            config.tol * self.model.n_hidden / 100 if config.model == "conv" else None)
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
@@ -214,14 +277,14 @@ class Trainer:
         with warnings.catch_warnings():
             if cfg.constraint == "none":   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
-            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, return_info=True,
-                                                **cfg.solver_options())
+            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, adjoint_tol=self.adjoint_tol,
+                                                return_info=True, **cfg.solver_options())
         if cfg.lipschitz_reg > 0:
             L, lg = (lipschitz_bound_and_grad if cfg.lipschitz_form == "exact" else smooth_lipschitz_bound_and_grad)(m)
             loss += cfg.lipschitz_reg * L
             for k in ("A", "B", "C"):
                 grads[k] = grads[k] + cfg.lipschitz_reg * lg[k]
-        grads.update(self.constraint.grads(grads.pop("A")))
+        grads.update(self.constraint.grads(grads.pop(self.constraint.name)))
         self.optimizer.step(self._params(), grads, lr=lr)
         self.constraint.apply(m)
         correct = int(np.count_nonzero(info["forward"].logits.argmax(axis=1) == y))
@@ -233,6 +296,8 @@ class Trainer:
         X = np.ascontiguousarray(X, dtype=dtype)
         X_test = None if X_test is None else np.ascontiguousarray(X_test, dtype=dtype)
         rng = np.random.default_rng(cfg.seed)
+        if cfg.augment and self.image_shape is None:
+            raise ValueError("augment needs the image shape: pass image_shape to Trainer")
         n_batches = math.ceil(len(X) / cfg.batch_size)
         for epoch in range(len(self.history), cfg.epochs):
             t0 = time.perf_counter()
@@ -243,7 +308,8 @@ class Trainer:
             for k in bar:
                 lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                loss, correct, f, b, conv = self.step(X[idx], y[idx], lr)
+                batch = augment_crop_flip(X[idx], self.image_shape, rng) if cfg.augment else X[idx]
+                loss, correct, f, b, conv = self.step(batch, y[idx], lr)
                 converged += int(np.count_nonzero(conv))
                 total_loss += loss * len(idx)
                 total_correct += correct
@@ -264,7 +330,7 @@ class Trainer:
                     test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
             mu = self.model.mu_inf()
-            row.update(mu_inf=mu, mu_inf_unweighted=mu_inf(self.model.A),
+            row.update(mu_inf=mu, mu_inf_unweighted=mu if self.model.weights is None else mu_inf(self.model.A),
                        # No l_inf certificate, no bound (monDEQ and unconstrained models may lack one).
                        lipschitz_bound=lipschitz_bound(self.model) if mu < 1 else None,
                        fwd_converged_frac=converged / len(X),

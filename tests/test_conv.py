@@ -93,7 +93,8 @@ def test_conv_nemon_fixed_point_and_gradients(rng, padding):
     # The fixed point of the dense problem with the same matrices.
     A, Bm = conv_matrix(model.K, 4, 4, padding), conv_matrix(model.B, 4, 4, padding)
     Q = U.reshape(3, -1) @ Bm.T + np.repeat(model.b, 16)
-    np.testing.assert_allclose(np.maximum(X.reshape(3, -1) @ A.T + Q, 0), X.reshape(3, -1), atol=1e-12)
+    Xd = X.transpose(0, 3, 1, 2).reshape(3, -1)  # the model's state is channel-last
+    np.testing.assert_allclose(np.maximum(Xd @ A.T + Q, 0), Xd, atol=1e-12)
     kw = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=5000)
     _, grads = model.loss_and_grad(U, y, with_input=True, **kw)
     loss = lambda: model.loss_and_grad(U, y, **kw)[0]  # noqa: E731

@@ -1,0 +1,131 @@
+"""The average iteration when A is a convolution: channel-last state, fused numba update.
+
+Same iteration as :func:`nemon_np.solvers.averaged_fixed_point_operator` (DESIGN.md, "Average
+iteration"; the adjoint with ``relu=False, l1=True`` and a mask S):
+
+    x <- x + alpha (phi(K * (x s) + q) - x),   stopped per sample at ||phi(.) - x|| <= tol,
+
+with the state kept channel-last and padded between iterations, so that each step is the k^2
+BLAS products of :func:`nemon_np.conv.correlate_padded` and one fused pass over memory
+(:func:`_average_step`): pre-activation, residual, update and re-padding together. The generic
+operator version, with NCHW transposes and a pad per step, is the reference tests compare with.
+"""
+import numpy as np
+from numba import njit
+
+from .conv import conv_taps, correlate_padded, pad_channel_last
+
+__all__ = ["conv_fixed_point"]
+
+# Converged samples leave the working set once they are this fraction of it: compaction copies
+# every working array, so it is batched rather than done at every step.
+COMPACT_FRACTION = 0.2
+
+
+@njit(cache=True)
+def _fill_border(Xp, n, p, H, W):
+    """Circular padding of sample n of Xp (m, H + 2p, W + 2p, C) from its interior."""
+    Hp, Wp = H + 2 * p, W + 2 * p
+    for i in range(Hp):
+        si = p + (i - p) % H
+        border_row = i < p or i >= H + p
+        for j in range(Wp):
+            if border_row or j < p or j >= W + p:
+                Xp[n, i, j, :] = Xp[n, si, p + (j - p) % W, :]
+
+
+@njit(cache=True, fastmath=True)
+def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, max_iter, relu, l1, masked,
+                  circular):
+    """One averaged step for every working sample not yet done.
+
+    Y (r, Hp, Wp, C): K * (x s) on the padded grid; Q, X, S, P (r, H, W, C); Xp (r, Hp, Wp, C)
+    the padded x s that Y came from. For each sample: P = Y + Q, residual ||phi(P) - x|| (l_1
+    or l_inf); done (recording k and the residual) if it is <= tol or k == max_iter, else x is
+    updated and written, times s, into the interior (and circular border) of Xp.
+    Returns the number of samples that finished at this step.
+    """
+    r, H, W, C = X.shape
+    p = (Xp.shape[1] - H) // 2
+    zero = tol - tol
+    finished = 0
+    for n in range(r):
+        if done[n]:
+            continue
+        res = zero
+        for i in range(H):
+            for j in range(W):
+                for c in range(C):
+                    v = Y[n, i, j, c] + Q[n, i, j, c]
+                    P[n, i, j, c] = v
+                    f = max(v, zero) if relu else v
+                    d = abs(f - X[n, i, j, c])
+                    res = res + d if l1 else max(res, d)
+        if res <= tol or k == max_iter:
+            done[n] = True
+            iterations[n] = k
+            residual[n] = res
+            finished += 1
+            continue
+        for i in range(H):
+            for j in range(W):
+                for c in range(C):
+                    v = P[n, i, j, c]
+                    f = max(v, zero) if relu else v
+                    x = X[n, i, j, c] + alpha * (f - X[n, i, j, c])
+                    X[n, i, j, c] = x
+                    Xp[n, i + p, j + p, c] = x * S[n, i, j, c] if masked else x
+        if circular:
+            _fill_border(Xp, n, p, H, W)
+    return finished
+
+
+def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None):
+    """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
+
+    Parameters
+    ----------
+    K : (C, C, k, k) kernel of the linear map (cross-correlation, :mod:`nemon_np.conv`)
+    Q : (m, H, W, C) injections q, channel-last
+    alpha, tol, max_iter : step, per-sample tolerance, iteration cap
+    padding : "circular" or "zero"
+    relu, l1 : phi = relu (forward) or identity (adjoint); l_1 instead of l_inf residual
+    S : (m, H, W, C) mask s, optional (the adjoint's D); X0 : (m, H, W, C) start, default 0
+
+    Returns
+    -------
+    X, P : (m, H, W, C) last iterates and their pre-activations K * (x s) + q
+    iterations : (m,) int; residual : (m,) of the last step, as
+    :func:`nemon_np.solvers.averaged_fixed_point_operator`.
+    """
+    Q = np.ascontiguousarray(Q)
+    m, H, W, C = Q.shape
+    dtype = Q.dtype
+    taps = conv_taps(np.asarray(K, dtype))
+    masked = S is not None
+    X = np.zeros_like(Q) if X0 is None else np.array(X0, dtype=dtype)
+    S = np.ascontiguousarray(S, dtype=dtype) if masked else np.empty((m, 0, 0, 0), dtype)
+    Xp = np.ascontiguousarray(pad_channel_last(X * S if masked else X, taps.shape[0], padding))
+    X_out, P_out = np.empty_like(Q), np.empty_like(Q)
+    iterations, residual = np.zeros(m, np.int64), np.zeros(m, dtype)
+    P = np.empty_like(Q)
+    Y, scratch = np.empty_like(Xp, shape=Xp.shape[:3] + (C,)), np.empty_like(Xp, shape=Xp.shape[:3] + (C,))
+    active = np.arange(m)
+    done = np.zeros(m, bool)
+    its, res = np.zeros(m, np.int64), np.zeros(m, dtype)
+    n_done = 0
+    for k in range(max_iter + 1):
+        r = len(active)
+        correlate_padded(taps, Xp[:r], out=Y[:r], scratch=scratch[:r])
+        n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
+                                relu, l1, masked, padding == "circular")
+        if n_done == r or n_done >= COMPACT_FRACTION * r:
+            idx = active[done]
+            X_out[idx], P_out[idx], iterations[idx], residual[idx] = X[done], P[done], its[done], res[done]
+            keep = ~done
+            if n_done == r:
+                break
+            active, Q, X, P, Xp = active[keep], Q[keep], X[keep], P[keep], Xp[keep]
+            S = S[keep] if masked else S
+            done, its, res, n_done = done[keep], its[keep], res[keep], 0
+    return X_out, P_out, iterations, residual

@@ -1,0 +1,199 @@
+"""Convolutional NEMON beyond the convolution itself: the channel-last solver against the generic
+reference, the kernel parametrization, persistence, the Lipschitz bound and certificate, the
+augmentation, and training on real MNIST through the library and the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import finite_difference
+from nemon_np import ConvNEMON, load_model
+from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv, parametrize_conv_mu_inf,
+                           parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
+from nemon_np.conv_solvers import conv_fixed_point
+from nemon_np.data import augment_crop_flip, load_mnist, normalize
+from nemon_np.measures import norm_inf
+from nemon_np.robustness import attack, certified_correct, lipschitz_bound
+from nemon_np.solvers import averaged_fixed_point_operator
+from nemon_np.training import TrainConfig, Trainer
+
+
+def _channel_last(A):
+    return np.ascontiguousarray(A.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_channel_last_solver_matches_the_generic_reference(rng, padding, adjoint):
+    C, H, W, m = 3, 6, 5, 9
+    K = project_conv_mu_inf(rng.normal(size=(C, C, 3, 3)), 0.8)
+    alpha = 1.0 / (1.0 - min(np.diag(K[:, :, 1, 1]).min(), 0.0))
+    Q = rng.normal(size=(m, C, H, W)) * rng.uniform(0.01, 3, size=(m, 1, 1, 1))  # samples finish at different steps
+    S = (rng.random((m, C, H, W)) > 0.4).astype(float) if adjoint else None
+    X0 = Q.copy() if adjoint else None
+    apply = lambda X: conv_apply(K, X.reshape(-1, C, H, W), padding).reshape(len(X), -1)  # noqa: E731
+    flat = lambda A: None if A is None else A.reshape(m, -1)  # noqa: E731
+    for tol, max_iter in ((1e-10, 400), (1e-3, 6)):
+        Xr, Pr, ir, rr = averaged_fixed_point_operator(apply, flat(Q), alpha, tol, max_iter, relu=not adjoint,
+                                                       l1=adjoint, S=flat(S), X0=flat(X0))
+        X, P, its, res = conv_fixed_point(K, _channel_last(Q), alpha, tol, max_iter, padding, relu=not adjoint,
+                                          l1=adjoint, S=None if S is None else _channel_last(S),
+                                          X0=None if X0 is None else _channel_last(X0))
+        np.testing.assert_array_equal(its, ir)
+        assert len(set(its)) > 1 or max_iter == 6
+        np.testing.assert_allclose(X, _channel_last(Xr.reshape(m, C, H, W)), atol=1e-12)
+        np.testing.assert_allclose(P, _channel_last(Pr.reshape(m, C, H, W)), atol=1e-12)
+        np.testing.assert_allclose(res, rr, rtol=1e-9, atol=1e-15)
+
+
+def test_kernel_parametrization_bound_gradient_and_inverse(rng):
+    C, k, gamma = 4, 3, 0.6
+    for _ in range(20):
+        T = rng.normal(size=(C, C, k, k))
+        assert mu_inf_conv(parametrize_conv_mu_inf(T, gamma)) <= gamma + 1e-12
+    T = rng.normal(size=(C, C, k, k))
+    G = rng.normal(size=T.shape)
+    fd = finite_difference(lambda: float(np.sum(G * parametrize_conv_mu_inf(T, gamma))), T)
+    np.testing.assert_allclose(parametrize_conv_mu_inf_grad(T, G), fd, atol=1e-7)
+    K = project_conv_mu_inf(rng.normal(size=(C, C, k, k)), gamma)
+    np.testing.assert_allclose(parametrize_conv_mu_inf(parametrize_conv_mu_inf_inverse(K, gamma), gamma), K,
+                               atol=1e-13)
+    with pytest.raises(ValueError, match="outside"):
+        parametrize_conv_mu_inf_inverse(K * 3, gamma)
+
+
+def test_conv_input_norm_is_the_dense_operator_norm(rng):
+    B = rng.normal(size=(4, 3, 3, 3))
+    assert conv_input_norm(B) == pytest.approx(norm_inf(conv_matrix(B, 5, 6)), rel=1e-12)
+    assert conv_input_norm(B) >= norm_inf(conv_matrix(B, 5, 6, "zero")) * (1 - 1e-12)
+
+
+def test_save_load_round_trip_and_dispatch(rng, tmp_path):
+    model = ConvNEMON(2, (8, 8), channels=3, kernel=3, n_out=4, pool=2, gamma=0.8, padding="zero", seed=3,
+                      dtype=np.float32)
+    model.b = rng.normal(size=3).astype(np.float32)
+    model.metadata.update(dataset="mnist", mean=np.array([0.1, 0.2]))
+    model.save(tmp_path / "m.npz")
+    back = load_model(tmp_path / "m.npz")
+    assert isinstance(back, ConvNEMON) and back.padding == "zero" and back.image_size == (8, 8)
+    assert back.metadata["dataset"] == "mnist"
+    U = rng.normal(size=(5, 2 * 8 * 8)).astype(np.float32)
+    np.testing.assert_array_equal(back.logits(U, tol=1e-5), model.logits(U, tol=1e-5))
+    data = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "bad.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="bad.npz"):
+        load_model(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="U must have shape"):
+        model.logits(U[:, :-1])
+
+
+def _random_conv_model(rng, padding="circular", gamma=0.7):
+    model = ConvNEMON(2, (4, 4), channels=3, kernel=3, n_out=3, pool=2, gamma=gamma, padding=padding, seed=1)
+    model.K = project_conv_mu_inf(rng.normal(size=model.K.shape) / 3, gamma)
+    model.b = 0.2 * rng.normal(size=3)
+    return model
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_lipschitz_bound_holds_and_matches_the_dense_form(rng, padding):
+    model = _random_conv_model(rng, padding)
+    B = conv_matrix(model.B, 4, 4, padding)
+    # The head acting on the channel-last state, pooling included, as a dense matrix.
+    pool = np.zeros((3 * 4, 3 * 16))
+    for c in range(3):
+        for i in range(4):
+            for j in range(4):
+                pool[((i // 2) * 2 + j // 2) * 3 + c, c * 16 + i * 4 + j] = 0.25
+    dense_bound = norm_inf(model.C @ pool) * norm_inf(B) / (1 - max(model.mu_inf(), 0))
+    L = lipschitz_bound(model)
+    if padding == "circular":
+        assert L == pytest.approx(dense_bound, rel=1e-12)
+    assert L >= dense_bound * (1 - 1e-12)
+    for _ in range(20):
+        u1 = rng.normal(size=(1, 32))
+        u2 = u1 + rng.uniform(-1e-3, 1e-3, size=u1.shape)
+        dy = np.abs(model.logits(u1, tol=1e-13, max_iter=5000) - model.logits(u2, tol=1e-13, max_iter=5000)).max()
+        assert dy <= L * np.abs(u1 - u2).max() * (1 + 1e-9)
+
+
+def test_augmentation_is_a_shifted_window_possibly_flipped(rng):
+    X = rng.normal(size=(20, 3 * 6 * 5)).astype(np.float32)
+    out = augment_crop_flip(X, (3, 6, 5), np.random.default_rng(0), pad=2)
+    assert out.shape == X.shape and out.dtype == X.dtype
+    P = np.pad(X.reshape(20, 3, 6, 5), ((0, 0), (0, 0), (2, 2), (2, 2)))
+    flips = 0
+    for n in range(20):
+        img = out[n].reshape(3, 6, 5)
+        windows = [(P[n, :, a:a + 6, e:e + 5], f) for a in range(5) for e in range(5) for f in (False, True)]
+        matches = [f for w, f in windows if np.array_equal(w[:, :, ::-1] if f else w, img)]
+        assert matches, n
+        flips += all(matches)
+    assert 0 < flips < 20
+    np.testing.assert_array_equal(augment_crop_flip(X, (3, 6, 5), np.random.default_rng(0), pad=2), out)
+
+
+@pytest.fixture(scope="module")
+def mnist_images():
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    d = load_mnist(SHARED_DATA, download=False)
+    return (normalize(d.train_images[:1500], d.mean, d.std), d.train_labels[:1500],
+            normalize(d.test_images[:300], d.mean, d.std), d.test_labels[:300])
+
+
+@pytest.mark.parametrize("constraint", ["projection", "parametrization"])
+def test_conv_training_on_real_mnist_learns_and_stays_well_posed(mnist_images, constraint):
+    X, y, Xt, yt = mnist_images
+    config = TrainConfig(model="conv", channels=8, epochs=1, lr=1e-2, schedule="constant", tol=1e-3, gamma=0.9,
+                         constraint=constraint)
+    trainer = Trainer(config, X.shape[1], 10, image_shape=(1, 28, 28)).fit(X, y, Xt, yt, progress=False)
+    row = trainer.history[-1]
+    assert row["test_acc"] > 0.6, row  # chance is 0.1
+    assert trainer.model.mu_inf() <= 0.9 + 1e-12
+    assert row["lipschitz_bound"] > 0
+
+
+def test_certified_conv_points_are_never_broken(mnist_images):
+    X, y, Xt, yt = mnist_images
+    config = TrainConfig(model="conv", channels=8, epochs=1, lr=1e-2, schedule="constant", tol=1e-3, gamma=0.5)
+    model = Trainer(config, X.shape[1], 10, image_shape=(1, 28, 28)).fit(X, y, progress=False).model
+    model.metadata.update(mean=np.array([0.1307]), std=np.array([0.3081]))
+    pixels = np.clip(Xt[:40] * 0.3081 + 0.1307, 0, 1)
+    eps = 0.002
+    certified = certified_correct(model, pixels, yt[:40], eps)
+    attacked = attack(model, pixels, yt[:40], eps, "pgd", steps=5)
+    assert np.abs(attacked - pixels).max() <= eps + 1e-12
+    still = model.predict((attacked - 0.1307) / 0.3081, tol=1e-4) == yt[:40]
+    assert certified.any()
+    assert np.all(still[certified])
+
+
+def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys):
+    from nemon_np import evaluate, train
+    out = tmp_path / "run"
+    code = train.main(["--dataset", "mnist", "--model", "conv", "--channels", "4", "--data-dir", str(shared_data),
+                       "--limit-train", "300", "--epochs", "1", "--tol", "1e-3", "--augment", "--out", str(out),
+                       "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "mu_inf(K)" in text and "verified" in text and "augmented" in text
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["verified"] and summary["mu_inf_saved"] <= 0.95 + 1e-12
+    assert (out / "training_curves.png").stat().st_size > 0
+    assert evaluate.main([str(out), "--data-dir", str(shared_data), "--tol", "1e-3"]) == 0
+    assert "mu_inf(K)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "conv", "--constraint", "weighted"], "supports constraint"),
+    (["--model", "conv", "--kernel", "4"], "kernel must be odd"),
+    (["--model", "conv", "--lipschitz-reg", "0.1"], "not implemented for model conv"),
+    (["--model", "conv", "--solver", "anderson"], "solver average"),
+])
+def test_conv_cli_bad_flags_give_one_line_errors(flags, message, capsys):
+    from nemon_np import train
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
