@@ -20,7 +20,7 @@ import numpy as np
 
 from nemon_np import NEMON, mu_inf
 from nemon_np.data import load_mnist, normalize
-from nemon_np.training import CONSTRAINTS, TrainConfig, Trainer
+from nemon_np.training import CONSTRAINTS, MODEL_DEFAULTS, TrainConfig, Trainer
 
 
 def train_one(config, data, out):
@@ -47,7 +47,7 @@ def train_one(config, data, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with MNIST (as for nemon_np.train)")
-    p.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="epochs per constraint mode")
+    p.add_argument("--epochs", type=int, default=MODEL_DEFAULTS["nemon"]["epochs"], help="epochs per constraint mode")
     p.add_argument("--tol-epochs", type=int, default=3, help="epochs per tolerance in the tolerance study")
     p.add_argument("--out", default=None, help="write results.json (and the models) here")
     args = p.parse_args(argv)

@@ -21,7 +21,7 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .models import read_model_file, softmax_cross_entropy
+from .models import read_model_file, softmax_cross_entropy, write_model_file
 from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
 
 __all__ = ["ConvNEMON"]
@@ -191,11 +191,13 @@ class ConvNEMON:
         g = ((m * dY) @ self.C).reshape(m, H // s, 1, W // s, 1, C) / (s * s)
         g = np.ascontiguousarray(np.broadcast_to(g, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
         mask = (finfo.preactivation > 0).astype(self.dtype)
-        Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), g, finfo.alpha,
-                                               tol if adjoint_tol is None else adjoint_tol, max_iter, self.padding,
-                                               relu=False, l1=True, S=mask, X0=g)
+        # The adjoint residual is an l_1 norm over all C H W units: by default the same residual per
+        # unit as a dense model of 100 units at tol.
+        adjoint_tol = tol * self.n_hidden / 100 if adjoint_tol is None else adjoint_tol
+        Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), g, finfo.alpha, adjoint_tol, max_iter,
+                                               self.padding, relu=False, l1=True, S=mask, X0=g)
         binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
-                               converged=bres <= self.dtype(tol if adjoint_tol is None else adjoint_tol))
+                               converged=bres <= self.dtype(adjoint_tol))
         delta = mask * Wadj / m
         return X, pooled, loss, dY, delta, {"forward": finfo, "backward": binfo}
 
@@ -207,7 +209,9 @@ class ConvNEMON:
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
                       adjoint_tol=None, return_info=False, on_violation="raise", with_input=False):
         """Mean softmax cross-entropy and its gradients {"K","B","b","C","c"} (and "U" if with_input),
-        plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits)."""
+        plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits).
+
+        ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
         X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol,
                                                           on_violation)
         Ucl = self._images(U)
@@ -234,15 +238,9 @@ class ConvNEMON:
     # -- persistence ------------------------------------------------------
     def save(self, path):
         """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
-        state = {k: getattr(self, k) for k in PARAMETERS}
-        state.update(format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION), gamma=np.array(self.gamma),
-                     seed=np.array(self.seed), dtype=np.array(np.dtype(self.dtype).name),
-                     padding=np.array(self.padding), pool=np.array(self.pool),
-                     image_size=np.array(self.image_size), in_channels=np.array(self.in_channels))
-        for k, v in self.metadata.items():
-            state["meta." + k] = np.asarray(v)
-        with open(path, "wb") as f:
-            np.savez(f, **state)
+        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, self.params(), self.metadata, gamma=self.gamma,
+                         seed=self.seed, dtype=np.dtype(self.dtype).name, padding=self.padding, pool=self.pool,
+                         image_size=self.image_size, in_channels=self.in_channels)
 
     @classmethod
     def load(cls, path):
@@ -264,7 +262,7 @@ class ConvNEMON:
                 or model.c.shape != (model.C.shape[0],)):
             raise ValueError(f"{path}: parameter shapes are inconsistent (K {model.K.shape}, B {model.B.shape}, "
                              f"b {model.b.shape}, C {model.C.shape}, c {model.c.shape})")
-        model.metadata = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items() if k.startswith("meta.")}
+        model.metadata = data["metadata"]
         return model
 
     def __repr__(self):

@@ -119,6 +119,8 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         correlate_padded(taps, Xp[:r], out=Y[:r], scratch=scratch[:r])
         n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
                                 relu, l1, masked, padding == "circular")
+        if n_done == r and r == m:  # all finished together: the working arrays are the results
+            return X, P, its, res
         if n_done == r or n_done >= COMPACT_FRACTION * r:
             idx = active[done]
             X_out[idx], P_out[idx], iterations[idx], residual[idx] = X[done], P[done], its[done], res[done]

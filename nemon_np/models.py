@@ -42,8 +42,9 @@ def softmax_cross_entropy(Y, labels):
 
 
 def read_model_file(path, format_name, version, required):
-    """The arrays of a model ``.npz`` as a dict, checked for its format marker, version and keys;
-    a truncated or foreign file is a one-line ``ValueError``."""
+    """The arrays of a model ``.npz`` as a dict, checked for its format marker, version and keys,
+    with the ``meta.`` entries gathered under "metadata"; a truncated or foreign file is a
+    one-line ``ValueError``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -60,7 +61,19 @@ def read_model_file(path, format_name, version, required):
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"{path}: model file lacks {', '.join(missing)}")
+    data["metadata"] = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items() if k.startswith("meta.")}
     return data
+
+
+def write_model_file(path, format_name, version, params, metadata, **settings):
+    """One ``.npz`` (no pickled objects): the parameter arrays, the settings, a format marker and
+    version, and each metadata entry under ``meta.<key>``; the inverse of :func:`read_model_file`."""
+    state = {k: np.asarray(v) for k, v in {**params, **settings}.items()}
+    state.update(format=np.array(format_name), version=np.array(version))
+    for k, v in metadata.items():
+        state["meta." + k] = np.asarray(v)
+    with open(path, "wb") as f:
+        np.savez(f, **state)
 
 
 def load_model(path):
@@ -260,15 +273,9 @@ class NEMON:
     # -- persistence ------------------------------------------------------
     def save(self, path):
         """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
-        state = {k: getattr(self, k) for k in PARAMETERS}
-        state.update(format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION),
-                     gamma=np.array(self.gamma), seed=np.array(self.seed),
-                     dtype=np.array(np.dtype(self.dtype).name),
-                     weights=np.array([]) if self.weights is None else self.weights)
-        for k, v in self.metadata.items():
-            state["meta." + k] = np.asarray(v)
-        with open(path, "wb") as f:
-            np.savez(f, **state)
+        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, self.params(), self.metadata,
+                         gamma=self.gamma, seed=self.seed, dtype=np.dtype(self.dtype).name,
+                         weights=np.array([]) if self.weights is None else self.weights)
 
     @classmethod
     def load(cls, path):
@@ -288,8 +295,7 @@ class NEMON:
         model.weights = None if w.size == 0 else as_weights(w, n)
         for k in PARAMETERS:
             setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
-        model.metadata = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items()
-                          if k.startswith("meta.")}
+        model.metadata = data["metadata"]
         return model
 
     def __repr__(self):

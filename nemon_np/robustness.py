@@ -15,7 +15,8 @@ from .conv_model import ConvNEMON
 from .measures import norm_inf
 
 __all__ = ["lipschitz_bound", "lipschitz_bound_and_grad", "smooth_lipschitz_bound_and_grad", "solver_options_for",
-           "to_inputs", "attack", "certified_correct", "empirical_lipschitz", "robustness_report", "ATTACKS"]
+           "to_inputs", "attack", "certified_correct", "empirical_lipschitz", "robustness_report", "plot_report",
+           "ATTACKS"]
 
 ATTACKS = ("noise", "fgsm", "pgd")
 
@@ -257,6 +258,27 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
     return report
 
 
+def plot_report(report, path, title=""):
+    """One figure of a :func:`robustness_report`: accuracy against the l_inf radius for each attack,
+    and the certified accuracy, which every attack must stay above."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    eps = report["eps"]
+    labels = {"noise": "uniform noise", "fgsm": "FGSM", "pgd": "PGD (random start)"}
+    for kind in ATTACKS:
+        ax.plot(eps, [100 * a for a in report["attacks"][kind]], marker="o", label=labels[kind])
+    ax.plot(eps, [100 * a for a in report["certified"]], marker="s", color="k", ls="--",
+            label="certified (Lipschitz bound)")
+    ax.set(xlabel="l_inf radius eps (pixels in [0, 1])", ylabel="accuracy (%)", ylim=(-2, 102), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _as_float64(model):
     import copy
     m = copy.copy(model)
@@ -308,7 +330,10 @@ def main(argv=None):
           f"(normalized-input units); empirical lower bound {report['lipschitz_empirical']:.4g}")
     out = pathlib.Path(args.out) if args.out else model_path.parent / "robustness.json"
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    figure = out.with_suffix(".png")
+    plot_report(report, figure, f"{type(model).__name__} on {model.metadata.get('dataset', '?')}, "
+                                f"{len(pixels)} test images")
+    print(f"wrote {out} and {figure}")
     return 0
 
 

@@ -35,11 +35,12 @@ HELP = {
     "padding": "conv model: circular (the paper's; mu_inf(K) exact) or zero padding (mu_inf(K) an upper bound)",
     "augment": "random crops (padding 4) and horizontal flips of the training images (CIFAR-10's standard "
                "augmentation)",
-    "epochs": "passes over the training set",
+    "epochs": "passes over the training set; default: 40 (nemon, mondeq) or 10 (conv)",
     "batch_size": "samples per minibatch",
-    "lr": "Adam learning rate at the start of the schedule",
+    "lr": "Adam learning rate at the start of the schedule; default: 1e-3 (nemon, mondeq) or 5e-3 (conv)",
     "schedule": "learning-rate schedule: constant, step (x0.1 at 25/50/75%%) or cosine to 0",
-    "gamma": "bound on mu_inf(A), < 1: the well-posedness / contraction margin",
+    "gamma": "bound on mu_inf(A), < 1: the well-posedness / contraction margin; default: 0.95 (nemon, mondeq) "
+             "or 0.9 (conv)",
     "constraint": "how mu_inf(A) <= gamma is kept: projection (exact projection after each step), "
                   "parametrization (A = gamma I + T - diag(|T|1)), weighted (same with learned "
                   "diagonal weights, the paper's search space)",
@@ -51,7 +52,8 @@ HELP = {
               "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
               "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
-    "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual <= tol",
+    "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual "
+           "<= adjoint-tol; default: 1e-4 (nemon, mondeq) or 1e-3 (conv)",
     "adjoint_tol": "l_1 residual tolerance of the adjoint solve; default: tol for dense models, "
                    "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
@@ -64,7 +66,8 @@ HELP = {
 CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS}
-TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float}
+TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
+         "gamma": float, "tol": float}
 
 
 def build_parser():

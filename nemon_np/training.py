@@ -47,6 +47,11 @@ __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "
 CONSTRAINTS = ("projection", "parametrization", "weighted", "norm", "mondeq", "none")
 MODELS = ("nemon", "mondeq", "conv")
 CONV_CONSTRAINTS = ("projection", "parametrization")
+# Settings left None take the model's defaults. Conv models: an iteration costs C^2 k^2 flops a
+# pixel, so a looser tolerance and a smaller gamma (faster contraction) keep an epoch to minutes.
+MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
+                  "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
+                  "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
 
 
@@ -60,6 +65,7 @@ class TrainConfig:
     ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
     ``hidden`` does not apply), with the projection or parametrization constraint on its kernel;
     ``augment`` turns on random crops (padding 4) and horizontal flips of the training images.
+    ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
     """
     model: str = "nemon"
     hidden: int = 100
@@ -68,17 +74,17 @@ class TrainConfig:
     pool: int = 4
     padding: str = "circular"
     augment: bool = False
-    epochs: int = 40
+    epochs: int = None
     batch_size: int = 100
-    lr: float = 1e-3
+    lr: float = None
     schedule: str = "cosine"
-    gamma: float = 0.95
+    gamma: float = None
     constraint: str = "projection"
     lipschitz_reg: float = 0.0
     lipschitz_form: str = "exact"
     solver: str = None
     alpha: float = None
-    tol: float = 1e-4
+    tol: float = None
     adjoint_tol: float = None
     max_iter: int = 300
     adjoint: str = None
@@ -90,6 +96,9 @@ class TrainConfig:
         for the first bad setting."""
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        for name, value in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         mondeq_like = self.model == "mondeq" or self.constraint == "mondeq"
         if self.solver is None:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
@@ -258,10 +267,6 @@ class Trainer:
         kind = {"mondeq": "mondeq-parametrization", "conv": "conv-" + config.constraint}.get(config.model,
                                                                                              config.constraint)
         self.constraint = _Constraint(kind, self.model)
-        # The adjoint residual is an l_1 norm over the hidden state: by default the same residual
-        # per hidden unit as a dense model of 100 units at tol (for dense models, tol itself).
-        self.adjoint_tol = config.adjoint_tol if config.adjoint_tol is not None else (
-            config.tol * self.model.n_hidden / 100 if config.model == "conv" else None)
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
@@ -277,7 +282,7 @@ class Trainer:
         with warnings.catch_warnings():
             if cfg.constraint == "none":   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
-            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, adjoint_tol=self.adjoint_tol,
+            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol,
                                                 return_info=True, **cfg.solver_options())
         if cfg.lipschitz_reg > 0:
             L, lg = (lipschitz_bound_and_grad if cfg.lipschitz_form == "exact" else smooth_lipschitz_bound_and_grad)(m)

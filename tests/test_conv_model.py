@@ -183,6 +183,13 @@ def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys)
     assert (out / "training_curves.png").stat().st_size > 0
     assert evaluate.main([str(out), "--data-dir", str(shared_data), "--tol", "1e-3"]) == 0
     assert "mu_inf(K)" in capsys.readouterr().out
+    from nemon_np import robustness
+    assert robustness.main([str(out), "--data-dir", str(shared_data), "--samples", "20", "--pgd-steps", "2",
+                            "--eps", "0", "0.01"]) == 0
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["lipschitz_bound"] >= report["lipschitz_empirical"] > 0
+    assert all(a >= c for a, c in zip(report["attacks"]["pgd"], report["certified"]))
+    assert (out / "robustness.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -110,6 +110,7 @@ def test_robustness_cli_and_quick_analysis(tmp_path, shared_data):
     assert "pgd" in proc.stdout and "certified" in proc.stdout and "RuntimeWarning" not in proc.stderr
     report = json.loads((run / "robustness.json").read_text())
     assert report["lipschitz_bound"] is None or report["mu_inf"] < 1
+    assert (run / "robustness.png").stat().st_size > 1000
     out = tmp_path / "rob"
     proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "robustness.py"), "--quick", "--out", str(out),
                            "--data-dir", str(shared_data)], capture_output=True, text=True, timeout=300)
