@@ -23,7 +23,7 @@ from .projection import _project_rows, _round_inside, parametrize_rows, parametr
 __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
            "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded", "transpose_kernel",
            "weight_grad_channel_last", "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
-           "parametrize_conv_mu_inf_inverse", "conv_input_norm"]
+           "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures"]
 
 PADDINGS = ("circular", "zero")
 
@@ -186,11 +186,17 @@ def _channel_rows(K):
     return K.reshape(C, C * k * k), np.arange(C) * k * k + centre
 
 
-def mu_inf_conv(K):
-    """Exact mu_inf of the circular convolution (an upper bound with zero padding), see the module doc."""
+def conv_row_measures(K):
+    """Per-output-channel measures ``K[c,c,p,p] + sum of |K[c]|'s other taps``, shape (C,)."""
     R, diag = _channel_rows(_check_kernel(K).astype(np.float64))
     rows = np.arange(len(R))
-    return float((np.abs(R).sum(axis=1) - np.abs(R[rows, diag]) + R[rows, diag]).max())
+    return np.abs(R).sum(axis=1) - np.abs(R[rows, diag]) + R[rows, diag]
+
+
+def mu_inf_conv(K):
+    """Exact mu_inf of the circular convolution (an upper bound with zero padding), see the module doc:
+    the largest of :func:`conv_row_measures`."""
+    return float(conv_row_measures(K).max())
 
 
 def project_conv_mu_inf(K, gamma):

@@ -99,6 +99,12 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     :func:`nemon_np.solvers.averaged_fixed_point_operator`.
     """
     Q = np.ascontiguousarray(Q)
+    if Q.ndim != 4 or np.shape(K) != (Q.shape[3], Q.shape[3]) + np.shape(K)[2:]:
+        raise ValueError(f"Q must be channel-last (m, H, W, C) for a (C, C, k, k) kernel, got Q {Q.shape}, "
+                         f"K {np.shape(K)}")
+    for name, A in (("S", S), ("X0", X0)):
+        if A is not None and np.shape(A) != Q.shape:
+            raise ValueError(f"{name} must have Q's shape {Q.shape}, got {np.shape(A)}")
     m, H, W, C = Q.shape
     dtype = Q.dtype
     taps = conv_taps(np.asarray(K, dtype))

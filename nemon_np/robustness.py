@@ -10,9 +10,9 @@ so B and C enter through the matching induced norms ``||diag(eta)^-1 B||_inf`` a
 """
 import numpy as np
 
-from .conv import conv_input_norm
+from .conv import _channel_rows, conv_row_measures
 from .conv_model import ConvNEMON
-from .measures import norm_inf
+from .measures import norm_inf, row_measures
 
 __all__ = ["lipschitz_bound", "lipschitz_bound_and_grad", "smooth_lipschitz_bound_and_grad", "solver_options_for",
            "to_inputs", "attack", "certified_correct", "empirical_lipschitz", "robustness_report", "plot_report",
@@ -21,28 +21,58 @@ __all__ = ["lipschitz_bound", "lipschitz_bound_and_grad", "smooth_lipschitz_boun
 ATTACKS = ("noise", "fgsm", "pgd")
 
 
-def lipschitz_bound(model):
-    """Certified l_inf -> l_inf Lipschitz constant of ``u -> y`` (in the units of u).
+def _io_rows(model):
+    """B and C as the row matrices whose ||.||_inf are the bound's two factors, with the chain
+    rule from each back to the parameter: dense models B~ = diag(eta)^-1 B, C~ = C diag(eta)
+    (B and C when unweighted); conv models the per-output-channel taps of B, (C, C_in k^2),
+    and C itself (the average pooling before it has l_inf norm 1)."""
+    B, C = np.asarray(model.B, np.float64), np.asarray(model.C, np.float64)
+    if isinstance(model, ConvNEMON):
+        return B.reshape(len(B), -1), C, lambda G: G.reshape(B.shape), lambda G: G
+    eta = model.weights
+    if eta is None:
+        return B, C, lambda G: G, lambda G: G
+    return B / eta[:, None], C * eta[None, :], lambda G: G / eta[:, None], lambda G: G * eta[None, :]
 
-    For a :class:`ConvNEMON`, ``||C||_inf ||B||_inf / (1 - max(mu_inf(K), 0))`` with ||B||_inf
-    the convolution's norm (:func:`nemon_np.conv.conv_input_norm`); the pooling has norm 1.
+
+def _implicit(model):
+    """The name and value of the implicit layer's parameter: "A" (dense) or "K" (conv)."""
+    return ("K", model.K) if isinstance(model, ConvNEMON) else ("A", model.A)
+
+
+def _measure_subgradient(model):
+    """A subgradient of the model's mu_inf with respect to A (or K): in the maximizing row,
+    1 on the diagonal entry (the centre tap of a conv channel) and w_j sign(a_ij) off it,
+    w_j = eta_j / eta_i for weighted models, 1 otherwise."""
+    name, P = _implicit(model)
+    if name == "K":
+        R, diag = _channel_rows(np.asarray(P, np.float64))
+        i, w = int(np.argmax(conv_row_measures(P))), np.ones(R.shape[1])
+    else:
+        R, diag = np.asarray(P, np.float64), np.arange(len(P))
+        i = int(np.argmax(row_measures(R, model.weights)))
+        w = np.ones(len(R)) if model.weights is None else model.weights / model.weights[i]
+    G = np.zeros_like(R)
+    G[i] = w * np.sign(R[i])
+    G[i, diag[i]] = 1.0
+    return G.reshape(P.shape)
+
+
+def lipschitz_bound(model):
+    """Certified l_inf -> l_inf Lipschitz constant of ``u -> y`` (in the units of u):
+    ``||C~||_inf ||B~||_inf / (1 - max(mu, 0))`` with the forms of :func:`_io_rows` (for a
+    :class:`ConvNEMON`, ||B||_inf is the convolution's norm, :func:`nemon_np.conv.conv_input_norm`).
 
     Raises ``ValueError`` when the model is not well-posed (mu_inf(A) >= 1): no bound holds.
     """
     mu = model.mu_inf()
     if mu >= 1.0:
         raise ValueError(f"mu_inf(A) = {mu:.6g} >= 1: the model is not certified well-posed, no Lipschitz bound")
-    if isinstance(model, ConvNEMON):
-        # B is a convolution, and average pooling before the head has l_inf norm 1.
-        return norm_inf(model.C.astype(np.float64)) * conv_input_norm(model.B) / (1.0 - max(mu, 0.0))
-    B, C = model.B.astype(np.float64), model.C.astype(np.float64)
-    if model.weights is not None:
-        B = B / model.weights[:, None]
-        C = C * model.weights[None, :]
-    return norm_inf(C) * norm_inf(B) / (1.0 - max(mu, 0.0))
+    Bt, Ct, _, _ = _io_rows(model)
+    return norm_inf(Ct) * norm_inf(Bt) / (1.0 - max(mu, 0.0))
 
 
-def _row_subgradient(M, row_weights=None):
+def _row_subgradient(M):
     """A subgradient of ``max_i sum_j |m_ij|`` (sign pattern of the maximizing row)."""
     i = int(np.argmax(np.abs(M).sum(axis=1)))
     G = np.zeros_like(M)
@@ -51,60 +81,40 @@ def _row_subgradient(M, row_weights=None):
 
 
 def lipschitz_bound_and_grad(model):
-    """The bound of :func:`lipschitz_bound` and a subgradient with respect to A, B and C.
+    """The bound of :func:`lipschitz_bound` and a subgradient with respect to A (K), B and C.
 
-    With L = n_C n_B / (1 - max(mu, 0)), n_B = ||B~||_inf, n_C = ||C~||_inf (B~, C~ the
-    weighted forms), the subgradient uses the maximizing rows: dn_B/dB~ = sign of B~'s
-    largest row, likewise for C~, and dmu/da_ij = 1 on the diagonal, w_ij sign(a_ij) off it,
-    in A's maximizing row (zero when mu <= 0). The weights eta are held fixed.
-    Returns (L, {"A": dL/dA, "B": dL/dB, "C": dL/dC}).
+    With L = n_C n_B / (1 - max(mu, 0)), n_B = ||B~||_inf, n_C = ||C~||_inf (the forms of
+    :func:`_io_rows`), the subgradient uses the maximizing rows: dn_B/dB~ = sign of B~'s
+    largest row, likewise for C~, and dmu/dA from :func:`_measure_subgradient` (zero when
+    mu <= 0). The weights eta are held fixed.
+    Returns (L, {"A" or "K": dL/dA, "B": dL/dB, "C": dL/dC}).
     """
-    from .measures import row_measures
     L = lipschitz_bound(model)
-    eta = model.weights
-    A, B, C = (np.asarray(model.A, np.float64), np.asarray(model.B, np.float64),
-               np.asarray(model.C, np.float64))
-    Bw = B if eta is None else B / eta[:, None]
-    Cw = C if eta is None else C * eta[None, :]
-    nB, nC = norm_inf(Bw), norm_inf(Cw)
+    Bt, Ct, to_B, to_C = _io_rows(model)
+    nB, nC = norm_inf(Bt), norm_inf(Ct)
     mu = model.mu_inf()
     denom = 1.0 - max(mu, 0.0)
-    dB = nC / denom * _row_subgradient(Bw)
-    dC = nB / denom * _row_subgradient(Cw)
-    if eta is not None:
-        dB, dC = dB / eta[:, None], dC * eta[None, :]
-    dA = np.zeros_like(A)
-    if mu > 0:
-        i = int(np.argmax(row_measures(A, eta)))
-        w = np.ones(len(A)) if eta is None else eta / eta[i]
-        dA[i] = w * np.sign(A[i])
-        dA[i, i] = 1.0
-        dA *= L / denom
+    name, P = _implicit(model)
+    dA = L / denom * _measure_subgradient(model) if mu > 0 else np.zeros(P.shape)
     dt = model.dtype
-    return L, {"A": dA.astype(dt), "B": dB.astype(dt), "C": dC.astype(dt)}
-
-
-def _weighted_BC(model):
-    B, C = np.asarray(model.B, np.float64), np.asarray(model.C, np.float64)
-    if model.weights is not None:
-        B, C = B / model.weights[:, None], C * model.weights[None, :]
-    return B, C
+    return L, {name: dA.astype(dt), "B": to_B(nC / denom * _row_subgradient(Bt)).astype(dt),
+               "C": to_C(nB / denom * _row_subgradient(Ct)).astype(dt)}
 
 
 def smooth_lipschitz_bound_and_grad(model):
     """The paper code's smooth regularizer ``(||B||_inf^2 + ||C||_inf^2) / (2 (1 - max(gamma, 0)))``.
 
     An upper bound of :func:`lipschitz_bound` whenever mu_inf(A) <= gamma (AM-GM), with the
-    margin gamma in place of mu_inf(A), so A gets no gradient. Returns (value, {"B", "C"}).
+    margin gamma in place of mu_inf(A), so A (K) gets no gradient. Returns (value, {"A" or "K", "B", "C"}).
     """
-    Bw, Cw = _weighted_BC(model)
-    nB, nC = norm_inf(Bw), norm_inf(Cw)
+    Bt, Ct, to_B, to_C = _io_rows(model)
+    nB, nC = norm_inf(Bt), norm_inf(Ct)
     denom = 1.0 - max(model.gamma, 0.0)
-    dB, dC = nB / denom * _row_subgradient(Bw), nC / denom * _row_subgradient(Cw)
-    if model.weights is not None:
-        dB, dC = dB / model.weights[:, None], dC * model.weights[None, :]
+    name, P = _implicit(model)
     dt = model.dtype
-    return (nB ** 2 + nC ** 2) / (2 * denom), {"A": np.zeros_like(model.A), "B": dB.astype(dt), "C": dC.astype(dt)}
+    grads = {name: np.zeros_like(P), "B": to_B(nB / denom * _row_subgradient(Bt)).astype(dt),
+             "C": to_C(nC / denom * _row_subgradient(Ct)).astype(dt)}
+    return (nB ** 2 + nC ** 2) / (2 * denom), grads
 
 
 # -- attacks and certificates, in pixel units -------------------------------------------------------
@@ -179,7 +189,8 @@ def attack(model, pixels, labels, eps, kind="pgd", steps=10, step_size=None, see
 def certified_correct(model, pixels, labels, eps, options=None):
     """Samples whose prediction is correct and provably constant in the l_inf ball of radius ``eps``
     (pixel units): y_k - y_j > ||(c_k - c_j) diag(eta)||_1 ||diag(eta)^-1 B||_inf eps_u / (1 - max(mu, 0))
-    for every j != k, eps_u = eps / std (DESIGN.md). All False when mu_inf(A) >= 1 (no certificate).
+    for every j != k, eps_u = eps / std (DESIGN.md); for conv models with the forms of :func:`_io_rows`.
+    All False when mu_inf(A) >= 1 (no certificate).
     """
     P = np.asarray(pixels, np.float64)
     options = options or solver_options_for(model)
@@ -190,11 +201,8 @@ def certified_correct(model, pixels, labels, eps, options=None):
     if mu >= 1:
         return np.zeros(len(P), bool)
     _, std = _channel_stats(model, P.shape[1])
-    if isinstance(model, ConvNEMON):  # pooling (norm 1) then C: the pair rows of C as they are
-        Cw, nB = np.asarray(model.C, np.float64), conv_input_norm(model.B)
-    else:
-        Bw, Cw = _weighted_BC(model)
-        nB = norm_inf(Bw)
+    Bt, Cw, _, _ = _io_rows(model)
+    nB = norm_inf(Bt)
     eps_u = eps / std.min()
     # ||(c_k - c_j) diag(eta)||_1 for every pair (k, j).
     pair = np.abs(Cw[:, None, :] - Cw[None, :, :]).sum(axis=2)

@@ -44,7 +44,8 @@ HELP = {
     "constraint": "how mu_inf(A) <= gamma is kept: projection (exact projection after each step), "
                   "parametrization (A = gamma I + T - diag(|T|1)), weighted (same with learned "
                   "diagonal weights, the paper's search space)",
-    "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss",
+    "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
+                     "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
                       "(||B||^2 + ||C||^2) / (2 (1 - gamma)))",
     "solver": "default: average (nemon) or peaceman-rachford (mondeq). Fixed-point solver: average "

@@ -138,9 +138,6 @@ class TrainConfig:
             if self.solver != "average" or self.adjoint != "iterative":
                 raise ValueError(f"model conv solves with solver average and adjoint iterative, got {self.solver} "
                                  f"and {self.adjoint}")
-            if self.lipschitz_reg > 0:
-                raise ValueError("lipschitz_reg is not implemented for model conv (its bound is reported, "
-                                 "not trained)")
             if self.kernel % 2 == 0:
                 raise ValueError(f"kernel must be odd, got {self.kernel}")
             if self.padding not in PADDINGS:
@@ -287,8 +284,8 @@ class Trainer:
         if cfg.lipschitz_reg > 0:
             L, lg = (lipschitz_bound_and_grad if cfg.lipschitz_form == "exact" else smooth_lipschitz_bound_and_grad)(m)
             loss += cfg.lipschitz_reg * L
-            for k in ("A", "B", "C"):
-                grads[k] = grads[k] + cfg.lipschitz_reg * lg[k]
+            for k, g in lg.items():
+                grads[k] = grads[k] + cfg.lipschitz_reg * g
         grads.update(self.constraint.grads(grads.pop(self.constraint.name)))
         self.optimizer.step(self._params(), grads, lr=lr)
         self.constraint.apply(m)

@@ -13,7 +13,8 @@ from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv
 from nemon_np.conv_solvers import conv_fixed_point
 from nemon_np.data import augment_crop_flip, load_mnist, normalize
 from nemon_np.measures import norm_inf
-from nemon_np.robustness import attack, certified_correct, lipschitz_bound
+from nemon_np.robustness import (attack, certified_correct, lipschitz_bound, lipschitz_bound_and_grad,
+                                 smooth_lipschitz_bound_and_grad)
 from nemon_np.solvers import averaged_fixed_point_operator
 from nemon_np.training import TrainConfig, Trainer
 
@@ -44,6 +45,14 @@ def test_channel_last_solver_matches_the_generic_reference(rng, padding, adjoint
         np.testing.assert_allclose(X, _channel_last(Xr.reshape(m, C, H, W)), atol=1e-12)
         np.testing.assert_allclose(P, _channel_last(Pr.reshape(m, C, H, W)), atol=1e-12)
         np.testing.assert_allclose(res, rr, rtol=1e-9, atol=1e-15)
+
+
+def test_channel_last_solver_rejects_mismatched_shapes(rng):
+    K = project_conv_mu_inf(rng.normal(size=(3, 3, 3, 3)), 0.5)
+    with pytest.raises(ValueError, match="channel-last"):
+        conv_fixed_point(K, rng.normal(size=(2, 3, 6, 6)), 0.5, 1e-6, 10)  # channel-first by mistake
+    with pytest.raises(ValueError, match="S must have"):
+        conv_fixed_point(K, rng.normal(size=(2, 6, 6, 3)), 0.5, 1e-6, 10, S=np.ones((2, 6, 6, 2)))
 
 
 def test_kernel_parametrization_bound_gradient_and_inverse(rng):
@@ -116,6 +125,23 @@ def test_lipschitz_bound_holds_and_matches_the_dense_form(rng, padding):
         assert dy <= L * np.abs(u1 - u2).max() * (1 + 1e-9)
 
 
+def test_conv_lipschitz_subgradients_match_finite_differences(rng):
+    model = _random_conv_model(rng, gamma=0.8)
+    model.K = 0.02 * rng.normal(size=model.K.shape)
+    model.K[np.arange(3), np.arange(3), 1, 1] = [0.1, 0.3, 0.2]  # distinct channel measures: no ties at the max
+    assert 0 < model.mu_inf() < 1
+    _, grads = lipschitz_bound_and_grad(model)
+    value, smooth = smooth_lipschitz_bound_and_grad(model)
+    assert value >= lipschitz_bound(model) * (1 - 1e-12)  # the smooth form bounds the exact one (mu <= gamma)
+    smooth_value = lambda: smooth_lipschitz_bound_and_grad(model)[0]  # noqa: E731
+    for name in ("K", "B", "C"):
+        P = getattr(model, name)
+        fd = finite_difference(lambda: lipschitz_bound(model), P, h=1e-7)
+        np.testing.assert_allclose(grads[name], fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+        fd = finite_difference(smooth_value, P, h=1e-7)
+        np.testing.assert_allclose(smooth[name], fd, rtol=1e-5, atol=1e-6 * max(np.abs(fd).max(), 1))
+
+
 def test_augmentation_is_a_shifted_window_possibly_flipped(rng):
     X = rng.normal(size=(20, 3 * 6 * 5)).astype(np.float32)
     out = augment_crop_flip(X, (3, 6, 5), np.random.default_rng(0), pad=2)
@@ -152,6 +178,17 @@ def test_conv_training_on_real_mnist_learns_and_stays_well_posed(mnist_images, c
     assert row["test_acc"] > 0.6, row  # chance is 0.1
     assert trainer.model.mu_inf() <= 0.9 + 1e-12
     assert row["lipschitz_bound"] > 0
+
+
+def test_conv_lipschitz_regularization_lowers_the_bound(mnist_images):
+    X, y, _, _ = mnist_images
+    bounds = []
+    for reg in (0.0, 0.1):
+        config = TrainConfig(model="conv", channels=8, epochs=1, lr=1e-2, schedule="constant", tol=1e-3,
+                             lipschitz_reg=reg)
+        model = Trainer(config, X.shape[1], 10, image_shape=(1, 28, 28)).fit(X[:1000], y[:1000], progress=False).model
+        bounds.append(lipschitz_bound(model))
+    assert bounds[1] < 0.7 * bounds[0], bounds
 
 
 def test_certified_conv_points_are_never_broken(mnist_images):
@@ -195,7 +232,7 @@ def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys)
 @pytest.mark.parametrize("flags, message", [
     (["--model", "conv", "--constraint", "weighted"], "supports constraint"),
     (["--model", "conv", "--kernel", "4"], "kernel must be odd"),
-    (["--model", "conv", "--lipschitz-reg", "0.1"], "not implemented for model conv"),
+    (["--model", "conv", "--pool", "0"], "pool must be a positive whole number"),
     (["--model", "conv", "--solver", "anderson"], "solver average"),
 ])
 def test_conv_cli_bad_flags_give_one_line_errors(flags, message, capsys):
