@@ -21,7 +21,7 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .models import read_model_file, softmax_cross_entropy, write_model_file
+from .models import check_labels, read_model_file, softmax_cross_entropy, write_model_file
 from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
 
 __all__ = ["ConvNEMON"]
@@ -140,8 +140,11 @@ class ConvNEMON:
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise"):
         """Fixed points x* (m, H, W, C), channel-last, and an OptimizeResult with per-sample
         ``iterations``, ``residual`` (l_inf), ``converged`` and the ``preactivation`` z."""
+        return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation)
+
+    def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation):
+        """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
         self._check_method(method)
-        Ucl = self._images(U)
         alpha, mu = self._alpha(alpha, on_violation)
         Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0)
@@ -149,7 +152,7 @@ class ConvNEMON:
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         if not info.converged.all():
             warnings.warn(f"forward: {np.count_nonzero(~info.converged)} of {len(its)} samples did not reach "
-                          f"tol = {tol:g} in {max_iter} iterations", ConvergenceWarning, stacklevel=2)
+                          f"tol = {tol:g} in {max_iter} iterations", ConvergenceWarning, stacklevel=3)
         return X, info
 
     def _pool(self, X):
@@ -172,16 +175,16 @@ class ConvNEMON:
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
+        """Forward solve, then the adjoint for dL/dY (the cross-entropy's, or ``dY``'s); returns the
+        channel-last input and fixed points, pooled features, loss, dY, delta and solver info."""
         self._check_method(method, adjoint)
-        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, alpha=alpha, on_violation=on_violation)
+        Ucl = self._images(U)
+        X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation)
         pooled = self._pool(X)
         finfo["logits"] = pooled @ self.C.T + self.c
         m, H, W, C = X.shape
         if dY is None:
-            y = np.asarray(y)
-            if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer) or (m and (y.min() < 0 or y.max() >= self.n_out)):
-                raise ValueError(f"y must be {m} integer class labels in [0, {self.n_out - 1}], got shape {y.shape}")
-            loss, dY = softmax_cross_entropy(finfo["logits"], y)
+            loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, m, self.n_out))
         else:
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (m, self.n_out):
@@ -199,10 +202,11 @@ class ConvNEMON:
         binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
                                converged=bres <= self.dtype(adjoint_tol))
         delta = mask * Wadj / m
-        return X, pooled, loss, dY, delta, {"forward": finfo, "backward": binfo}
+        return Ucl, X, pooled, loss, dY, delta, {"forward": finfo, "backward": binfo}
 
-    def _input_shape(self, U, G):
-        """G (m, H, W, C_in) back in U's layout: flat or (m, C_in, H, W)."""
+    def _input_gradient(self, U, delta):
+        """B^T * delta (m, H, W, C_in), in U's layout: flat or (m, C_in, H, W)."""
+        G = conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding)
         G = np.ascontiguousarray(G.transpose(0, 3, 1, 2))
         return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
 
@@ -212,28 +216,26 @@ class ConvNEMON:
         plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits).
 
         ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
-        X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol,
-                                                          on_violation)
-        Ucl = self._images(U)
+        Ucl, X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
+                                                               adjoint_tol, on_violation)
         grads = {"K": weight_grad_channel_last(delta, X, self.kernel, self.padding),
                  "B": weight_grad_channel_last(delta, Ucl, self.kernel, self.padding),
                  "b": delta.sum(axis=(0, 1, 2)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
         if with_input:
-            grads["U"] = self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+            grads["U"] = self._input_gradient(U, delta)
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
                   adjoint_tol=None, on_violation="raise"):
         """``d/dU sum_{i,k} dY_ik y_ik(U)``, in U's layout (see :meth:`nemon_np.NEMON.input_vjp`)."""
-        _, _, _, _, delta, _ = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol,
-                                              on_violation, dY=dY)
-        return self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+        delta = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=dY)[5]
+        return self._input_gradient(U, delta)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
                    adjoint_tol=None, on_violation="raise"):
         """Gradient of the mean loss with respect to U, in U's layout: ``B^T * delta``."""
-        _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
-        return self._input_shape(U, conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding))
+        delta = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)[5]
+        return self._input_gradient(U, delta)
 
     # -- persistence ------------------------------------------------------
     def save(self, path):

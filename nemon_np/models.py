@@ -41,6 +41,16 @@ def softmax_cross_entropy(Y, labels):
     return float(loss), (dY / m).astype(Y.dtype)
 
 
+def check_labels(y, m, n_out):
+    """y as m integer class labels in [0, n_out); anything else is a one-line ``ValueError``."""
+    y = np.asarray(y)
+    if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must be {m} integer class labels, got shape {y.shape} dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= n_out):
+        raise ValueError(f"labels must lie in [0, {n_out - 1}], got range [{y.min()}, {y.max()}]")
+    return y
+
+
 def read_model_file(path, format_name, version, required):
     """The arrays of a model ``.npz`` as a dict, checked for its format marker, version and keys,
     with the ``meta.`` entries gathered under "metadata"; a truncated or foreign file is a
@@ -162,14 +172,6 @@ class NEMON:
             raise ValueError("U has non-finite entries (NaN or inf)")
         return np.ascontiguousarray(U, dtype=self.dtype)
 
-    def _labels(self, y, m):
-        y = np.asarray(y)
-        if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"y must be {m} integer class labels, got shape {y.shape} dtype {y.dtype}")
-        if y.size and (y.min() < 0 or y.max() >= self.n_out):
-            raise ValueError(f"labels must lie in [0, {self.n_out - 1}], got range [{y.min()}, {y.max()}]")
-        return y
-
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None,
                     on_violation="raise"):
@@ -204,7 +206,7 @@ class NEMON:
                                     on_violation=on_violation)
         finfo["logits"] = self.readout(X)
         if dY is None:
-            loss, dY = softmax_cross_entropy(finfo["logits"], self._labels(y, U.shape[0]))
+            loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, U.shape[0], self.n_out))
         else:
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (U.shape[0], self.n_out):
