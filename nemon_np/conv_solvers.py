@@ -133,7 +133,8 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
             keep = ~done
             if n_done == r:
                 break
-            active, Q, X, P, Xp = active[keep], Q[keep], X[keep], P[keep], Xp[keep]
+            # P is rewritten for every working sample before it is read: a shorter view, not a copy.
+            active, Q, X, P, Xp = active[keep], Q[keep], X[keep], P[:np.count_nonzero(keep)], Xp[keep]
             S = S[keep] if masked else S
             done, its, res, n_done = done[keep], its[keep], res[keep], 0
     return X_out, P_out, iterations, residual
