@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Dataset", "load_dataset", "load_mnist", "load_cifar10", "data_dirs", "normalize", "mnist_from_hub_wheel",
-           "DataError", "DATASETS", "augment_crop_flip"]
+           "DataError", "DATASETS", "augment_crop_flip", "augment_shift",
+           "AUGMENTATIONS"]
 
 DATASETS = ("mnist", "cifar10")
 
@@ -319,6 +320,21 @@ def load_dataset(name, data_dir=None, download=True, progress=print):
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def _random_crops(X, image_shape, rng, pad, mode, flip):
+    """Each image of X padded by ``pad`` (``numpy.pad`` ``mode``), cut back to its size at a
+    uniformly random offset, then flipped left-right with probability 1/2 if ``flip``."""
+    C, H, W = image_shape
+    m = len(X)
+    P = np.pad(X.reshape(m, C, H, W), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode=mode)
+    di, dj = rng.integers(0, 2 * pad + 1, size=(2, m))
+    flips = rng.random(m) < 0.5 if flip else np.zeros(m, bool)
+    out = np.empty((m, C, H, W), X.dtype)
+    for n in range(m):
+        crop = P[n, :, di[n]:di[n] + H, dj[n]:dj[n] + W]
+        out[n] = crop[:, :, ::-1] if flips[n] else crop
+    return out.reshape(m, -1)
+
+
 def augment_crop_flip(X, image_shape, rng, pad=4):
     """CIFAR-10's standard augmentation of a batch: a random crop of the image padded by ``pad``
     (zeros, the mean colour after normalization), then a horizontal flip with probability 1/2.
@@ -326,14 +342,19 @@ def augment_crop_flip(X, image_shape, rng, pad=4):
     X (m, C H W) flattened images of shape ``image_shape`` (C, H, W); returns a new array of
     the same shape. Shifts and flips are drawn from ``rng`` (``numpy.random.Generator``).
     """
-    C, H, W = image_shape
-    m = len(X)
-    P = np.zeros((m, C, H + 2 * pad, W + 2 * pad), X.dtype)
-    P[:, :, pad:pad + H, pad:pad + W] = X.reshape(m, C, H, W)
-    di, dj = rng.integers(0, 2 * pad + 1, size=(2, m))
-    flip = rng.random(m) < 0.5
-    out = np.empty((m, C, H, W), X.dtype)
-    for n in range(m):
-        crop = P[n, :, di[n]:di[n] + H, dj[n]:dj[n] + W]
-        out[n] = crop[:, :, ::-1] if flip[n] else crop
-    return out.reshape(m, -1)
+    return _random_crops(X, image_shape, rng, pad, "constant", flip=True)
+
+
+def augment_shift(X, image_shape, rng, max_shift=2):
+    """Random translations for digits: each image moved by up to ``max_shift`` pixels along each
+    axis (uniform in {-max_shift..max_shift}), the uncovered border filled by replicating the
+    edge (MNIST's edges are background, whatever the normalization). No flips: a mirrored digit
+    is another symbol.
+
+    X (m, C H W) flattened images of shape ``image_shape`` (C, H, W); returns a new array of
+    the same shape, drawn from ``rng`` (``numpy.random.Generator``).
+    """
+    return _random_crops(X, image_shape, rng, max_shift, "edge", flip=False)
+
+
+AUGMENTATIONS = {"none": None, "crop-flip": augment_crop_flip, "shift": augment_shift}

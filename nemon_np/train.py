@@ -14,7 +14,7 @@ from dataclasses import fields
 import numpy as np
 
 from ._cli import OneLineErrorParser
-from .data import DATASETS, DataError, load_dataset, normalize
+from .data import AUGMENTATIONS, DATASETS, DataError, load_dataset, normalize
 from .measures import mu_2, mu_inf
 from .conv import PADDINGS
 from .models import load_model
@@ -33,8 +33,9 @@ HELP = {
     "kernel": "conv model: odd kernel size k of the k x k convolutions K (implicit) and B (input)",
     "pool": "conv model: s x s average pooling before the linear head (s divides the image size)",
     "padding": "conv model: circular (the paper's; mu_inf(K) exact) or zero padding (mu_inf(K) an upper bound)",
-    "augment": "random crops (padding 4) and horizontal flips of the training images (CIFAR-10's standard "
-               "augmentation)",
+    "augment": "transform each training batch: crop-flip (random crops with padding 4 and horizontal flips, "
+               "CIFAR-10's standard; what --augment alone means) or shift (translations by up to 2 pixels, "
+               "edges replicated, no flips: for digits)",
     "epochs": "passes over the training set; default: 40 (nemon, mondeq) or 10 (conv)",
     "batch_size": "samples per minibatch",
     "lr": "Adam learning rate at the start of the schedule; default: 1e-3 (nemon, mondeq) or 5e-3 (conv)",
@@ -63,12 +64,17 @@ HELP = {
                "(exact LU per sample; the only one certified for --constraint mondeq)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
+    "init": "start from this saved model (model.npz or its run folder) instead of a random initialization, "
+            "e.g. to fine-tune; its architecture, gamma and dtype must match the flags. The optimizer "
+            "state and the learning-rate schedule start afresh",
 }
 CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
-           "padding": PADDINGS}
+           "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
-         "gamma": float, "tol": float}
+         "gamma": float, "tol": float, "init": str}
+# Flags that may be given bare, meaning the value here.
+BARE = {"augment": "crop-flip"}
 
 
 def build_parser():
@@ -90,7 +96,8 @@ def build_parser():
             p.add_argument(flag, action="store_true", help=HELP[f.name])
             continue
         kind = TYPES.get(f.name, type(default))
-        p.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name])
+        bare = dict(nargs="?", const=BARE[f.name]) if f.name in BARE else {}
+        p.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name], **bare)
     return p
 
 
@@ -126,7 +133,8 @@ def main(argv=None):
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
           f"{data.source}); "
           f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
-          f"{', augmented' if config.augment else ''}, "
+          f"{'' if config.augment == 'none' else ', augmented (' + config.augment + ')'}"
+          f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}; writing to {out}")
     started = time.perf_counter()
 

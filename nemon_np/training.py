@@ -32,9 +32,9 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse,
                    project_conv_mu_inf)
 from .conv_model import ConvNEMON
-from .data import augment_crop_flip
+from .data import AUGMENTATIONS
 from .measures import mu_inf
-from .models import NEMON, softmax_cross_entropy
+from .models import NEMON, load_model, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
 from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf, parametrize_mu_inf_grad,
                          parametrize_mu_inf_inverse, parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad,
@@ -64,7 +64,11 @@ class TrainConfig:
     model's defaults); ``constraint`` then does not apply.
     ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
     ``hidden`` does not apply), with the projection or parametrization constraint on its kernel;
-    ``augment`` turns on random crops (padding 4) and horizontal flips of the training images.
+    ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
+    (random crops, padding 4, and horizontal flips: CIFAR-10's standard) or "shift" (translations
+    by up to 2 pixels, no flips: for digits); True and False are read as "crop-flip" and "none".
+    ``init`` names a saved model (``model.npz`` or its run folder) to start from instead of a
+    random initialization; its architecture, gamma and dtype must match the config's.
     ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
     """
     model: str = "nemon"
@@ -73,7 +77,7 @@ class TrainConfig:
     kernel: int = 3
     pool: int = 4
     padding: str = "circular"
-    augment: bool = False
+    augment: str = "none"
     epochs: int = None
     batch_size: int = 100
     lr: float = None
@@ -90,6 +94,7 @@ class TrainConfig:
     adjoint: str = None
     dtype: str = "float32"
     seed: int = 0
+    init: str = None
 
     def validate(self):
         """Resolve the model's default solvers; raise ``ValueError`` with a one-line message
@@ -99,6 +104,10 @@ class TrainConfig:
         for name, value in MODEL_DEFAULTS[self.model].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if isinstance(self.augment, (bool, np.bool_)):
+            self.augment = "crop-flip" if self.augment else "none"
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         mondeq_like = self.model == "mondeq" or self.constraint == "mondeq"
         if self.solver is None:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
@@ -142,6 +151,9 @@ class TrainConfig:
                 raise ValueError(f"kernel must be odd, got {self.kernel}")
             if self.padding not in PADDINGS:
                 raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
+        if self.init is not None and (mondeq_like or self.constraint == "weighted"):
+            raise ValueError(f"init cannot warm-start {'the monDEQ parametrization' if mondeq_like else 'constraint weighted'}"
+                             ": its free parameters are not stored in the model file")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
                              "direct adjoint is certified: pass adjoint='direct'")
@@ -250,6 +262,29 @@ def build_model(config, n_in, n_out, image_shape=None):
                      pool=config.pool, gamma=config.gamma, padding=config.padding, seed=config.seed, dtype=dtype)
 
 
+def load_initial_model(config, n_in, n_out, image_shape=None):
+    """The saved model ``config.init`` (a ``model.npz`` or a run folder holding one), checked to be
+    the model ``build_model(config, ...)`` would build: same kind, sizes, gamma and dtype.
+    Raises ``ValueError`` naming the first difference."""
+    path = pathlib.Path(config.init)
+    path = path / "model.npz" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"init: no model file at {path}")
+    model = load_model(path)
+    reference = build_model(config, n_in, n_out, image_shape)
+    if type(model) is not type(reference) or model.metadata.get("model", config.model) != config.model:
+        raise ValueError(f"init: {path} holds a {model.metadata.get('model', type(model).__name__)} model, "
+                         f"the config asks for {config.model}")
+    names = (("in_channels", "image_size", "channels", "kernel", "pool", "padding", "n_out") if config.model == "conv"
+             else ("n_in", "n_hidden", "n_out"))
+    for name in names + ("gamma", "dtype"):
+        have, want = getattr(model, name), getattr(reference, name)
+        if have != want:
+            raise ValueError(f"init: {path} has {name} = {getattr(have, '__name__', have)}, the config asks for "
+                             f"{getattr(want, '__name__', want)}")
+    return model
+
+
 class Trainer:
     """Minibatch Adam training of a NEMON classifier on arrays.
 
@@ -260,7 +295,9 @@ class Trainer:
     def __init__(self, config, n_in, n_out, model=None, image_shape=None):
         self.config = config.validate()
         self.image_shape = image_shape
-        self.model = model or build_model(config, n_in, n_out, image_shape)
+        if model is None:
+            model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
+        self.model = model
         kind = {"mondeq": "mondeq-parametrization", "conv": "conv-" + config.constraint}.get(config.model,
                                                                                              config.constraint)
         self.constraint = _Constraint(kind, self.model)
@@ -298,7 +335,8 @@ class Trainer:
         X = np.ascontiguousarray(X, dtype=dtype)
         X_test = None if X_test is None else np.ascontiguousarray(X_test, dtype=dtype)
         rng = np.random.default_rng(cfg.seed)
-        if cfg.augment and self.image_shape is None:
+        augment = AUGMENTATIONS[cfg.augment]
+        if augment is not None and self.image_shape is None:
             raise ValueError("augment needs the image shape: pass image_shape to Trainer")
         n_batches = math.ceil(len(X) / cfg.batch_size)
         for epoch in range(len(self.history), cfg.epochs):
@@ -310,7 +348,7 @@ class Trainer:
             for k in bar:
                 lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                batch = augment_crop_flip(X[idx], self.image_shape, rng) if cfg.augment else X[idx]
+                batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng)
                 loss, correct, f, b, conv = self.step(batch, y[idx], lr)
                 converged += int(np.count_nonzero(conv))
                 total_loss += loss * len(idx)

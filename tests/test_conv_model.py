@@ -11,7 +11,7 @@ from nemon_np import ConvNEMON, load_model
 from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv, parametrize_conv_mu_inf,
                            parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
 from nemon_np.conv_solvers import conv_fixed_point
-from nemon_np.data import augment_crop_flip, load_mnist, normalize
+from nemon_np.data import augment_crop_flip, augment_shift, load_mnist, normalize
 from nemon_np.measures import norm_inf
 from nemon_np.robustness import (attack, certified_correct, lipschitz_bound, lipschitz_bound_and_grad,
                                  smooth_lipschitz_bound_and_grad)
@@ -204,6 +204,58 @@ def test_certified_conv_points_are_never_broken(mnist_images):
     still = model.predict((attacked - 0.1307) / 0.3081, tol=1e-4) == yt[:40]
     assert certified.any()
     assert np.all(still[certified])
+
+
+def test_shift_augmentation_translates_without_flipping(rng):
+    X = rng.normal(size=(30, 2 * 7 * 6)).astype(np.float32)
+    out = augment_shift(X, (2, 7, 6), np.random.default_rng(1), max_shift=2)
+    assert out.shape == X.shape and out.dtype == X.dtype
+    seen = set()
+    for n in range(30):
+        img, ref = out[n].reshape(2, 7, 6), X[n].reshape(2, 7, 6)
+        # Independent construction: a translation by (a, e) reads pixel (i + a, j + e), clamped to the image.
+        found = []
+        for a in range(-2, 3):
+            for e in range(-2, 3):
+                rows = np.clip(np.arange(7) + a, 0, 6)
+                cols = np.clip(np.arange(6) + e, 0, 5)
+                if np.array_equal(ref[:, rows][:, :, cols], img):
+                    found.append((a, e))
+        assert found, n
+        seen.update(found)
+    assert len(seen) > 10   # many different shifts are drawn, not one
+    np.testing.assert_array_equal(augment_shift(X, (2, 7, 6), np.random.default_rng(1), max_shift=2), out)
+
+
+def test_training_config_reads_augment_flags():
+    assert TrainConfig(model="conv", augment=True).validate().augment == "crop-flip"
+    assert TrainConfig(model="conv", augment=False).validate().augment == "none"
+    with pytest.raises(ValueError, match="augment must be one of"):
+        TrainConfig(model="conv", augment="rotate").validate()
+
+
+def test_warm_start_resumes_from_the_saved_model_and_checks_it(tmp_path, rng):
+    X = rng.normal(size=(40, 1 * 8 * 8)).astype(np.float32)
+    y = rng.integers(0, 3, size=40)
+    config = dict(model="conv", channels=3, pool=2, epochs=1, batch_size=20, tol=1e-3)
+    first = Trainer(TrainConfig(**config), 64, 3, image_shape=(1, 8, 8)).fit(X, y, progress=False)
+    first.model.save(tmp_path / "model.npz")
+    warm = Trainer(TrainConfig(**config, init=str(tmp_path)), 64, 3, image_shape=(1, 8, 8))
+    for name in ("K", "B", "b", "C", "c"):
+        np.testing.assert_array_equal(getattr(warm.model, name), getattr(first.model, name))
+    fresh = Trainer(TrainConfig(**config), 64, 3, image_shape=(1, 8, 8))
+    assert not np.array_equal(fresh.model.C, first.model.C)
+    for change, message in ((dict(channels=4), "channels = 3, the config asks for 4"),
+                            (dict(pool=4), "pool = 2"), (dict(gamma=0.8), "gamma"),
+                            (dict(dtype="float64"), "dtype = float32")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(TrainConfig(**{**config, **change}, init=str(tmp_path)), 64, 3, image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="holds a conv model"):
+        Trainer(TrainConfig(model="nemon", hidden=5, init=str(tmp_path / "model.npz")), 64, 3)
+    with pytest.raises(ValueError, match="no model file"):
+        Trainer(TrainConfig(**config, init=str(tmp_path / "missing.npz")), 64, 3, image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        TrainConfig(model="nemon", constraint="weighted", init=str(tmp_path)).validate()
 
 
 def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys):
