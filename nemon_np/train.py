@@ -36,6 +36,8 @@ HELP = {
     "augment": "transform each training batch: crop-flip (random crops with padding 4 and horizontal flips, "
                "CIFAR-10's standard; what --augment alone means) or shift (translations by up to 2 pixels, "
                "edges replicated, no flips: for digits)",
+    "augment_pad": "crop-flip's padding or shift's largest translation, in pixels; default 4 (crop-flip), "
+                   "2 (shift)",
     "epochs": "passes over the training set; default: 40 (nemon, mondeq) or 10 (conv)",
     "batch_size": "samples per minibatch",
     "lr": "Adam learning rate at the start of the schedule; default: 1e-3 (nemon, mondeq) or 5e-3 (conv)",
@@ -72,7 +74,7 @@ CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_M
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
-         "gamma": float, "tol": float, "init": str}
+         "gamma": float, "tol": float, "init": str, "augment_pad": int}
 # Flags that may be given bare, meaning the value here.
 BARE = {"augment": "crop-flip"}
 
@@ -133,7 +135,7 @@ def main(argv=None):
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
           f"{data.source}); "
           f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
-          f"{'' if config.augment == 'none' else ', augmented (' + config.augment + ')'}"
+          f"{'' if config.augment == 'none' else f', augmented ({config.augment}, {config.augment_pad} px)'}"
           f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}; writing to {out}")
     started = time.perf_counter()

@@ -53,6 +53,8 @@ MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
                   "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
                   "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
+# Padding (crop-flip) or largest translation (shift) of each augmentation, in pixels.
+AUGMENT_PAD = {"crop-flip": 4, "shift": 2}
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainConfig:
     ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
     (random crops, padding 4, and horizontal flips: CIFAR-10's standard) or "shift" (translations
     by up to 2 pixels, no flips: for digits); True and False are read as "crop-flip" and "none".
+    ``augment_pad`` is that padding or largest shift in pixels; None takes :data:`AUGMENT_PAD`.
     ``init`` names a saved model (``model.npz`` or its run folder) to start from instead of a
     random initialization; its architecture, gamma and dtype must match the config's.
     ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
@@ -78,6 +81,7 @@ class TrainConfig:
     pool: int = 4
     padding: str = "circular"
     augment: str = "none"
+    augment_pad: int = None
     epochs: int = None
     batch_size: int = 100
     lr: float = None
@@ -108,6 +112,11 @@ class TrainConfig:
             self.augment = "crop-flip" if self.augment else "none"
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.augment_pad is None:
+            self.augment_pad = AUGMENT_PAD.get(self.augment)
+        elif self.augment == "none" or int(self.augment_pad) != self.augment_pad or self.augment_pad < 1:
+            raise ValueError(f"augment_pad must be a positive whole number with an augmentation, got "
+                             f"{self.augment_pad!r} with augment {self.augment}")
         mondeq_like = self.model == "mondeq" or self.constraint == "mondeq"
         if self.solver is None:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
@@ -348,7 +357,7 @@ class Trainer:
             for k in bar:
                 lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng)
+                batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, cfg.augment_pad)
                 loss, correct, f, b, conv = self.step(batch, y[idx], lr)
                 converged += int(np.count_nonzero(conv))
                 total_loss += loss * len(idx)

@@ -230,8 +230,13 @@ def test_shift_augmentation_translates_without_flipping(rng):
 def test_training_config_reads_augment_flags():
     assert TrainConfig(model="conv", augment=True).validate().augment == "crop-flip"
     assert TrainConfig(model="conv", augment=False).validate().augment == "none"
+    assert TrainConfig(model="conv", augment="shift").validate().augment_pad == 2
+    assert TrainConfig(model="conv", augment="shift", augment_pad=1).validate().augment_pad == 1
     with pytest.raises(ValueError, match="augment must be one of"):
         TrainConfig(model="conv", augment="rotate").validate()
+    for bad in (dict(augment="none", augment_pad=2), dict(augment="shift", augment_pad=0)):
+        with pytest.raises(ValueError, match="augment_pad must be a positive whole number"):
+            TrainConfig(model="conv", **bad).validate()
 
 
 def test_warm_start_resumes_from_the_saved_model_and_checks_it(tmp_path, rng):
