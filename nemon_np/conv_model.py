@@ -21,7 +21,7 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .models import check_labels, read_model_file, softmax_cross_entropy, write_model_file
+from .models import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
 from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
 
 __all__ = ["ConvNEMON"]
@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 PARAMETERS = ("K", "B", "b", "C", "c")
 
 
-class ConvNEMON:
+class ConvNEMON(ImplicitClassifier):
     """Convolutional NEMON classifier.
 
     Parameters
@@ -163,15 +163,6 @@ class ConvNEMON:
     def readout(self, X):
         """Logits ``C pool(x) + c`` of fixed points X (m, H, W, C)."""
         return self._pool(X) @ self.C.T + self.c
-
-    def logits(self, U, **solver_options):
-        """Logits (m, n_out); keyword options go to :meth:`equilibrium`."""
-        X, _ = self.equilibrium(U, **solver_options)
-        return self.readout(X)
-
-    def predict(self, U, **solver_options):
-        """Predicted class per sample, argmax of the logits."""
-        return np.argmax(self.logits(U, **solver_options), axis=1)
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):

@@ -99,7 +99,22 @@ def load_model(path):
     return (ConvNEMON if kind == CONV_FORMAT else NEMON).load(path)
 
 
-class NEMON:
+class ImplicitClassifier:
+    """What every implicit classifier here derives from its ``equilibrium(U, **options) -> (X, info)``
+    and ``readout(X) -> logits``: the logits of inputs and the predicted classes."""
+
+    def logits(self, U, **solver_options):
+        """Logits ``y = C x* + c`` (after pooling for a conv model), shape (m, n_out); keyword
+        options go to ``equilibrium``."""
+        X, _ = self.equilibrium(U, **solver_options)
+        return self.readout(X)
+
+    def predict(self, U, **solver_options):
+        """Predicted class per sample, argmax of the logits."""
+        return np.argmax(self.logits(U, **solver_options), axis=1)
+
+
+class NEMON(ImplicitClassifier):
     """Non-Euclidean monotone operator network: ``x = relu(Ax + Bu + b)``, ``y = Cx + c``.
 
     Parameters
@@ -188,15 +203,6 @@ class NEMON:
     def readout(self, X):
         """Logits ``C x + c`` of hidden states X (m, n_hidden)."""
         return X @ self.C.T + self.c
-
-    def logits(self, U, **solver_options):
-        """Logits ``y = C x* + c``, shape (m, n_out); keyword options go to :meth:`equilibrium`."""
-        X, _ = self.equilibrium(U, **solver_options)
-        return self.readout(X)
-
-    def predict(self, U, **solver_options):
-        """Predicted class per sample, argmax of the logits."""
-        return np.argmax(self.logits(U, **solver_options), axis=1)
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
