@@ -39,7 +39,7 @@ import numpy as np
 
 __all__ = ["Dataset", "load_dataset", "load_mnist", "load_cifar10", "data_dirs", "normalize", "mnist_from_hub_wheel",
            "DataError", "DATASETS", "augment_crop_flip", "augment_shift",
-           "AUGMENTATIONS"]
+           "AUGMENTATIONS", "AUGMENT_PAD"]
 
 DATASETS = ("mnist", "cifar10")
 
@@ -320,6 +320,10 @@ def load_dataset(name, data_dir=None, download=True, progress=print):
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+# Default padding of crop-flip (CIFAR-10's standard) and largest translation of shift, in pixels.
+AUGMENT_PAD = {"crop-flip": 4, "shift": 2}
+
+
 def _random_crops(X, image_shape, rng, pad, mode, flip):
     """Each image of X padded by ``pad`` (``numpy.pad`` ``mode``), cut back to its size at a
     uniformly random offset, then flipped left-right with probability 1/2 if ``flip``."""
@@ -335,7 +339,7 @@ def _random_crops(X, image_shape, rng, pad, mode, flip):
     return out.reshape(m, -1)
 
 
-def augment_crop_flip(X, image_shape, rng, pad=4):
+def augment_crop_flip(X, image_shape, rng, pad=AUGMENT_PAD["crop-flip"]):
     """CIFAR-10's standard augmentation of a batch: a random crop of the image padded by ``pad``
     (zeros, the mean colour after normalization), then a horizontal flip with probability 1/2.
 
@@ -345,7 +349,7 @@ def augment_crop_flip(X, image_shape, rng, pad=4):
     return _random_crops(X, image_shape, rng, pad, "constant", flip=True)
 
 
-def augment_shift(X, image_shape, rng, max_shift=2):
+def augment_shift(X, image_shape, rng, max_shift=AUGMENT_PAD["shift"]):
     """Random translations for digits: each image moved by up to ``max_shift`` pixels along each
     axis (uniform in {-max_shift..max_shift}), the uncovered border filled by replicating the
     edge (MNIST's edges are background, whatever the normalization). No flips: a mirrored digit

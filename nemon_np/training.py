@@ -32,7 +32,7 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse,
                    project_conv_mu_inf)
 from .conv_model import ConvNEMON
-from .data import AUGMENTATIONS
+from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
 from .models import NEMON, load_model, softmax_cross_entropy
 from .optim import SCHEDULES, Adam, learning_rate
@@ -53,8 +53,6 @@ MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
                   "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
                   "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
-# Padding (crop-flip) or largest translation (shift) of each augmentation, in pixels.
-AUGMENT_PAD = {"crop-flip": 4, "shift": 2}
 
 
 @dataclass
@@ -69,7 +67,7 @@ class TrainConfig:
     ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
     (random crops, padding 4, and horizontal flips: CIFAR-10's standard) or "shift" (translations
     by up to 2 pixels, no flips: for digits); True and False are read as "crop-flip" and "none".
-    ``augment_pad`` is that padding or largest shift in pixels; None takes :data:`AUGMENT_PAD`.
+    ``augment_pad`` is that padding or largest shift in pixels; None takes :data:`nemon_np.data.AUGMENT_PAD`.
     ``init`` names a saved model (``model.npz`` or its run folder) to start from instead of a
     random initialization; its architecture, gamma and dtype must match the config's.
     ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
