@@ -159,8 +159,8 @@ class TrainConfig:
             if self.padding not in PADDINGS:
                 raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.init is not None and (mondeq_like or self.constraint == "weighted"):
-            raise ValueError(f"init cannot warm-start {'the monDEQ parametrization' if mondeq_like else 'constraint weighted'}"
-                             ": its free parameters are not stored in the model file")
+            mode = "the monDEQ parametrization" if mondeq_like else "constraint weighted"
+            raise ValueError(f"init cannot warm-start {mode}: its free parameters are not stored in the model file")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
                              "direct adjoint is certified: pass adjoint='direct'")
