@@ -4,9 +4,11 @@ NEMON models (Jafarpour, Davydov, Proskurnikov, Bullo, "Robust Implicit Networks
 Non-Euclidean Contractions", NeurIPS 2021) in NumPy and numba: ``x = relu(Ax + Bu + b)``,
 ``y = Cx + c`` with mu_inf(A) <= gamma < 1.
 """
-from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
+from .base import softmax_cross_entropy
 from .conv_model import ConvNEMON
-from .models import NEMON, load_model, softmax_cross_entropy
+from .loading import load_model
+from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
+from .models import NEMON
 from .projection import (parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
                          parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad, project_mu_inf)
 from .solvers import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,

@@ -20,7 +20,7 @@ def load_run(parser, run_dir, data_dir):
     import pathlib
 
     from .data import DataError, load_dataset
-    from .models import load_model
+    from .loading import load_model
 
     path = pathlib.Path(run_dir)
     model_path = path / "model.npz" if path.is_dir() else path

@@ -21,7 +21,7 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .models import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
+from .base import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
 from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
 
 __all__ = ["ConvNEMON"]

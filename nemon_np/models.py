@@ -13,105 +13,19 @@ w = g + A^T D w and put delta = D w; then
     dL/dA = delta x*^T,  dL/dB = delta u^T,  dL/db = delta,  dL/du = B^T delta,
     dL/dC = dL/dy x*^T,  dL/dc = dL/dy                 (summed over the batch).
 """
-import zipfile
-
 import numpy as np
-from scipy.special import log_softmax
 
 from ._validation import as_float_dtype, as_weights, check_gamma
+from .base import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
 from .measures import mu_inf
 from .projection import project_mu_inf
 from .solvers import MONDEQ_METHODS, solve_adjoint, solve_equilibrium
 
-__all__ = ["NEMON", "softmax_cross_entropy", "load_model"]
+__all__ = ["NEMON"]
 
 FORMAT_NAME = "nemon_np.NEMON"
 FORMAT_VERSION = 1
 PARAMETERS = ("A", "B", "b", "C", "c")
-
-
-def softmax_cross_entropy(Y, labels):
-    """Mean cross-entropy of logits Y (m, k) against integer labels (m,), and dL/dY."""
-    logp = log_softmax(Y.astype(np.float64), axis=1)
-    m = Y.shape[0]
-    rows = np.arange(m)
-    loss = -logp[rows, labels].mean()
-    dY = np.exp(logp)
-    dY[rows, labels] -= 1.0
-    return float(loss), (dY / m).astype(Y.dtype)
-
-
-def check_labels(y, m, n_out):
-    """y as m integer class labels in [0, n_out); anything else is a one-line ``ValueError``."""
-    y = np.asarray(y)
-    if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must be {m} integer class labels, got shape {y.shape} dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= n_out):
-        raise ValueError(f"labels must lie in [0, {n_out - 1}], got range [{y.min()}, {y.max()}]")
-    return y
-
-
-def read_model_file(path, format_name, version, required):
-    """The arrays of a model ``.npz`` as a dict, checked for its format marker, version and keys,
-    with the ``meta.`` entries gathered under "metadata"; a truncated or foreign file is a
-    one-line ``ValueError``."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or str(data.get("format", "")) != format_name:
-        raise ValueError(f"{path}: not a nemon_np model file of kind {format_name} "
-                         f"(format marker {str(data.get('format', 'none'))!r})")
-    if int(data["version"]) > version:
-        raise ValueError(f"{path}: model format version {int(data['version'])} is newer than "
-                         f"this nemon_np reads ({version})")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise ValueError(f"{path}: model file lacks {', '.join(missing)}")
-    data["metadata"] = {k[5:]: (v.item() if v.ndim == 0 else v) for k, v in data.items() if k.startswith("meta.")}
-    return data
-
-
-def write_model_file(path, format_name, version, params, metadata, **settings):
-    """One ``.npz`` (no pickled objects): the parameter arrays, the settings, a format marker and
-    version, and each metadata entry under ``meta.<key>``; the inverse of :func:`read_model_file`."""
-    state = {k: np.asarray(v) for k, v in {**params, **settings}.items()}
-    state.update(format=np.array(format_name), version=np.array(version))
-    for k, v in metadata.items():
-        state["meta." + k] = np.asarray(v)
-    with open(path, "wb") as f:
-        np.savez(f, **state)
-
-
-def load_model(path):
-    """Read a saved :class:`NEMON` or :class:`nemon_np.ConvNEMON`, whichever the file holds."""
-    from .conv_model import FORMAT_NAME as CONV_FORMAT, ConvNEMON
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            kind = str(z["format"]) if "format" in z.files else ""
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable nemon_np model file ({type(e).__name__}: {e})") from None
-    return (ConvNEMON if kind == CONV_FORMAT else NEMON).load(path)
-
-
-class ImplicitClassifier:
-    """What every implicit classifier here derives from its ``equilibrium(U, **options) -> (X, info)``
-    and ``readout(X) -> logits``: the logits of inputs and the predicted classes."""
-
-    def logits(self, U, **solver_options):
-        """Logits ``y = C x* + c`` (after pooling for a conv model), shape (m, n_out); keyword
-        options go to ``equilibrium``."""
-        X, _ = self.equilibrium(U, **solver_options)
-        return self.readout(X)
-
-    def predict(self, U, **solver_options):
-        """Predicted class per sample, argmax of the logits."""
-        return np.argmax(self.logits(U, **solver_options), axis=1)
 
 
 class NEMON(ImplicitClassifier):

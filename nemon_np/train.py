@@ -17,9 +17,10 @@ from ._cli import OneLineErrorParser
 from .data import AUGMENTATIONS, DATASETS, DataError, load_dataset, normalize
 from .measures import mu_2, mu_inf
 from .conv import PADDINGS
-from .models import load_model
+from .loading import load_model
 from .optim import SCHEDULES
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS
+from .constraints import get_constraint
 from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, plot_history, save_checkpoint,
                        write_metrics)
 
@@ -44,9 +45,9 @@ HELP = {
     "schedule": "learning-rate schedule: constant, step (x0.1 at 25/50/75%%) or cosine to 0",
     "gamma": "bound on mu_inf(A), < 1: the well-posedness / contraction margin; default: 0.95 (nemon, mondeq) "
              "or 0.9 (conv)",
-    "constraint": "how mu_inf(A) <= gamma is kept: projection (exact projection after each step), "
-                  "parametrization (A = gamma I + T - diag(|T|1)), weighted (same with learned "
-                  "diagonal weights, the paper's search space)",
+    "constraint": "how the implicit layer is kept well-posed: " + "; ".join(
+        f"{name}: {get_constraint('nemon', name).__doc__.split(chr(10))[0].rstrip('.')}" for name in CONSTRAINTS)
+        + " (conv models: projection or parametrization of each output channel's taps)",
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
                      "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
@@ -131,7 +132,7 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
-                                  constraint=config.constraint if config.model != "mondeq" else "mondeq-parametrization")
+                                  constraint=config.constraint_class().name)
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
           f"{data.source}); "
           f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
@@ -188,10 +189,11 @@ def certify(model, config):
     weights where learned; ||A||_inf <= gamma implies it); mondeq: mu_2(A) <= gamma;
     none: nothing was promised (verified is None).
     """
-    if config.constraint == "none":
+    certificate = config.constraint_class().certificate
+    if certificate is None:
         value = model.mu_inf()
         return value, None, f"unconstrained: mu_inf(A) = {value:.4f}, mu_2(A) = {mu_2(model.A):.4f}, no certificate"
-    if config.constraint == "mondeq" or config.model == "mondeq":
+    if certificate == "mu_2":
         value = mu_2(model.A)
         return value, bool(value <= config.gamma + 1e-9), f"mu_2(A) = {value:.6f} <= gamma = {config.gamma}"
     value = model.mu_inf()

@@ -29,24 +29,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._validation import as_float_dtype, check_gamma
-from .conv import (PADDINGS, parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse,
-                   project_conv_mu_inf)
+from .constraints import constraint_names, get_constraint
+from .conv import PADDINGS
 from .conv_model import ConvNEMON
 from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
-from .models import NEMON, load_model, softmax_cross_entropy
+from .base import softmax_cross_entropy
+from .loading import load_model
+from .models import NEMON
 from .optim import SCHEDULES, Adam, learning_rate
-from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf, parametrize_mu_inf_grad,
-                         parametrize_mu_inf_inverse, parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad,
-                         project_mondeq, project_mu_inf, project_norm_inf)
 from .robustness import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history"]
 
-CONSTRAINTS = ("projection", "parametrization", "weighted", "norm", "mondeq", "none")
 MODELS = ("nemon", "mondeq", "conv")
-CONV_CONSTRAINTS = ("projection", "parametrization")
+# The --constraint choices: the modes of the dense model (the conv model's are among them).
+CONSTRAINTS = constraint_names("nemon")
+# Model kinds whose constraint is fixed by the model itself (``constraint`` does not apply).
+MODEL_CONSTRAINT = {"mondeq": "mondeq-parametrization"}
 # Settings left None take the model's defaults. Conv models: an iteration costs C^2 k^2 flops a
 # pixel, so a looser tolerance and a smaller gamma (faster contraction) keep an epoch to minutes.
 MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
@@ -115,7 +116,8 @@ class TrainConfig:
         elif self.augment == "none" or int(self.augment_pad) != self.augment_pad or self.augment_pad < 1:
             raise ValueError(f"augment_pad must be a positive whole number with an augmentation, got "
                              f"{self.augment_pad!r} with augment {self.augment}")
-        mondeq_like = self.model == "mondeq" or self.constraint == "mondeq"
+        mode = self.constraint_class()
+        mondeq_like = mode.certificate == "mu_2"
         if self.solver is None:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
         if self.adjoint is None:
@@ -126,7 +128,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         check_gamma(self.gamma)
         as_float_dtype(self.dtype)
-        for name, allowed in (("constraint", CONSTRAINTS), ("schedule", SCHEDULES), ("lipschitz_form", LIPSCHITZ_FORMS),
+        for name, allowed in (("schedule", SCHEDULES), ("lipschitz_form", LIPSCHITZ_FORMS),
                               ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -140,17 +142,15 @@ class TrainConfig:
             raise ValueError(f"lipschitz_reg must be >= 0, got {self.lipschitz_reg!r}")
         if self.alpha is not None and not 0 < self.alpha <= (1 if self.solver not in MONDEQ_METHODS else np.inf):
             raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
-        if mondeq_like != (self.solver in MONDEQ_METHODS) and self.constraint != "none":
+        if mondeq_like != (self.solver in MONDEQ_METHODS) and mode.certificate is not None:
             raise ValueError("constraint mondeq (mu_2(A) <= gamma) goes with a monDEQ solver "
                              f"({', '.join(MONDEQ_METHODS)}) and the others with average or picard; "
                              f"got constraint {self.constraint} with solver {self.solver}")
-        if self.lipschitz_reg > 0 and (mondeq_like or self.constraint == "none"):
+        if self.lipschitz_reg > 0 and mode.certificate != "mu_inf":
             raise ValueError("lipschitz_reg needs an l_inf certificate, which "
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give")
         if self.model == "conv":
-            if self.constraint not in CONV_CONSTRAINTS:
-                raise ValueError(f"model conv supports constraint {' or '.join(CONV_CONSTRAINTS)}, got {self.constraint}")
             if self.solver != "average" or self.adjoint != "iterative":
                 raise ValueError(f"model conv solves with solver average and adjoint iterative, got {self.solver} "
                                  f"and {self.adjoint}")
@@ -158,87 +158,25 @@ class TrainConfig:
                 raise ValueError(f"kernel must be odd, got {self.kernel}")
             if self.padding not in PADDINGS:
                 raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
-        if self.init is not None and (mondeq_like or self.constraint == "weighted"):
-            mode = "the monDEQ parametrization" if mondeq_like else "constraint weighted"
-            raise ValueError(f"init cannot warm-start {mode}: its free parameters are not stored in the model file")
+        if self.init is not None and not mode.warm_start:
+            raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
+                             "in the model file")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
                              "direct adjoint is certified: pass adjoint='direct'")
         return self
 
+    def constraint_class(self):
+        """The :class:`nemon_np.constraints.Constraint` subclass this config trains with (a one-line
+        ``ValueError`` if the model kind has no such mode)."""
+        return get_constraint(self.model, MODEL_CONSTRAINT.get(self.model, self.constraint))
+
     def solver_options(self):
         """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
         options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
-        if self.constraint == "none":
+        if self.constraint_class().certificate is None:
             options["on_violation"] = "warn"
         return options
-
-
-class _Constraint:
-    """Maps the free (optimized) parameters to the model's A, and dL/dA back to them."""
-
-    def __init__(self, kind, model):
-        self.kind, self.gamma = kind, model.gamma
-        self.name = "K" if isinstance(model, ConvNEMON) else "A"
-        if kind == "conv-projection":
-            self.free = {"K": model.K}
-        elif kind == "conv-parametrization":
-            self.free = {"T": parametrize_conv_mu_inf_inverse(model.K, self.gamma)}
-        elif kind == "mondeq-parametrization":
-            rng = np.random.default_rng(model.seed + 1)
-            n = model.n_hidden
-            self.free = {"W": (rng.normal(size=(n, n)) * 0.3 / np.sqrt(n)).astype(model.dtype),
-                         "S": (rng.normal(size=(n, n)) * 0.1 / np.sqrt(n)).astype(model.dtype)}
-        elif kind in ("projection", "norm", "mondeq", "none"):
-            self.free = {"A": model.A}
-        elif kind == "parametrization":
-            self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma)}
-        else:
-            self.free = {"T": parametrize_mu_inf_inverse(model.A, self.gamma),
-                         "s": np.zeros(model.n_hidden, model.dtype)}
-        self.apply(model)
-
-    def grads(self, gA):
-        """dL/d(free parameters) from dL/dA (dL/dK for a conv model)."""
-        if self.name in self.free:
-            return {self.name: gA}
-        if self.kind == "conv-parametrization":
-            return {"T": parametrize_conv_mu_inf_grad(self.free["T"], gA)}
-        if self.kind == "parametrization":
-            return {"T": parametrize_mu_inf_grad(self.free["T"], gA)}
-        if self.kind == "mondeq-parametrization":
-            dW, dS = parametrize_mondeq_grad(self.free["W"], self.free["S"], gA)
-            return {"W": dW, "S": dS}
-        dT, ds = parametrize_weighted_mu_inf_grad(self.free["T"], self.free["s"], gA)
-        return {"T": dT, "s": ds}
-
-    def apply(self, model):
-        """Write the constrained A (and weights) into the model after a step.
-
-        Rounding in the parametrization (and in a cast to float32) can leave a row an
-        ulp above gamma; projecting the result, a no-op for rows inside, keeps
-        mu_inf(A) <= gamma exact in the model's dtype.
-        """
-        if self.kind == "conv-projection":
-            model.K[...] = project_conv_mu_inf(model.K, self.gamma)
-        elif self.kind == "conv-parametrization":
-            model.K = project_conv_mu_inf(parametrize_conv_mu_inf(self.free["T"], self.gamma).astype(model.dtype),
-                                          self.gamma)
-        elif self.kind == "projection":
-            model.A[...] = project_mu_inf(model.A, self.gamma)
-        elif self.kind == "norm":
-            model.A[...] = project_norm_inf(model.A, self.gamma)
-        elif self.kind == "mondeq":
-            model.A[...] = project_mondeq(model.A, 1.0 - self.gamma)
-        elif self.kind == "none":
-            pass
-        elif self.kind == "mondeq-parametrization":
-            model.A = parametrize_mondeq(self.free["W"], self.free["S"], 1.0 - self.gamma).astype(model.dtype)
-        elif self.kind == "parametrization":
-            model.A = project_mu_inf(parametrize_mu_inf(self.free["T"], self.gamma).astype(model.dtype), self.gamma)
-        else:
-            A, eta = parametrize_weighted_mu_inf(self.free["T"], self.free["s"], self.gamma)
-            model.A, model.weights = project_mu_inf(A.astype(model.dtype), self.gamma, eta), eta
 
 
 def evaluate(model, X, y, batch_size=None, **solver_options):
@@ -305,9 +243,7 @@ class Trainer:
         if model is None:
             model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
         self.model = model
-        kind = {"mondeq": "mondeq-parametrization", "conv": "conv-" + config.constraint}.get(config.model,
-                                                                                             config.constraint)
-        self.constraint = _Constraint(kind, self.model)
+        self.constraint = config.constraint_class()(self.model)
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
@@ -321,7 +257,7 @@ class Trainer:
         """One optimizer step on a batch; returns (loss, correct, forward its, backward its)."""
         cfg, m = self.config, self.model
         with warnings.catch_warnings():
-            if cfg.constraint == "none":   # uncertified by design: counted, not printed per batch
+            if self.constraint.certificate is None:   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
             loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol,
                                                 return_info=True, **cfg.solver_options())
@@ -330,7 +266,7 @@ class Trainer:
             loss += cfg.lipschitz_reg * L
             for k, g in lg.items():
                 grads[k] = grads[k] + cfg.lipschitz_reg * g
-        grads.update(self.constraint.grads(grads.pop(self.constraint.name)))
+        grads.update(self.constraint.grads(grads.pop(self.constraint.parameter)))
         self.optimizer.step(self._params(), grads, lr=lr)
         self.constraint.apply(m)
         correct = int(np.count_nonzero(info["forward"].logits.argmax(axis=1) == y))
@@ -372,7 +308,7 @@ class Trainer:
                    "train_acc": total_correct / len(X)}
             if X_test is not None:
                 with warnings.catch_warnings():
-                    if cfg.constraint == "none":
+                    if self.constraint.certificate is None:
                         warnings.simplefilter("ignore")
                     test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))

@@ -1,0 +1,43 @@
+"""The package's imports run one way: no module imports one that imports it back."""
+import ast
+import pathlib
+
+import nemon_np
+
+PACKAGE = pathlib.Path(nemon_np.__file__).parent
+
+
+def _imports(path):
+    """Modules of nemon_np that ``path`` imports, at any depth (function-level imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nemon_np."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("nemon_np."))
+    return found
+
+
+def test_no_import_cycle():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    graph = {m: _imports(PACKAGE / f"{m}.py") & modules for m in modules}
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [m])
+    assert graph["loading"] >= {"models", "conv_model"}   # the walk sees real edges
