@@ -80,7 +80,7 @@ def crossing_scale(scales, shares, level=0.5):
 def monte_carlo(cfg, rng):
     out = []
     total = sum(len(cfg["scales"]) * 2 * cfg["samples"][n] for n in cfg["ns"])
-    bar = tqdm(total=total, desc="Monte Carlo shares", unit="matrix")
+    bar = tqdm(total=total, desc="Monte Carlo shares", unit="matrix", disable=None)
     for n in cfg["ns"]:
         for dist in ("gaussian", "uniform"):
             for scale in cfg["scales"]:
@@ -208,7 +208,7 @@ def inclusions(cfg, rng):
               "certified but not truly well-posed": 0}
     tested = 0
     nemon_not_mondeq = mondeq_not_nemon = None
-    for _ in tqdm(range(cfg["inclusion_samples"]), desc="inclusions", unit="matrix"):
+    for _ in tqdm(range(cfg["inclusion_samples"]), desc="inclusions", unit="matrix", disable=None):
         n = int(rng.choice([2, 3, 4]))
         A = sample(rng, "gaussian", n, float(rng.uniform(0.3, 3.0)), 1)[0]
         v = region_measures(A)
@@ -272,7 +272,7 @@ def trainings(cfg, data_dir, seed):
                 "mondeq": dict(constraint="mondeq", solver="peaceman-rachford", adjoint="direct"),
                 "none": dict(constraint="none", adjoint="direct")}
     results, unconstrained = {}, None
-    for name, extra in tqdm(settings.items(), desc="MNIST trainings", unit="model"):
+    for name, extra in tqdm(settings.items(), desc="MNIST trainings", unit="model", disable=None):
         config = TrainConfig(epochs=t["epochs"], hidden=t["hidden"], gamma=GAMMA, seed=seed, **extra)
         start = time.perf_counter()
         trainer = Trainer(config, 784, 10).fit(X, y, Xt, yt, progress=False)

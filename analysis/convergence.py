@@ -253,7 +253,7 @@ def run(args):
         for mu, shift in specs]
     meta["trained_model"] = source
     meta["blas_threads"] = args.blas_threads
-    for name, (A, Q, w) in tqdm(work, desc="convergence study", unit="problem"):
+    for name, (A, Q, w) in tqdm(work, desc="convergence study", unit="problem", disable=None):
         problems[name] = study(A, Q, w, max_iter, repeats)
         plot_problem(name, problems[name], out, max_iter)
     plot_contraction(problems, out)

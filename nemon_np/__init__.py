@@ -4,7 +4,7 @@ NEMON models (Jafarpour, Davydov, Proskurnikov, Bullo, "Robust Implicit Networks
 Non-Euclidean Contractions", NeurIPS 2021) in NumPy and numba: ``x = relu(Ax + Bu + b)``,
 ``y = Cx + c`` with mu_inf(A) <= gamma < 1.
 """
-from .base import softmax_cross_entropy
+from .losses import softmax_cross_entropy
 from .conv_model import ConvNEMON
 from .loading import load_model
 from .measures import best_weights, mu_1, mu_2, mu_inf, norm_inf, row_measures
@@ -23,14 +23,15 @@ def __getattr__(name):
     if name == "NEMONClassifier":
         from .estimator import NEMONClassifier
         return NEMONClassifier
-    if name == "lipschitz_bound":
-        from .robustness import lipschitz_bound
-        return lipschitz_bound
+    if name in ("lipschitz_bound", "certify"):
+        from .certificates import certify
+        from .lipschitz import lipschitz_bound
+        return {"lipschitz_bound": lipschitz_bound, "certify": certify}[name]
     raise AttributeError(f"module 'nemon_np' has no attribute {name!r}")
 
 __all__ = ["NEMON", "ConvNEMON", "load_model", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
            "project_mu_inf", "parametrize_mu_inf", "parametrize_mu_inf_grad",
            "parametrize_mu_inf_inverse", "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad",
-           "lipschitz_bound", "solve_equilibrium", "solve_adjoint",
+           "lipschitz_bound", "certify", "solve_equilibrium", "solve_adjoint",
            "contraction_alpha", "contraction_factor", "softmax_cross_entropy",
            "WellPosednessError", "ConvergenceWarning"]

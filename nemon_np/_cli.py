@@ -3,6 +3,13 @@ import argparse
 import sys
 
 
+def limit_blas_threads(n=1):
+    """Cap the process's BLAS threads (threadpoolctl): the products here are small, and OpenBLAS's
+    threads made them up to 14x slower on 2-core machines (docs/benchmarks.md)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(n, user_api="blas")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``prog: error: message (see --help)``."""
 

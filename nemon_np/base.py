@@ -1,26 +1,21 @@
-"""What every implicit classifier here shares: the loss, label checks, the model file format and
-the base class with ``logits`` and ``predict``.
+"""What every implicit classifier here shares: label checks, the model file format, and the base
+class with ``logits``, ``predict`` and the interval bounds through the embedded network.
 
 Both model modules (:mod:`nemon_np.models`, :mod:`nemon_np.conv_model`) import this one and nothing
 imports them back; :func:`nemon_np.loading.load_model`, which knows both, sits above them.
 """
+import warnings
 import zipfile
 
 import numpy as np
-from scipy.special import log_softmax
+from scipy.optimize import OptimizeResult
 
-__all__ = ["softmax_cross_entropy", "check_labels", "read_model_file", "write_model_file", "model_file_format", "ImplicitClassifier"]
+from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
+                       fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
+from .losses import softmax_cross_entropy
+from .solvers import ConvergenceWarning, WellPosednessError
 
-
-def softmax_cross_entropy(Y, labels):
-    """Mean cross-entropy of logits Y (m, k) against integer labels (m,), and dL/dY."""
-    logp = log_softmax(Y.astype(np.float64), axis=1)
-    m = Y.shape[0]
-    rows = np.arange(m)
-    loss = -logp[rows, labels].mean()
-    dY = np.exp(logp)
-    dY[rows, labels] -= 1.0
-    return float(loss), (dY / m).astype(Y.dtype)
+__all__ = ["check_labels", "read_model_file", "write_model_file", "model_file_format", "ImplicitClassifier"]
 
 
 def check_labels(y, m, n_out):
@@ -39,9 +34,10 @@ def _read_arrays(path):
     file stays a ``FileNotFoundError``."""
     not_model = f"{path}: not a nemon_np model file"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError(f"{not_model} (a single NumPy array, not an .npz archive)")
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise ValueError(f"{not_model} (a single NumPy array, not an .npz archive)")
+        with z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise
@@ -91,9 +87,28 @@ def write_model_file(path, format_name, version, params, metadata, **settings):
         np.savez(f, **state)
 
 
+def _terms(P):
+    """Terms summed per output of the linear map P: n for a matrix (n_out, n), C_in k^2 for a kernel."""
+    return int(np.prod(np.shape(P)[1:]))
+
+
 class ImplicitClassifier:
     """What every implicit classifier here derives from its ``equilibrium(U, **options) -> (X, info)``
-    and ``readout(X) -> logits``: the logits of inputs and the predicted classes."""
+    and ``readout(X) -> logits``: the logits of inputs and the predicted classes, and the interval
+    bounds of the fixed point and the margins over input boxes (DESIGN.md, "Interval certificates").
+
+    The interval methods are written once over hooks each model defines: ``implicit`` (the name of
+    the implicit matrix, "A" or "K"), ``_state_inputs(U, dtype)`` (inputs in the state's layout),
+    ``_inject(B, U)`` and ``_inject_grad(delta, U)`` (the input map and its weight gradient),
+    ``_apply_implicit(P, X)`` and ``_implicit_grad(delta, X)`` (the same for the implicit map),
+    ``_features(X)`` and ``_features_grad(G)`` (what the head reads: x, or its average pooling, a
+    linear map with non-negative weights, and its transpose), ``_feature_terms`` (entries averaged
+    per feature, 0 for none), ``_state_weights()`` (eta or None), ``_adjoint_tolerance(tol, units)``
+    (the default adjoint tolerance of a state of that many units) and ``_solve_embedded`` /
+    ``_adjoint_embedded`` (the average iteration and its adjoint for the embedded network, whose
+    state is [x_lo, x_hi] stacked on the last axis).
+    """
+
 
     def logits(self, U, **solver_options):
         """Logits ``y = C x* + c`` (after pooling for a conv model), shape (m, n_out); keyword
@@ -104,3 +119,148 @@ class ImplicitClassifier:
     def predict(self, U, **solver_options):
         """Predicted class per sample, argmax of the logits."""
         return np.argmax(self.logits(U, **solver_options), axis=1)
+
+    # -- interval bounds through the embedded network ------------------------------------------
+    def _check_interval(self):
+        """mu_inf of the model, which must be < 1: it certifies the embedded network too."""
+        mu = self.mu_inf()
+        if not mu < 1:
+            raise WellPosednessError(f"mu_inf = {mu:.6g} >= 1: interval bounds need the l_inf contraction "
+                                     "(a monDEQ model, certified by mu_2 only, has no interval certificate)")
+        return mu
+
+    def _embedded_injection(self, U_c, U_r, B, b, rounding=False):
+        """[q_lo, q_hi] = [B u_c - |B| u_r + b, B u_c + |B| u_r + b], stacked on the last axis; with
+        ``rounding`` each side is moved outward by the rounding allowance of its float64 evaluation."""
+        Q_c = self._inject(B, U_c) + b
+        Q_r = self._inject(np.abs(B), U_r)
+        if rounding:
+            Q_r = Q_r + (_terms(B) + 4) * UNIT_ROUNDOFF * (self._inject(np.abs(B), np.abs(U_c) + U_r) + np.abs(b))
+        return np.concatenate([Q_c - Q_r, Q_c + Q_r], axis=-1)
+
+    def mu_inf_upper(self):
+        """An upper bound of the exact mu_inf of the stored parameters: the float64 value plus an
+        allowance for the rounding of its sums (below (terms + 4) u times the largest weighted
+        absolute row sum; 1e-9 of it is far above)."""
+        P64 = np.asarray(getattr(self, self.implicit), np.float64)
+        mu = self.mu_inf()
+        rows = np.abs(P64).reshape(len(P64), -1).sum(axis=1).max()
+        eta = self._state_weights()
+        spread = 1.0 if eta is None else float(eta.max() / eta.min())
+        return mu + 1e-9 * (1.0 + abs(mu) + rows * spread)
+
+    def interval_bounds(self, U_lo, U_hi, *, tol=None, max_iter=1000, method="average"):
+        """Sound bounds of the fixed point over input boxes: for every u with U_lo <= u <= U_hi
+        (inputs as :meth:`equilibrium` takes them, normalized), ``X_lo <= x*(u) <= X_hi``.
+
+        The embedded network is solved by the average iteration in the model's dtype, per sample to
+        ``tol`` (default 1e-4 in float32, 1e-8 in float64); then, in float64, its residual r gives
+        the enclosure ``|x - x_emb*| <= (|r| + s) / (1 - mu)`` (s the rounding allowance, weighted
+        for weighted models) and the box is widened by it. The box holds in exact arithmetic for the
+        model's parameters, also for inputs rounded to a float32 model's dtype; a sample that did not
+        reach ``tol`` gets a wider, still sound, box.
+
+        Returns X_lo, X_hi (float64, the state's layout) and an OptimizeResult with the embedded
+        solve's per-sample ``iterations``, ``residual`` and the enclosure ``radius``.
+        Raises :class:`nemon_np.WellPosednessError` when mu_inf >= 1.
+        """
+        self._check_interval()
+        lo, hi = self._state_inputs(U_lo, np.float64), self._state_inputs(U_hi, np.float64)
+        if lo.shape != hi.shape or np.any(lo > hi):
+            raise ValueError("U_lo and U_hi must have one shape and U_lo <= U_hi entrywise")
+        if tol is None:
+            tol = 1e-4 if self.dtype == np.float32 else 1e-8
+        if self.dtype == np.float32:
+            # A float32 model sees its inputs rounded to nearest: within 2^-24 relative of them.
+            lo, hi = lo - np.abs(lo) * 2.0 ** -24, hi + np.abs(hi) * 2.0 ** -24
+        U_c, U_r = enclosing_center_radius(lo, hi)
+        P = getattr(self, self.implicit)
+        P64 = P.astype(np.float64)
+        Q = self._embedded_injection(U_c, U_r, self.B.astype(np.float64), self.b.astype(np.float64), rounding=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)   # the enclosure below covers it
+            X, info = self._solve_embedded(embed(P), Q.astype(self.dtype), tol, max_iter, method)
+        E64, X64 = embed(P64), X.astype(np.float64)
+        Z = self._apply_implicit(E64, X64) + Q
+        slack = (_terms(E64) + 4) * UNIT_ROUNDOFF * (self._apply_implicit(np.abs(E64), np.abs(X64)) + np.abs(Q))
+        eta = self._state_weights()
+        eta2 = None if eta is None else np.concatenate([eta, eta])
+        radius = enclosure_radius(np.maximum(Z, 0) - X64, slack, self.mu_inf_upper(), eta2)
+        widen = radius.reshape((-1,) + (1,) * (X.ndim - 1)) * (1.0 if eta2 is None else eta2)
+        widen = np.broadcast_to(widen, X64.shape)
+        n = X.shape[-1] // 2
+        X_lo = np.maximum(X64[..., :n] - widen[..., :n], 0.0)     # every fixed point is >= 0
+        X_hi = X64[..., n:] + widen[..., n:]
+        info["radius"] = radius
+        return X_lo, X_hi, info
+
+    def interval_margins(self, U_lo, U_hi, labels, **options):
+        """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
+        classifier on the bounds of :meth:`interval_bounds` (its ``options``), minus the rounding
+        allowance of their float64 evaluation: (m, n_out) float64, 0 at j = k. The prediction is
+        certified constant over the box when every other entry is > 0. Returns (M, info)."""
+        X_lo, X_hi, info = self.interval_bounds(U_lo, U_hi, **options)
+        labels = check_labels(labels, len(X_lo), self.n_out)
+        F_lo, F_hi = self._features(X_lo), self._features(X_hi)
+        if self._feature_terms:   # averages of non-negative numbers: rounding within (t + 2) u, relative
+            F_lo, F_hi = (F_lo * (1 - (self._feature_terms + 2) * UNIT_ROUNDOFF),
+                          F_hi * (1 + (self._feature_terms + 2) * UNIT_ROUNDOFF))
+        F_c, F_r = enclosing_center_radius(F_lo, F_hi)
+        C, c = self.C.astype(np.float64), self.c.astype(np.float64)
+        M = margin_lower_bounds(C, c, F_c, F_r, labels) - margin_rounding(C, c, F_c, F_r, labels)
+        M[np.arange(len(labels)), labels] = 0.0
+        return M, info
+
+    def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, tol=1e-6, max_iter=500, method="average",
+                                alpha=None, adjoint="iterative", adjoint_tol=None, on_violation="raise",
+                                return_info=False):
+        """The IBP-style loss ``kappa CE(y(U)) + (1 - kappa) CE(-m_lo)`` (Gowal et al. 2018) and its
+        gradients (keyed as :meth:`loss_and_grad`'s); m_lo (m, n_out) are the lower bounds of
+        y_k - y_j over the boxes [U_lo, U_hi] (DESIGN.md, "Certified training").
+
+        The robust part goes through the embedded fixed point by the implicit method: with the
+        margins' gradient g = dL/d[x_lo, x_hi], the adjoint w = g + E^T D w of the embedded network,
+        delta = D w, dL/dE = delta [x_lo, x_hi]^T folded onto A by :func:`fold_embedded_grad`, and
+        dL/dB = (delta_lo + delta_hi) u_c^T + sign(B) (delta_hi - delta_lo) u_r^T. Solver options as
+        for :meth:`loss_and_grad`; the bounds here are the solver's, not widened (for training, not
+        for certificates). ``return_info`` adds {"forward", "backward", "embedded", "embedded_backward",
+        "margins"}.
+        """
+        if not 0 <= kappa <= 1:
+            raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
+        solver = dict(tol=tol, max_iter=max_iter, method=method, alpha=alpha)
+        loss, grads, info = self.loss_and_grad(U, y, adjoint=adjoint, adjoint_tol=adjoint_tol, return_info=True,
+                                               on_violation=on_violation, **solver)
+        if kappa == 1:
+            return (loss, grads, info) if return_info else (loss, grads)
+        self._check_interval()
+        lo, hi = self._state_inputs(U_lo, self.dtype), self._state_inputs(U_hi, self.dtype)
+        U_c, U_r = center_radius(lo, hi)
+        if U_c.shape[0] != len(y) or np.any(U_r < 0):
+            raise ValueError(f"U_lo and U_hi must hold {len(y)} boxes with U_lo <= U_hi")
+        P = getattr(self, self.implicit)
+        E = embed(P)
+        X, finfo = self._solve_embedded(E, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
+                                        method, alpha)
+        n = X.shape[-1] // 2
+        F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
+        M = margin_lower_bounds(self.C, self.c, F_c, F_r, y)
+        robust, d_neg = softmax_cross_entropy(-M, y)
+        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, F_c, F_r, y, -d_neg)
+        G = np.concatenate([self._features_grad((dF_c - dF_r) / 2), self._features_grad((dF_c + dF_r) / 2)], axis=-1)
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        m = len(y)
+        # Per-sample scale (m G), so that the adjoint tolerance means the same at any batch size.
+        adjoint_tol = self._adjoint_tolerance(tol, 2 * self.n_hidden) if adjoint_tol is None else adjoint_tol
+        W, binfo = self._adjoint_embedded(E, mask, m * G, finfo.alpha, adjoint_tol, max_iter, adjoint)
+        delta = mask * W / m
+        d_lo, d_hi = delta[..., :n], delta[..., n:]
+        robust_grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
+                        "B": self._inject_grad(d_lo + d_hi, U_c) + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r),
+                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), "C": dC, "c": dc}
+        total = kappa * loss + (1 - kappa) * robust
+        grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
+        if not return_info:
+            return total, grads
+        info.update(embedded=finfo, embedded_backward=binfo, margins=M, robust_loss=robust)
+        return total, grads, info

@@ -21,8 +21,9 @@ from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .base import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
-from .solvers import ConvergenceWarning, WellPosednessError, WellPosednessWarning
+from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
+from .losses import softmax_cross_entropy
+from .solvers import WellPosednessError, WellPosednessWarning, _warn_unconverged
 
 __all__ = ["ConvNEMON"]
 
@@ -101,8 +102,8 @@ class ConvNEMON(ImplicitClassifier):
         """mu_inf of the convolution K (exact for circular padding, an upper bound for zero)."""
         return mu_inf_conv(self.K)
 
-    def _images(self, U):
-        """U as a channel-last batch (m, H, W, C_in) of the model's dtype."""
+    def _images(self, U, dtype=None):
+        """U as a channel-last batch (m, H, W, C_in) of ``dtype`` (default the model's)."""
         U = np.asarray(U)
         H, W = self.image_size
         if U.ndim == 1:
@@ -114,7 +115,53 @@ class ConvNEMON(ImplicitClassifier):
                              f"got {U.shape}")
         if not np.all(np.isfinite(U)):
             raise ValueError("U has non-finite entries (NaN or inf)")
-        return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype)
+        return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype if dtype is None else dtype)
+
+    # -- the hooks of the interval methods (nemon_np.base.ImplicitClassifier) -------------
+    implicit = "K"
+    _state_inputs = _images
+
+    @property
+    def _feature_terms(self):
+        return self.pool * self.pool
+
+    def _inject(self, B, U):
+        return conv_apply_channel_last(B, U, self.padding)
+
+    def _inject_grad(self, delta, U):
+        return weight_grad_channel_last(delta, U, self.kernel, self.padding)
+
+    _apply_implicit, _implicit_grad = _inject, _inject_grad
+
+    def _features(self, X):
+        return self._pool(X)
+
+    def _features_grad(self, G):
+        return self._pool_transpose(G)
+
+    def _state_weights(self):
+        return None
+
+    @staticmethod
+    def _adjoint_tolerance(tol, units):
+        # The adjoint residual is an l_1 norm over all units: the same residual per unit as a
+        # dense model of 100 units at tol.
+        return tol * units / 100
+
+    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None):
+        self._check_method(method)
+        alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
+        X, Z, its, res = conv_fixed_point(E, Q, alpha, tol, max_iter, self.padding)
+        info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
+                              preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
+        _warn_unconverged(info, tol, "embedded forward")
+        return X, info
+
+    def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
+        self._check_method("average", method)
+        W, _, its, res = conv_fixed_point(transpose_kernel(E), G, alpha, tol, max_iter, self.padding, relu=False,
+                                          l1=True, S=mask, X0=G)
+        return W, OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= G.dtype.type(tol))
 
     def _alpha(self, alpha, on_violation):
         mu = self.mu_inf()
@@ -150,15 +197,22 @@ class ConvNEMON(ImplicitClassifier):
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0)
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
-        if not info.converged.all():
-            warnings.warn(f"forward: {np.count_nonzero(~info.converged)} of {len(its)} samples did not reach "
-                          f"tol = {tol:g} in {max_iter} iterations", ConvergenceWarning, stacklevel=3)
+        _warn_unconverged(info, tol, "forward fixed point")
         return X, info
 
     def _pool(self, X):
         m, H, W, C = X.shape
         s = self.pool
         return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4)).reshape(m, -1)
+
+    def _pool_transpose(self, G):
+        """The transpose of :meth:`_pool`: pooled gradients G (m, (H/s)(W/s)C) spread over each s x s
+        window with weight 1 / s^2, (m, H, W, C)."""
+        H, W = self.image_size
+        s, m = self.pool, len(G)
+        C = G.shape[1] * s * s // (H * W)
+        G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
+        return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
 
     def readout(self, X):
         """Logits ``C pool(x) + c`` of fixed points X (m, H, W, C)."""
@@ -180,10 +234,8 @@ class ConvNEMON(ImplicitClassifier):
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (m, self.n_out):
                 raise ValueError(f"dY must have shape ({m}, {self.n_out}), got {dY.shape}")
-        s = self.pool
         # Per-sample scale (m dY), so that tol means the same at any batch size.
-        g = ((m * dY) @ self.C).reshape(m, H // s, 1, W // s, 1, C) / (s * s)
-        g = np.ascontiguousarray(np.broadcast_to(g, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
+        g = self._pool_transpose((m * dY) @ self.C)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         # The adjoint residual is an l_1 norm over all C H W units: by default the same residual per
         # unit as a dense model of 100 units at tol.

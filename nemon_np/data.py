@@ -106,8 +106,14 @@ def normalize(images, mean, std, dtype=np.float32):
 
 
 def data_dirs(data_dir=None):
-    """Folders searched, in order: ``data_dir``, ``$NEMON_DATA``, ``~/.cache/nemon_np``."""
-    dirs = [pathlib.Path(data_dir)] if data_dir else []
+    """Folders searched: ``data_dir`` alone when given (it must exist: a named folder is never
+    silently replaced by another copy), else ``$NEMON_DATA`` then ``~/.cache/nemon_np``."""
+    if data_dir:
+        path = pathlib.Path(data_dir)
+        if not path.is_dir():
+            raise DataError(f"{path}: no such folder (the data folder given, --data-dir)")
+        return [path]
+    dirs = []
     if os.environ.get("NEMON_DATA"):
         dirs.append(pathlib.Path(os.environ["NEMON_DATA"]))
     dirs.append(pathlib.Path.home() / ".cache" / "nemon_np")
@@ -240,6 +246,9 @@ def load_mnist(data_dir=None, download=True, progress=print):
         if partial is not None:
             missing = [s for s in MNIST_FILES if _mnist_path(partial, s) is None]
             raise DataError(f"{partial}: MNIST is incomplete, missing {', '.join(m + '.gz' for m in missing)}")
+        if data_dir:
+            raise DataError(f"{dirs[0]}: holds no MNIST (the four official IDX files, in it or in mnist/); "
+                            "omit --data-dir to use $NEMON_DATA, ~/.cache/nemon_np or a download")
         if not download:
             raise DataError(f"MNIST not found in {', '.join(map(str, dirs))} (pass --data-dir, set NEMON_DATA, "
                             "or allow the download)")
@@ -298,6 +307,9 @@ def load_cifar10(data_dir=None, download=True, progress=print):
     dirs = data_dirs(data_dir)
     folder = next((_cifar_folder(d) for d in dirs if _cifar_folder(d)), None)
     if folder is None:
+        if data_dir:
+            raise DataError(f"{dirs[0]}: holds no CIFAR-10 (the official binary batches in {CIFAR_DIR}/, in it or "
+                            "in cifar10/); omit --data-dir to use $NEMON_DATA, ~/.cache/nemon_np or a download")
         if not download:
             raise DataError(f"CIFAR-10 ({CIFAR_DIR}/) not found in {', '.join(map(str, dirs))}")
         _fetch_cifar(dirs[0], progress)

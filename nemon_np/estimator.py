@@ -19,18 +19,21 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
     model, hidden, epochs, batch_size, lr, schedule, gamma, constraint, lipschitz_reg,
-    lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint
-    None: the model's certified defaults).
+    lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
+    model's certified defaults), and certified training: certified_eps (the radius of the l_inf
+    balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
+    eps_ramp.
 
     Attributes
     ----------
     model_ : nemon_np.NEMON; classes_ : (k,) labels; history_ : list of per-epoch metrics dicts;
-    config_ : the resolved TrainConfig; n_features_in_ : int
+    config_ : the resolved TrainConfig; n_features_in_ : int; n_iter_ : int, the epochs run
     """
 
     def __init__(self, model="nemon", hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine",
                  gamma=0.95, constraint="projection", lipschitz_reg=0.0, lipschitz_form="exact", solver=None,
-                 alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0):
+                 alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0, certified_eps=0.0,
+                 kappa=0.5, eps_warmup=None, eps_ramp=None):
         self.model = model
         self.hidden = hidden
         self.epochs = epochs
@@ -48,35 +51,44 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         self.adjoint = adjoint
         self.dtype = dtype
         self.seed = seed
+        self.certified_eps = certified_eps
+        self.kappa = kappa
+        self.eps_warmup = eps_warmup
+        self.eps_ramp = eps_ramp
 
     def _config(self):
         return TrainConfig(**self.get_params()).validate()
 
     def fit(self, X, y):
         """Train on X (n_samples, n_features) and labels y; returns self."""
-        config = self._config()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit, got {len(self.classes_)}")
+            raise ValueError(f"NEMONClassifier needs samples of at least 2 classes, got {len(self.classes_)} class")
+        config = self._config()
         trainer = Trainer(config, X.shape[1], len(self.classes_))
         trainer.fit(X, y_idx.astype(np.int64), progress=False)
         self.model_, self.history_, self.config_ = trainer.model, trainer.history, config
+        self.n_iter_ = len(trainer.history)
         return self
 
     def _logits(self, X):
-        check_is_fitted(self, "model_")
+        check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         return self.model_.logits(X, **self.config_.solver_options())
 
     def decision_function(self, X):
-        """Logits, shape (n_samples, n_classes)."""
-        return self._logits(X)
+        """Logits, shape (n_samples, n_classes); for two classes the difference of the second and the
+        first logit, shape (n_samples,), positive for ``classes_[1]`` (scikit-learn's convention)."""
+        Y = self._logits(X)
+        return Y[:, 1] - Y[:, 0] if Y.shape[1] == 2 else Y
 
     def predict_proba(self, X):
         """Softmax of the logits, shape (n_samples, n_classes)."""
         return softmax(self._logits(X).astype(np.float64), axis=1)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self._logits(X), axis=1)]
+        """The class of the largest logit, among ``classes_``."""
+        index = np.argmax(self._logits(X), axis=1)   # first: it checks that the model is fitted
+        return self.classes_[index]

@@ -9,11 +9,12 @@ import sys
 
 import numpy as np
 
-from ._cli import OneLineErrorParser, load_run
+from ._cli import OneLineErrorParser, limit_blas_threads, load_run
 from .conv_model import ConvNEMON
 from .data import normalize
 from .measures import mu_2, mu_inf
-from .robustness import lipschitz_bound, solver_options_for
+from .lipschitz import lipschitz_bound
+from .pixels import solver_options_for
 from .training import evaluate
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=None,
                    help="fixed-point tolerance for evaluation (default 1e-4 for float32 models, 1e-8 for float64)")
     args = p.parse_args(argv)
+    limit_blas_threads()
     model, data, _ = load_run(p, args.run_dir, args.data_dir)
     mean, std = model.metadata["mean"], model.metadata["std"]
     X = normalize(data.test_images, mean, std, model.dtype)

@@ -16,7 +16,8 @@ w = g + A^T D w and put delta = D w; then
 import numpy as np
 
 from ._validation import as_float_dtype, as_weights, check_gamma
-from .base import ImplicitClassifier, check_labels, read_model_file, softmax_cross_entropy, write_model_file
+from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
+from .losses import softmax_cross_entropy
 from .measures import mu_inf
 from .projection import project_mu_inf
 from .solvers import MONDEQ_METHODS, solve_adjoint, solve_equilibrium
@@ -91,7 +92,8 @@ class NEMON(ImplicitClassifier):
         """mu_inf(A) in the model's (weighted) norm."""
         return mu_inf(self.A, self.weights)
 
-    def _inputs(self, U):
+    def _inputs(self, U, dtype=None):
+        """U as a checked (m, n_in) batch of ``dtype`` (default the model's)."""
         U = np.asarray(U)
         if U.ndim == 1:
             U = U[None, :]
@@ -99,7 +101,48 @@ class NEMON(ImplicitClassifier):
             raise ValueError(f"U must have shape (batch, {self.n_in}), got {np.shape(U)}")
         if not np.all(np.isfinite(U)):
             raise ValueError("U has non-finite entries (NaN or inf)")
-        return np.ascontiguousarray(U, dtype=self.dtype)
+        return np.ascontiguousarray(U, dtype=self.dtype if dtype is None else dtype)
+
+    # -- the hooks of the interval methods (nemon_np.base.ImplicitClassifier) -------------
+    implicit = "A"
+    _feature_terms = 0
+    _state_inputs = _inputs
+
+    @staticmethod
+    def _inject(B, U):
+        return U @ B.T
+
+    @staticmethod
+    def _inject_grad(delta, U):
+        return delta.T @ U
+
+    _apply_implicit, _implicit_grad = _inject, _inject_grad
+
+    @staticmethod
+    def _features(X):
+        return X
+
+    @staticmethod
+    def _features_grad(G):
+        return G
+
+    def _state_weights(self):
+        return self.weights
+
+    @staticmethod
+    def _adjoint_tolerance(tol, units):
+        return tol
+
+    def _embedded_weights(self):
+        return None if self.weights is None else np.concatenate([self.weights, self.weights])
+
+    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None):
+        return solve_equilibrium(E, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
+                                 weights=self._embedded_weights())
+
+    def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
+        return solve_adjoint(E, mask, G, method=method, alpha=alpha if method == "iterative" else None,
+                             tol=tol, max_iter=max_iter, weights=self._embedded_weights())
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None,

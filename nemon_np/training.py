@@ -26,6 +26,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ._validation import as_float_dtype, check_gamma
@@ -34,11 +35,13 @@ from .conv import PADDINGS
 from .conv_model import ConvNEMON
 from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
-from .base import softmax_cross_entropy
+from .losses import softmax_cross_entropy
 from .loading import load_model
 from .models import NEMON
 from .optim import SCHEDULES, Adam, learning_rate
-from .robustness import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
+from .pixels import channel_stats, input_ball
+from .certificates import certified_rows
+from .lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history"]
@@ -50,9 +53,12 @@ CONSTRAINTS = constraint_names("nemon")
 MODEL_CONSTRAINT = {"mondeq": "mondeq-parametrization"}
 # Settings left None take the model's defaults. Conv models: an iteration costs C^2 k^2 flops a
 # pixel, so a looser tolerance and a smaller gamma (faster contraction) keep an epoch to minutes.
-MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
-                  "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4),
-                  "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3)}
+# Certified (IBP-style) training, eps_warmup and eps_ramp: epochs of clean training, then epochs over
+# which eps rises linearly to certified_eps while kappa falls (Gowal et al. 2018); measured in
+# docs/benchmarks.md, "Interval certificates".
+MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
+                  "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
+                  "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3, eps_warmup=1, eps_ramp=4)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
 
 
@@ -72,6 +78,15 @@ class TrainConfig:
     ``init`` names a saved model (``model.npz`` or its run folder) to start from instead of a
     random initialization; its architecture, gamma and dtype must match the config's.
     ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
+    ``blas_threads`` caps the BLAS threads while training (threadpoolctl; None leaves them alone): the
+    products here are small, and on 2-core machines OpenBLAS's threads made a dense training step
+    14x and a conv step 1.3x slower than one thread (docs/benchmarks.md).
+    ``certified_eps`` > 0 (pixel units) trains on ``kappa CE(y) + (1 - kappa) CE(-m_lo)``, m_lo the
+    interval lower bounds of the margins over the eps-ball of each training image
+    (:meth:`nemon_np.base.ImplicitClassifier.certified_loss_and_grad`): ``eps_warmup`` epochs clean,
+    then eps rises linearly to certified_eps and kappa falls linearly from 1 to ``kappa`` over
+    ``eps_ramp`` epochs (:meth:`certified_schedule`); each epoch's metrics then hold the certified
+    accuracy at certified_eps of the first ``certify_samples`` test images.
     """
     model: str = "nemon"
     hidden: int = 100
@@ -98,6 +113,12 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
     init: str = None
+    certified_eps: float = 0.0
+    eps_warmup: float = None
+    eps_ramp: float = None
+    kappa: float = 0.5
+    certify_samples: int = 1000
+    blas_threads: int = 1
 
     def validate(self):
         """Resolve the model's default solvers; raise ``ValueError`` with a one-line message
@@ -158,6 +179,20 @@ class TrainConfig:
                 raise ValueError(f"kernel must be odd, got {self.kernel}")
             if self.padding not in PADDINGS:
                 raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
+        for name in ("certified_eps", "eps_warmup", "eps_ramp"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.kappa <= 1:
+            raise ValueError(f"kappa must lie in [0, 1], got {self.kappa!r}")
+        if self.blas_threads is not None and (int(self.blas_threads) != self.blas_threads or self.blas_threads < 1):
+            raise ValueError(f"blas_threads must be a positive whole number or None, got {self.blas_threads!r}")
+        if int(self.certify_samples) != self.certify_samples or self.certify_samples < 0:
+            raise ValueError(f"certify_samples must be a whole number >= 0, got {self.certify_samples!r}")
+        if self.certified_eps > 0 and mode.certificate != "mu_inf":
+            raise ValueError("certified_eps needs interval bounds, which need mu_inf < 1: "
+                             f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
+                             "does not give it")
         if self.init is not None and not mode.warm_start:
             raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
                              "in the model file")
@@ -170,6 +205,15 @@ class TrainConfig:
         """The :class:`nemon_np.constraints.Constraint` subclass this config trains with (a one-line
         ``ValueError`` if the model kind has no such mode)."""
         return get_constraint(self.model, MODEL_CONSTRAINT.get(self.model, self.constraint))
+
+    def certified_schedule(self, progress):
+        """(eps, kappa) after ``progress`` epochs (a float) of training: eps 0 and kappa 1 during the
+        warm-up, then linear ramps to (certified_eps, kappa) over eps_ramp epochs, then constant."""
+        if self.certified_eps == 0:
+            return 0.0, 1.0
+        t = min(max((progress - self.eps_warmup) / self.eps_ramp, 0.0), 1.0) if self.eps_ramp > 0 else float(
+            progress >= self.eps_warmup)
+        return t * self.certified_eps, 1.0 - t * (1.0 - self.kappa)
 
     def solver_options(self):
         """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
@@ -253,14 +297,21 @@ class Trainer:
         m = self.model
         return {**self.constraint.free, "B": m.B, "b": m.b, "C": m.C, "c": m.c}
 
-    def step(self, U, y, lr):
-        """One optimizer step on a batch; returns (loss, correct, forward its, backward its)."""
+    def step(self, U, y, lr, eps=0.0, kappa=1.0):
+        """One optimizer step on a batch, on the certified loss when eps > 0 and kappa < 1 (boxes of
+        radius eps in pixel units, :meth:`input_ball`); returns a dict of the batch's loss, correct
+        predictions, forward and adjoint iterations, converged samples, and with the certified loss
+        its robust part and the embedded solve's iterations."""
         cfg, m = self.config, self.model
         with warnings.catch_warnings():
             if self.constraint.certificate is None:   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
-            loss, grads, info = m.loss_and_grad(U, y, adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol,
-                                                return_info=True, **cfg.solver_options())
+            options = dict(adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol, return_info=True, **cfg.solver_options())
+            if eps > 0 and kappa < 1:
+                U_lo, U_hi = self.input_ball(U, eps)
+                loss, grads, info = m.certified_loss_and_grad(U, y, U_lo, U_hi, kappa, **options)
+            else:
+                loss, grads, info = m.loss_and_grad(U, y, **options)
         if cfg.lipschitz_reg > 0:
             L, lg = (lipschitz_bound_and_grad if cfg.lipschitz_form == "exact" else smooth_lipschitz_bound_and_grad)(m)
             loss += cfg.lipschitz_reg * L
@@ -269,10 +320,43 @@ class Trainer:
         grads.update(self.constraint.grads(grads.pop(self.constraint.parameter)))
         self.optimizer.step(self._params(), grads, lr=lr)
         self.constraint.apply(m)
-        correct = int(np.count_nonzero(info["forward"].logits.argmax(axis=1) == y))
-        return loss, correct, info["forward"].iterations, info["backward"].iterations, info["forward"].converged
+        forward = info["forward"]
+        return dict(loss=loss, correct=int(np.count_nonzero(forward.logits.argmax(axis=1) == y)),
+                    fwd=forward.iterations, bwd=info["backward"].iterations, converged=forward.converged,
+                    robust_loss=info.get("robust_loss"),
+                    emb_fwd=info["embedded"].iterations if "embedded" in info else None)
+
+    def normalization(self):
+        """(mean, std, clip) of the inputs per feature: the model's metadata normalization of images in
+        [0, 1] (clip True), or 0, 1 and no clipping for inputs used as given (no metadata)."""
+        if "std" not in self.model.metadata:
+            return 0.0, 1.0, False
+        mean, std = channel_stats(self.model, self.model.n_in)
+        return mean, std, True
+
+    def input_ball(self, U, eps):
+        """Boxes (U_lo, U_hi) of the eps-ball in pixel units around normalized inputs U."""
+        return input_ball(U, eps, *self.normalization())
+
+    def certified_accuracy(self, X, y, eps, batch_size=None):
+        """Fraction of (X, y) (normalized inputs) certified correct at radius eps (pixel units) by the
+        interval bounds (sound: :meth:`nemon_np.base.ImplicitClassifier.interval_margins`)."""
+        batch_size = batch_size or (100 if isinstance(self.model, ConvNEMON) else 2000)
+        certified = 0
+        for start in range(0, len(X), batch_size):
+            U, t = X[start:start + batch_size], y[start:start + batch_size]
+            M, _ = self.model.interval_margins(*self.input_ball(U, eps), t, tol=self.config.tol,
+                                               max_iter=self.config.max_iter)
+            certified += int(np.count_nonzero(certified_rows(M, t)))
+        return certified / max(len(X), 1)
 
     def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True):
+        """Train for the config's epochs (those not yet in ``history``) on (X, y); evaluate on (X_test,
+        y_test) after each epoch when given; ``on_epoch(row)`` after each. Returns self."""
+        with threadpool_limits(self.config.blas_threads, user_api="blas"):
+            return self._fit(X, y, X_test, y_test, on_epoch, progress)
+
+    def _fit(self, X, y, X_test, y_test, on_epoch, progress):
         cfg = self.config
         dtype = as_float_dtype(cfg.dtype)
         X = np.ascontiguousarray(X, dtype=dtype)
@@ -286,32 +370,49 @@ class Trainer:
             t0 = time.perf_counter()
             order = rng.permutation(len(X))
             total_loss, total_correct, fwd, bwd, converged = 0.0, 0, [], [], 0
+            robust_loss, robust_seen, emb = 0.0, 0, []
+            # disable=None: a bar on a terminal only; a log file gets the per-epoch lines alone.
             bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress, unit="batch")
+                       disable=None if progress else True, unit="batch")
             for k in bar:
-                lr = learning_rate(cfg.schedule, cfg.lr, (epoch + k / n_batches) / cfg.epochs)
+                done = epoch + k / n_batches
+                lr = learning_rate(cfg.schedule, cfg.lr, done / cfg.epochs)
+                eps, kappa = cfg.certified_schedule(done)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
                 batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, cfg.augment_pad)
-                loss, correct, f, b, conv = self.step(batch, y[idx], lr)
-                converged += int(np.count_nonzero(conv))
-                total_loss += loss * len(idx)
-                total_correct += correct
-                fwd.append(f)
-                bwd.append(b)
+                out = self.step(batch, y[idx], lr, eps, kappa)
+                converged += int(np.count_nonzero(out["converged"]))
+                total_loss += out["loss"] * len(idx)
+                total_correct += out["correct"]
+                fwd.append(out["fwd"])
+                bwd.append(out["bwd"])
+                if out["robust_loss"] is not None:
+                    robust_loss += out["robust_loss"] * len(idx)
+                    robust_seen += len(idx)
+                    emb.append(out["emb_fwd"])
                 if k % 20 == 0:
                     seen = min((k + 1) * cfg.batch_size, len(X))
                     bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.4f}",
-                                    fwd_it=f"{np.mean(f):.1f}", bwd_it=f"{np.mean(b):.1f}")
+                                    fwd_it=f"{np.mean(out['fwd']):.1f}", bwd_it=f"{np.mean(out['bwd']):.1f}",
+                                    **({"eps": f"{eps:.3g}"} if cfg.certified_eps > 0 else {}))
             train_seconds = time.perf_counter() - t0
             fwd, bwd = np.concatenate(fwd), np.concatenate(bwd)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / len(X),
                    "train_acc": total_correct / len(X)}
+            if cfg.certified_eps > 0:
+                row.update(eps=eps, kappa=kappa, train_robust_loss=robust_loss / robust_seen if robust_seen else None,
+                           embedded_fwd_iter_mean=float(np.concatenate(emb).mean()) if emb else None)
             if X_test is not None:
                 with warnings.catch_warnings():
                     if self.constraint.certificate is None:
                         warnings.simplefilter("ignore")
                     test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
+                if cfg.certified_eps > 0 and cfg.certify_samples > 0:
+                    t1 = time.perf_counter()
+                    n = min(cfg.certify_samples, len(X_test))
+                    row.update(test_certified_acc=self.certified_accuracy(X_test[:n], y_test[:n], cfg.certified_eps),
+                               test_certified_samples=n, certify_seconds=time.perf_counter() - t1)
             mu = self.model.mu_inf()
             row.update(mu_inf=mu, mu_inf_unweighted=mu if self.model.weights is None else mu_inf(self.model.A),
                        # No l_inf certificate, no bound (monDEQ and unconstrained models may lack one).
@@ -372,6 +473,9 @@ def plot_history(history, path, title="", gamma=None):
         ax[0, 1].plot(ep, [100 * a for a in col["test_acc"]], label="test")
         ax[0, 1].annotate(f"{100 * col['test_acc'][-1]:.2f}%", (ep[-1], 100 * col["test_acc"][-1]),
                           textcoords="offset points", xytext=(-40, -15))
+    if "test_certified_acc" in col:
+        ax[0, 1].plot(ep, [100 * a for a in col["test_certified_acc"]], "--", color="C3",
+                      label=f"certified, test subset (eps {history[-1]['eps']:g} at the end)")
     ax[0, 0].set(ylabel="cross-entropy", yscale="log", title="loss")
     ax[0, 1].set(ylabel="accuracy (%)", title="accuracy")
     ax[0, 2].plot(ep, col["fwd_iter_mean"], label="forward, mean")

@@ -1,7 +1,9 @@
+import os
 import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import nemon_np
 
@@ -42,3 +44,10 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+# Property-based tests (tests/test_properties.py): a fixed example budget, derandomized, so that the
+# suite is deterministic and within its time budget; HYPOTHESIS_PROFILE=dev explores further.
+settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -13,8 +13,9 @@ from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv
 from nemon_np.conv_solvers import conv_fixed_point
 from nemon_np.data import augment_crop_flip, augment_shift, load_mnist, normalize
 from nemon_np.measures import norm_inf
-from nemon_np.robustness import (attack, certified_correct, lipschitz_bound, lipschitz_bound_and_grad,
-                                 smooth_lipschitz_bound_and_grad)
+from nemon_np.certificates import certify
+from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
+from nemon_np.robustness import attack
 from nemon_np.solvers import averaged_fixed_point_operator
 from nemon_np.training import TrainConfig, Trainer
 
@@ -198,7 +199,7 @@ def test_certified_conv_points_are_never_broken(mnist_images):
     model.metadata.update(mean=np.array([0.1307]), std=np.array([0.3081]))
     pixels = np.clip(Xt[:40] * 0.3081 + 0.1307, 0, 1)
     eps = 0.002
-    certified = certified_correct(model, pixels, yt[:40], eps)
+    certified = certify(model, pixels, yt[:40], eps, "lipschitz").certified
     attacked = attack(model, pixels, yt[:40], eps, "pgd", steps=5)
     assert np.abs(attacked - pixels).max() <= eps + 1e-12
     still = model.predict((attacked - 0.1307) / 0.3081, tol=1e-4) == yt[:40]
@@ -282,7 +283,10 @@ def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys)
                             "--eps", "0", "0.01"]) == 0
     report = json.loads((out / "robustness.json").read_text())
     assert report["lipschitz_bound"] >= report["lipschitz_empirical"] > 0
-    assert all(a >= c for a, c in zip(report["attacks"]["pgd"], report["certified"]))
+    for row in ("certified-lipschitz", "certified-interval"):
+        assert all(a >= c for a, c in zip(report["attacks"]["pgd"], report["certified"][row]))
+    # The interval bounds certify no fewer points than the Lipschitz bound on this model at these radii.
+    assert report["certified"]["certified-interval"] >= report["certified"]["certified-lipschitz"]
     assert (out / "robustness.png").stat().st_size > 1000
 
 

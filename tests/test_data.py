@@ -60,12 +60,20 @@ def test_truncated_corrupt_and_missing_files_are_named(shared_data, tmp_path, mo
 def test_lookup_order(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NEMON_DATA", str(shared_data))
-    assert data_dirs(tmp_path / "x")[:2] == [tmp_path / "x", shared_data]
-    assert data_dirs()[-1] == tmp_path / "home" / ".cache" / "nemon_np"
+    assert data_dirs() == [shared_data, tmp_path / "home" / ".cache" / "nemon_np"]
     assert load_mnist(download=False).source == str(shared_data)          # found through NEMON_DATA
+    # A folder given is the only one searched: never replaced by another copy.
+    (tmp_path / "empty").mkdir()
+    assert data_dirs(tmp_path / "empty") == [tmp_path / "empty"]
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: holds no MNIST"):
+        load_mnist(tmp_path / "empty")
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: holds no CIFAR-10"):
+        load_cifar10(tmp_path / "empty")
+    with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}: no such folder"):
+        load_mnist(tmp_path / "nowhere")
     monkeypatch.delenv("NEMON_DATA")
     with pytest.raises(DataError, match="not found"):
-        load_mnist(tmp_path / "empty", download=False)
+        load_mnist(download=False)
 
 
 def test_offline_fallback_rebuilds_official_mnist(mnist, tmp_path, monkeypatch):

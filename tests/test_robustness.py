@@ -8,8 +8,10 @@ import pytest
 
 from nemon_np.data import load_mnist, normalize
 from nemon_np.projection import parametrize_mondeq, parametrize_mondeq_grad
-from nemon_np.robustness import (attack, certified_correct, empirical_lipschitz, lipschitz_bound,
-                                 smooth_lipschitz_bound_and_grad, to_inputs)
+from nemon_np.certificates import certify
+from nemon_np.lipschitz import lipschitz_bound, smooth_lipschitz_bound_and_grad
+from nemon_np.pixels import to_inputs
+from nemon_np.robustness import attack, empirical_lipschitz
 from nemon_np.training import TrainConfig, Trainer
 from nemon_np import mu_2
 from conftest import finite_difference
@@ -58,7 +60,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm(trained):
 def test_certified_points_are_never_broken(trained):
     model, pixels, labels = trained
     eps = 0.01
-    cert = certified_correct(model, pixels, labels, eps)
+    cert = certify(model, pixels, labels, eps, "lipschitz").certified
     assert cert.any(), "this model should certify some points at eps = 0.01"
     for kind in ("pgd", "fgsm", "noise"):
         adv = attack(model, pixels[cert], labels[cert], eps, kind, steps=10)
@@ -107,16 +109,29 @@ def test_robustness_cli_and_quick_analysis(tmp_path, shared_data):
     proc = subprocess.run([sys.executable, "-m", "nemon_np.robustness", str(run), "--data-dir", str(shared_data),
                            "--samples", "50", "--pgd-steps", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "pgd" in proc.stdout and "certified" in proc.stdout and "RuntimeWarning" not in proc.stderr
+    assert "pgd" in proc.stdout and "RuntimeWarning" not in proc.stderr
+    assert "certified-lipschitz" in proc.stdout and "certified-interval" in proc.stdout
     report = json.loads((run / "robustness.json").read_text())
     assert report["lipschitz_bound"] is None or report["mu_inf"] < 1
+    if report["mu_inf"] >= 1:   # a monDEQ model: no l_inf certificate, said so, not zeros
+        assert report["certified"]["certified-interval"] is None and "mu_inf" in report["certified"]["note"]
     assert (run / "robustness.png").stat().st_size > 1000
     out = tmp_path / "rob"
     proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "robustness.py"), "--quick", "--out", str(out),
                            "--data-dir", str(shared_data)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert "monDEQ" in res["models"] and len(res["models"]) >= 3
-    for kind in ("noise", "fgsm", "pgd", "certified"):
+    assert "monDEQ" in res["models"] and len(res["models"]) >= 4
+    ibp = res["models"]["NEMON IBP eps=0.1"]
+    assert ibp["config"]["certified_eps"] == 0.1
+    lam = res["models"]["NEMON lambda=0.01"]
+    # Interval training certifies more at eps = 0.1 by intervals than the regularized model does.
+    i = res["eps"].index(0.1)
+    assert ibp["certified"]["certified-interval"][i] >= lam["certified"]["certified-interval"][i]
+    for name, r in res["models"].items():   # the attacks never beat a certificate
+        for row in ("certified-lipschitz", "certified-interval"):
+            if r["certified"].get(row) is not None:
+                assert all(a >= c for a, c in zip(r["attacks"]["pgd"], r["certified"][row])), name
+    for kind in ("noise", "fgsm", "pgd", "certified-lipschitz", "certified-interval"):
         assert (out / f"{kind}.png").stat().st_size > 1000 and (out / f"{kind}.pdf").stat().st_size > 1000
     assert not any("ABOVE THE BOUND" in v for v in res["verdict"])

@@ -8,7 +8,7 @@ from nemon_np import mu_inf
 from nemon_np.data import load_mnist, normalize
 from nemon_np.models import NEMON
 from nemon_np.optim import Adam, _adam_update, adam_update_reference, learning_rate
-from nemon_np.robustness import lipschitz_bound, lipschitz_bound_and_grad
+from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad
 from nemon_np.training import TrainConfig, Trainer
 from conftest import finite_difference, random_model
 
@@ -202,5 +202,4 @@ def test_logged_batch_accuracy_is_that_of_the_model_predictions(mnist_arrays):
     trainer.model.c[:] = np.linspace(-3, 3, 10).astype(trainer.model.c.dtype)   # the bias decides many
     U, labels = X[:100], y[:100]
     expected = int(np.count_nonzero(trainer.model.predict(U, tol=1e-4, max_iter=300) == labels))
-    _, correct, _, _, _ = trainer.step(U, labels, lr=1e-3)
-    assert correct == expected
+    assert trainer.step(U, labels, lr=1e-3)["correct"] == expected

@@ -1,0 +1,138 @@
+"""Certified l_inf robustness: lower bounds of every margin y_k - y_j over the ball of radius eps
+around an image (pixel units, clipped to [0, 1]), by name from one registry.
+
+A certificate computes, for true class k, lower bounds m_j of y_k(u) - y_j(u) over every input u of
+the ball (m_k = 0); the prediction is certified correct when every other m_j > 0. The bounds are
+sound for the exact model with the stored parameters: solver tolerances and float rounding are
+allowed for (see :meth:`nemon_np.base.ImplicitClassifier.interval_bounds`).
+
+* ``lipschitz`` (DESIGN.md, "Input-output Lipschitz bound"): m_j = (a sound lower bound of the margin
+  at the image itself) - ||(c_k - c_j) diag(eta)||_1 ||diag(eta)^-1 B||_inf eps_u / (1 - max(mu, 0)),
+  eps_u = eps / min(std). For conv models B and C as in :func:`nemon_np.lipschitz.io_rows`.
+* ``interval`` (DESIGN.md, "Interval certificates"): the relative classifier on the fixed point of the
+  embedded network over the box.
+* ``combined``: the larger of the two lower bounds, pair by pair (both are lower bounds), so it
+  certifies every point that either certifies, and possibly more.
+
+Every certificate needs mu_inf < 1 and raises :class:`nemon_np.WellPosednessError` otherwise (a
+monDEQ model is certified by mu_2 alone, which gives neither bound).
+"""
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from .conv_model import ConvNEMON
+from .lipschitz import io_rows
+from .measures import norm_inf
+from .pixels import channel_stats, input_box, to_inputs
+
+__all__ = ["Certificate", "CERTIFICATES", "get_certificate", "certify", "certified_rows"]
+
+CERTIFICATES = {}
+
+
+def _register(cls):
+    CERTIFICATES[cls.name] = cls
+    return cls
+
+
+def get_certificate(name):
+    """The :class:`Certificate` registered under ``name`` (an instance); a one-line ``ValueError`` otherwise."""
+    if name not in CERTIFICATES:
+        raise ValueError(f"unknown certificate {name!r}; choose one of {', '.join(CERTIFICATES)}")
+    return CERTIFICATES[name]()
+
+
+class Certificate:
+    """One way of bounding margins over pixel balls. Subclasses define :meth:`margins`."""
+    name = None
+
+    def margins(self, model, pixels, labels, eps, **options):
+        """Sound lower bounds (m, n_out), float64, of y_k - y_j over the eps-ball of each image
+        (pixels (m, features) in [0, 1]), k = labels, 0 at j = k; ``options`` (tol, max_iter) go to
+        the fixed-point solves."""
+        raise NotImplementedError
+
+
+@_register
+class LipschitzCertificate(Certificate):
+    """The Lipschitz bound: margin at the image minus its largest change over the ball."""
+    name = "lipschitz"
+
+    def margins(self, model, pixels, labels, eps, **options):
+        U = to_inputs(model, pixels, np.float64)
+        M, _ = model.interval_margins(U, U, labels, **options)   # a sound margin at the image itself
+        mu = model.mu_inf_upper()
+        _, std = channel_stats(model, U.shape[1])
+        Bt, Ct, _, _ = io_rows(model)
+        pair = np.abs(Ct[:, None, :] - Ct[None, :, :]).sum(axis=2)   # ||(c_k - c_j) diag(eta)||_1
+        # The relative 1e-12 covers the rounding of the radius's few float64 products and sums.
+        radius = pair * norm_inf(Bt) * (eps / std.min()) / (1.0 - max(mu, 0.0)) * (1 + 1e-12)
+        rows = np.arange(len(U))
+        M = M - radius[labels]
+        M[rows, labels] = 0.0
+        return M
+
+
+@_register
+class IntervalCertificate(Certificate):
+    """The embedded network's box and the relative classifier."""
+    name = "interval"
+
+    def margins(self, model, pixels, labels, eps, **options):
+        U_lo, U_hi = input_box(model, pixels, eps)
+        return model.interval_margins(U_lo, U_hi, labels, **options)[0]
+
+
+@_register
+class CombinedCertificate(Certificate):
+    """The larger of the Lipschitz and the interval lower bound of each margin."""
+    name = "combined"
+
+    def margins(self, model, pixels, labels, eps, **options):
+        return np.maximum(LipschitzCertificate().margins(model, pixels, labels, eps, **options),
+                          IntervalCertificate().margins(model, pixels, labels, eps, **options))
+
+
+def certified_rows(margins, labels):
+    """True where every margin lower bound but the true class's is > 0."""
+    M = np.array(margins, np.float64)
+    M[np.arange(len(M)), labels] = np.inf
+    return np.all(M > 0, axis=1)
+
+
+def certify(model, pixels, labels, eps, certificate="interval", *, batch_size=None, progress=None, **options):
+    """Certify a model's predictions over the l_inf balls of radius ``eps`` (pixel units) around images.
+
+    Parameters
+    ----------
+    model : NEMON or ConvNEMON with mu_inf < 1 (else :class:`nemon_np.WellPosednessError`)
+    pixels : (m, features) array in [0, 1], channel-major as the data loaders flatten images
+    labels : (m,) integer true classes
+    eps : float >= 0, the radius in pixel units (boxes are clipped to [0, 1])
+    certificate : a name of :data:`CERTIFICATES`: "interval" (default), "lipschitz" or "combined"
+    batch_size : images per solve (default 2000 for dense models, 100 for conv models)
+    progress : callable, optional, called with the number of images done after each batch
+    options : tol, max_iter of the fixed-point solves (:meth:`interval_bounds`)
+
+    Returns
+    -------
+    OptimizeResult with ``certified`` (m,) bool (correct and provably constant over the ball),
+    ``margins`` (m, n_out) float64 lower bounds of y_k - y_j, ``certified_accuracy`` (their mean),
+    ``certificate`` and ``eps``.
+    """
+    method = get_certificate(certificate)
+    P = np.asarray(pixels, np.float64)
+    labels = np.asarray(labels)
+    if P.ndim != 2 or labels.shape != (len(P),):
+        raise ValueError(f"pixels must be (m, features) and labels (m,), got {P.shape} and {labels.shape}")
+    batch_size = batch_size or (100 if isinstance(model, ConvNEMON) else 2000)
+    margins = []
+    for start in range(0, len(P), batch_size):
+        margins.append(method.margins(model, P[start:start + batch_size], labels[start:start + batch_size], eps,
+                                      **options))
+        if progress is not None:
+            progress(min(start + batch_size, len(P)))
+    M = np.concatenate(margins) if margins else np.zeros((0, model.n_out))
+    certified = certified_rows(M, labels)
+    return OptimizeResult(certified=certified, margins=M, certified_accuracy=float(certified.mean()) if len(P) else 0.0,
+                          certificate=certificate, eps=float(eps))

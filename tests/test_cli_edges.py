@@ -1,0 +1,73 @@
+"""Edges a user hits at the command line: wrong folders, foreign files, missing models, log files."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nemon_np import evaluate, load_model, robustness, train
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_data_dir_that_does_not_exist_is_named(tmp_path, capsys):
+    assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--epochs", "1", "--out", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert str(tmp_path / "nowhere") in line and "no such folder" in line
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--data-dir", str(tmp_path / "empty"), "--epochs", "1", "--out", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert str(tmp_path / "empty") in line and "holds no MNIST" in line
+
+
+@pytest.mark.parametrize("content", ["pickle", "npy", "text", "npz-of-something-else", "object-array"])
+def test_a_file_that_is_not_a_model_says_so_in_one_line(tmp_path, content, capsys):
+    path = tmp_path / "model.npz"
+    if content == "pickle":
+        import pickle
+        path.write_bytes(pickle.dumps({"A": 1}))
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.arange(3))
+    elif content == "text":
+        path.write_text("hello")
+    elif content == "npz-of-something-else":
+        with open(path, "wb") as f:
+            np.savez(f, weights=np.ones(3))
+    else:
+        with open(path, "wb") as f:
+            np.savez(f, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert str(path) in message and "not a nemon_np model file" in message
+    assert "\n" not in message and "allow_pickle" not in message and "trust" not in message
+    for cli in (evaluate, robustness):
+        with pytest.raises(SystemExit):
+            cli.main([str(tmp_path)])
+        line = _error_line(capsys)
+        assert "not a nemon_np model file" in line and "allow_pickle" not in line
+
+
+def test_a_run_folder_without_a_model_names_the_missing_file(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    for cli in (evaluate, robustness):
+        with pytest.raises(SystemExit) as e:
+            cli.main([str(tmp_path / "run")])
+        assert e.value.code == 2
+        line = _error_line(capsys)
+        assert str(tmp_path / "run" / "model.npz") in line and "not found" in line
+
+
+def test_a_log_file_gets_epoch_lines_not_progress_bars(shared_data, tmp_path):
+    """Without a terminal (output to a file or pipe) there are no carriage-return bar updates."""
+    proc = subprocess.run([sys.executable, "-m", "nemon_np.train", "--data-dir", str(shared_data), "--epochs", "2",
+                           "--limit-train", "3000", "--hidden", "20", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr
+    assert proc.stdout.count("epoch ") >= 2 and "batch/s" not in proc.stderr
