@@ -23,3 +23,27 @@ def save_figure(fig, out, name, dpi=110):
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{name}.{ext}", dpi=dpi)
     plt.close(fig)
+
+
+def _summary(value, traces):
+    """``value`` without the keys named in ``traces`` (per-iteration or per-sample arrays), at any depth."""
+    if isinstance(value, dict):
+        return {k: _summary(v, traces) for k, v in value.items() if k not in traces}
+    if isinstance(value, list):
+        return [_summary(v, traces) for v in value]
+    return value
+
+
+def finish(out, results, lines=(), traces=(), started=None):
+    """The common ending of an analysis script: ``out/results.json`` (everything), ``out/summary.json``
+    (the same without the keys in ``traces``: the small file fit to be committed and cited), then
+    ``lines`` printed and where everything went. Returns 0, the script's exit status."""
+    import json
+    import time
+    if started is not None:
+        results["seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.json").write_text(json.dumps(_summary(results, set(traces)), indent=1))
+    print("\n".join(lines))
+    print(f"wrote {out}/results.json, {out}/summary.json and figures in {results.get('seconds', 0):.0f}s")
+    return 0

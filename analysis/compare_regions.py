@@ -13,7 +13,6 @@ share.* (Monte Carlo share inside each region against the entry scale), slices.*
 of 2x2 matrix space), distance.* (Frobenius distance to each set) and accuracy.* (short MNIST
 trainings constrained by each condition at the same margin). --quick is what the tests run.
 """
-import json
 import pathlib
 import sys
 import time
@@ -27,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _common import analysis_parser, save_figure  # noqa: E402
+from _common import analysis_parser, finish, save_figure  # noqa: E402
 from nemon_np import best_weights, mu_2, mu_inf, norm_inf, project_mu_inf  # noqa: E402
 from nemon_np.projection import project_mondeq, project_norm_inf  # noqa: E402
 from nemon_np.regions import (REGIONS, is_well_posed_exact, project_mondeq_cvxpy, project_mu_inf_cvxpy,  # noqa: E402
@@ -387,15 +386,12 @@ def main(argv=None):
     budget = f"\n({t['epochs']} epochs, n = {t['hidden']}, {t['limit'] or 60000} training images)"
     plot_distance_and_accuracy(results["distances_random"], train, trained, out, budget)
     results["verdict"] = verdict(results["share_summary"], train)
-    results["seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n".join(results["verdict"]))
     v = results["inclusions"]["violations"]
-    print(f"inclusions on {results['inclusions']['samples']} random matrices: violations {v}")
-    for name, ex in results["inclusions"]["counterexamples"].items():
-        print(f"{name}: A = {ex['A']}  (mu_inf {ex['mu_inf']:.3f}, mu_2 {ex['mu_2']:.3f})")
-    print(f"wrote {out}/results.json and figures in {results['seconds']:.0f}s")
-    return 0
+    lines = results["verdict"] + [f"inclusions on {results['inclusions']['samples']} random matrices: violations {v}"]
+    lines += [f"{name}: A = {ex['A']}  (mu_inf {ex['mu_inf']:.3f}, mu_2 {ex['mu_2']:.3f})"
+              for name, ex in results["inclusions"]["counterexamples"].items()]
+    # The per-(size, distribution, scale) shares are the figure's data; share_summary is what is cited.
+    return finish(out, results, lines, traces=("shares",), started=started)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes to --out (default runs/convergence): results.json and, as PNG and PDF, on
 problem (residual against iteration with the bound rho(alpha*)^k, and against wall time) and
 contraction.* (empirical against theoretical contraction factor of the average iteration).
 """
-import json
 import pathlib
 import sys
 import time
@@ -29,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _common import analysis_parser, save_figure  # noqa: E402
+from _common import analysis_parser, finish, save_figure  # noqa: E402
 from nemon_np import NEMON, contraction_alpha, mu_2, mu_inf, project_mu_inf, solve_equilibrium  # noqa: E402
 from nemon_np._timing import best_time  # noqa: E402
 from nemon_np.solvers import MONDEQ_METHODS, NEMON_METHODS, WellPosednessError  # noqa: E402
@@ -259,12 +258,8 @@ def run(args):
     plot_contraction(problems, out)
     lines, ver = table(problems), verdicts(problems)
     result = {"meta": meta, "max_iter": max_iter, "tolerances": TOLS, "problems": problems, "table": lines,
-              "verdict": ver, "seconds": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    print("\n".join(lines))
-    print("\n".join(ver))
-    print(f"wrote {out}/results.json and figures in {result['seconds']:.0f}s")
-    return 0
+              "verdict": ver}
+    return finish(out, result, lines + ver, traces=("median_residual", "max_residual", "time_curve"), started=started)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes to --out (default runs/robustness): results.json and, as PNG and PDF, one
 against-eps figure per attack (noise, fgsm, pgd) and per certificate (certified-lipschitz,
 certified-interval).
 """
-import json
 import pathlib
 import sys
 import time
@@ -30,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _common import analysis_parser, save_figure  # noqa: E402
+from _common import analysis_parser, finish, save_figure  # noqa: E402
 from nemon_np.data import load_mnist, normalize  # noqa: E402
 from nemon_np.robustness import ATTACKS, REPORT_CERTIFICATES, robustness_report  # noqa: E402
 from nemon_np.training import TrainConfig, Trainer  # noqa: E402
@@ -158,12 +157,8 @@ def main(argv=None):
     lines, k = table(results)
     ver = verdict(results, k)
     payload = {"eps": EPS, "settings": {k: v for k, v in cfg.items()}, "models": results, "table": lines,
-               "verdict": ver, "seconds": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    print("\n".join(lines))
-    print("\n".join(ver))
-    print(f"wrote {out}/results.json and figures in {payload['seconds']:.0f}s")
-    return 0
+               "verdict": ver}
+    return finish(out, payload, lines + ver, started=started)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import numpy as np
 from .projection import _project_rows, _round_inside, parametrize_rows, parametrize_rows_grad, parametrize_rows_inverse
 
 __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
-           "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded", "transpose_kernel",
+           "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded", "correlate_embedded_padded",
+           "transpose_kernel",
            "weight_grad_channel_last", "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
            "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures"]
 
@@ -96,6 +97,27 @@ def correlate_padded(taps, Xp, out=None, scratch=None):
                 np.matmul(rows[off:off + span], taps[a, e], out=tmp)
                 Y[:span] += tmp
     return Y.reshape(m, Hp, Wp, C_out)
+
+
+def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None):
+    """The embedded network's linear map on a padded state Xp (m, Hp, Wp, 2C) = [x_lo, x_hi] by its
+    centre/radius form (DESIGN.md, "Interval certificates"): for E = [[K_M, K_N], [K_N, K_M]],
+
+        E [x_lo; x_hi] = [(P - R) / 2; (P + R) / 2],  P = (K_M + K_N) * (x_lo + x_hi),
+                                                      R = (K_M - K_N) * (x_hi - x_lo),
+
+    two correlations of C channels (``taps_sum`` of K_M + K_N = K, ``taps_diff`` of K_M - K_N, as
+    :func:`conv_taps`) instead of one of 2C: half the products. E^T is the same form with the
+    transposed kernels. Returns Y (m, Hp, Wp, 2C) on the padded grid, as :func:`correlate_padded`."""
+    C = taps_sum.shape[2]
+    lo, hi = Xp[..., :C], Xp[..., C:]
+    P = correlate_padded(taps_sum, lo + hi)
+    R = correlate_padded(taps_diff, hi - lo)
+    Y = np.empty(Xp.shape[:3] + (2 * C,), Xp.dtype) if out is None else out
+    np.subtract(P, R, out=Y[..., :C])
+    np.add(P, R, out=Y[..., C:])
+    Y *= Xp.dtype.type(0.5)
+    return Y
 
 
 def conv_apply_channel_last(K, X, padding="circular"):

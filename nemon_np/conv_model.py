@@ -148,10 +148,17 @@ class ConvNEMON(ImplicitClassifier):
         # dense model of 100 units at tol.
         return tol * units / 100
 
+    @staticmethod
+    def _sum_and_difference(E):
+        """(K_M + K_N, K_M - K_N) from the embedded kernel E = [[K_M, K_N], [K_N, K_M]]."""
+        C = len(E) // 2
+        return E[:C, :C] + E[:C, C:], E[:C, :C] - E[:C, C:]
+
     def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None):
         self._check_method(method)
         alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
-        X, Z, its, res = conv_fixed_point(E, Q, alpha, tol, max_iter, self.padding)
+        K_sum, K_diff = self._sum_and_difference(E)
+        X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff)
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "embedded forward")
@@ -159,8 +166,9 @@ class ConvNEMON(ImplicitClassifier):
 
     def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
         self._check_method("average", method)
-        W, _, its, res = conv_fixed_point(transpose_kernel(E), G, alpha, tol, max_iter, self.padding, relu=False,
-                                          l1=True, S=mask, X0=G)
+        K_sum, K_diff = self._sum_and_difference(E)
+        W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
+                                          l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff))
         return W, OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= G.dtype.type(tol))
 
     def _alpha(self, alpha, on_violation):

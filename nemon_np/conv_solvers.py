@@ -13,7 +13,7 @@ operator version, with NCHW transposes and a pad per step, is the reference test
 import numpy as np
 from numba import njit
 
-from .conv import conv_taps, correlate_padded, pad_channel_last
+from .conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
 
 __all__ = ["conv_fixed_point"]
 
@@ -80,12 +80,15 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
     return finished
 
 
-def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None):
+def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
+                     K_diff=None):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
 
     Parameters
     ----------
-    K : (C, C, k, k) kernel of the linear map (cross-correlation, :mod:`nemon_np.conv`)
+    K : (C, C, k, k) kernel of the linear map (cross-correlation, :mod:`nemon_np.conv`); with
+        ``K_diff`` the linear map is the embedded network's on 2C channels [x_lo, x_hi], by
+        :func:`nemon_np.conv.correlate_embedded_padded` with K = K_M + K_N and K_diff = K_M - K_N
     Q : (m, H, W, C) injections q, channel-last
     alpha, tol, max_iter : step, per-sample tolerance, iteration cap
     padding : "circular" or "zero"
@@ -99,15 +102,22 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     :func:`nemon_np.solvers.averaged_fixed_point_operator`.
     """
     Q = np.ascontiguousarray(Q)
-    if Q.ndim != 4 or np.shape(K) != (Q.shape[3], Q.shape[3]) + np.shape(K)[2:]:
-        raise ValueError(f"Q must be channel-last (m, H, W, C) for a (C, C, k, k) kernel, got Q {Q.shape}, "
-                         f"K {np.shape(K)}")
+    state = Q.shape[3] // 2 if K_diff is not None else Q.shape[3]
+    if (Q.ndim != 4 or np.shape(K) != (state, state) + np.shape(K)[2:]
+            or (K_diff is not None and np.shape(K_diff) != np.shape(K))):
+        raise ValueError(f"Q must be channel-last (m, H, W, C) for a (C, C, k, k) kernel (2C channels with K_diff), "
+                         f"got Q {np.shape(Q)}, K {np.shape(K)}")
     for name, A in (("S", S), ("X0", X0)):
         if A is not None and np.shape(A) != Q.shape:
             raise ValueError(f"{name} must have Q's shape {Q.shape}, got {np.shape(A)}")
     m, H, W, C = Q.shape
     dtype = Q.dtype
     taps = conv_taps(np.asarray(K, dtype))
+    if K_diff is None:
+        apply = lambda Xp, out, scratch: correlate_padded(taps, Xp, out=out, scratch=scratch)  # noqa: E731
+    else:
+        taps_diff = conv_taps(np.asarray(K_diff, dtype))
+        apply = lambda Xp, out, scratch: correlate_embedded_padded(taps, taps_diff, Xp, out=out)  # noqa: E731
     masked = S is not None
     X = np.zeros_like(Q) if X0 is None else np.array(X0, dtype=dtype)
     S = np.ascontiguousarray(S, dtype=dtype) if masked else np.empty((m, 0, 0, 0), dtype)
@@ -122,7 +132,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     n_done = 0
     for k in range(max_iter + 1):
         r = len(active)
-        correlate_padded(taps, Xp[:r], out=Y[:r], scratch=scratch[:r])
+        apply(Xp[:r], Y[:r], scratch[:r])
         n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
                                 relu, l1, masked, padding == "circular")
         if n_done == r and r == m:  # all finished together: the working arrays are the results

@@ -84,6 +84,25 @@ def _evaluate_row(p, q, x, F, relu, l1, zero):
     return res
 
 
+@njit(cache=True)
+def _working_set(Q, S, X0):
+    """The state both kernels start from: outputs (X_out, P_out, iterations, residual) to fill per
+    sample, the working rows X (a copy of X0) and their masks Sa, and ``active`` (row r of the
+    working set is sample active[r]; rows only move down as samples finish)."""
+    m = Q.shape[0]
+    return (np.empty_like(Q), np.empty_like(Q), np.zeros(m, np.int64), np.empty(m, Q.dtype), X0.copy(), S.copy(),
+            np.arange(m))
+
+
+@njit(cache=True)
+def _move_row(Sa, active, r, w, masked):
+    """Row r of the working set becomes row w (w <= r): its mask and sample index follow it."""
+    if w != r:
+        if masked:
+            Sa[w] = Sa[r]
+        active[w] = active[r]
+
+
 @njit(cache=True, fastmath=True)
 def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False,
                           adaptive=False, record=None):
@@ -102,13 +121,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
     """
     m, n = Q.shape
     masked = S.shape[0] > 0
-    X_out = np.empty_like(Q)
-    P_out = np.empty_like(Q)
-    iterations = np.zeros(m, np.int64)
-    residual = np.empty(m, Q.dtype)
-    active = np.arange(m)
-    X = X0.copy()
-    Sa = S.copy()
+    X_out, P_out, iterations, residual, X, Sa, active = _working_set(Q, S, X0)
     F = np.empty(n, Q.dtype)
     alphas = np.full(m, alpha)
     previous = np.full(m, np.inf)
@@ -141,10 +154,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
             else:
                 for j in range(n):
                     X[n_keep, j] = X[r, j] + a * (F[j] - X[r, j])
-            if n_keep != r:
-                if masked:
-                    Sa[n_keep] = Sa[r]
-                active[n_keep] = active[r]
+            _move_row(Sa, active, r, n_keep, masked)
             n_keep += 1
         n_act = n_keep
         if n_act == 0:
@@ -192,13 +202,7 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
     """
     m, n = Q.shape
     masked = S.shape[0] > 0
-    X_out = np.empty_like(Q)
-    P_out = np.empty_like(Q)
-    iterations = np.zeros(m, np.int64)
-    residual = np.empty(m, Q.dtype)
-    active = np.arange(m)
-    X = X0.copy()                           # compacted: row r is sample active[r]
-    Sa = S.copy()
+    X_out, P_out, iterations, residual, X, Sa, active = _working_set(Q, S, X0)
     # Per-sample state is indexed by the sample, not compacted: no history copies.
     X_acc = np.zeros((m, n), Q.dtype)       # last accepted point, its g and pre-activation
     G_acc = np.zeros((m, n), Q.dtype)
@@ -282,10 +286,7 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
                 n_acc[i] += 1
                 accepted[i] = res
                 candidate[i] = mk > 0
-            if w != r:
-                if masked:
-                    Sa[w] = Sa[r]
-                active[w] = i
+            _move_row(Sa, active, r, w, masked)
             n_keep += 1
         n_act = n_keep
         if n_act == 0:

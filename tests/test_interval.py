@@ -236,3 +236,20 @@ def test_certify_batches_agree_with_one_batch(rng):
     np.testing.assert_allclose(one.margins, parts.margins, atol=1e-12)
     assert one.certified_accuracy == parts.certified_accuracy
     assert nemon_np.certify is certify
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_embedded_convolution_by_centre_and_radius_is_the_2c_convolution(rng, padding):
+    from nemon_np.conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
+    from nemon_np.conv_solvers import conv_fixed_point
+    K = rng.normal(size=(3, 3, 3, 3))
+    K *= 0.5 / mu_inf_conv(np.abs(K))   # contractive, centre taps > -1: alpha* = 1
+    KM, KN = metzler_split(K)
+    X = rng.normal(size=(4, 6, 5, 6))
+    Xp = pad_channel_last(X, 3, padding)
+    np.testing.assert_allclose(correlate_embedded_padded(conv_taps(KM + KN), conv_taps(KM - KN), Xp),
+                               correlate_padded(conv_taps(embed(K)), Xp), atol=1e-13)
+    Q = rng.normal(size=(4, 6, 5, 6))
+    full = conv_fixed_point(embed(K), Q, 0.8, 1e-12, 2000, padding)
+    split = conv_fixed_point(KM + KN, Q, 0.8, 1e-12, 2000, padding, K_diff=KM - KN)
+    np.testing.assert_allclose(split[0], full[0], atol=1e-11)
