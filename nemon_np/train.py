@@ -44,7 +44,7 @@ HELP = {
     "lr": "Adam learning rate at the start of the schedule; default: 1e-3 (nemon, mondeq) or 5e-3 (conv)",
     "schedule": "learning-rate schedule: constant, step (x0.1 at 25/50/75%%) or cosine to 0",
     "gamma": "bound on mu_inf(A), < 1: the well-posedness / contraction margin; default: 0.95 (nemon, mondeq) "
-             "or 0.9 (conv)",
+             "or 0.9 (conv); 0.5 with --certified-eps",
     "constraint": "how the implicit layer is kept well-posed: " + "; ".join(
         f"{name}: {get_constraint('nemon', name).__doc__.split(chr(10))[0].rstrip('.')}" for name in CONSTRAINTS)
         + " (conv models: projection or parametrization of each output channel's taps)",
@@ -80,6 +80,9 @@ HELP = {
                 "falls linearly from 1 to --kappa; default: 10 (nemon) or 4 (conv)",
     "kappa": "certified training: the clean loss's weight at the end of the ramp, in [0, 1] (1 - kappa "
              "weighs the worst-case margins)",
+    "train_eps_factor": "certified training: train at this multiple of --certified-eps (a larger training radius "
+                        "certifies more at the target radius, as in Gowal et al. 2018); default: 1.2 with "
+                        "--certified-eps (measured in docs/benchmarks.md)",
     "blas_threads": "BLAS threads while training (1 was fastest for these small products on the 2-core machines "
                     "measured: OpenBLAS's threads made a dense step 14x slower)",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
@@ -88,7 +91,8 @@ CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_M
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
-         "gamma": float, "tol": float, "init": str, "augment_pad": int, "eps_warmup": float, "eps_ramp": float}
+         "gamma": float, "tol": float, "init": str, "augment_pad": int, "eps_warmup": float, "eps_ramp": float,
+         "train_eps_factor": float}
 # Flags that may be given bare, meaning the value here.
 BARE = {"augment": "crop-flip"}
 
