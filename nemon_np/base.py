@@ -213,7 +213,7 @@ class ImplicitClassifier:
 
     def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, tol=1e-6, max_iter=500, method="average",
                                 alpha=None, adjoint="iterative", adjoint_tol=None, on_violation="raise",
-                                return_info=False):
+                                return_info=False, tol_mode="absolute"):
         """The IBP-style loss ``kappa CE(y(U)) + (1 - kappa) CE(-m_lo)`` (Gowal et al. 2018) and its
         gradients (keyed as :meth:`loss_and_grad`'s); m_lo (m, n_out) are the lower bounds of
         y_k - y_j over the boxes [U_lo, U_hi] (DESIGN.md, "Certified training").
@@ -228,7 +228,7 @@ class ImplicitClassifier:
         """
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
-        solver = dict(tol=tol, max_iter=max_iter, method=method, alpha=alpha)
+        solver = dict(tol=tol, max_iter=max_iter, method=method, alpha=alpha, tol_mode=tol_mode)
         loss, grads, info = self.loss_and_grad(U, y, adjoint=adjoint, adjoint_tol=adjoint_tol, return_info=True,
                                                on_violation=on_violation, **solver)
         if kappa == 1:
@@ -241,7 +241,7 @@ class ImplicitClassifier:
         P = getattr(self, self.implicit)
         E = embed(P)
         X, finfo = self._solve_embedded(E, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
-                                        method, alpha)
+                                        method, alpha, tol_mode)
         n = X.shape[-1] // 2
         F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
         M = margin_lower_bounds(self.C, self.c, F_c, F_r, y)

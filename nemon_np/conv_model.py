@@ -23,7 +23,7 @@ from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_
 from .conv_solvers import conv_fixed_point
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
-from .solvers import WellPosednessError, WellPosednessWarning, _warn_unconverged
+from .solvers import WellPosednessError, WellPosednessWarning, _check_tol_mode, _warn_unconverged
 
 __all__ = ["ConvNEMON"]
 
@@ -154,11 +154,12 @@ class ConvNEMON(ImplicitClassifier):
         C = len(E) // 2
         return E[:C, :C] + E[:C, C:], E[:C, :C] - E[:C, C:]
 
-    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None):
+    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
         self._check_method(method)
         alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
         K_sum, K_diff = self._sum_and_difference(E)
-        X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff)
+        X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
+                                          relative=_check_tol_mode(tol_mode))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "embedded forward")
@@ -192,17 +193,19 @@ class ConvNEMON(ImplicitClassifier):
                              f"adjoint={adjoint!r}")
 
     # -- forward ----------------------------------------------------------
-    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise"):
+    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
+                    tol_mode="absolute"):
         """Fixed points x* (m, H, W, C), channel-last, and an OptimizeResult with per-sample
         ``iterations``, ``residual`` (l_inf), ``converged`` and the ``preactivation`` z."""
-        return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation)
+        return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation, tol_mode)
 
-    def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation):
+    def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation, tol_mode="absolute"):
         """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
         self._check_method(method)
         alpha, mu = self._alpha(alpha, on_violation)
         Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
-        X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0)
+        X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0,
+                                          relative=_check_tol_mode(tol_mode))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "forward fixed point")
@@ -227,12 +230,13 @@ class ConvNEMON(ImplicitClassifier):
         return self._pool(X) @ self.C.T + self.c
 
     # -- backward ---------------------------------------------------------
-    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
+                  tol_mode="absolute"):
         """Forward solve, then the adjoint for dL/dY (the cross-entropy's, or ``dY``'s); returns the
         channel-last input and fixed points, pooled features, loss, dY, delta and solver info."""
         self._check_method(method, adjoint)
         Ucl = self._images(U)
-        X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation)
+        X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation, tol_mode)
         pooled = self._pool(X)
         finfo["logits"] = pooled @ self.C.T + self.c
         m, H, W, C = X.shape
@@ -262,13 +266,13 @@ class ConvNEMON(ImplicitClassifier):
         return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
-                      adjoint_tol=None, return_info=False, on_violation="raise", with_input=False):
+                      adjoint_tol=None, return_info=False, on_violation="raise", with_input=False, tol_mode="absolute"):
         """Mean softmax cross-entropy and its gradients {"K","B","b","C","c"} (and "U" if with_input),
         plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits).
 
         ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
         Ucl, X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
-                                                               adjoint_tol, on_violation)
+                                                               adjoint_tol, on_violation, tol_mode=tol_mode)
         grads = {"K": weight_grad_channel_last(delta, X, self.kernel, self.padding),
                  "B": weight_grad_channel_last(delta, Ucl, self.kernel, self.padding),
                  "b": delta.sum(axis=(0, 1, 2)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
@@ -277,15 +281,17 @@ class ConvNEMON(ImplicitClassifier):
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
-                  adjoint_tol=None, on_violation="raise"):
+                  adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """``d/dU sum_{i,k} dY_ik y_ik(U)``, in U's layout (see :meth:`nemon_np.NEMON.input_vjp`)."""
-        delta = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=dY)[5]
+        delta = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=dY,
+                               tol_mode=tol_mode)[5]
         return self._input_gradient(U, delta)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
-                   adjoint_tol=None, on_violation="raise"):
+                   adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """Gradient of the mean loss with respect to U, in U's layout: ``B^T * delta``."""
-        delta = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)[5]
+        delta = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation,
+                               tol_mode=tol_mode)[5]
         return self._input_gradient(U, delta)
 
     # -- persistence ------------------------------------------------------

@@ -36,13 +36,14 @@ def _fill_border(Xp, n, p, H, W):
 
 @njit(cache=True, fastmath=True)
 def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, max_iter, relu, l1, masked,
-                  circular):
+                  circular, relative=False):
     """One averaged step for every working sample not yet done.
 
     Y (r, Hp, Wp, C): K * (x s) on the padded grid; Q, X, S, P (r, H, W, C); Xp (r, Hp, Wp, C)
     the padded x s that Y came from. For each sample: P = Y + Q, residual ||phi(P) - x|| (l_1
-    or l_inf); done (recording k and the residual) if it is <= tol or k == max_iter, else x is
-    updated and written, times s, into the interior (and circular border) of Xp.
+    or l_inf; with ``relative`` divided by max(1, ||phi(P)||) in the same norm); done (recording k
+    and the residual) if it is <= tol or k == max_iter, else x is updated and written, times s,
+    into the interior (and circular border) of Xp.
     Returns the number of samples that finished at this step.
     """
     r, H, W, C = X.shape
@@ -53,6 +54,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
         if done[n]:
             continue
         res = zero
+        size = zero
         for i in range(H):
             for j in range(W):
                 for c in range(C):
@@ -61,6 +63,10 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
                     f = max(v, zero) if relu else v
                     d = abs(f - X[n, i, j, c])
                     res = res + d if l1 else max(res, d)
+                    if relative:
+                        size = size + abs(f) if l1 else max(size, abs(f))
+        if relative:
+            res = res / max(size, zero + 1)
         if res <= tol or k == max_iter:
             done[n] = True
             iterations[n] = k
@@ -81,7 +87,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
 
 
 def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
-                     K_diff=None):
+                     K_diff=None, relative=False):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
 
     Parameters
@@ -94,6 +100,8 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     padding : "circular" or "zero"
     relu, l1 : phi = relu (forward) or identity (adjoint); l_1 instead of l_inf residual
     S : (m, H, W, C) mask s, optional (the adjoint's D); X0 : (m, H, W, C) start, default 0
+    relative : stop on (and report) the residual divided by max(1, ||phi(.)||) (see
+        :func:`nemon_np.solve_equilibrium`'s ``tol_mode``)
 
     Returns
     -------
@@ -134,7 +142,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         r = len(active)
         apply(Xp[:r], Y[:r], scratch[:r])
         n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
-                                relu, l1, masked, padding == "circular")
+                                relu, l1, masked, padding == "circular", relative)
         if n_done == r and r == m:  # all finished together: the working arrays are the results
             return X, P, its, res
         if n_done == r or n_done >= COMPACT_FRACTION * r:

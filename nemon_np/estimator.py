@@ -18,11 +18,14 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     """NEMON classifier ``x = relu(Ax + Bu + b)``, ``y = Cx + c`` with mu_inf(A) <= gamma.
 
     Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
-    model, hidden, epochs, batch_size, lr, schedule, gamma, constraint, lipschitz_reg,
+    model ("nemon", "mondeq" or "conv"), hidden, channels, kernel, pool, padding (conv), epochs,
+    batch_size, lr, schedule, gamma, constraint, lipschitz_reg,
     lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
     model's certified defaults), and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
-    eps_ramp.
+    eps_ramp. ``image_shape`` (C, H, W) says how a conv model reads each row of X (channel-major, as
+    the data loaders flatten images); None reads it as one channel of 1 x n_features (pair it with
+    padding="zero" and pool=1, which work on any size).
 
     Attributes
     ----------
@@ -33,9 +36,15 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, model="nemon", hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine",
                  gamma=0.95, constraint="projection", lipschitz_reg=0.0, lipschitz_form="exact", solver=None,
                  alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0, certified_eps=0.0,
-                 kappa=0.5, eps_warmup=None, eps_ramp=None):
+                 kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4, padding="circular",
+                 image_shape=None):
         self.model = model
         self.hidden = hidden
+        self.channels = channels
+        self.kernel = kernel
+        self.pool = pool
+        self.padding = padding
+        self.image_shape = image_shape
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -57,7 +66,17 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         self.eps_ramp = eps_ramp
 
     def _config(self):
-        return TrainConfig(**self.get_params()).validate()
+        params = self.get_params()
+        params.pop("image_shape")
+        return TrainConfig(**params).validate()
+
+    def _image_shape(self, n_features):
+        if self.model != "conv":
+            return None
+        shape = (1, 1, n_features) if self.image_shape is None else tuple(int(v) for v in self.image_shape)
+        if len(shape) != 3 or int(np.prod(shape)) != n_features:
+            raise ValueError(f"image_shape {self.image_shape} does not hold the {n_features} features of a row of X")
+        return shape
 
     def fit(self, X, y):
         """Train on X (n_samples, n_features) and labels y; returns self."""
@@ -67,7 +86,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"NEMONClassifier needs samples of at least 2 classes, got {len(self.classes_)} class")
         config = self._config()
-        trainer = Trainer(config, X.shape[1], len(self.classes_))
+        trainer = Trainer(config, X.shape[1], len(self.classes_), image_shape=self._image_shape(X.shape[1]))
         trainer.fit(X, y_idx.astype(np.int64), progress=False)
         self.model_, self.history_, self.config_ = trainer.model, trainer.history, config
         self.n_iter_ = len(trainer.history)

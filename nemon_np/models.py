@@ -136,9 +136,9 @@ class NEMON(ImplicitClassifier):
     def _embedded_weights(self):
         return None if self.weights is None else np.concatenate([self.weights, self.weights])
 
-    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None):
+    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
         return solve_equilibrium(E, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
-                                 weights=self._embedded_weights())
+                                 weights=self._embedded_weights(), tol_mode=tol_mode)
 
     def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
         return solve_adjoint(E, mask, G, method=method, alpha=alpha if method == "iterative" else None,
@@ -146,7 +146,7 @@ class NEMON(ImplicitClassifier):
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None,
-                    on_violation="raise"):
+                    on_violation="raise", tol_mode="absolute"):
         """Fixed points x* of ``x = relu(Ax + Bu + b)`` for a batch U of shape (m, n_in).
 
         Returns ``(X, info)``: X (m, n_hidden) and the solver's OptimizeResult with
@@ -155,18 +155,19 @@ class NEMON(ImplicitClassifier):
         U = self._inputs(U)
         Q = U @ self.B.T + self.b
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
-                                 X0=X0, weights=self.weights, on_violation=on_violation)
+                                 X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 
     def readout(self, X):
         """Logits ``C x + c`` of hidden states X (m, n_hidden)."""
         return X @ self.C.T + self.c
 
     # -- backward ---------------------------------------------------------
-    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None):
+    def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
+                  tol_mode="absolute"):
         """Forward solve, then the adjoint for dL/dY: the cross-entropy's (``y`` given) or ``dY``'s."""
         U = self._inputs(U)
         X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
-                                    on_violation=on_violation)
+                                    on_violation=on_violation, tol_mode=tol_mode)
         finfo["logits"] = self.readout(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, U.shape[0], self.n_out))
@@ -186,18 +187,19 @@ class NEMON(ImplicitClassifier):
         return U, X, loss, dY, delta, {"forward": finfo, "backward": binfo}
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,
-                  adjoint="iterative", adjoint_tol=None, on_violation="raise"):
+                  adjoint="iterative", adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """``d/dU sum_{i,k} dY_ik y_ik(U)``: the input gradient of any linear functional of the logits.
 
         With dY = e_k for every sample it is the gradient of logit k per sample, row k of the
         input-output Jacobian ``C (I - D A)^-1 D B``. Returns (m, n_in).
         """
         _, _, _, _, delta, _ = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol,
-                                              on_violation, dY=dY)
+                                              on_violation, dY=dY, tol_mode=tol_mode)
         return delta @ self.B
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
-                      adjoint="iterative", adjoint_tol=None, return_info=False, on_violation="raise"):
+                      adjoint="iterative", adjoint_tol=None, return_info=False, on_violation="raise",
+                      tol_mode="absolute"):
         """Mean softmax cross-entropy over the batch and its gradients.
 
         Parameters
@@ -213,6 +215,8 @@ class NEMON(ImplicitClassifier):
             info also holds the batch's ``logits``).
         on_violation : {"raise", "warn"}
             When the solvers' certificate fails (see :func:`nemon_np.solve_equilibrium`).
+        tol_mode : {"absolute", "relative"}
+            The forward stopping rule (:func:`nemon_np.solve_equilibrium`).
 
         Returns
         -------
@@ -220,19 +224,19 @@ class NEMON(ImplicitClassifier):
         grads : dict ``"A","B","b","C","c"`` -> arrays shaped like the parameters
         """
         U, X, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha,
-                                                     adjoint, adjoint_tol, on_violation)
+                                                     adjoint, adjoint_tol, on_violation, tol_mode=tol_mode)
         grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0),
                  "C": dY.T @ X, "c": dY.sum(axis=0)}
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
-                   adjoint="iterative", adjoint_tol=None, on_violation="raise"):
+                   adjoint="iterative", adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """Gradient of the *mean* loss of :meth:`loss_and_grad` with respect to U, shape (m, n_in).
 
         ``dL/du_i = B^T delta_i``; multiply by m for the gradient of sample i's own loss.
         """
         _, _, _, _, delta, _ = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol,
-                                              on_violation)
+                                              on_violation, tol_mode=tol_mode)
         return delta @ self.B
 
     # -- persistence ------------------------------------------------------

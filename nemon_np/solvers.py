@@ -61,8 +61,9 @@ def _product(X, S, M, n_act, masked):
 
 
 @njit(cache=True, fastmath=True)
-def _evaluate_row(p, q, x, F, relu, l1, zero):
-    """p += q; F = phi(p); return ||F - x|| (l_1 or l_inf), in the batch dtype (``zero``).
+def _evaluate_row(p, q, x, F, relu, l1, zero, relative=False):
+    """p += q; F = phi(p); return ||F - x|| (l_1 or l_inf), in the batch dtype (``zero``); with
+    ``relative``, ||F - x|| / max(1, ||F||) in the same norm (see :func:`solve_equilibrium`).
 
     Branches are hoisted out of the inner loops so that each one vectorizes.
     """
@@ -81,6 +82,17 @@ def _evaluate_row(p, q, x, F, relu, l1, zero):
     else:
         for j in range(n):
             res = max(res, abs(F[j] - x[j]))
+    if relative:
+        scale = zero + 1
+        if l1:
+            size = zero
+            for j in range(n):
+                size += abs(F[j])
+            scale = max(scale, size)
+        else:
+            for j in range(n):
+                scale = max(scale, abs(F[j]))
+        res = res / scale
     return res
 
 
@@ -105,7 +117,7 @@ def _move_row(Sa, active, r, w, masked):
 
 @njit(cache=True, fastmath=True)
 def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_backward=False,
-                          adaptive=False, record=None):
+                          adaptive=False, record=None, relative=False):
     """Row-wise x <- (1 - alpha) x + alpha phi((x * s) M + q), phi = relu or identity.
 
     With ``forward_backward`` the average is taken before the activation instead
@@ -131,7 +143,7 @@ def _averaged_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, forward_b
         n_keep = 0
         for r in range(n_act):
             # tol - tol: zero of the batch dtype, so that float32 loops stay in float32
-            res = _evaluate_row(P[r], Q[active[r]], X[r], F, relu, l1, tol - tol)
+            res = _evaluate_row(P[r], Q[active[r]], X[r], F, relu, l1, tol - tol, relative)
             if record is not None:
                 record[active[r], k] = res
             if res <= tol or k == max_iter:
@@ -189,7 +201,8 @@ def _solve_small(H, b):
 
 
 @njit(cache=True, fastmath=True)
-def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, reg, rho, record=None):
+def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, reg, rho, record=None,
+                          relative=False):
     """Anderson acceleration (type II, depth ``depth``) of the averaged iteration, row-wise.
 
     With T(x) = x + alpha (phi((x * s) M + q) - x) and g_i = T(x_i) - x_i over the accepted
@@ -223,7 +236,7 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
         n_keep = 0
         for r in range(n_act):
             i = active[r]
-            res = _evaluate_row(P[r], Q[i], X[r], F, relu, l1, tol - tol)
+            res = _evaluate_row(P[r], Q[i], X[r], F, relu, l1, tol - tol, relative)
             if record is not None:
                 record[i, k] = res
             rejected = candidate[i] and res > rho * accepted[i]
@@ -503,18 +516,27 @@ def _warn_unconverged(info, tol, what):
                       ConvergenceWarning, stacklevel=3)
 
 
-def _iterate(method, M, Q, S, X0, alpha, tol, max_iter, relu, l1, rho, record):
+def _iterate(method, M, Q, S, X0, alpha, tol, max_iter, relu, l1, rho, record, relative=False):
     """Run the numba kernel of an averaged-family ``method`` on batch arrays of one dtype."""
     dt = Q.dtype.type
     if method == "anderson":
         return _anderson_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1, ANDERSON_DEPTH,
-                                     ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), record)
+                                     ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), record, relative)
     return _averaged_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1,
-                                 method == "forward-backward", method == "adaptive", record)
+                                 method == "forward-backward", method == "adaptive", record, relative)
+
+
+TOL_MODES = ("absolute", "relative")
+
+
+def _check_tol_mode(tol_mode):
+    if tol_mode not in TOL_MODES:
+        raise ValueError(f"tol_mode must be one of {', '.join(TOL_MODES)}, got {tol_mode!r}")
+    return tol_mode == "relative"
 
 
 def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=500,
-                      X0=None, weights=None, on_violation="raise", record=None):
+                      X0=None, weights=None, on_violation="raise", record=None, tol_mode="absolute"):
     """Solve ``x = relu(A x + q)`` for every row q of Q.
 
     Parameters
@@ -544,6 +566,12 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     record : (m, max_iter + 1) float array, optional
         Receives each sample's residual at every iteration (for convergence studies; not
         for Peaceman-Rachford).
+    tol_mode : {"absolute", "relative"}
+        "relative" stops a sample when ``||F(x_k) - x_k||_inf <= tol max(1, ||F(x_k)||_inf)``,
+        F(x) = relu(A x + q), and reports that relative residual: the tolerance follows the
+        state's scale (which grows with the Lipschitz bound in training) instead of asking for
+        ever more digits. The error bound then reads ||x_k - x*||_inf <= residual
+        max(1, ||F(x_k)||_inf) / (1 - max(mu_inf(A), 0)). Not for Peaceman-Rachford.
 
     Returns
     -------
@@ -575,7 +603,10 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     if record is not None and (not isinstance(record, np.ndarray) or record.shape != (len(Q), max_iter + 1)
                                or record.dtype != dtype):
         raise ValueError(f"record must be a {dtype.name} array of shape ({len(Q)}, {max_iter + 1})")
+    relative = _check_tol_mode(tol_mode)
     if method == "peaceman-rachford":
+        if relative:
+            raise ValueError("peaceman-rachford stops on its own step; tol_mode='relative' is not supported")
         if X0 is not None or record is not None:
             raise ValueError("peaceman-rachford starts from zero and records no history; "
                              "X0 and record are not supported")
@@ -589,11 +620,12 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
     else:
         X0 = np.zeros_like(Q) if X0 is None else X0
         X, Z, iterations, residual = _iterate(method, np.ascontiguousarray(A.T), Q, np.empty((0, n), dtype), X0,
-                                              alpha, tol, max_iter, True, False, certificate["rho"] or 1.0, record)
+                                              alpha, tol, max_iter, True, False, certificate["rho"] or 1.0, record,
+                                              relative)
         converged = residual <= dtype.type(tol)
         residual = residual.astype(np.float64)
     info = OptimizeResult(iterations=iterations, residual=residual, converged=converged, alpha=alpha,
-                          method=method, preactivation=Z, **certificate)
+                          method=method, preactivation=Z, tol_mode=tol_mode, **certificate)
     _warn_unconverged(info, tol, "forward fixed point")
     return X, info
 

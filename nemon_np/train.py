@@ -19,7 +19,7 @@ from .measures import mu_2, mu_inf
 from .conv import PADDINGS
 from .loading import load_model
 from .optim import SCHEDULES
-from .solvers import ADJOINT_METHODS, FORWARD_METHODS
+from .solvers import ADJOINT_METHODS, FORWARD_METHODS, TOL_MODES
 from .constraints import get_constraint
 from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, plot_history, save_checkpoint,
                        write_metrics)
@@ -59,6 +59,8 @@ HELP = {
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual "
            "<= adjoint-tol; default: 1e-4 (nemon, mondeq) or 1e-3 (conv)",
+    "tol_mode": "absolute (stop at ||F(x) - x||_inf <= tol) or relative (<= tol max(1, ||F(x)||_inf): the tolerance "
+                "follows the state's scale, which grows with the Lipschitz bound during training)",
     "adjoint_tol": "l_1 residual tolerance of the adjoint solve; default: tol for dense models, "
                    "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
@@ -87,7 +89,7 @@ HELP = {
                     "measured: OpenBLAS's threads made a dense step 14x slower)",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
 }
-CHOICES = {"schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
+CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,

@@ -42,7 +42,7 @@ from .optim import SCHEDULES, Adam, learning_rate
 from .pixels import channel_stats, input_ball
 from .certificates import certified_rows
 from .lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
-from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS
+from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS, TOL_MODES
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history"]
 
@@ -111,6 +111,7 @@ class TrainConfig:
     solver: str = None
     alpha: float = None
     tol: float = None
+    tol_mode: str = "absolute"
     adjoint_tol: float = None
     max_iter: int = 300
     adjoint: str = None
@@ -160,7 +161,7 @@ class TrainConfig:
         check_gamma(self.gamma)
         as_float_dtype(self.dtype)
         for name, allowed in (("schedule", SCHEDULES), ("lipschitz_form", LIPSCHITZ_FORMS),
-                              ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS)):
+                              ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS), ("tol_mode", TOL_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -211,6 +212,8 @@ class TrainConfig:
         if self.init is not None and not mode.warm_start:
             raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
                              "in the model file")
+        if self.tol_mode == "relative" and self.solver == "peaceman-rachford":
+            raise ValueError("tol_mode relative needs an averaged solver: peaceman-rachford stops on its own step")
         if self.solver in MONDEQ_METHODS and self.adjoint != "direct":
             raise ValueError(f"solver {self.solver} is certified by mu_2(A) < 1, under which only the "
                              "direct adjoint is certified: pass adjoint='direct'")
@@ -233,7 +236,7 @@ class TrainConfig:
 
     def solver_options(self):
         """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
-        options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha)
+        options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha, tol_mode=self.tol_mode)
         if self.constraint_class().certificate is None:
             options["on_violation"] = "warn"
         return options

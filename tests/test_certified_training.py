@@ -98,3 +98,35 @@ def test_conv_certified_training_runs(shared_data, tmp_path):
     last = json.loads((out / "metrics.json").read_text())["epochs"][-1]
     assert last["eps"] == pytest.approx(0.12) and last["test_certified_samples"] == 50
     assert last["embedded_fwd_iter_mean"] > 0
+
+
+def test_trained_model_bounds_hold_for_thousands_of_inputs(trained_pair):
+    """On the certified-trained model: 2,000 inputs of the pixel balls (corners and interior points) have
+    their exact fixed points inside the interval bounds."""
+    models, pixels, labels = trained_pair
+    model = models["certified"].model
+    exact = _as_float64(model)
+    from nemon_np.pixels import input_box
+    rng = np.random.default_rng(0)
+    P = pixels[:20]
+    U_lo, U_hi = input_box(model, P, 0.1)
+    X_lo, X_hi, _ = model.interval_bounds(U_lo, U_hi)
+    for t in range(100):
+        V = np.where(rng.random(U_lo.shape) < 0.5, U_lo, U_hi) if t % 2 else U_lo + rng.random(U_lo.shape) * (
+            U_hi - U_lo)
+        X, _ = exact.equilibrium(V, tol=1e-12, max_iter=20_000)
+        assert np.all(X_lo <= X) and np.all(X <= X_hi)
+
+
+@pytest.mark.parametrize("constraint", ["projection", "parametrization", "weighted", "norm"])
+def test_certified_training_in_every_l_inf_constraint_mode(shared_data, constraint):
+    d = load_mnist(shared_data, download=False)
+    X, y = normalize(d.train_images[:1000], d.mean, d.std), d.train_labels[:1000]
+    cfg = TrainConfig(hidden=20, epochs=2, certified_eps=0.05, eps_warmup=0, eps_ramp=1, constraint=constraint)
+    trainer = Trainer(cfg, 784, 10)
+    trainer.model.metadata.update(mean=np.array(d.mean), std=np.array(d.std))
+    trainer.fit(X, y, progress=False)
+    assert trainer.model.mu_inf() <= cfg.gamma + 1e-9
+    assert trainer.history[-1]["train_robust_loss"] > 0
+    pixels = d.test_images[:100].reshape(100, -1) / 255.0
+    assert 0 <= certify(trainer.model, pixels, d.test_labels[:100], 0.05).certified_accuracy <= 1

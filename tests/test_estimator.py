@@ -1,5 +1,6 @@
 """NEMONClassifier against scikit-learn's own estimator checks."""
 import numpy as np
+import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from nemon_np import NEMONClassifier
@@ -16,7 +17,11 @@ def _expected_failures(estimator):
     return {}
 
 
-@parametrize_with_checks([NEMONClassifier(dtype="float64", **QUICK), NEMONClassifier(**QUICK)],
+CONV = dict(model="conv", channels=4, pool=1, padding="zero", epochs=10, batch_size=20, lr=1e-2, gamma=0.5)
+
+
+@parametrize_with_checks([NEMONClassifier(dtype="float64", **QUICK), NEMONClassifier(**QUICK),
+                          NEMONClassifier(dtype="float64", **CONV)],
                          expected_failed_checks=_expected_failures)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
@@ -31,3 +36,21 @@ def test_binary_decision_function_is_the_logit_difference():
     assert d.shape == (80,) and clf.n_iter_ == QUICK["epochs"]
     np.testing.assert_array_equal(clf.predict(X), np.where(d > 0, clf.classes_[1], clf.classes_[0]))
     assert (clf.predict(X) == y).mean() > 0.9
+
+
+def test_conv_estimator_reads_images_in_a_pipeline(shared_data):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from nemon_np.data import load_mnist
+    d = load_mnist(shared_data, download=False)
+    X, y = d.train_images[:1500].reshape(1500, -1), d.train_labels[:1500]
+    scale = FunctionTransformer(lambda Z: (Z / 255.0 - 0.1307) / 0.3081)
+    clf = make_pipeline(scale, NEMONClassifier(model="conv", image_shape=(1, 28, 28), channels=4, pool=4, epochs=2,
+                                               lr=5e-3, gamma=0.5, tol=1e-3))
+    clf.fit(X, y)
+    Xt, yt = d.test_images[:500].reshape(500, -1), d.test_labels[:500]
+    assert (clf.predict(Xt) == yt).mean() > 0.7
+    assert clf[-1].model_.__class__.__name__ == "ConvNEMON"
+    with pytest.raises(ValueError, match="image_shape"):
+        NEMONClassifier(model="conv", image_shape=(1, 5, 5)).fit(X[:20], y[:20])

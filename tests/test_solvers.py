@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
+import nemon_np
+
 from nemon_np import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
                       mu_inf, project_mu_inf, solve_adjoint, solve_equilibrium)
 from nemon_np.solvers import WellPosednessWarning, _averaged_fixed_point, averaged_fixed_point_reference
@@ -298,3 +300,38 @@ def test_accelerated_adjoints_agree_with_the_direct_solve(rng, method):
     Wd, _ = solve_adjoint(A, mask, G, method="direct")
     np.testing.assert_allclose(W, Wd, atol=1e-10)
     assert info.converged.all()
+
+
+@pytest.mark.parametrize("method", ["average", "anderson"])
+def test_relative_tolerance_follows_the_state_scale(rng, method):
+    """tol_mode="relative": stop at ||F(x) - x|| <= tol max(1, ||F(x)||), checked independently; on a
+    problem scaled up 1000x the iterations stay what they were, where the absolute rule needs more."""
+    A = nemon_np.project_mu_inf(rng.normal(size=(30, 30)) / 5, 0.9)
+    Q = rng.normal(size=(20, 30))
+    its = {}
+    for scale in (1.0, 1000.0):
+        for mode in ("absolute", "relative"):
+            X, info = nemon_np.solve_equilibrium(A, scale * Q, tol=1e-6, max_iter=5000, method=method, tol_mode=mode)
+            F = np.maximum(X @ A.T + scale * Q, 0)
+            residual = np.abs(F - X).max(axis=1)
+            if mode == "relative":
+                residual /= np.maximum(np.abs(F).max(axis=1), 1)
+            np.testing.assert_allclose(info.residual, residual, rtol=1e-6, atol=1e-15)
+            assert np.all(residual <= 1e-6) and info.converged.all()
+            its[scale, mode] = info.iterations.mean()
+    assert its[1000.0, "relative"] <= its[1.0, "relative"] + 2
+    assert its[1000.0, "absolute"] > its[1000.0, "relative"] + 5
+
+
+def test_conv_relative_tolerance(rng):
+    from nemon_np.conv import conv_apply_channel_last, project_conv_mu_inf
+    from nemon_np.conv_solvers import conv_fixed_point
+    K = project_conv_mu_inf(rng.normal(size=(3, 3, 3, 3)) / 3, 0.8)
+    Q = 500 * rng.normal(size=(4, 6, 6, 3))
+    X, P, its, res = conv_fixed_point(K, Q, 1.0, 1e-6, 5000, "circular", relative=True)
+    F = np.maximum(conv_apply_channel_last(K, X) + Q, 0)
+    rel = np.abs(F - X).reshape(4, -1).max(axis=1) / np.maximum(np.abs(F).reshape(4, -1).max(axis=1), 1)
+    np.testing.assert_allclose(res, rel, rtol=1e-6)
+    assert np.all(rel <= 1e-6)
+    _, _, its_abs, _ = conv_fixed_point(K, Q, 1.0, 1e-6, 5000, "circular")
+    assert its_abs.mean() > its.mean()
