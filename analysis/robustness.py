@@ -70,32 +70,80 @@ def plot(results, out):
             acc = _rows(r, kind)
             if acc is None:   # no l_inf certificate (monDEQ)
                 continue
-            ax.plot(r["eps"], [100 * a for a in acc], marker="o",
-                    ls="--" if name == "monDEQ" else (":" if "IBP" in name else "-"),
-                    label=f"{name} (clean {100 * r['clean_acc']:.1f}%)")
-        ax.set(xlabel="l_inf radius eps (pixels in [0, 1])", ylabel="accuracy (%)", ylim=(-2, 102), title=TITLES[kind])
+            spread = _rows(r["std"], kind) if "std" in r else None
+            ax.errorbar(r["eps"], [100 * a for a in acc], yerr=None if spread is None else [100 * e for e in spread],
+                        marker="o", capsize=3, ls="--" if name == "monDEQ" else (":" if "IBP" in name else "-"),
+                        label=f"{name} (clean {100 * r['clean_acc']:.1f}%)")
+        seeds = next(iter(results.values())).get("seeds", 1)
+        ax.set(xlabel="l_inf radius eps (pixels in [0, 1])", ylabel="accuracy (%)", ylim=(-2, 102),
+               title=TITLES[kind] + (f", mean of {seeds} seeds (bars: std)" if seeds > 1 else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, out, kind)
 
 
+def _mean_std(values):
+    """Mean and standard deviation (ddof 1; None for one value) of numbers, or of lists element-wise."""
+    if values[0] is None:
+        return None, None
+    x = np.asarray(values, np.float64)
+    std = x.std(axis=0, ddof=1) if len(x) > 1 else None
+    if x.ndim == 1:
+        return float(x.mean()), None if std is None else float(std)
+    return x.mean(axis=0).tolist(), None if std is None else std.tolist()
+
+
+def aggregate(per_seed):
+    """{model: report} of the mean over seeds, each with its "std" (the same layout) and "seeds" (the number)."""
+    seeds = list(per_seed)
+    out = {}
+    for name in per_seed[seeds[0]]:
+        reports = [per_seed[s][name] for s in seeds]
+        mean, std = dict(reports[0]), {"attacks": {}, "certified": {}}
+        for key in ("clean_acc", "lipschitz_bound", "lipschitz_empirical", "train_seconds"):
+            mean[key], std[key] = _mean_std([r[key] for r in reports])
+        mean["attacks"] = {}
+        for kind in ATTACKS:
+            mean["attacks"][kind], std["attacks"][kind] = _mean_std([r["attacks"][kind] for r in reports])
+        mean["certified"] = {}
+        for row in CERTIFIED_ROWS:
+            mean["certified"][row], std["certified"][row] = _mean_std([r["certified"].get(row) for r in reports])
+        mean.update(std=std, seeds=len(seeds))
+        out[name] = mean
+    return out
+
+
+def _cell(mean, std, width=9):
+    if std is None:
+        return f"{100 * mean:{width - 1}.2f}%"
+    return f"{100 * mean:.1f}±{100 * std:.1f}".rjust(width)
+
+
 def table(results):
     k = EPS.index(0.05)
     cert_eps = EPS[1:]
-    head = (f"{'model':20s} {'clean':>7s} {'bound':>9s} {'empirical':>9s} "
-            + " ".join(f"{'pgd@' + format(e, 'g'):>9s}" for e in EPS[1:]) + f" {'train s':>8s}")
-    lines = [head]
+    seeds = next(iter(results.values())).get("seeds", 1)
+    w = 9 if seeds == 1 else 11
+    head = (f"{'model':20s} {'clean':>{w}s} {'bound':>9s} {'empirical':>9s} "
+            + " ".join(f"{'pgd@' + format(e, 'g'):>{w}s}" for e in EPS[1:]) + f" {'train s':>8s}")
+    lines = [f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed", head]
     for name, r in results.items():
+        sd = r.get("std", {"attacks": {"pgd": None}, "certified": {}})
         b = "-" if r["lipschitz_bound"] is None else f"{r['lipschitz_bound']:.3g}"
-        lines.append(f"{name:20s} {100 * r['clean_acc']:6.2f}% {b:>9s} {r['lipschitz_empirical']:9.3g} "
-                     + " ".join(f"{100 * a:8.2f}%" for a in r["attacks"]["pgd"][1:]) + f" {r['train_seconds']:8.1f}")
+        pgd_sd = sd["attacks"]["pgd"] or [None] * len(EPS)
+        lines.append(f"{name:20s} {_cell(r['clean_acc'], sd.get('clean_acc'), w)} {b:>9s} "
+                     f"{r['lipschitz_empirical']:9.3g} "
+                     + " ".join(_cell(a, e, w) for a, e in zip(r["attacks"]["pgd"][1:], pgd_sd[1:]))
+                     + f" {r['train_seconds']:8.1f}")
     lines.append("")
-    lines.append(f"{'certified accuracy':20s} {'':>19s} " + " ".join(f"{'eps ' + format(e, 'g'):>9s}" for e in cert_eps))
+    lines.append(f"{'certified accuracy':20s} {'':>19s} " + " ".join(f"{'eps ' + format(e, 'g'):>{w}s}" for e in cert_eps))
     for name, r in results.items():
+        sd = r.get("std", {"certified": {}})
         for row in CERTIFIED_ROWS:
             acc = r["certified"].get(row)
-            cells = (" ".join(f"{100 * a:8.2f}%" for a in acc[1:]) if acc is not None
+            spread = sd["certified"].get(row) or [None] * len(EPS)
+            cells = (" ".join(_cell(a, e, w) for a, e in zip(acc[1:], spread[1:])) if acc is not None
                      else "none: mu_inf(A) >= 1, no l_inf certificate")
             lines.append(f"{name:20s} {row:>19s} {cells}")
     return lines, k
@@ -132,33 +180,59 @@ def verdict(results, k):
 
 def main(argv=None):
     p = analysis_parser(__doc__, "runs/robustness", "tiny models and samples (what the tests run)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train and attack every model with seeds --seed .. --seed + N - 1; tables and figures give "
+                        "the mean and standard deviation")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     cfg = QUICK if args.quick else FULL
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_mnist(args.data_dir)
     pixels = data.test_images[:cfg["samples"]].reshape(cfg["samples"], -1) / 255.0
     labels = data.test_labels[:cfg["samples"]]
-    base = dict(epochs=cfg["epochs"], hidden=cfg["hidden"], seed=args.seed)
+    per_seed = {}
+    started = time.perf_counter()
+    work = [(seed, name, config) for seed in range(args.seed, args.seed + args.seeds)
+            for name, config in model_configs(cfg, seed)]
+    for seed, name, config in tqdm(work, desc="train and attack", unit="model", disable=None):
+        model, seconds = train(name, config, data, cfg)
+        r = robustness_report(model, pixels, labels, EPS, cfg["pgd_steps"], seed)
+        r["train_seconds"] = seconds
+        r["config"] = {k: getattr(config, k) for k in ("model", "lipschitz_reg", "certified_eps", "gamma", "hidden",
+                                                       "epochs", "seed")}
+        per_seed.setdefault(seed, {})[name] = r
+    results = aggregate(per_seed) if args.seeds > 1 else per_seed[args.seed]
+    plot(results, out)
+    lines, k = table(results)
+    ver = verdict(results, k)
+    if args.seeds > 1:
+        ver += seed_spread(per_seed, k)
+    payload = {"eps": EPS, "settings": {k: v for k, v in cfg.items()}, "seeds": list(per_seed), "models": results,
+               "per_seed": {str(s): r for s, r in per_seed.items()}, "table": lines, "verdict": ver}
+    return finish(out, payload, lines + ver, started=started)
+
+
+def model_configs(cfg, seed):
+    """The compared models: NEMON at each Lipschitz weight, interval-trained NEMON at each radius, monDEQ."""
+    base = dict(epochs=cfg["epochs"], hidden=cfg["hidden"], seed=seed)
     runs = [(f"NEMON lambda={lam:g}", TrainConfig(lipschitz_reg=lam, **base)) for lam in cfg["lambdas"]]
     runs += [(f"NEMON IBP eps={eps:g}", TrainConfig(certified_eps=eps, eps_warmup=cfg["eps_warmup"],
                                                      eps_ramp=cfg["eps_ramp"], **base)) for eps in cfg["certified"]]
     runs.append(("monDEQ", TrainConfig(model="mondeq", **base)))
-    results = {}
-    started = time.perf_counter()
-    for name, config in tqdm(runs, desc="train and attack", unit="model", disable=None):
-        model, seconds = train(name, config, data, cfg)
-        r = robustness_report(model, pixels, labels, EPS, cfg["pgd_steps"], args.seed)
-        r["train_seconds"] = seconds
-        r["config"] = {k: getattr(config, k) for k in ("model", "lipschitz_reg", "certified_eps", "gamma", "hidden",
-                                                       "epochs")}
-        results[name] = r
-    plot(results, out)
-    lines, k = table(results)
-    ver = verdict(results, k)
-    payload = {"eps": EPS, "settings": {k: v for k, v in cfg.items()}, "models": results, "table": lines,
-               "verdict": ver}
-    return finish(out, payload, lines + ver, started=started)
+    return runs
+
+
+def seed_spread(per_seed, k):
+    """The PGD@0.05 gain of each NEMON model over monDEQ, seed by seed: does the claim hold in every seed?"""
+    out = []
+    names = [n for n in next(iter(per_seed.values())) if n != "monDEQ"]
+    for name in names:
+        gains = [100 * (r[name]["attacks"]["pgd"][k] - r["monDEQ"]["attacks"]["pgd"][k]) for r in per_seed.values()]
+        out.append(f"{name}: PGD@0.05 gain over monDEQ per seed {', '.join(f'{g:+.1f}' for g in gains)} points "
+                   f"(>= +10 in {sum(g >= 10 for g in gains)} of {len(gains)} seeds)")
+    return out
 
 
 if __name__ == "__main__":

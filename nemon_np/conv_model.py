@@ -25,7 +25,12 @@ from .base import ImplicitClassifier, check_labels, read_model_file, write_model
 from .losses import softmax_cross_entropy
 from .solvers import WellPosednessError, WellPosednessWarning, _check_tol_mode, _warn_unconverged
 
-__all__ = ["ConvNEMON"]
+__all__ = ["ConvNEMON", "CONV_METHODS", "CONV_ADJOINTS"]
+
+# The solvers a conv model has: the fused average iteration, or it with safeguarded Anderson
+# acceleration (the dense solver's step on the flattened state).
+CONV_METHODS = ("average", "anderson")
+CONV_ADJOINTS = ("iterative", "anderson")
 
 FORMAT_NAME = "nemon_np.ConvNEMON"
 FORMAT_VERSION = 1
@@ -159,7 +164,7 @@ class ConvNEMON(ImplicitClassifier):
         alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
         K_sum, K_diff = self._sum_and_difference(E)
         X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
-                                          relative=_check_tol_mode(tol_mode))
+                                          relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "embedded forward")
@@ -169,7 +174,8 @@ class ConvNEMON(ImplicitClassifier):
         self._check_method("average", method)
         K_sum, K_diff = self._sum_and_difference(E)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
-                                          l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff))
+                                          l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
+                                          **self._solver(method, alpha, self.mu_inf()))
         return W, OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= G.dtype.type(tol))
 
     def _alpha(self, alpha, on_violation):
@@ -188,9 +194,15 @@ class ConvNEMON(ImplicitClassifier):
 
     @staticmethod
     def _check_method(method, adjoint="iterative"):
-        if method != "average" or adjoint != "iterative":
-            raise ValueError(f"ConvNEMON solves with method='average' and adjoint='iterative', got method={method!r}, "
-                             f"adjoint={adjoint!r}")
+        if method not in CONV_METHODS or adjoint not in CONV_ADJOINTS:
+            raise ValueError(f"ConvNEMON solves with method {' or '.join(CONV_METHODS)} and adjoint "
+                             f"{' or '.join(CONV_ADJOINTS)}, got method={method!r}, adjoint={adjoint!r}")
+
+    @staticmethod
+    def _solver(method, alpha, mu):
+        """conv_fixed_point's method and the contraction factor rho = 1 - alpha (1 - max(mu, 0)) that
+        Anderson's safeguard enforces."""
+        return dict(method="anderson" if method == "anderson" else "average", rho=1.0 - alpha * (1.0 - max(mu, 0.0)))
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
@@ -205,7 +217,7 @@ class ConvNEMON(ImplicitClassifier):
         alpha, mu = self._alpha(alpha, on_violation)
         Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0,
-                                          relative=_check_tol_mode(tol_mode))
+                                          relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "forward fixed point")
@@ -253,7 +265,8 @@ class ConvNEMON(ImplicitClassifier):
         # unit as a dense model of 100 units at tol.
         adjoint_tol = tol * self.n_hidden / 100 if adjoint_tol is None else adjoint_tol
         Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), g, finfo.alpha, adjoint_tol, max_iter,
-                                               self.padding, relu=False, l1=True, S=mask, X0=g)
+                                               self.padding, relu=False, l1=True, S=mask, X0=g,
+                                               **self._solver(adjoint, finfo.alpha, finfo.mu_inf))
         binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
                                converged=bres <= self.dtype(adjoint_tol))
         delta = mask * Wadj / m

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from .conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
+from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_state, _anderson_sweep, _working_set
 
 __all__ = ["conv_fixed_point"]
 
@@ -87,7 +88,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
 
 
 def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
-                     K_diff=None, relative=False):
+                     K_diff=None, relative=False, method="average", rho=None):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
 
     Parameters
@@ -102,6 +103,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     S : (m, H, W, C) mask s, optional (the adjoint's D); X0 : (m, H, W, C) start, default 0
     relative : stop on (and report) the residual divided by max(1, ||phi(.)||) (see
         :func:`nemon_np.solve_equilibrium`'s ``tol_mode``)
+    method : "average" (the fused loop) or "anderson": safeguarded Anderson acceleration of the same
+        iteration, each sample's step by the dense solver's :func:`nemon_np.solvers._anderson_sweep` on
+        the flattened state; ``rho`` (required) is the contraction factor the safeguard enforces,
+        1 - alpha (1 - max(mu_inf(K), 0))
 
     Returns
     -------
@@ -126,6 +131,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     else:
         taps_diff = conv_taps(np.asarray(K_diff, dtype))
         apply = lambda Xp, out, scratch: correlate_embedded_padded(taps, taps_diff, Xp, out=out)  # noqa: E731
+    if method == "anderson":
+        return _anderson(apply, taps.shape[0], Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho)
+    if method != "average":
+        raise ValueError(f"method must be 'average' or 'anderson', got {method!r}")
     masked = S is not None
     X = np.zeros_like(Q) if X0 is None else np.array(X0, dtype=dtype)
     S = np.ascontiguousarray(S, dtype=dtype) if masked else np.empty((m, 0, 0, 0), dtype)
@@ -156,3 +165,32 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
             S = S[keep] if masked else S
             done, its, res, n_done = done[keep], its[keep], res[keep], 0
     return X_out, P_out, iterations, residual
+
+
+def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho):
+    """:func:`conv_fixed_point` with method="anderson": the convolution of the working rows by
+    ``apply`` on their padded state, then one :func:`nemon_np.solvers._anderson_sweep` over the
+    flattened rows (m, H W C), which evaluates, safeguards, extrapolates and compacts them."""
+    if rho is None or not 0 <= rho < 1:
+        raise ValueError(f"anderson needs the contraction factor rho in [0, 1), got {rho!r}")
+    m, H, W, C = Q.shape
+    dtype = Q.dtype
+    n = H * W * C
+    Qf = Q.reshape(m, n)
+    masked = S is not None
+    Sf = np.ascontiguousarray(S, dtype=dtype).reshape(m, n) if masked else np.empty((0, n), dtype)
+    X0f = np.zeros_like(Qf) if X0 is None else np.ascontiguousarray(X0, dtype=dtype).reshape(m, n)
+    X_out, P_out, iterations, residual, X, Sa, active = _working_set(Qf, Sf, X0f)
+    state = _anderson_state(Qf, ANDERSON_DEPTH)
+    dt = dtype.type
+    n_act = m
+    for it in range(max_iter + 1):
+        Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
+        Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
+        P = np.ascontiguousarray(apply(Xp, None, None)[:, :H, :W, :]).reshape(n_act, n)
+        n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
+                                ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), masked, relative, state, X_out, P_out,
+                                iterations, residual, None)
+        if n_act == 0:
+            break
+    return X_out.reshape(Q.shape), P_out.reshape(Q.shape), iterations, residual

@@ -200,6 +200,100 @@ def _solve_small(H, b):
     return b
 
 
+@njit(cache=True)
+def _anderson_state(Q, depth):
+    """Anderson's per-sample state for a batch Q (m, n), indexed by the sample (not compacted: no
+    history copies): the last accepted point, its g and pre-activation; ring buffers of differences
+    dX, dG and their Gram matrix; counts of accepted points and of stored differences; the accepted
+    residual and whether the current point is an extrapolated candidate; scratch F, H, rhs."""
+    m, n = Q.shape
+    return (np.zeros((m, n), Q.dtype), np.zeros((m, n), Q.dtype), np.zeros((m, n), Q.dtype),
+            np.zeros((m, depth, n), Q.dtype), np.zeros((m, depth, n), Q.dtype), np.zeros((m, depth, depth)),
+            np.zeros(m, np.int64), np.zeros(m, np.int64), np.full(m, np.inf), np.zeros(m, np.bool_),
+            np.empty(n, Q.dtype), np.empty((depth, depth)), np.empty(depth))
+
+
+@njit(cache=True, fastmath=True)
+def _anderson_sweep(P, Q, X, Sa, active, n_act, k, alpha, tol, max_iter, relu, l1, reg, rho, masked, relative,
+                    state, X_out, P_out, iterations, residual, record):
+    """One Anderson step for the n_act working rows, given their products P (n_act, n) = (x s) M
+    (before q): evaluate, accept or reject (the safeguard), finish converged rows into the outputs,
+    write the next candidate of every other row into X, compacting rows downwards. Returns the
+    number of rows still working. The state is :func:`_anderson_state`'s."""
+    X_acc, G_acc, P_acc, dXh, dGh, gram, n_acc, n_diff, accepted, candidate, F, H, rhs = state
+    n = Q.shape[1]
+    depth = dXh.shape[1]
+    n_keep = 0
+    for r in range(n_act):
+        i = active[r]
+        res = _evaluate_row(P[r], Q[i], X[r], F, relu, l1, tol - tol, relative)
+        if record is not None:
+            record[i, k] = res
+        rejected = candidate[i] and res > rho * accepted[i]
+        if res <= tol or k == max_iter:
+            iterations[i] = k
+            if rejected and res > accepted[i]:   # out of budget on a worse candidate
+                X_out[i] = X_acc[i]
+                P_out[i] = P_acc[i]
+                residual[i] = accepted[i]
+            else:
+                X_out[i] = X[r]
+                P_out[i] = P[r]
+                residual[i] = res
+            continue
+        w = n_keep   # rows only move down: row r is read before row w is overwritten
+        if rejected:
+            for j in range(n):
+                X[w, j] = X_acc[i, j] + G_acc[i, j]
+            n_diff[i] = 0
+            candidate[i] = False
+        else:
+            nd = n_diff[i]
+            slot = nd % depth
+            if n_acc[i] > 0:
+                for j in range(n):
+                    dXh[i, slot, j] = X[r, j] - X_acc[i, j]
+                    dGh[i, slot, j] = alpha * (F[j] - X[r, j]) - G_acc[i, j]
+                nd += 1
+            mk = min(nd, depth)
+            for j in range(n):
+                G_acc[i, j] = alpha * (F[j] - X[r, j])
+                X_acc[i, j] = X[r, j]
+                P_acc[i, j] = P[r, j]
+            for j in range(n):
+                X[w, j] = X_acc[i, j] + G_acc[i, j]
+            if mk > 0:
+                # One pass over the history: the Gram row of the new difference and the rhs.
+                for q in range(mk):
+                    gq = 0.0
+                    rq = 0.0
+                    for j in range(n):
+                        gq += dGh[i, slot, j] * dGh[i, q, j]
+                        rq += dGh[i, q, j] * G_acc[i, j]
+                    gram[i, slot, q] = gq
+                    gram[i, q, slot] = gq
+                    rhs[q] = rq
+                trace = 0.0
+                for q in range(mk):
+                    trace += gram[i, q, q]
+                    for p in range(mk):
+                        H[q, p] = gram[i, q, p]
+                for q in range(mk):
+                    H[q, q] += reg * trace + 1e-300
+                coef = _solve_small(H[:mk, :mk], rhs[:mk])
+                for q in range(mk):
+                    c = coef[q]
+                    for j in range(n):
+                        X[w, j] -= (dXh[i, q, j] + dGh[i, q, j]) * c
+            n_diff[i] = nd
+            n_acc[i] += 1
+            accepted[i] = res
+            candidate[i] = mk > 0
+        _move_row(Sa, active, r, w, masked)
+        n_keep += 1
+    return n_keep
+
+
 @njit(cache=True, fastmath=True)
 def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, reg, rho, record=None,
                           relative=False):
@@ -212,96 +306,17 @@ def _anderson_fixed_point(M, Q, S, X0, alpha, tol, max_iter, relu, l1, depth, re
     whose residual exceeds ``rho`` times that of the last accepted point is replaced by the
     plain step T(x_acc) and the history is cleared, so that every accepted point contracts at
     least as the bound rho says: convergence is never lost. Outputs as :func:`_averaged_fixed_point`.
+    The step of each row is :func:`_anderson_sweep`, which the convolutional solver shares.
     """
-    m, n = Q.shape
+    m = Q.shape[0]
     masked = S.shape[0] > 0
     X_out, P_out, iterations, residual, X, Sa, active = _working_set(Q, S, X0)
-    # Per-sample state is indexed by the sample, not compacted: no history copies.
-    X_acc = np.zeros((m, n), Q.dtype)       # last accepted point, its g and pre-activation
-    G_acc = np.zeros((m, n), Q.dtype)
-    P_acc = np.zeros((m, n), Q.dtype)
-    dXh = np.zeros((m, depth, n), Q.dtype)  # ring buffers of differences and their Gram matrix
-    dGh = np.zeros((m, depth, n), Q.dtype)
-    gram = np.zeros((m, depth, depth))
-    n_acc = np.zeros(m, np.int64)           # accepted points so far
-    n_diff = np.zeros(m, np.int64)          # differences stored since the last reset
-    accepted = np.full(m, np.inf)
-    candidate = np.zeros(m, np.bool_)
-    F = np.empty(n, Q.dtype)
-    H = np.empty((depth, depth))
-    rhs = np.empty(depth)
+    state = _anderson_state(Q, depth)
     n_act = m
     for k in range(max_iter + 1):
         P = _product(X, Sa, M, n_act, masked)
-        n_keep = 0
-        for r in range(n_act):
-            i = active[r]
-            res = _evaluate_row(P[r], Q[i], X[r], F, relu, l1, tol - tol, relative)
-            if record is not None:
-                record[i, k] = res
-            rejected = candidate[i] and res > rho * accepted[i]
-            if res <= tol or k == max_iter:
-                iterations[i] = k
-                if rejected and res > accepted[i]:   # out of budget on a worse candidate
-                    X_out[i] = X_acc[i]
-                    P_out[i] = P_acc[i]
-                    residual[i] = accepted[i]
-                else:
-                    X_out[i] = X[r]
-                    P_out[i] = P[r]
-                    residual[i] = res
-                continue
-            w = n_keep   # rows only move down: row r is read before row w is overwritten
-            if rejected:
-                for j in range(n):
-                    X[w, j] = X_acc[i, j] + G_acc[i, j]
-                n_diff[i] = 0
-                candidate[i] = False
-            else:
-                nd = n_diff[i]
-                slot = nd % depth
-                if n_acc[i] > 0:
-                    for j in range(n):
-                        dXh[i, slot, j] = X[r, j] - X_acc[i, j]
-                        dGh[i, slot, j] = alpha * (F[j] - X[r, j]) - G_acc[i, j]
-                    nd += 1
-                mk = min(nd, depth)
-                for j in range(n):
-                    G_acc[i, j] = alpha * (F[j] - X[r, j])
-                    X_acc[i, j] = X[r, j]
-                    P_acc[i, j] = P[r, j]
-                for j in range(n):
-                    X[w, j] = X_acc[i, j] + G_acc[i, j]
-                if mk > 0:
-                    # One pass over the history: the Gram row of the new difference and the rhs.
-                    for q in range(mk):
-                        gq = 0.0
-                        rq = 0.0
-                        for j in range(n):
-                            gq += dGh[i, slot, j] * dGh[i, q, j]
-                            rq += dGh[i, q, j] * G_acc[i, j]
-                        gram[i, slot, q] = gq
-                        gram[i, q, slot] = gq
-                        rhs[q] = rq
-                    trace = 0.0
-                    for q in range(mk):
-                        trace += gram[i, q, q]
-                        for p in range(mk):
-                            H[q, p] = gram[i, q, p]
-                    for q in range(mk):
-                        H[q, q] += reg * trace + 1e-300
-                    coef = _solve_small(H[:mk, :mk], rhs[:mk])
-                    for q in range(mk):
-                        c = coef[q]
-                        for j in range(n):
-                            X[w, j] -= (dXh[i, q, j] + dGh[i, q, j]) * c
-                n_diff[i] = nd
-                n_acc[i] += 1
-                accepted[i] = res
-                candidate[i] = mk > 0
-            _move_row(Sa, active, r, w, masked)
-            n_keep += 1
-        n_act = n_keep
+        n_act = _anderson_sweep(P, Q, X, Sa, active, n_act, k, alpha, tol, max_iter, relu, l1, reg, rho, masked,
+                                relative, state, X_out, P_out, iterations, residual, record)
         if n_act == 0:
             break
     return X_out, P_out, iterations, residual
