@@ -250,8 +250,13 @@ def parametrize_rows_inverse(A, diag, gamma):
     t_ij = a_ij, on it t_ii = (a_ii - gamma + sum_{j != i} |a_ij|) / 2 <= 0.
     Raises ``ValueError`` if a row measure exceeds gamma (no T exists)."""
     rows = np.arange(len(A))
-    d = A[rows, diag]
-    excess = d + np.abs(A).sum(axis=1) - np.abs(d) - gamma
+    # In float64 whatever A's dtype: a float32 A that the projection left inside is inside in exact
+    # arithmetic, but float32 sums of its rows can exceed gamma by an ulp of the row sum.
+    A64 = np.asarray(A, np.float64)
+    d = A64[rows, diag]
+    off = np.abs(A64)
+    off[rows, diag] = 0.0
+    excess = d + off.sum(axis=1) - gamma
     if np.any(excess > 1e-12 * max(1.0, abs(gamma))):
         raise ValueError(f"A is outside P(gamma): mu_inf(A) - gamma = {excess.max():.3g} > 0")
     T = np.array(A)

@@ -96,3 +96,14 @@ def test_a_new_mode_is_one_registered_class():
         assert mu_inf(trainer.model.A) <= 0.95 / 2
     finally:
         del REGISTRY[("nemon", "half-margin")]
+
+
+@pytest.mark.parametrize("key", MODES, ids=["-".join(k) for k in MODES])
+def test_every_mode_starts_from_any_float32_model(key):
+    """A fresh float32 model is inside its set; its free parameters must be found for every seed (the
+    parametrizations' inverse once failed on 6 seeds in 50: float32 row sums an ulp above gamma)."""
+    cls = REGISTRY[key]
+    for seed in range(60):
+        model = (ConvNEMON(1, (8, 8), channels=6, pool=2, gamma=0.9, seed=seed, dtype=np.float32) if key[0] == "conv"
+                 else NEMON(784, 100, 10, gamma=0.95, seed=seed, dtype=np.float32))
+        cls(model)
