@@ -100,9 +100,10 @@ def study(A, Q, weights, max_iter, repeats):
                 entry["max_residual"] = np.nanmax(record, axis=0).tolist()
                 for tol in TOLS:
                     k = first_below(record, tol)
-                    entry[f"iterations_to_{tol:g}"] = {"mean": None if np.isnan(k).any() else float(np.mean(k)),
-                                                      "max": None if np.isnan(k).any() else int(np.max(k)),
-                                                      "reached": float(np.mean(~np.isnan(k)))}
+                    missing = np.isnan(k).any()
+                    entry[f"iterations_to_{tol:g}"] = {"mean": None if missing else float(np.mean(k)),
+                                                       "max": None if missing else int(np.max(k)),
+                                                       "reached": float(np.mean(~np.isnan(k)))}
                 if method == "average":
                     # Empirical contraction: geometric mean of residual ratios until 1e-9 (or the end).
                     rates = []

@@ -137,7 +137,8 @@ def table(results):
                      + " ".join(_cell(a, e, w) for a, e in zip(r["attacks"]["pgd"][1:], pgd_sd[1:]))
                      + f" {r['train_seconds']:8.1f}")
     lines.append("")
-    lines.append(f"{'certified accuracy':20s} {'':>19s} " + " ".join(f"{'eps ' + format(e, 'g'):>{w}s}" for e in cert_eps))
+    lines.append(f"{'certified accuracy':20s} {'':>19s} "
+                 + " ".join(f"{'eps ' + format(e, 'g'):>{w}s}" for e in cert_eps))
     for name, r in results.items():
         sd = r.get("std", {"certified": {}})
         for row in CERTIFIED_ROWS:
@@ -218,8 +219,8 @@ def model_configs(cfg, seed):
     """The compared models: NEMON at each Lipschitz weight, interval-trained NEMON at each radius, monDEQ."""
     base = dict(epochs=cfg["epochs"], hidden=cfg["hidden"], seed=seed)
     runs = [(f"NEMON lambda={lam:g}", TrainConfig(lipschitz_reg=lam, **base)) for lam in cfg["lambdas"]]
-    runs += [(f"NEMON IBP eps={eps:g}", TrainConfig(certified_eps=eps, eps_warmup=cfg["eps_warmup"],
-                                                     eps_ramp=cfg["eps_ramp"], **base)) for eps in cfg["certified"]]
+    ibp = dict(eps_warmup=cfg["eps_warmup"], eps_ramp=cfg["eps_ramp"], **base)
+    runs += [(f"NEMON IBP eps={eps:g}", TrainConfig(certified_eps=eps, **ibp)) for eps in cfg["certified"]]
     runs.append(("monDEQ", TrainConfig(model="mondeq", **base)))
     return runs
 

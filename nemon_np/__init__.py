@@ -29,7 +29,9 @@ def __getattr__(name):
         return {"lipschitz_bound": lipschitz_bound, "certify": certify}[name]
     raise AttributeError(f"module 'nemon_np' has no attribute {name!r}")
 
-__all__ = ["NEMON", "ConvNEMON", "load_model", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures", "best_weights",
+
+__all__ = ["NEMON", "ConvNEMON", "load_model", "NEMONClassifier", "mu_inf", "mu_1", "mu_2", "norm_inf", "row_measures",
+           "best_weights",
            "project_mu_inf", "parametrize_mu_inf", "parametrize_mu_inf_grad",
            "parametrize_mu_inf_inverse", "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad",
            "lipschitz_bound", "certify", "solve_equilibrium", "solve_adjoint",

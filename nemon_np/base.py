@@ -8,7 +8,6 @@ import warnings
 import zipfile
 
 import numpy as np
-from scipy.optimize import OptimizeResult
 
 from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
@@ -109,7 +108,6 @@ class ImplicitClassifier:
     state is [x_lo, x_hi] stacked on the last axis).
     """
 
-
     def logits(self, U, **solver_options):
         """Logits ``y = C x* + c`` (after pooling for a conv model), shape (m, n_out); keyword
         options go to ``equilibrium``."""
@@ -189,8 +187,9 @@ class ImplicitClassifier:
         widen = radius.reshape((-1,) + (1,) * (X.ndim - 1)) * (1.0 if eta2 is None else eta2)
         widen = np.broadcast_to(widen, X64.shape)
         n = X.shape[-1] // 2
-        X_lo = np.maximum(X64[..., :n] - widen[..., :n], 0.0)     # every fixed point is >= 0
-        X_hi = X64[..., n:] + widen[..., n:]
+        # One ulp outward: the subtraction and addition round to nearest. Every fixed point is >= 0.
+        X_lo = np.maximum(np.nextafter(X64[..., :n] - widen[..., :n], -np.inf), 0.0)
+        X_hi = np.nextafter(X64[..., n:] + widen[..., n:], np.inf)
         info["radius"] = radius
         return X_lo, X_hi, info
 
@@ -256,7 +255,8 @@ class ImplicitClassifier:
         delta = mask * W / m
         d_lo, d_hi = delta[..., :n], delta[..., n:]
         robust_grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
-                        "B": self._inject_grad(d_lo + d_hi, U_c) + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r),
+                        "B": (self._inject_grad(d_lo + d_hi, U_c)
+                              + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
                         "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), "C": dC, "c": dc}
         total = kappa * loss + (1 - kappa) * robust
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}

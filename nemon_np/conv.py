@@ -21,9 +21,9 @@ import numpy as np
 from .projection import _project_rows, _round_inside, parametrize_rows, parametrize_rows_grad, parametrize_rows_inverse
 
 __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
-           "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded", "correlate_embedded_padded",
-           "transpose_kernel",
-           "weight_grad_channel_last", "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
+           "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded",
+           "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "parametrize_conv_mu_inf",
+           "parametrize_conv_mu_inf_grad",
            "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures"]
 
 PADDINGS = ("circular", "zero")

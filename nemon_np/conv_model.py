@@ -329,7 +329,8 @@ class ConvNEMON(ImplicitClassifier):
         model.kernel = model.K.shape[2]
         H, W = model.image_size
         C = model.K.shape[0]
-        if (model.K.shape != (C, C, model.kernel, model.kernel) or model.B.shape != (C, model.in_channels) + model.K.shape[2:]
+        if (model.K.shape != (C, C, model.kernel, model.kernel)
+                or model.B.shape != (C, model.in_channels) + model.K.shape[2:]
                 or model.b.shape != (C,) or model.C.shape[1:] != (C * (H // model.pool) * (W // model.pool),)
                 or model.c.shape != (model.C.shape[0],)):
             raise ValueError(f"{path}: parameter shapes are inconsistent (K {model.K.shape}, B {model.B.shape}, "

@@ -153,4 +153,6 @@ def enclosure_radius(residual, slack, mu, weights=None):
     err = np.abs(residual) + slack
     if weights is not None:
         err = err / weights
-    return err.reshape(m, -1).max(axis=1) / (1.0 - max(mu, 0.0))
+    # The quotients round to nearest: 8 u relative covers the two divisions (and the product by eta
+    # that the caller forms).
+    return err.reshape(m, -1).max(axis=1) / (1.0 - max(mu, 0.0)) * (1 + 8 * UNIT_ROUNDOFF)

@@ -167,8 +167,8 @@ def write_summary(rows, grid, out):
             for name in METRICS:
                 s = row[name]
                 if s["n"]:
-                    w.writerow([row["point"][k] for k in flags] + [name, s["n"], s["mean"], s["std"], s["ci_low"],
-                                                                      s["ci_high"]])
+                    w.writerow([row["point"][k] for k in flags]
+                               + [name, s["n"], s["mean"], s["std"], s["ci_low"], s["ci_high"]])
     present = [name for name in METRICS if any(row[name]["n"] for row in rows)]
     lines = ["| " + " | ".join(flags + ["seeds"] + present) + " |", "|" + "---|" * (len(flags) + 1 + len(present))]
     for row in rows:

@@ -45,9 +45,10 @@ HELP = {
     "schedule": "learning-rate schedule: constant, step (x0.1 at 25/50/75%%) or cosine to 0",
     "gamma": "bound on mu_inf(A), < 1: the well-posedness / contraction margin; default: 0.95 (nemon, mondeq) "
              "or 0.9 (conv); 0.5 with --certified-eps",
-    "constraint": "how the implicit layer is kept well-posed: " + "; ".join(
-        f"{name}: {get_constraint('nemon', name).__doc__.split(chr(10))[0].rstrip('.')}" for name in CONSTRAINTS)
-        + " (conv models: projection or parametrization of each output channel's taps)",
+    "constraint": ("how the implicit layer is kept well-posed: "
+                   + "; ".join(f"{name}: {get_constraint('nemon', name).__doc__.split(chr(10))[0].rstrip('.')}"
+                               for name in CONSTRAINTS)
+                   + " (conv models: projection or parametrization of each output channel's taps)"),
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
                      "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
@@ -89,7 +90,8 @@ HELP = {
                     "measured: OpenBLAS's threads made a dense step 14x slower)",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
 }
-CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS, "model": MODELS,
+CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS,
+           "model": MODELS,
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
@@ -159,7 +161,8 @@ def main(argv=None):
           f"{'' if config.augment == 'none' else f', augmented ({config.augment}, {config.augment_pad} px)'}"
           f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}"
-          f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}; writing to {out}")
+          f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
+          f"; writing to {out}")
     started = time.perf_counter()
 
     def on_epoch(row):
@@ -179,8 +182,8 @@ def main(argv=None):
         print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done})"
               if done else "\ninterrupted before the first epoch ended: nothing saved", file=sys.stderr)
         if done:
-            plot_history(trainer.history, out / "training_curves.png", f"{describe(config)} on {data.name} (interrupted)",
-                         config.gamma)
+            plot_history(trainer.history, out / "training_curves.png",
+                         f"{describe(config)} on {data.name} (interrupted)", config.gamma)
         return 130
     # The guarantee is checked on the saved file, not on the in-memory model.
     saved = load_model(out / "model.npz")
@@ -197,9 +200,11 @@ def main(argv=None):
     plot_history(trainer.history, out / "training_curves.png",
                  f"{describe(config)} on {data.name}, {config.constraint} constraint", config.gamma)
     certified = (f", certified {100 * summary['test_certified_acc']:.2f}% at eps {config.certified_eps:g} (interval "
-                 f"bounds, first {summary['test_certified_samples']} test images)" if "test_certified_acc" in summary else "")
-    print(f"done in {summary['total_seconds']:.0f}s: test accuracy {100 * summary['test_acc']:.2f}%{certified}, {statement}"
-          + ("" if verified is None else f": {'verified' if verified else 'VIOLATED'} on {out / 'model.npz'}"))
+                 f"bounds, first {summary['test_certified_samples']} test images)"
+                 if "test_certified_acc" in summary else "")
+    check = "" if verified is None else f": {'verified' if verified else 'VIOLATED'} on {out / 'model.npz'}"
+    print(f"done in {summary['total_seconds']:.0f}s: test accuracy {100 * summary['test_acc']:.2f}%{certified}, "
+          f"{statement}{check}")
     return 0 if verified is not False else 1
 
 

@@ -236,7 +236,8 @@ class TrainConfig:
 
     def solver_options(self):
         """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
-        options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha, tol_mode=self.tol_mode)
+        options = dict(tol=self.tol, max_iter=self.max_iter, method=self.solver, alpha=self.alpha,
+                       tol_mode=self.tol_mode)
         if self.constraint_class().certificate is None:
             options["on_violation"] = "warn"
         return options

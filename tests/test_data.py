@@ -1,5 +1,4 @@
 import gzip
-import pathlib
 import shutil
 import subprocess
 import sys

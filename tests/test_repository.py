@@ -49,3 +49,13 @@ def test_committed_json_is_lean():
     docs = PACKAGE.parent / "docs"
     sizes = {p.name: p.stat().st_size for p in docs.rglob("*.json")}
     assert sum(sizes.values()) < 200_000, sizes
+
+
+def test_style_is_clean():
+    """flake8 with the project's settings (setup.cfg: lines of 120) finds nothing in the code."""
+    import subprocess
+    import sys
+    root = PACKAGE.parent
+    proc = subprocess.run([sys.executable, "-m", "flake8", "nemon_np", "tests", "analysis", "benchmarks"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
