@@ -45,7 +45,7 @@ def evaluate(model, pixels, labels, eps_list, certificates):
     return {"clean_acc": clean, "certified": rows, "certify_seconds": seconds}
 
 
-def explicit_twin(run, model, config, data):
+def explicit_twin(run, model, config, summary, data):
     """Train the explicit twin of a run with the run's config; returns (its model as a zero-A NEMON, seconds)."""
     conv = config.model == "conv"
     shape = data.train_images.shape[1:]
@@ -54,13 +54,14 @@ def explicit_twin(run, model, config, data):
                       dtype=np.dtype(config.dtype).type, image_shape=shape if conv else None,
                       kernel=config.kernel, pool=config.pool, padding=config.padding)
     mean, std = np.array(data.mean), np.array(data.std)
-    X = normalize(data.train_images, mean, std, np.dtype(config.dtype).type)
+    n_train = summary.get("train_samples", len(data.train_images))   # the run's --limit-train, if any
+    X = normalize(data.train_images[:n_train], mean, std, np.dtype(config.dtype).type)
     n_in = X.shape[1]
     per = n_in // len(np.atleast_1d(mean))
     m, s = np.repeat(np.atleast_1d(mean), per), np.repeat(np.atleast_1d(std), per)
     ball = lambda U, eps: input_ball(U, eps, m, s, clip=True)  # noqa: E731
     print(f"  training the explicit twin ({config.epochs} epochs) ...", flush=True)
-    seconds = train_explicit(net, X, data.train_labels, config, ball,
+    seconds = train_explicit(net, X, data.train_labels[:n_train], config, ball,
                              progress=lambda e: print(f"    epoch {e}", flush=True) if e % 5 == 0 else None)
     twin = net.as_nemon()
     twin.metadata.update(mean=mean, std=std, dataset=data.name)
@@ -82,7 +83,8 @@ def main(argv=None):
     for run in args.runs:
         run = pathlib.Path(run)
         model = load_model(run / "model.npz")
-        config = config_from_dict(json.loads((run / "metrics.json").read_text())["config"]).validate()
+        metrics = json.loads((run / "metrics.json").read_text())
+        config = config_from_dict(metrics["config"]).validate()
         data = load_dataset(model.metadata["dataset"], args.data_dir)
         images = data.test_images[:args.samples]
         pixels = images.reshape(len(images), -1) / 255.0
@@ -98,7 +100,7 @@ def main(argv=None):
             r["speed"] = {"images": len(all_pixels), "eps": max(args.eps), "seconds": time.perf_counter() - t0,
                           "certified_accuracy": res.certified_accuracy}
         if args.explicit:
-            twin, seconds = explicit_twin(run, model, config, data)
+            twin, seconds = explicit_twin(run, model, config, metrics.get("summary", {}), data)
             r["explicit"] = evaluate(twin, pixels, labels, args.eps, ("interval",))
             r["explicit"]["train_seconds"] = seconds
         results[str(run)] = r

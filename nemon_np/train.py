@@ -191,7 +191,7 @@ def main(argv=None):
     summary = {"test_acc": trainer.history[-1]["test_acc"], "certificate": statement,
                "mu_inf_saved": saved.mu_inf(),
                "mu_inf_unweighted_saved": saved.mu_inf() if saved.weights is None else mu_inf(saved.A),
-               "weighted": saved.weights is not None, "verified": verified,
+               "weighted": saved.weights is not None, "verified": verified, "train_samples": len(X),
                "total_seconds": time.perf_counter() - started}
     if "test_certified_acc" in trainer.history[-1]:
         summary.update(certified_eps=config.certified_eps, test_certified_acc=trainer.history[-1]["test_certified_acc"],
