@@ -33,7 +33,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     d = load_mnist(args.data_dir)
     X, y = normalize(d.train_images[:5000], d.mean, d.std), d.train_labels[:5000]
-    blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()
+            if i["user_api"] == "blas"]
     print(f"BLAS: {blas}")
     cases = [("dense, clean", TrainConfig(), 784, None, 0.0, 1.0, args.steps),
              ("dense, certified eps 0.1 (n = 200)", TrainConfig(certified_eps=0.1, hidden=200), 784, None, 0.12, 0.5,
