@@ -76,9 +76,9 @@ def plot(results, out):
                         label=f"{name} (clean {100 * r['clean_acc']:.1f}%)")
         seeds = next(iter(results.values())).get("seeds", 1)
         ax.set(xlabel="l_inf radius eps (pixels in [0, 1])", ylabel="accuracy (%)", ylim=(-2, 102),
-               title=TITLES[kind] + (f", mean of {seeds} seeds (bars: std)" if seeds > 1 else ""))
+               title=TITLES[kind] + (f", {seeds} seeds" if seeds > 1 else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, title="mean, bars: std over seeds" if seeds > 1 else None, title_fontsize=7)
         fig.tight_layout()
         save_figure(fig, out, kind)
 
