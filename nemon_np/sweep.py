@@ -3,8 +3,9 @@
     python -m nemon_np.sweep --grid gamma=0.5,0.9,0.95 --grid hidden=50,100 --seeds 3 --out runs/sweep \\
         [--scheduler tcp://HOST:PORT] [--workers N] -- --dataset mnist --data-dir ../shared/data --epochs 10
 
-Every combination of the --grid values, with seeds 0 .. N-1, is one run of ``python -m nemon_np.train``
-with the flags after ``--`` (any flag of nemon_np.train) plus the grid point's, writing its usual
+Every combination of the --grid values, with --seeds N seeds (0 .. N-1, or from --first-seed), is
+one run of ``python -m nemon_np.train`` with the flags after ``--`` (any flag of nemon_np.train) plus
+the grid point's, writing its usual
 folder (model.npz, metrics.json, metrics.csv, training_curves.png, and the run's output in log.txt)
 under --out as ``<flag>=<value>_.../seed=<s>``. A run whose metrics.json holds its final summary is
 complete and skipped on a rerun, so an interrupted or crashed sweep resumes where it stopped; a run
@@ -67,13 +68,14 @@ def _point_name(point):
     return "_".join(f"{k}={v}" for k, v in point.items()) or "default"
 
 
-def plan_runs(grid, seeds, out, train_args):
-    """The runs of a sweep: (grid point dict, seed, run folder, argv of nemon_np.train), in grid order."""
+def plan_runs(grid, seeds, out, train_args, first_seed=0):
+    """The runs of a sweep: (grid point dict, seed, run folder, argv of nemon_np.train), in grid order,
+    seeds first_seed .. first_seed + seeds - 1 at every grid point."""
     names = list(grid)
     runs = []
     for values in itertools.product(*(grid[n] for n in names)):
         point = dict(zip(names, values))
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             folder = pathlib.Path(out) / _point_name(point) / f"seed={seed}"
             argv = list(train_args) + [a for k, v in point.items() for a in ("--" + k.replace("_", "-"), v)]
             argv += ["--seed", str(seed), "--out", str(folder), "--no-progress"]
@@ -267,7 +269,8 @@ def main(argv=None):
                            formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
                    help="a training flag and its values; repeat for a grid over several flags")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 at every grid point")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds at every grid point")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + N - 1")
     p.add_argument("--out", required=True, help="sweep folder: one run folder per grid point and seed, and the summary")
     p.add_argument("--scheduler", default=None,
                    help="address of an existing Dask scheduler (tcp://HOST:PORT); default: a local cluster here. "
@@ -278,8 +281,8 @@ def main(argv=None):
     flags = {a.dest for a in build_parser()._actions if a.option_strings}
     try:
         grid = parse_grid(args.grid, flags)
-        if args.seeds < 1 or (args.workers is not None and args.workers < 1):
-            raise ValueError("--seeds and --workers must be >= 1")
+        if args.seeds < 1 or args.first_seed < 0 or (args.workers is not None and args.workers < 1):
+            raise ValueError("--seeds and --workers must be >= 1, --first-seed >= 0")
         forwarded = {a.split("=")[0] for a in train_args if a.startswith("--")}
         clash = forwarded & ({"--seed", "--out"} | {"--" + k.replace("_", "-") for k in grid})
         if clash:
@@ -289,7 +292,7 @@ def main(argv=None):
         p.error(str(e))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(grid, args.seeds, out, train_args)
+    runs = plan_runs(grid, args.seeds, out, train_args, args.first_seed)
     (out / "sweep.json").write_text(json.dumps({"grid": grid, "seeds": args.seeds, "train_args": train_args}, indent=2))
     print(f"sweep: {len(runs)} runs ({len(runs) // args.seeds} grid points x {args.seeds} seeds) into {out}, "
           f"on {args.scheduler or 'a local Dask cluster'}", flush=True)
