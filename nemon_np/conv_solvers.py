@@ -127,10 +127,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     dtype = Q.dtype
     taps = conv_taps(np.asarray(K, dtype))
     if K_diff is None:
-        apply = lambda Xp, out, scratch: correlate_padded(taps, Xp, out=out, scratch=scratch)  # noqa: E731
+        apply = lambda Xp, out: correlate_padded(taps, Xp, out=out)  # noqa: E731
     else:
         taps_diff = conv_taps(np.asarray(K_diff, dtype))
-        apply = lambda Xp, out, scratch: correlate_embedded_padded(taps, taps_diff, Xp, out=out)  # noqa: E731
+        apply = lambda Xp, out: correlate_embedded_padded(taps, taps_diff, Xp, out=out)  # noqa: E731
     if method == "anderson":
         return _anderson(apply, taps.shape[0], Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho)
     if method != "average":
@@ -142,14 +142,14 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     X_out, P_out = np.empty_like(Q), np.empty_like(Q)
     iterations, residual = np.zeros(m, np.int64), np.zeros(m, dtype)
     P = np.empty_like(Q)
-    Y, scratch = np.empty_like(Xp, shape=Xp.shape[:3] + (C,)), np.empty_like(Xp, shape=Xp.shape[:3] + (C,))
+    Y = np.empty_like(Xp, shape=Xp.shape[:3] + (C,))
     active = np.arange(m)
     done = np.zeros(m, bool)
     its, res = np.zeros(m, np.int64), np.zeros(m, dtype)
     n_done = 0
     for k in range(max_iter + 1):
         r = len(active)
-        apply(Xp[:r], Y[:r], scratch[:r])
+        apply(Xp[:r], Y[:r])
         n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
                                 relu, l1, masked, padding == "circular", relative)
         if n_done == r and r == m:  # all finished together: the working arrays are the results
@@ -187,7 +187,7 @@ def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relat
     for it in range(max_iter + 1):
         Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
         Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
-        P = np.ascontiguousarray(apply(Xp, None, None)[:, :H, :W, :]).reshape(n_act, n)
+        P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
         n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
                                 ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), masked, relative, state, X_out, P_out,
                                 iterations, residual, None)
