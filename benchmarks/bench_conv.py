@@ -16,7 +16,8 @@ import scipy.fft
 
 from nemon_np._timing import best_time
 from nemon_np import load_model
-from nemon_np.conv import conv_apply, conv_taps, correlate_padded, pad_channel_last
+from nemon_np.conv import (conv_apply, conv_taps, correlate_padded, pad_channel_last, transpose_kernel,
+                           weight_grad_channel_last)
 from nemon_np.conv_model import ConvNEMON
 from nemon_np.conv_solvers import _average_step
 from nemon_np.training import MODEL_DEFAULTS
@@ -47,6 +48,12 @@ def main(argv=None):
         Xp = np.ascontiguousarray(pad_channel_last(X.transpose(0, 2, 3, 1), k, "circular"))
         Y = np.empty_like(Xp)
         t_loop = best_time(lambda: correlate_padded(taps, Xp, out=Y), args.repeats)
+        # The adjoint's product A^T y is the same correlation with the transposed kernel's taps.
+        taps_t = conv_taps(transpose_kernel(K))
+        t_transpose = best_time(lambda: correlate_padded(taps_t, Xp, out=Y), args.repeats)
+        delta = rng.normal(size=(m, H, H, C)).astype(np.float32)
+        Xcl_in = np.ascontiguousarray(X.transpose(0, 2, 3, 1))
+        t_wgrad = best_time(lambda: weight_grad_channel_last(delta, Xcl_in, k, "circular"), args.repeats)
         Xcl = np.zeros((m, H, H, C), np.float32)
         Q, P = rng.normal(size=Xcl.shape).astype(np.float32), np.empty_like(Xcl)
         state = (np.zeros(m, bool), np.zeros(m, np.int64), np.zeros(m, np.float32))
@@ -66,6 +73,9 @@ def main(argv=None):
               f"matmul of the same FLOPs (im2col shape) {flops / t_mm / 1e9:.1f} GFLOP/s ({t_mm * 1e3:.1f} ms); "
               f"fused average step {t_step * 1e3:.1f} ms; scipy.fft (circular) {t_fft * 1e3:.1f} ms, "
               f"{t_fft / t_loop:.2f}x the loop's convolution")
+        print(f"{name}: transpose (adjoint, in the loop) {flops / t_transpose / 1e9:.1f} GFLOP/s, "
+              f"{t_mm / t_transpose:.2f} of matmul; weight gradient (weight_grad_channel_last, padding "
+              f"included) {flops / t_wgrad / 1e9:.1f} GFLOP/s, {t_mm / t_wgrad:.2f} of matmul")
         model = ConvNEMON(c_in, (H, H), channels=C, kernel=k, pool=4, gamma=gamma, dtype=np.float32)
         U = rng.normal(size=(m, c_in, H, H)).astype(np.float32)
         _time_model(f"{name}: ConvNEMON (random init)", model, U, rng.integers(0, 10, size=m), tol, args.repeats,
