@@ -23,14 +23,22 @@ from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_
 from .conv_solvers import conv_fixed_point
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
-from .solvers import WellPosednessError, WellPosednessWarning, _check_tol_mode, _warn_unconverged
+from .solvers import WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged
 
-__all__ = ["ConvNEMON", "CONV_METHODS", "CONV_ADJOINTS"]
+__all__ = ["ConvNEMON", "CONV_METHODS", "CONV_ADJOINTS", "check_conv_solver"]
 
 # The solvers a conv model has: the fused average iteration, or it with safeguarded Anderson
 # acceleration (the dense solver's step on the flattened state).
 CONV_METHODS = ("average", "anderson")
 CONV_ADJOINTS = ("iterative", "anderson")
+
+
+def check_conv_solver(method, adjoint="iterative"):
+    """ValueError unless ``method`` is one of CONV_METHODS and ``adjoint`` one of CONV_ADJOINTS."""
+    if method not in CONV_METHODS or adjoint not in CONV_ADJOINTS:
+        raise ValueError(f"a conv model solves with solver {' or '.join(CONV_METHODS)} and adjoint "
+                         f"{' or '.join(CONV_ADJOINTS)}, got solver {method!r} and adjoint {adjoint!r}")
+
 
 FORMAT_NAME = "nemon_np.ConvNEMON"
 FORMAT_VERSION = 1
@@ -160,7 +168,7 @@ class ConvNEMON(ImplicitClassifier):
         return E[:C, :C] + E[:C, C:], E[:C, :C] - E[:C, C:]
 
     def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
-        self._check_method(method)
+        check_conv_solver(method)
         alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
         K_sum, K_diff = self._sum_and_difference(E)
         X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
@@ -171,7 +179,7 @@ class ConvNEMON(ImplicitClassifier):
         return X, info
 
     def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
-        self._check_method("average", method)
+        check_conv_solver("average", method)
         K_sum, K_diff = self._sum_and_difference(E)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
                                           l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
@@ -193,16 +201,10 @@ class ConvNEMON(ImplicitClassifier):
         return alpha, mu
 
     @staticmethod
-    def _check_method(method, adjoint="iterative"):
-        if method not in CONV_METHODS or adjoint not in CONV_ADJOINTS:
-            raise ValueError(f"ConvNEMON solves with method {' or '.join(CONV_METHODS)} and adjoint "
-                             f"{' or '.join(CONV_ADJOINTS)}, got method={method!r}, adjoint={adjoint!r}")
-
-    @staticmethod
     def _solver(method, alpha, mu):
         """conv_fixed_point's method and the contraction factor rho = 1 - alpha (1 - max(mu, 0)) that
         Anderson's safeguard enforces."""
-        return dict(method="anderson" if method == "anderson" else "average", rho=1.0 - alpha * (1.0 - max(mu, 0.0)))
+        return dict(method="anderson" if method == "anderson" else "average", rho=_contraction_rate(alpha, mu))
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
@@ -213,7 +215,7 @@ class ConvNEMON(ImplicitClassifier):
 
     def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation, tol_mode="absolute"):
         """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
-        self._check_method(method)
+        check_conv_solver(method)
         alpha, mu = self._alpha(alpha, on_violation)
         Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0,
@@ -246,7 +248,7 @@ class ConvNEMON(ImplicitClassifier):
                   tol_mode="absolute"):
         """Forward solve, then the adjoint for dL/dY (the cross-entropy's, or ``dY``'s); returns the
         channel-last input and fixed points, pooled features, loss, dY, delta and solver info."""
-        self._check_method(method, adjoint)
+        check_conv_solver(method, adjoint)
         Ucl = self._images(U)
         X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation, tol_mode)
         pooled = self._pool(X)

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from .conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
-from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_state, _anderson_sweep, _working_set
+from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
 __all__ = ["conv_fixed_point"]
 
@@ -189,7 +189,7 @@ def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relat
         Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
         P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
         n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
-                                ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), masked, relative, state, X_out, P_out,
+                                ANDERSON_REG, _anderson_rho(rho), masked, relative, state, X_out, P_out,
                                 iterations, residual, None)
         if n_act == 0:
             break

@@ -442,7 +442,18 @@ def contraction_alpha(A):
 def contraction_factor(A, alpha=None, weights=None):
     """rho(alpha) = 1 - alpha (1 - max(mu_inf(A), 0)), valid for 0 < alpha <= alpha*."""
     alpha = contraction_alpha(A) if alpha is None else float(alpha)
-    return 1.0 - alpha * (1.0 - max(mu_inf(A, weights), 0.0))
+    return _contraction_rate(alpha, mu_inf(A, weights))
+
+
+def _contraction_rate(alpha, mu):
+    """rho = 1 - alpha (1 - max(mu, 0)): the l_inf contraction factor of the average iteration with
+    step alpha <= alpha* for a matrix (or convolution) of measure mu."""
+    return 1.0 - alpha * (1.0 - max(mu, 0.0))
+
+
+def _anderson_rho(rho):
+    """The factor Anderson's safeguard enforces: rho kept in [0, 1) so that a step is always possible."""
+    return min(max(rho, 0.0), 1.0 - 1e-12)
 
 
 def _check_contraction(A, method, alpha, weights, on_violation):
@@ -536,7 +547,7 @@ def _iterate(method, M, Q, S, X0, alpha, tol, max_iter, relu, l1, rho, record, r
     dt = Q.dtype.type
     if method == "anderson":
         return _anderson_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1, ANDERSON_DEPTH,
-                                     ANDERSON_REG, min(max(rho, 0.0), 1.0 - 1e-12), record, relative)
+                                     ANDERSON_REG, _anderson_rho(rho), record, relative)
     return _averaged_fixed_point(M, Q, S, X0, dt(alpha), dt(tol), max_iter, relu, l1,
                                  method == "forward-backward", method == "adaptive", record, relative)
 
@@ -610,7 +621,7 @@ def solve_equilibrium(A, Q, *, method="average", alpha=None, tol=1e-6, max_iter=
             raise ValueError(f"X0 must have the shape of Q {Q.shape}, got {X0.shape}")
     if method in NEMON_METHODS:
         alpha, mu = _check_contraction(A, method, alpha, eta, on_violation)
-        certificate = dict(mu_inf=mu, rho=1.0 - alpha * (1.0 - max(mu, 0.0)))
+        certificate = dict(mu_inf=mu, rho=_contraction_rate(alpha, mu))
     else:
         alpha, mu2, margin, L = _check_monotone(A, method, alpha, on_violation)
         certificate = dict(mu_2=mu2, rho=(float(np.sqrt(max(1 - 2 * alpha * margin + alpha ** 2 * L ** 2, 0.0)))
@@ -699,7 +710,7 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
                               converged=np.ones(len(G), bool), alpha=None, method=method,
                               **{certificate: mu})
         return W, info
-    rho = 1.0 - alpha * (1.0 - max(mu, 0.0))
+    rho = _contraction_rate(alpha, mu)
     W, _, iterations, residual = _iterate("average" if method == "iterative" else method, np.ascontiguousarray(A),
                                           G, S, G.copy(), alpha, tol, max_iter, False, True, rho, None)
     info = OptimizeResult(iterations=iterations, residual=residual.astype(np.float64),

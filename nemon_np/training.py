@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ._validation import as_float_dtype, check_gamma
 from .constraints import constraint_names, get_constraint
 from .conv import PADDINGS
-from .conv_model import CONV_ADJOINTS, CONV_METHODS, ConvNEMON
+from .conv_model import ConvNEMON, check_conv_solver
 from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
 from .losses import softmax_cross_entropy
@@ -183,9 +183,7 @@ class TrainConfig:
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give")
         if self.model == "conv":
-            if self.solver not in CONV_METHODS or self.adjoint not in CONV_ADJOINTS:
-                raise ValueError(f"model conv solves with solver {' or '.join(CONV_METHODS)} and adjoint "
-                                 f"{' or '.join(CONV_ADJOINTS)}, got {self.solver} and {self.adjoint}")
+            check_conv_solver(self.solver, self.adjoint)
             if self.kernel % 2 == 0:
                 raise ValueError(f"kernel must be odd, got {self.kernel}")
             if self.padding not in PADDINGS:
