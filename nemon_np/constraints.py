@@ -63,14 +63,20 @@ class Constraint:
     name : str, the ``--constraint`` value; model : str, the model kind ("nemon", "conv", "mondeq")
     certificate : "mu_inf", "mu_2" or None: what the mode guarantees (None: nothing)
     warm_start : bool, whether a saved model holds every free parameter (``--init`` allowed)
+    takes_min_diagonal : bool, whether the mode keeps a floor ``min_diagonal`` on the diagonal (the
+    centre taps of a conv kernel), which bounds alpha* below (:func:`nemon_np.projection.diagonal_floor`)
     """
     name = None
     model = "nemon"
     certificate = "mu_inf"
     warm_start = True
+    takes_min_diagonal = False
 
-    def __init__(self, model):
+    def __init__(self, model, min_diagonal=None):
+        if min_diagonal is not None and not self.takes_min_diagonal:
+            raise ValueError(f"min_diagonal goes with constraint projection, got constraint {self.name}")
         self.gamma = model.gamma
+        self.min_diagonal = min_diagonal
         self.parameter = "K" if hasattr(model, "K") else "A"
         self.free = self.initial_free(model)
         self.apply(model)
@@ -89,11 +95,12 @@ class Constraint:
 
 @register
 class Projection(Constraint):
-    """Adam on A, then the exact Frobenius projection onto mu_inf(A) <= gamma."""
+    """Adam on A, then the exact Frobenius projection onto mu_inf(A) <= gamma (and a_ii >= min_diagonal)."""
     name = "projection"
+    takes_min_diagonal = True
 
     def apply(self, model):
-        model.A[...] = project_mu_inf(model.A, self.gamma)
+        model.A[...] = project_mu_inf(model.A, self.gamma, min_diagonal=self.min_diagonal)
 
 
 @register
@@ -184,9 +191,10 @@ class ConvProjection(Constraint):
     """Adam on the kernel K, then the exact projection of each output channel's taps."""
     name = "projection"
     model = "conv"
+    takes_min_diagonal = True
 
     def apply(self, model):
-        model.K[...] = project_conv_mu_inf(model.K, self.gamma)
+        model.K[...] = project_conv_mu_inf(model.K, self.gamma, min_diagonal=self.min_diagonal)
 
 
 @register

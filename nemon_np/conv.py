@@ -19,7 +19,8 @@ code shifts the diagonal by C max|K| only, which does not bound mu_inf for k > 1
 import numpy as np
 from scipy.linalg import blas
 
-from .projection import _project_rows, _round_inside, parametrize_rows, parametrize_rows_grad, parametrize_rows_inverse
+from .projection import (_project_rows, _round_inside, diagonal_floor, parametrize_rows, parametrize_rows_grad,
+                         parametrize_rows_inverse)
 
 __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
            "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded",
@@ -230,16 +231,18 @@ def mu_inf_conv(K):
     return float(conv_row_measures(K).max())
 
 
-def project_conv_mu_inf(K, gamma):
+def project_conv_mu_inf(K, gamma, min_diagonal=None):
     """Frobenius projection of the kernel onto {mu_inf_conv(K) <= gamma}: the exact row projection
     of :func:`nemon_np.project_mu_inf` applied to each output channel's C k^2 taps, centre tap as
-    the signed diagonal. Returns a new kernel of K's dtype."""
+    the signed diagonal (with ``min_diagonal``, centre taps K[c, c, centre] >= min_diagonal too).
+    Returns a new kernel of K's dtype."""
     K = _check_kernel(K)
     gamma = float(gamma)
     if not np.isfinite(gamma):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
+    floor = diagonal_floor(min_diagonal, gamma)
     R, diag = _channel_rows(np.ascontiguousarray(K, dtype=np.float64))
-    P64 = _project_rows(np.ascontiguousarray(R), diag, gamma, np.ones(R.shape), True)
+    P64 = _project_rows(np.ascontiguousarray(R), diag, gamma, np.ones(R.shape), True, floor)
     return _round_inside(P64, K.dtype.type, diag).reshape(K.shape)
 
 

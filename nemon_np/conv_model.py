@@ -23,7 +23,8 @@ from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_
 from .conv_solvers import conv_fixed_point
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
-from .solvers import WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged
+from .solvers import (WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged,
+                      contraction_alpha)
 
 __all__ = ["ConvNEMON", "CONV_METHODS", "CONV_ADJOINTS", "check_conv_solver"]
 
@@ -115,6 +116,12 @@ class ConvNEMON(ImplicitClassifier):
         """mu_inf of the convolution K (exact for circular padding, an upper bound for zero)."""
         return mu_inf_conv(self.K)
 
+    def alpha_star(self):
+        """alpha* = 1 / (1 - min(min_c K[c, c, centre], 0)): the average iteration's certified step, the
+        centre taps being the operator's diagonal (DESIGN.md)."""
+        p = self.kernel // 2
+        return contraction_alpha(self.K[:, :, p, p])
+
     def _images(self, U, dtype=None):
         """U as a channel-last batch (m, H, W, C_in) of ``dtype`` (default the model's)."""
         U = np.asarray(U)
@@ -193,8 +200,7 @@ class ConvNEMON(ImplicitClassifier):
             if on_violation == "raise":
                 raise WellPosednessError(msg)
             warnings.warn(msg, WellPosednessWarning, stacklevel=3)
-        p = self.kernel // 2
-        alpha_star = 1.0 / (1.0 - min(float(np.diag(self.K[:, :, p, p]).min()), 0.0))
+        alpha_star = self.alpha_star()
         alpha = alpha_star if alpha is None else float(alpha)
         if not 0 < alpha <= alpha_star * (1 + 1e-12):
             raise WellPosednessError(f"alpha = {alpha:.6g} outside (0, alpha* = {alpha_star:.6g}]")

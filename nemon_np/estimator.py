@@ -19,7 +19,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
     model ("nemon", "mondeq" or "conv"), hidden, channels, kernel, pool, padding (conv), epochs,
-    batch_size, lr, schedule, gamma, constraint, lipschitz_reg,
+    batch_size, lr, schedule, gamma, constraint, min_diagonal, lipschitz_reg,
     lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
     model's certified defaults), and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
@@ -34,10 +34,10 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, model="nemon", hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine",
-                 gamma=0.95, constraint="projection", lipschitz_reg=0.0, lipschitz_form="exact", solver=None,
-                 alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0, certified_eps=0.0,
-                 kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4, padding="circular",
-                 image_shape=None):
+                 gamma=0.95, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
+                 solver=None, alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0,
+                 certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
+                 padding="circular", image_shape=None):
         self.model = model
         self.hidden = hidden
         self.channels = channels
@@ -51,6 +51,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         self.schedule = schedule
         self.gamma = gamma
         self.constraint = constraint
+        self.min_diagonal = min_diagonal
         self.lipschitz_reg = lipschitz_reg
         self.lipschitz_form = lipschitz_form
         self.solver = solver

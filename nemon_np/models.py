@@ -20,7 +20,7 @@ from .base import ImplicitClassifier, check_labels, read_model_file, write_model
 from .losses import softmax_cross_entropy
 from .measures import mu_inf
 from .projection import project_mu_inf
-from .solvers import MONDEQ_METHODS, solve_adjoint, solve_equilibrium
+from .solvers import MONDEQ_METHODS, contraction_alpha, solve_adjoint, solve_equilibrium
 
 __all__ = ["NEMON"]
 
@@ -91,6 +91,11 @@ class NEMON(ImplicitClassifier):
     def mu_inf(self):
         """mu_inf(A) in the model's (weighted) norm."""
         return mu_inf(self.A, self.weights)
+
+    def alpha_star(self):
+        """alpha* = 1 / (1 - min(min_i a_ii, 0)): the average iteration's certified step (DESIGN.md; the
+        weights leave the diagonal as it is)."""
+        return contraction_alpha(self.A)
 
     def _inputs(self, U, dtype=None):
         """U as a checked (m, n_in) batch of ``dtype`` (default the model's)."""

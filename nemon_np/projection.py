@@ -19,6 +19,12 @@ kernel finds it without sorting, by Michelot's filtering (exact, a few O(n) pass
 per row): at n = 100 sorting every row cost 4/5 of the time. Rows already inside
 are returned unchanged.
 
+With a floor m on the diagonal (``min_diagonal``; it keeps the average iteration's
+step alpha* = 1 / (1 - min(min_i a_ii, 0)) >= 1 / (1 - m)): a row whose projection
+above has d' < m gets d' = m and o' the projection of o onto the weighted l_1 ball
+sum_j w_ij |o_j| <= gamma - m. (The floor is active there: were it not, the
+projection would be the one without it, which lies below m.)
+
 Parametrization (DESIGN.md, 2)
 ------------------------------
 A = gamma I + T - diag(|T| 1) maps any T onto P(gamma) (surjectively: take
@@ -40,8 +46,8 @@ from numba import njit
 
 from ._validation import as_square_matrix, as_weights
 
-__all__ = ["project_mu_inf", "project_norm_inf", "project_mondeq", "project_mu_inf_reference", "parametrize_mu_inf",
-           "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse",
+__all__ = ["project_mu_inf", "diagonal_floor", "project_norm_inf", "project_mondeq", "project_mu_inf_reference",
+           "parametrize_mu_inf", "parametrize_mu_inf_grad", "parametrize_mu_inf_inverse",
            "parametrize_weighted_mu_inf", "parametrize_weighted_mu_inf_grad", "parametrize_mondeq",
            "parametrize_mondeq_grad"]
 
@@ -59,57 +65,76 @@ def _row_measure(R, i, d, W, signed_diagonal):
 
 
 @njit(cache=True)
-def _shrink_row(A, out, i, d, W, lam, signed_diagonal):
+def _shrink_row(A, out, i, d, W, lam, signed_diagonal, diag_value):
     for j in range(A.shape[1]):
         shrunk = abs(A[i, j]) - lam * W[i, j]
         out[i, j] = np.sign(A[i, j]) * shrunk if shrunk > 0.0 else 0.0
     if signed_diagonal:
-        out[i, d] = A[i, d] - lam
+        out[i, d] = diag_value
 
 
 @njit(cache=True)
-def _project_rows(A, diag, gamma, W, signed_diagonal):
-    """Row-wise projection of float64 A (m, L) onto {row measure <= gamma} (see _row_measure);
-    row i's diagonal entry is column diag[i] (i for a square matrix, the centre tap of a convolution)."""
+def _shrinkage_root(A, i, d, W, skip_diagonal, num0, den0, active):
+    """The root lam of num0 - lam den0 + sum_j W_ij max(|a_ij| - lam W_ij, 0) = 0 over the
+    entries j of row i (all but column d if ``skip_diagonal``), by Michelot's filtering."""
+    k = 0
+    for j in range(A.shape[1]):
+        if j != d or not skip_diagonal:
+            active[k] = j
+            k += 1
+    # With a set holding every truly active entry, the candidate root (that set forced
+    # active) is a lower bound of the root, so entries with breakpoint |a_ij| / W_ij
+    # below it are zero for sure. Dropping them and repeating stops, in a few passes,
+    # at the exact root.
+    while True:
+        num, den = num0, den0
+        for r in range(k):
+            j = active[r]
+            num += W[i, j] * abs(A[i, j])
+            den += W[i, j] * W[i, j]
+        lam = num / den
+        kept = 0
+        for r in range(k):
+            j = active[r]
+            if abs(A[i, j]) > lam * W[i, j]:
+                active[kept] = j
+                kept += 1
+        if kept == k:
+            return lam
+        k = kept
+
+
+@njit(cache=True)
+def _project_rows(A, diag, gamma, W, signed_diagonal, floor):
+    """Row-wise projection of float64 A (m, L) onto {row measure <= gamma} (see _row_measure),
+    and, with a signed diagonal, diagonal entries >= floor (-inf: no floor); row i's diagonal
+    entry is column diag[i] (i for a square matrix, the centre tap of a convolution)."""
     m, L = A.shape
     out = A.copy()
     active = np.empty(L, np.int64)
     for i in range(m):
         d = diag[i]
-        if _row_measure(A, i, d, W, signed_diagonal) <= gamma:
+        measure = _row_measure(A, i, d, W, signed_diagonal)
+        if measure <= gamma and not (signed_diagonal and A[i, d] < floor):
             continue
-        # Michelot's filtering: with a set K containing every truly active entry, the
-        # candidate lam_K (root of f with K forced active) is a lower bound of the
-        # root, so entries with breakpoint |a_ij| / W_ij <= lam_K are zeroed for sure.
-        # Dropping them and repeating stops, in a few passes, at the exact root.
-        k = 0
-        for j in range(L):
-            if j != d or not signed_diagonal:
-                active[k] = j
-                k += 1
-        while True:
-            num = A[i, d] - gamma if signed_diagonal else -gamma
-            den = 1.0 if signed_diagonal else 0.0
-            for r in range(k):
-                j = active[r]
-                num += W[i, j] * abs(A[i, j])
-                den += W[i, j] * W[i, j]
-            lam = num / den
-            kept = 0
-            for r in range(k):
-                j = active[r]
-                if abs(A[i, j]) > lam * W[i, j]:
-                    active[kept] = j
-                    kept += 1
-            if kept == k:
-                break
-            k = kept
-        _shrink_row(A, out, i, d, W, lam, signed_diagonal)
+        lam = 0.0
+        if measure > gamma:
+            lam = _shrinkage_root(A, i, d, W, signed_diagonal, (A[i, d] - gamma) if signed_diagonal else -gamma,
+                                  1.0 if signed_diagonal else 0.0, active)
+        floored = signed_diagonal and A[i, d] - lam < floor
+        if floored:
+            # The projection without the floor lies below it, so the floor is active at the
+            # projection: the diagonal is the floor and the off-diagonals go to the weighted
+            # l_1 ball of radius gamma - floor.
+            lam = 0.0
+            if measure - A[i, d] > gamma - floor:
+                lam = _shrinkage_root(A, i, d, W, True, floor - gamma, 0.0, active)
+        _shrink_row(A, out, i, d, W, lam, signed_diagonal, floor if floored else A[i, d] - lam)
         # Rounding may leave the row an ulp outside; nudge lam until the same test
         # that decides membership passes, so that projecting again changes nothing.
         while _row_measure(out, i, d, W, signed_diagonal) > gamma:
             lam += 4e-16 * max(abs(lam), abs(gamma), 1e-300)
-            _shrink_row(A, out, i, d, W, lam, signed_diagonal)
+            _shrink_row(A, out, i, d, W, lam, signed_diagonal, floor if floored else A[i, d] - lam)
     return out
 
 
@@ -140,8 +165,24 @@ def _round_inside(P64, dtype, diag, signed_diagonal=True):
     return P
 
 
-def project_mu_inf(A, gamma, weights=None):
-    """Euclidean (Frobenius) projection of A onto {A : mu_inf,eta(A) <= gamma}.
+def diagonal_floor(min_diagonal, gamma):
+    """The floor on the diagonal as the kernels take it: -inf for None, else a float in
+    [-inf, min(gamma, 0)] (a one-line ``ValueError`` otherwise).
+
+    A floor m <= 0 on every a_ii bounds the average iteration's step from below,
+    alpha* = 1 / (1 - min(min_i a_ii, 0)) >= 1 / (1 - m), and so its contraction factor from
+    above, rho(alpha*) <= 1 - (1 - max(gamma, 0)) / (1 - m), whatever training does to A."""
+    if min_diagonal is None:
+        return -np.inf
+    m = float(min_diagonal)
+    if not (m <= 0 and m <= gamma):
+        raise ValueError(f"min_diagonal must be <= 0 and <= gamma = {gamma:g}, got {min_diagonal!r}")
+    return m
+
+
+def project_mu_inf(A, gamma, weights=None, min_diagonal=None):
+    """Euclidean (Frobenius) projection of A onto {A : mu_inf,eta(A) <= gamma}, and a_ii >= min_diagonal
+    when given.
 
     Parameters
     ----------
@@ -151,20 +192,27 @@ def project_mu_inf(A, gamma, weights=None):
     weights : (n,) array_like, optional
         Diagonal weights eta > 0: projects onto mu_inf(diag(eta)^-1 A diag(eta)) <= gamma,
         the row constraints a_ii + sum_{j!=i} (eta_j/eta_i) |a_ij| <= gamma.
+    min_diagonal : float <= min(gamma, 0), optional
+        A floor m on the diagonal (see :func:`diagonal_floor`: it keeps alpha* >= 1 / (1 - m)). A row
+        whose projection without it has a_ii < m gets a_ii = m and its off-diagonals projected onto
+        the weighted l_1 ball of radius gamma - m (the floor is then active at the projection).
 
     Returns
     -------
     (n, n) ndarray of A's dtype, a new array (A is never modified) with
-    ``mu_inf(result, weights) <= gamma`` up to float64 rounding of the row sums.
-    Rows already satisfying their constraint are copied unchanged.
+    ``mu_inf(result, weights) <= gamma`` up to float64 rounding of the row sums, and diagonal
+    entries >= min_diagonal up to one rounding to A's dtype (rounded downward, to stay in the set).
+    Rows already satisfying their constraints are copied unchanged.
     """
     A = as_square_matrix(A)
     gamma = float(gamma)
     if not np.isfinite(gamma):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
+    floor = diagonal_floor(min_diagonal, gamma)
     eta = as_weights(weights, A.shape[0])
     diag = np.arange(A.shape[0])
-    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, _ratio_weights(eta, A.shape[0]), True)
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, _ratio_weights(eta, A.shape[0]), True,
+                        floor)
     return _round_inside(P64, A.dtype.type, diag)
 
 
@@ -180,7 +228,7 @@ def project_norm_inf(A, gamma):
     if not (np.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0 for the norm ball, got {gamma!r}")
     diag = np.arange(A.shape[0])
-    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, np.ones(A.shape), False)
+    P64 = _project_rows(np.ascontiguousarray(A, dtype=np.float64), diag, gamma, np.ones(A.shape), False, -np.inf)
     return _round_inside(P64, A.dtype.type, diag, signed_diagonal=False)
 
 

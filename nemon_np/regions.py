@@ -121,8 +121,9 @@ def is_well_posed_exact(A, max_n=14):
     return True
 
 
-def project_mu_inf_cvxpy(A, gamma, weights=None, solver=cp.OSQP, solver_options=None):
-    """Frobenius projection onto {mu_inf,eta(A) <= gamma} by cvxpy (QP); float64 result.
+def project_mu_inf_cvxpy(A, gamma, weights=None, solver=cp.OSQP, solver_options=None, min_diagonal=None):
+    """Frobenius projection onto {mu_inf,eta(A) <= gamma} (and diag(A) >= min_diagonal when given)
+    by cvxpy (QP); float64 result.
 
     ``solver_options`` default to polished OSQP at 1e-12 (``POLISHED_OSQP``) for OSQP.
     Raises :class:`SolverFailure` when the solver does not report an optimal solution.
@@ -131,5 +132,8 @@ def project_mu_inf_cvxpy(A, gamma, weights=None, solver=cp.OSQP, solver_options=
     eta = as_weights(weights, n)
     W = np.ones((n, n)) if eta is None else eta[None, :] / eta[:, None]
     np.fill_diagonal(W, 0.0)
-    return _project(A, lambda X: [cp.diag(X) + cp.sum(cp.abs(cp.multiply(W, X)), axis=1) <= gamma],
-                    solver, solver_options)
+
+    def constraints(X):
+        rows = [cp.diag(X) + cp.sum(cp.abs(cp.multiply(W, X)), axis=1) <= gamma]
+        return rows if min_diagonal is None else rows + [cp.diag(X) >= min_diagonal]
+    return _project(A, constraints, solver, solver_options)

@@ -49,6 +49,11 @@ HELP = {
                    + "; ".join(f"{name}: {get_constraint('nemon', name).__doc__.split(chr(10))[0].rstrip('.')}"
                                for name in CONSTRAINTS)
                    + " (conv models: projection or parametrization of each output channel's taps)"),
+    "min_diagonal": "with --constraint projection: keep every diagonal entry a_ii (a conv kernel's centre taps "
+                    "K[c, c, centre]) >= this value m <= 0, so that the average iteration's step alpha* = "
+                    "1/(1 - min(min_i a_ii, 0)) stays >= 1/(1 - m) and its contraction factor "
+                    "<= 1 - (1 - gamma)/(1 - m) during training (negative diagonals shrink alpha* as training "
+                    "goes on, and the iterations grow); default: no floor",
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
                      "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
@@ -96,7 +101,7 @@ CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAIN
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
          "gamma": float, "tol": float, "init": str, "augment_pad": int, "eps_warmup": float, "eps_ramp": float,
-         "train_eps_factor": float}
+         "train_eps_factor": float, "min_diagonal": float}
 # Flags that may be given bare, meaning the value here.
 BARE = {"augment": "crop-flip"}
 

@@ -33,6 +33,7 @@ from ._validation import as_float_dtype, check_gamma
 from .constraints import constraint_names, get_constraint
 from .conv import PADDINGS
 from .conv_model import ConvNEMON, check_conv_solver
+from .projection import diagonal_floor
 from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
 from .losses import softmax_cross_entropy
@@ -106,6 +107,7 @@ class TrainConfig:
     schedule: str = "cosine"
     gamma: float = None
     constraint: str = "projection"
+    min_diagonal: float = None
     lipschitz_reg: float = 0.0
     lipschitz_form: str = "exact"
     solver: str = None
@@ -207,6 +209,11 @@ class TrainConfig:
             raise ValueError("certified_eps needs interval bounds, which need mu_inf < 1: "
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give it")
+        if self.min_diagonal is not None:
+            if not mode.takes_min_diagonal:
+                raise ValueError(f"min_diagonal goes with constraint projection, got "
+                                 f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint}")
+            diagonal_floor(self.min_diagonal, self.gamma)
         if self.init is not None and not mode.warm_start:
             raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
                              "in the model file")
@@ -305,7 +312,7 @@ class Trainer:
         if model is None:
             model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
         self.model = model
-        self.constraint = config.constraint_class()(self.model)
+        self.constraint = config.constraint_class()(self.model, config.min_diagonal)
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
@@ -433,6 +440,7 @@ class Trainer:
                                test_certified_samples=n, certify_seconds=time.perf_counter() - t1)
             mu = self.model.mu_inf()
             row.update(mu_inf=mu, mu_inf_unweighted=mu if self.model.weights is None else mu_inf(self.model.A),
+                       alpha_star=self.model.alpha_star(),
                        # No l_inf certificate, no bound (monDEQ and unconstrained models may lack one).
                        lipschitz_bound=lipschitz_bound(self.model) if mu < 1 else None,
                        fwd_converged_frac=converged / len(X),

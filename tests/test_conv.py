@@ -32,17 +32,22 @@ def test_paper_code_diagonal_shift_does_not_bound_mu_inf(rng):
     assert mu_inf_conv(shifted) > gamma
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_conv_projection_is_exact_and_inside(rng, dtype):
+@pytest.mark.parametrize("dtype, floor", [(np.float64, None), (np.float32, None), (np.float64, -0.1),
+                                          (np.float32, 0.0)])
+def test_conv_projection_is_exact_and_inside(rng, dtype, floor):
     import cvxpy as cp
     from nemon_np.regions import POLISHED_OSQP, _solve
     C, k, gamma = 3, 3, 0.4
     K = rng.normal(size=(C, C, k, k)).astype(dtype)
-    P = project_conv_mu_inf(K, gamma)
+    P = project_conv_mu_inf(K, gamma, min_diagonal=floor)
     assert P.dtype == dtype and mu_inf_conv(P) <= gamma + 1e-12
+    centre_taps = P[np.arange(C), np.arange(C), k // 2, k // 2]
+    if floor is not None:
+        assert centre_taps.min() >= floor
+        assert project_conv_mu_inf(K, gamma)[np.arange(C), np.arange(C), k // 2, k // 2].min() < floor   # it binds
     for padding in ("circular", "zero"):
         assert mu_inf(conv_matrix(P, 4, 4, padding)) <= gamma + 1e-12
-    np.testing.assert_array_equal(project_conv_mu_inf(P, gamma), P)
+    np.testing.assert_array_equal(project_conv_mu_inf(P, gamma, min_diagonal=floor), P)
     # Oracle: the QP over the kernel entries with one constraint per output channel.
     R = K.astype(np.float64).reshape(C, -1)
     centre = np.arange(C) * k * k + (k // 2) * k + k // 2
@@ -51,7 +56,8 @@ def test_conv_projection_is_exact_and_inside(rng, dtype):
     Xv = cp.Variable(R.shape)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Xv) - cp.sum(cp.multiply(R, Xv))),
                       [cp.hstack([Xv[c, centre[c]] for c in range(C)])
-                       + cp.sum(cp.abs(cp.multiply(mask, Xv)), axis=1) <= gamma])
+                       + cp.sum(cp.abs(cp.multiply(mask, Xv)), axis=1) <= gamma]
+                      + ([] if floor is None else [cp.hstack([Xv[c, centre[c]] for c in range(C)]) >= floor]))
     oracle = _solve(prob, Xv, cp.OSQP, POLISHED_OSQP)
     np.testing.assert_allclose(P.reshape(C, -1), oracle, atol=1e-5 if dtype == np.float32 else 1e-6)
 

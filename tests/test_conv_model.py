@@ -169,16 +169,24 @@ def mnist_images():
             normalize(d.test_images[:300], d.mean, d.std), d.test_labels[:300])
 
 
-@pytest.mark.parametrize("constraint", ["projection", "parametrization"])
-def test_conv_training_on_real_mnist_learns_and_stays_well_posed(mnist_images, constraint):
+@pytest.mark.parametrize("constraint, min_diagonal", [("projection", None), ("parametrization", None),
+                                                      ("projection", 0.0)])
+def test_conv_training_on_real_mnist_learns_and_stays_well_posed(mnist_images, constraint, min_diagonal):
     X, y, Xt, yt = mnist_images
     config = TrainConfig(model="conv", channels=8, epochs=1, lr=1e-2, schedule="constant", tol=1e-3, gamma=0.9,
-                         constraint=constraint)
+                         constraint=constraint, min_diagonal=min_diagonal)
     trainer = Trainer(config, X.shape[1], 10, image_shape=(1, 28, 28)).fit(X, y, Xt, yt, progress=False)
     row = trainer.history[-1]
     assert row["test_acc"] > 0.6, row  # chance is 0.1
     assert trainer.model.mu_inf() <= 0.9 + 1e-12
     assert row["lipschitz_bound"] > 0
+    K = trainer.model.K
+    centre = K[np.arange(8), np.arange(8), 1, 1]
+    if min_diagonal is None:
+        # Training does push centre taps below zero (the floor below is not idle), and alpha* with them.
+        assert centre.min() < 0 and row["alpha_star"] == pytest.approx(1 / (1 - centre.min()))
+    else:
+        assert centre.min() >= min_diagonal and trainer.model.alpha_star() == row["alpha_star"] == 1.0
 
 
 def test_conv_lipschitz_regularization_lowers_the_bound(mnist_images):
@@ -295,6 +303,9 @@ def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys)
     (["--model", "conv", "--kernel", "4"], "kernel must be odd"),
     (["--model", "conv", "--pool", "0"], "pool must be a positive whole number"),
     (["--model", "conv", "--solver", "picard"], "solver average or anderson"),
+    (["--model", "conv", "--constraint", "parametrization", "--min-diagonal", "0"],
+     "min_diagonal goes with constraint projection"),
+    (["--model", "conv", "--min-diagonal", "0.5"], "min_diagonal must be <= 0"),
 ])
 def test_conv_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train

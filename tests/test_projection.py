@@ -115,3 +115,30 @@ def test_weighted_parametrization_is_inside_and_its_gradient_matches(rng):
     dT, ds = parametrize_weighted_mu_inf_grad(T, s, G0 + 0.5 * A)
     for P, grad in ((T, dT), (s, ds)):
         np.testing.assert_allclose(grad, finite_difference(lambda: loss(T, s), P), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("gamma, floor, weighted", [(0.9, 0.0, False), (0.5, -0.2, True), (-0.3, -0.5, False)])
+def test_projection_with_a_diagonal_floor_equals_the_cvxpy_qp(rng, gamma, floor, weighted):
+    """The floor binds on rows whose diagonal starts below it and on rows the plain projection
+    pushes below it; both kinds are in this A (diagonal entries spread around the floor)."""
+    n = 40
+    A = rng.normal(size=(n, n)) / 4
+    A[np.diag_indices(n)] = rng.uniform(floor - 1.0, 1.5, size=n)
+    eta = rng.uniform(0.3, 3.0, size=n) if weighted else None
+    P = project_mu_inf(A, gamma, eta, min_diagonal=floor)
+    np.testing.assert_allclose(P, project_mu_inf_cvxpy(A, gamma, eta, min_diagonal=floor), atol=1e-6, rtol=0)
+    assert mu_inf(P, weights=eta) <= gamma + 1e-12 and np.diag(P).min() >= floor
+    plain = project_mu_inf(A, gamma, eta)
+    assert np.diag(plain).min() < floor   # the floor did bind somewhere
+    np.testing.assert_array_equal(project_mu_inf(P, gamma, eta, min_diagonal=floor), P)   # idempotent
+
+
+def test_diagonal_floor_in_float32_and_bad_floors(rng):
+    A = rng.normal(size=(30, 30)).astype(np.float32)
+    P = project_mu_inf(A, 0.9, min_diagonal=0.0)
+    assert P.dtype == np.float32 and mu_inf(P) <= 0.9 and np.diag(P).min() >= 0.0
+    for bad in (0.1, 1.0, np.nan):
+        with pytest.raises(ValueError, match="min_diagonal must be <= 0 and <= gamma"):
+            project_mu_inf(A, 0.9, min_diagonal=bad)
+    with pytest.raises(ValueError, match="min_diagonal"):
+        project_mu_inf(A, -0.5, min_diagonal=-0.2)

@@ -85,6 +85,22 @@ def test_training_on_real_mnist_learns_and_stays_well_posed(mnist_arrays, constr
     assert np.mean(saved.predict(Xt, tol=1e-4) == yt) == pytest.approx(h[-1]["test_acc"], abs=2e-3)
 
 
+def test_diagonal_floor_holds_through_training_and_keeps_alpha_star(mnist_arrays):
+    """Without the floor, training drives diagonal entries below zero (alpha* < 1); with
+    min_diagonal=0 every a_ii stays >= 0, so alpha* = 1, with mu_inf(A) <= gamma."""
+    X, y, Xt, yt = mnist_arrays
+    for floor in (None, 0.0):
+        config = TrainConfig(hidden=40, epochs=3, gamma=0.9, lr=2e-3, seed=1, min_diagonal=floor)
+        trainer = Trainer(config, 784, 10).fit(X, y, Xt, yt, progress=False)
+        model = trainer.model
+        assert model.mu_inf() <= 0.9 + 1e-12 and trainer.history[-1]["test_acc"] > 0.83
+        assert trainer.history[-1]["alpha_star"] == nemon_np.contraction_alpha(model.A) == model.alpha_star()
+        if floor is None:
+            assert np.diag(model.A).min() < 0 and model.alpha_star() < 1
+        else:
+            assert np.diag(model.A).min() >= 0 and model.alpha_star() == 1
+
+
 def test_mondeq_and_unconstrained_training(mnist_arrays):
     X, y, Xt, yt = mnist_arrays
     config = TrainConfig(hidden=30, epochs=2, gamma=0.3, constraint="mondeq", solver="peaceman-rachford",
@@ -136,6 +152,8 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     (["--epochs", "0"], "epochs"), (["--lr", "-1"], "lr"), (["--tol", "0"], "tol"),
     (["--constraint", "mondeq", "--solver", "average"], "monDEQ solver"),
     (["--solver", "peaceman-rachford", "--constraint", "mondeq", "--adjoint", "iterative"], "direct"),
+    (["--constraint", "weighted", "--min-diagonal", "-0.1"], "min_diagonal goes with constraint projection"),
+    (["--gamma", "-0.2", "--min-diagonal", "-0.1"], "min_diagonal must be <= 0 and <= gamma"),
 ])
 def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train
