@@ -101,10 +101,13 @@ def _last_line(path):
 
 def run_training(argv, folder):
     """One run of ``nemon_np.train.main(argv)`` with its output streamed to ``folder/log.txt``; returns
-    (status, message): "done", or "failed" with the error (also written to ``folder/error.txt``).
-    Runs in a Dask worker: it never raises."""
+    (status, message): "done", "skipped" if the run is complete by the time it starts (another sweep
+    over the same folder finished it while this one waited), or "failed" with the error (also
+    written to ``folder/error.txt``). Runs in a Dask worker: it never raises."""
     from . import train
     folder = pathlib.Path(folder)
+    if is_complete(folder):
+        return "skipped", ""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
     log_path = folder / "log.txt"

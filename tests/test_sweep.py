@@ -62,6 +62,9 @@ def test_sweep_on_a_local_cluster_summarizes_resumes_and_reports_failures(shared
         again = sweep.run_sweep(runs, cluster=cluster, progress=False)
         assert all(s == "skipped" for s, _ in again.values())
         assert (runs[0][2] / "metrics.json").stat().st_mtime_ns == stamp
+        # A run that became complete after it was queued (another sweep finished it) is skipped too.
+        assert sweep.run_training(runs[0][3], str(runs[0][2])) == ("skipped", "")
+        assert (runs[0][2] / "metrics.json").stat().st_mtime_ns == stamp
         # A failing run is reported with its error, and the others finish.
         bad = sweep.plan_runs({"gamma": ["1.5", "0.7"]}, 1, tmp_path / "bad", _train_args(shared_data))
         results = sweep.run_sweep(bad, cluster=cluster, progress=False)
