@@ -19,9 +19,9 @@ import numpy as np
 
 from .conv import (parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse,
                    project_conv_mu_inf)
-from .projection import (parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf, parametrize_mu_inf_grad,
-                         parametrize_mu_inf_inverse, parametrize_weighted_mu_inf, parametrize_weighted_mu_inf_grad,
-                         project_mondeq, project_mu_inf, project_norm_inf)
+from .projection import (diagonal_floor, parametrize_mondeq, parametrize_mondeq_grad, parametrize_mu_inf,
+                         parametrize_mu_inf_grad, parametrize_mu_inf_inverse, parametrize_weighted_mu_inf,
+                         parametrize_weighted_mu_inf_grad, project_mondeq, project_mu_inf, project_norm_inf)
 
 __all__ = ["Constraint", "register", "get_constraint", "constraint_names", "REGISTRY"]
 
@@ -73,13 +73,22 @@ class Constraint:
     takes_min_diagonal = False
 
     def __init__(self, model, min_diagonal=None):
-        if min_diagonal is not None and not self.takes_min_diagonal:
-            raise ValueError(f"min_diagonal goes with constraint projection, got constraint {self.name}")
+        self.check_min_diagonal(min_diagonal, model.gamma)
         self.gamma = model.gamma
         self.min_diagonal = min_diagonal
         self.parameter = "K" if hasattr(model, "K") else "A"
         self.free = self.initial_free(model)
         self.apply(model)
+
+    @classmethod
+    def check_min_diagonal(cls, min_diagonal, gamma):
+        """A one-line ``ValueError`` unless ``min_diagonal`` is None, or a valid floor
+        (:func:`nemon_np.projection.diagonal_floor`) for a mode that takes one."""
+        if min_diagonal is None:
+            return
+        if not cls.takes_min_diagonal:
+            raise ValueError(f"min_diagonal goes with constraint projection, got constraint {cls.name}")
+        diagonal_floor(min_diagonal, gamma)
 
     def initial_free(self, model):
         """The free parameters that reproduce ``model``'s implicit matrix (the matrix itself by default)."""

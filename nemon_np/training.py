@@ -33,7 +33,6 @@ from ._validation import as_float_dtype, check_gamma
 from .constraints import constraint_names, get_constraint
 from .conv import PADDINGS
 from .conv_model import ConvNEMON, check_conv_solver
-from .projection import diagonal_floor
 from .data import AUGMENT_PAD, AUGMENTATIONS
 from .measures import mu_inf
 from .losses import softmax_cross_entropy
@@ -209,11 +208,7 @@ class TrainConfig:
             raise ValueError("certified_eps needs interval bounds, which need mu_inf < 1: "
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give it")
-        if self.min_diagonal is not None:
-            if not mode.takes_min_diagonal:
-                raise ValueError(f"min_diagonal goes with constraint projection, got "
-                                 f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint}")
-            diagonal_floor(self.min_diagonal, self.gamma)
+        mode.check_min_diagonal(self.min_diagonal, self.gamma)
         if self.init is not None and not mode.warm_start:
             raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
                              "in the model file")
