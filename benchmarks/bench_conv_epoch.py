@@ -1,13 +1,15 @@
 """Conv training speed, the MNIST 99% recipe, with whichever nemon_np is importable.
 
-Run:  python benchmarks/bench_conv_epoch.py --data-dir ../shared/data [--images 3000] [--flags ...]
+Run:  python benchmarks/bench_conv_epoch.py --data-dir ../shared/data [--images 3000] [--init RUN] [--gamma G]
+          [--min-diagonal M] [--lr LR] [--tol-mode relative]
       PYTHONPATH=/path/to/another/checkout python benchmarks/bench_conv_epoch.py ...  (the same on other code)
 
 Trains one epoch of the recipe (32 channels, pooling 2, gamma 0.9, tol 1e-3, 1-pixel shifts, the
 library's own defaults otherwise, BLAS threads included) on the first --images training images,
 starting from the saved model --init if given (a trained model's iterations, not a fresh one's),
 and prints the seconds per 1,000 images and the iterations per sample; --tol-mode relative where the
-code has it. Run it on two checkouts in one session to compare them.
+code has it; --gamma, --min-diagonal and --lr to time another recipe (the fast one: gamma 0.5, floor
+0). Run it on two checkouts in one session to compare them.
 """
 import argparse
 import sys
@@ -24,10 +26,16 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=3000, help="training images (the first N)")
     p.add_argument("--init", default=None, help="start from this saved conv model (model.npz)")
     p.add_argument("--tol-mode", default=None, help="absolute or relative (code that has the setting)")
+    p.add_argument("--gamma", type=float, default=None, help="gamma instead of the recipe's 0.9 (the fast recipe: 0.5)")
+    p.add_argument("--min-diagonal", type=float, default=None, help="diagonal floor (code that has the setting; the "
+                   "fast recipe: 0)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's rate instead of the conv default 5e-3 (a small one "
+                   "keeps an --init model where its training left it)")
     args = p.parse_args(argv)
     d = load_mnist(args.data_dir)
     X, y = normalize(d.train_images[:args.images], d.mean, d.std), d.train_labels[:args.images]
-    extra = {} if args.tol_mode is None else {"tol_mode": args.tol_mode}
+    given = {"tol_mode": args.tol_mode, "gamma": args.gamma, "min_diagonal": args.min_diagonal, "lr": args.lr}
+    extra = {k: v for k, v in given.items() if v is not None}
     config = TrainConfig(model="conv", pool=2, augment="shift", augment_pad=1, epochs=1, init=args.init, **extra)
     trainer = Trainer(config, 784, 10, image_shape=(1, 28, 28))
     warm = Trainer(config, 784, 10, image_shape=(1, 28, 28))

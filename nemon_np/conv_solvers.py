@@ -147,9 +147,15 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     done = np.zeros(m, bool)
     its, res = np.zeros(m, np.int64), np.zeros(m, dtype)
     n_done = 0
+    # From the zero start the linear map gives zero: step 0 needs no convolution of the batch, one of the
+    # 4-6 a trained model's forward solve makes at gamma 0.5.
+    zero_start = X0 is None
     for k in range(max_iter + 1):
         r = len(active)
-        apply(Xp[:r], Y[:r])
+        if k == 0 and zero_start:
+            Y[:r] = 0
+        else:
+            apply(Xp[:r], Y[:r])
         n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
                                 relu, l1, masked, padding == "circular", relative)
         if n_done == r and r == m:  # all finished together: the working arrays are the results
