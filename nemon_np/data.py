@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Dataset", "load_dataset", "load_mnist", "load_cifar10", "data_dirs", "normalize", "mnist_from_hub_wheel",
-           "DataError", "DATASETS", "augment_crop_flip", "augment_shift",
+           "DataError", "DATASETS", "augment_crop_flip", "augment_flip", "augment_shift",
            "AUGMENTATIONS", "AUGMENT_PAD"]
 
 DATASETS = ("mnist", "cifar10")
@@ -332,7 +332,8 @@ def load_dataset(name, data_dir=None, download=True, progress=print):
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-# Default padding of crop-flip (CIFAR-10's standard) and largest translation of shift, in pixels.
+# Default padding of crop-flip (CIFAR-10's standard) and largest translation of shift, in pixels;
+# flip has neither.
 AUGMENT_PAD = {"crop-flip": 4, "shift": 2}
 
 
@@ -361,6 +362,16 @@ def augment_crop_flip(X, image_shape, rng, pad=AUGMENT_PAD["crop-flip"]):
     return _random_crops(X, image_shape, rng, pad, "constant", flip=True)
 
 
+def augment_flip(X, image_shape, rng):
+    """Horizontal flips alone: each image mirrored left-right with probability 1/2, no crops (for a
+    model that underfits, where crops cost more accuracy than they return in a short run).
+
+    X (m, C H W) flattened images of shape ``image_shape`` (C, H, W); returns a new array of
+    the same shape, drawn from ``rng`` (``numpy.random.Generator``).
+    """
+    return _random_crops(X, image_shape, rng, 0, "constant", flip=True)
+
+
 def augment_shift(X, image_shape, rng, max_shift=AUGMENT_PAD["shift"]):
     """Random translations for digits: each image moved by up to ``max_shift`` pixels along each
     axis (uniform in {-max_shift..max_shift}), the uncovered border filled by replicating the
@@ -373,4 +384,4 @@ def augment_shift(X, image_shape, rng, max_shift=AUGMENT_PAD["shift"]):
     return _random_crops(X, image_shape, rng, max_shift, "edge", flip=False)
 
 
-AUGMENTATIONS = {"none": None, "crop-flip": augment_crop_flip, "shift": augment_shift}
+AUGMENTATIONS = {"none": None, "crop-flip": augment_crop_flip, "flip": augment_flip, "shift": augment_shift}

@@ -35,8 +35,8 @@ HELP = {
     "pool": "conv model: s x s average pooling before the linear head (s divides the image size)",
     "padding": "conv model: circular (the paper's; mu_inf(K) exact) or zero padding (mu_inf(K) an upper bound)",
     "augment": "transform each training batch: crop-flip (random crops with padding 4 and horizontal flips, "
-               "CIFAR-10's standard; what --augment alone means) or shift (translations by up to 2 pixels, "
-               "edges replicated, no flips: for digits)",
+               "CIFAR-10's standard; what --augment alone means), flip (horizontal flips alone, no crops) "
+               "or shift (translations by up to 2 pixels, edges replicated, no flips: for digits)",
     "augment_pad": "crop-flip's padding or shift's largest translation, in pixels; default 4 (crop-flip), "
                    "2 (shift)",
     "epochs": "passes over the training set; default: 40 (nemon, mondeq) or 10 (conv)",

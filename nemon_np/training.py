@@ -146,9 +146,10 @@ class TrainConfig:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.augment_pad is None:
             self.augment_pad = AUGMENT_PAD.get(self.augment)
-        elif self.augment == "none" or int(self.augment_pad) != self.augment_pad or self.augment_pad < 1:
-            raise ValueError(f"augment_pad must be a positive whole number with an augmentation, got "
-                             f"{self.augment_pad!r} with augment {self.augment}")
+        elif (self.augment not in AUGMENT_PAD or int(self.augment_pad) != self.augment_pad
+              or self.augment_pad < 1):
+            raise ValueError(f"augment_pad must be a positive whole number with augment "
+                             f"{' or '.join(AUGMENT_PAD)}, got {self.augment_pad!r} with augment {self.augment}")
         mode = self.constraint_class()
         mondeq_like = mode.certificate == "mu_2"
         if self.solver is None:
@@ -399,7 +400,8 @@ class Trainer:
                 lr = learning_rate(cfg.schedule, cfg.lr, done / cfg.epochs)
                 eps, kappa = cfg.certified_schedule(done)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, cfg.augment_pad)
+                batch = (X[idx] if augment is None else augment(X[idx], self.image_shape, rng)
+                         if cfg.augment_pad is None else augment(X[idx], self.image_shape, rng, cfg.augment_pad))
                 out = self.step(batch, y[idx], lr, eps, kappa)
                 converged += int(np.count_nonzero(out["converged"]))
                 total_loss += out["loss"] * len(idx)

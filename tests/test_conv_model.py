@@ -11,7 +11,7 @@ from nemon_np import ConvNEMON, load_model
 from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv, parametrize_conv_mu_inf,
                            parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
 from nemon_np.conv_solvers import conv_fixed_point
-from nemon_np.data import augment_crop_flip, augment_shift, load_mnist, normalize
+from nemon_np.data import augment_crop_flip, augment_flip, augment_shift, load_mnist, normalize
 from nemon_np.measures import norm_inf
 from nemon_np.certificates import certify
 from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
@@ -174,6 +174,17 @@ def test_augmentation_is_a_shifted_window_possibly_flipped(rng):
     np.testing.assert_array_equal(augment_crop_flip(X, (3, 6, 5), np.random.default_rng(0), pad=2), out)
 
 
+def test_flip_augmentation_mirrors_some_images_and_moves_none(rng):
+    X = rng.normal(size=(40, 3 * 6 * 5)).astype(np.float32)
+    out = augment_flip(X, (3, 6, 5), np.random.default_rng(0))
+    assert out.shape == X.shape and out.dtype == X.dtype
+    images, results = X.reshape(40, 3, 6, 5), out.reshape(40, 3, 6, 5)
+    flipped = np.array([np.array_equal(results[n], images[n, :, :, ::-1]) for n in range(40)])
+    kept = np.array([np.array_equal(results[n], images[n]) for n in range(40)])
+    assert np.all(flipped ^ kept) and 5 < flipped.sum() < 35
+    np.testing.assert_array_equal(augment_flip(X, (3, 6, 5), np.random.default_rng(0)), out)
+
+
 @pytest.fixture(scope="module")
 def mnist_images():
     from conftest import SHARED_DATA
@@ -256,9 +267,11 @@ def test_training_config_reads_augment_flags():
     assert TrainConfig(model="conv", augment=False).validate().augment == "none"
     assert TrainConfig(model="conv", augment="shift").validate().augment_pad == 2
     assert TrainConfig(model="conv", augment="shift", augment_pad=1).validate().augment_pad == 1
+    assert TrainConfig(model="conv", augment="flip").validate().augment_pad is None
     with pytest.raises(ValueError, match="augment must be one of"):
         TrainConfig(model="conv", augment="rotate").validate()
-    for bad in (dict(augment="none", augment_pad=2), dict(augment="shift", augment_pad=0)):
+    for bad in (dict(augment="none", augment_pad=2), dict(augment="shift", augment_pad=0),
+                dict(augment="flip", augment_pad=1)):
         with pytest.raises(ValueError, match="augment_pad must be a positive whole number"):
             TrainConfig(model="conv", **bad).validate()
 
