@@ -160,10 +160,12 @@ def main(argv=None):
         parser.error(str(e))
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
                                   constraint=config.constraint_class().name)
+    augmentation = "" if config.augment == "none" else ", augmented (" + ", ".join(
+        [config.augment] + ([] if config.augment_pad is None else [f"{config.augment_pad} px"])) + ")"
     print(f"training {config.model} {trainer.model} on {data.name} ({len(X)} train, {len(X_test)} test images from "
           f"{data.source}); "
           f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
-          f"{'' if config.augment == 'none' else f', augmented ({config.augment}, {config.augment_pad} px)'}"
+          f"{augmentation}"
           f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}"
           f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
