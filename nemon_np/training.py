@@ -386,6 +386,7 @@ class Trainer:
         augment = AUGMENTATIONS[cfg.augment]
         if augment is not None and self.image_shape is None:
             raise ValueError("augment needs the image shape: pass image_shape to Trainer")
+        pad_args = () if cfg.augment_pad is None else (cfg.augment_pad,)  # flip takes no padding
         n_batches = math.ceil(len(X) / cfg.batch_size)
         for epoch in range(len(self.history), cfg.epochs):
             t0 = time.perf_counter()
@@ -400,8 +401,7 @@ class Trainer:
                 lr = learning_rate(cfg.schedule, cfg.lr, done / cfg.epochs)
                 eps, kappa = cfg.certified_schedule(done)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-                batch = (X[idx] if augment is None else augment(X[idx], self.image_shape, rng)
-                         if cfg.augment_pad is None else augment(X[idx], self.image_shape, rng, cfg.augment_pad))
+                batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, *pad_args)
                 out = self.step(batch, y[idx], lr, eps, kappa)
                 converged += int(np.count_nonzero(out["converged"]))
                 total_loss += out["loss"] * len(idx)
