@@ -17,8 +17,8 @@ applied to the C k^2 taps of each output channel (:func:`project_conv_mu_inf`). 
 code shifts the diagonal by C max|K| only, which does not bound mu_inf for k > 1.)
 """
 import numpy as np
-from scipy.linalg import blas
 
+from ._threads import gemm_into, map_ranges
 from .projection import (_project_rows, _round_inside, diagonal_floor, parametrize_rows, parametrize_rows_grad,
                          parametrize_rows_inverse)
 
@@ -29,7 +29,6 @@ __all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv
            "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures"]
 
 PADDINGS = ("circular", "zero")
-_GEMM = {np.float32: blas.sgemm, np.float64: blas.dgemm}
 
 
 def _check_kernel(K, square=True):
@@ -75,16 +74,18 @@ def conv_taps(K):
     return np.ascontiguousarray(np.asarray(K).transpose(2, 3, 1, 0))
 
 
-def correlate_padded(taps, Xp, out=None):
+def correlate_padded(taps, Xp, out=None, n_jobs=1):
     """Same-size cross-correlation of a padded channel-last batch Xp (m, Hp, Wp, C_in) with the
     taps (k, k, C_in, C_out) of :func:`conv_taps`, on the padded grid: returns Y (m, Hp, Wp, C_out)
     whose entries Y[:, i, j] for i < H, j < W are the output pixels (the rest is not meaningful).
 
     Shift and multiply: the sum over the k^2 taps of (a contiguous slice of the padded rows)
     @ taps[a, e]; k^2 BLAS products and no patch matrix (building im2col patches cost 4-5x the
-    products). Each product accumulates into Y inside BLAS (gemm with beta = 1 on the transposed,
-    Fortran-ordered views): a separate add of each tap's product cost 1.2-1.3x the time
-    (docs/benchmarks.md). ``out`` (m, Hp, Wp, C_out), C-contiguous, may be passed to avoid allocation.
+    products). Each product accumulates into Y inside BLAS (gemm with beta = 1): a separate add of
+    each tap's product cost 1.2-1.3x the time (docs/benchmarks.md). ``n_jobs`` threads each take a
+    contiguous share of the output rows (one-thread BLAS calls that release the GIL,
+    :func:`nemon_np._threads.gemm_into`); the result is the same up to rounding. ``out`` (m, Hp, Wp,
+    C_out), C-contiguous, may be passed to avoid allocation.
     """
     k, C_out = taps.shape[0], taps.shape[3]
     m, Hp, Wp, C_in = Xp.shape
@@ -92,24 +93,22 @@ def correlate_padded(taps, Xp, out=None):
     span = len(rows) - (k - 1) * (Wp + 1)
     Y = np.empty((len(rows), C_out), Xp.dtype) if out is None else out.reshape(-1, C_out)
     Y[span:] = 0
-    gemm = _GEMM.get(Xp.dtype.type)
-    for a in range(k):
-        for e in range(k):
-            off = a * Wp + e
-            if gemm is None:
-                product = rows[off:off + span] @ taps[a, e]
-                Y[:span] = product if a == e == 0 else Y[:span] + product
-                continue
-            # Y^T (C_out, span) = taps^T (C_out, C_in) @ rows^T (C_in, span) + beta Y^T: the transposes
-            # of C-ordered arrays are Fortran-ordered, so BLAS writes into Y itself.
-            result = gemm(1.0, taps[a, e].T, rows[off:off + span].T, beta=0.0 if a == e == 0 else 1.0,
-                          c=Y[:span].T, overwrite_c=True)
-            if not np.shares_memory(result, Y):   # a view BLAS could not take in place
-                Y[:span] = result.T
+    offsets = [(a, e, a * Wp + e) for a in range(k) for e in range(k)]
+    if Xp.dtype not in (np.float32, np.float64) or taps.dtype != Xp.dtype:
+        for a, e, off in offsets:
+            product = rows[off:off + span] @ taps[a, e]
+            Y[:span] = product if off == 0 else Y[:span] + product
+        return Y.reshape(m, Hp, Wp, C_out)
+
+    def rows_between(start, stop):
+        for a, e, off in offsets:
+            gemm_into(Y[start:stop], taps[a, e], rows[start + off:stop + off], 0.0 if off == 0 else 1.0)
+
+    map_ranges(rows_between, span, n_jobs)
     return Y.reshape(m, Hp, Wp, C_out)
 
 
-def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None):
+def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None, n_jobs=1):
     """The embedded network's linear map on a padded state Xp (m, Hp, Wp, 2C) = [x_lo, x_hi] by its
     centre/radius form (DESIGN.md, "Interval certificates"): for E = [[K_M, K_N], [K_N, K_M]],
 
@@ -121,8 +120,8 @@ def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None):
     transposed kernels. Returns Y (m, Hp, Wp, 2C) on the padded grid, as :func:`correlate_padded`."""
     C = taps_sum.shape[2]
     lo, hi = Xp[..., :C], Xp[..., C:]
-    P = correlate_padded(taps_sum, lo + hi)
-    R = correlate_padded(taps_diff, hi - lo)
+    P = correlate_padded(taps_sum, lo + hi, n_jobs=n_jobs)
+    R = correlate_padded(taps_diff, hi - lo, n_jobs=n_jobs)
     Y = np.empty(Xp.shape[:3] + (2 * C,), Xp.dtype) if out is None else out
     np.subtract(P, R, out=Y[..., :C])
     np.add(P, R, out=Y[..., C:])
@@ -130,11 +129,12 @@ def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None):
     return Y
 
 
-def conv_apply_channel_last(K, X, padding="circular"):
+def conv_apply_channel_last(K, X, padding="circular", n_jobs=1):
     """The same-size cross-correlation of a channel-last batch X (m, H, W, C_in) with
-    K (C_out, C_in, k, k): (m, H, W, C_out), the layout the model keeps its state in."""
+    K (C_out, C_in, k, k): (m, H, W, C_out), the layout the model keeps its state in (``n_jobs`` as
+    :func:`correlate_padded`)."""
     m, H, W, _ = X.shape
-    Y = correlate_padded(conv_taps(K), np.ascontiguousarray(pad_channel_last(X, K.shape[2], padding)))
+    Y = correlate_padded(conv_taps(K), np.ascontiguousarray(pad_channel_last(X, K.shape[2], padding)), n_jobs=n_jobs)
     return np.ascontiguousarray(Y[:, :H, :W, :])
 
 
@@ -162,10 +162,11 @@ def conv_transpose(K, Y, padding="circular"):
     return _correlate(transpose_kernel(K), _check_images(Y, K.shape[0], "Y"), padding)
 
 
-def weight_grad_channel_last(delta, X, k, padding):
+def weight_grad_channel_last(delta, X, k, padding, n_jobs=1):
     """d/dK of sum(delta * A_K x) for channel-last delta (m, H, W, C_out) and X (m, H, W, C_in):
     (C_out, C_in, k, k), summed over the batch. Tap (a, e) is (delta on the padded grid)^T @
-    (the padded rows of X shifted by a Wp + e)."""
+    (the padded rows of X shifted by a Wp + e); with ``n_jobs`` threads, each sums these over a
+    contiguous share of the rows (numpy's matmul releases the GIL) and the shares are added."""
     m, H, W, C_out = delta.shape
     Xp = pad_channel_last(X, k, padding)
     _, Hp, Wp, C_in = Xp.shape
@@ -174,12 +175,16 @@ def weight_grad_channel_last(delta, X, k, padding):
     D[:, :H, :W, :] = delta
     D = D.reshape(-1, C_out)
     span = len(rows) - (k - 1) * (Wp + 1)
-    G = np.empty((C_out, C_in, k, k), np.result_type(delta, X))
-    for a in range(k):
-        for e in range(k):
-            off = a * Wp + e
-            G[:, :, a, e] = D[:span].T @ rows[off:off + span]
-    return G
+
+    def rows_between(start, stop):
+        G = np.empty((C_out, C_in, k, k), np.result_type(delta, X))
+        for a in range(k):
+            for e in range(k):
+                off = a * Wp + e
+                G[:, :, a, e] = D[start:stop].T @ rows[start + off:stop + off]
+        return G
+
+    return sum(map_ranges(rows_between, span, n_jobs))
 
 
 def conv_weight_grad(delta, X, k, padding="circular"):

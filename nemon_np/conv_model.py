@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from ._threads import check_n_jobs
 from ._validation import as_float_dtype, check_gamma
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
@@ -55,6 +56,8 @@ class ConvNEMON(ImplicitClassifier):
     channels : int, C; kernel : odd int, k; n_out : int; pool : int, s (divides H and W)
     gamma : float < 1, mu_inf_conv(K) <= gamma at initialization; padding : "circular" or "zero"
     seed : int; dtype : float32 or float64
+    n_jobs : int, threads for the convolutions, weight gradients and solver steps (a run-time
+        setting, not saved; results the same up to rounding; 2 on an otherwise idle 2-core machine)
 
     Attributes
     ----------
@@ -64,9 +67,10 @@ class ConvNEMON(ImplicitClassifier):
     """
 
     weights = None  # the certificate is the unweighted mu_inf of the convolution
+    n_jobs = 1       # models read from files start with one thread
 
     def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
-                 padding="circular", seed=0, dtype=np.float64):
+                 padding="circular", seed=0, dtype=np.float64, n_jobs=1):
         H, W = (int(v) for v in image_size)
         for name, v in (("in_channels", in_channels), ("channels", channels), ("n_out", n_out), ("pool", pool)):
             if int(v) != v or v < 1:
@@ -79,7 +83,7 @@ class ConvNEMON(ImplicitClassifier):
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         self.gamma, self.dtype, self.padding = check_gamma(gamma), as_float_dtype(dtype), padding
         self.in_channels, self.image_size, self.pool, self.kernel = int(in_channels), (H, W), int(pool), int(kernel)
-        self.seed = int(seed)
+        self.seed, self.n_jobs = int(seed), check_n_jobs(n_jobs)
         self.metadata = {}
         rng = np.random.default_rng(self.seed)
         C, k = int(channels), int(kernel)
@@ -146,10 +150,10 @@ class ConvNEMON(ImplicitClassifier):
         return self.pool * self.pool
 
     def _inject(self, B, U):
-        return conv_apply_channel_last(B, U, self.padding)
+        return conv_apply_channel_last(B, U, self.padding, n_jobs=self.n_jobs)
 
     def _inject_grad(self, delta, U):
-        return weight_grad_channel_last(delta, U, self.kernel, self.padding)
+        return weight_grad_channel_last(delta, U, self.kernel, self.padding, n_jobs=self.n_jobs)
 
     _apply_implicit, _implicit_grad = _inject, _inject_grad
 
@@ -206,11 +210,11 @@ class ConvNEMON(ImplicitClassifier):
             raise WellPosednessError(f"alpha = {alpha:.6g} outside (0, alpha* = {alpha_star:.6g}]")
         return alpha, mu
 
-    @staticmethod
-    def _solver(method, alpha, mu):
-        """conv_fixed_point's method and the contraction factor rho = 1 - alpha (1 - max(mu, 0)) that
-        Anderson's safeguard enforces."""
-        return dict(method="anderson" if method == "anderson" else "average", rho=_contraction_rate(alpha, mu))
+    def _solver(self, method, alpha, mu):
+        """conv_fixed_point's method, the contraction factor rho = 1 - alpha (1 - max(mu, 0)) that
+        Anderson's safeguard enforces, and the threads."""
+        return dict(method="anderson" if method == "anderson" else "average", rho=_contraction_rate(alpha, mu),
+                    n_jobs=self.n_jobs)
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
@@ -223,7 +227,7 @@ class ConvNEMON(ImplicitClassifier):
         """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
         check_conv_solver(method)
         alpha, mu = self._alpha(alpha, on_violation)
-        Q = conv_apply_channel_last(self.B, Ucl, self.padding) + self.b
+        Q = self._inject(self.B, Ucl) + self.b
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0,
                                           relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),
@@ -282,7 +286,7 @@ class ConvNEMON(ImplicitClassifier):
 
     def _input_gradient(self, U, delta):
         """B^T * delta (m, H, W, C_in), in U's layout: flat or (m, C_in, H, W)."""
-        G = conv_apply_channel_last(transpose_kernel(self.B), delta, self.padding)
+        G = self._inject(transpose_kernel(self.B), delta)
         G = np.ascontiguousarray(G.transpose(0, 3, 1, 2))
         return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
 
@@ -294,8 +298,7 @@ class ConvNEMON(ImplicitClassifier):
         ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
         Ucl, X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
                                                                adjoint_tol, on_violation, tol_mode=tol_mode)
-        grads = {"K": weight_grad_channel_last(delta, X, self.kernel, self.padding),
-                 "B": weight_grad_channel_last(delta, Ucl, self.kernel, self.padding),
+        grads = {"K": self._inject_grad(delta, X), "B": self._inject_grad(delta, Ucl),
                  "b": delta.sum(axis=(0, 1, 2)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
         if with_input:
             grads["U"] = self._input_gradient(U, delta)

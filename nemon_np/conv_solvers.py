@@ -13,6 +13,7 @@ operator version, with NCHW transposes and a pad per step, is the reference test
 import numpy as np
 from numba import njit
 
+from ._threads import check_n_jobs, map_ranges
 from .conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
@@ -23,7 +24,7 @@ __all__ = ["conv_fixed_point"]
 COMPACT_FRACTION = 0.2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_border(Xp, n, p, H, W):
     """Circular padding of sample n of Xp (m, H + 2p, W + 2p, C) from its interior."""
     Hp, Wp = H + 2 * p, W + 2 * p
@@ -35,7 +36,7 @@ def _fill_border(Xp, n, p, H, W):
                 Xp[n, i, j, :] = Xp[n, si, p + (j - p) % W, :]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, max_iter, relu, l1, masked,
                   circular, relative=False):
     """One averaged step for every working sample not yet done.
@@ -88,7 +89,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
 
 
 def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
-                     K_diff=None, relative=False, method="average", rho=None):
+                     K_diff=None, relative=False, method="average", rho=None, n_jobs=1):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
 
     Parameters
@@ -107,6 +108,8 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         iteration, each sample's step by the dense solver's :func:`nemon_np.solvers._anderson_sweep` on
         the flattened state; ``rho`` (required) is the contraction factor the safeguard enforces,
         1 - alpha (1 - max(mu_inf(K), 0))
+    n_jobs : threads sharing each convolution's rows and each step's samples
+        (:mod:`nemon_np._threads`); the iterates the same up to rounding
 
     Returns
     -------
@@ -125,12 +128,13 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
             raise ValueError(f"{name} must have Q's shape {Q.shape}, got {np.shape(A)}")
     m, H, W, C = Q.shape
     dtype = Q.dtype
+    n_jobs = check_n_jobs(n_jobs)
     taps = conv_taps(np.asarray(K, dtype))
     if K_diff is None:
-        apply = lambda Xp, out: correlate_padded(taps, Xp, out=out)  # noqa: E731
+        apply = lambda Xp, out: correlate_padded(taps, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
     else:
         taps_diff = conv_taps(np.asarray(K_diff, dtype))
-        apply = lambda Xp, out: correlate_embedded_padded(taps, taps_diff, Xp, out=out)  # noqa: E731
+        apply = lambda Xp, out: correlate_embedded_padded(taps, taps_diff, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
     if method == "anderson":
         return _anderson(apply, taps.shape[0], Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho)
     if method != "average":
@@ -156,8 +160,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
             Y[:r] = 0
         else:
             apply(Xp[:r], Y[:r])
-        n_done += _average_step(Y[:r], Q, X, S, Xp[:r], P, done, its, res, k, alpha, dtype.type(tol), max_iter,
-                                relu, l1, masked, padding == "circular", relative)
+        n_done += sum(map_ranges(
+            lambda a, b: _average_step(Y[a:b], Q[a:b], X[a:b], S[a:b] if masked else S, Xp[a:b], P[a:b], done[a:b],
+                                       its[a:b], res[a:b], k, alpha, dtype.type(tol), max_iter, relu, l1, masked,
+                                       padding == "circular", relative), r, n_jobs))
         if n_done == r and r == m:  # all finished together: the working arrays are the results
             return X, P, its, res
         if n_done == r or n_done >= COMPACT_FRACTION * r:
@@ -191,9 +197,12 @@ def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relat
     dt = dtype.type
     n_act = m
     for it in range(max_iter + 1):
-        Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
-        Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
-        P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
+        if it == 0 and X0 is None:   # K * 0 = 0: the zero start needs no convolution (as the average loop)
+            P = np.zeros((n_act, n), dtype)
+        else:
+            Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
+            Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
+            P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
         n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
                                 ANDERSON_REG, _anderson_rho(rho), masked, relative, state, X_out, P_out,
                                 iterations, residual, None)

@@ -23,7 +23,8 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
     model's certified defaults), and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
-    eps_ramp. ``image_shape`` (C, H, W) says how a conv model reads each row of X (channel-major, as
+    eps_ramp. ``n_jobs`` is a conv model's threads (TrainConfig's ``threads``: the same model, faster
+    on idle cores). ``image_shape`` (C, H, W) says how a conv model reads each row of X (channel-major, as
     the data loaders flatten images); None reads it as one channel of 1 x n_features (pair it with
     padding="zero" and pool=1, which work on any size).
 
@@ -37,7 +38,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
                  gamma=0.95, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
                  solver=None, alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0,
                  certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
-                 padding="circular", image_shape=None):
+                 padding="circular", image_shape=None, n_jobs=1):
         self.model = model
         self.hidden = hidden
         self.channels = channels
@@ -65,10 +66,12 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         self.kappa = kappa
         self.eps_warmup = eps_warmup
         self.eps_ramp = eps_ramp
+        self.n_jobs = n_jobs
 
     def _config(self):
         params = self.get_params()
         params.pop("image_shape")
+        params["threads"] = params.pop("n_jobs")
         return TrainConfig(**params).validate()
 
     def _image_shape(self, n_features):

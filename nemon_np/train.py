@@ -93,6 +93,9 @@ HELP = {
                         "--certified-eps (measured in docs/benchmarks.md)",
     "blas_threads": "BLAS threads while training (1 was fastest for these small products on the 2-core machines "
                     "measured: OpenBLAS's threads made a dense step 14x slower)",
+    "threads": "conv model: threads sharing each batch's convolutions, weight gradients and solver steps, each "
+               "with one-thread BLAS (the same model for any number, up to float rounding): 2 on an otherwise idle "
+               "2-core machine, 1 when runs share the cores (a sweep of several)",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
 }
 CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS,
@@ -169,6 +172,7 @@ def main(argv=None):
           f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}"
           f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
+          f"{f', {config.threads} threads' if config.model == 'conv' and config.threads > 1 else ''}"
           f"; writing to {out}")
     started = time.perf_counter()
 

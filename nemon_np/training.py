@@ -29,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from ._threads import check_n_jobs
 from ._validation import as_float_dtype, check_gamma
 from .constraints import constraint_names, get_constraint
 from .conv import PADDINGS
@@ -83,7 +84,9 @@ class TrainConfig:
     ``epochs``, ``lr``, ``gamma`` and ``tol`` left None take the model's :data:`MODEL_DEFAULTS`.
     ``blas_threads`` caps the BLAS threads while training (threadpoolctl; None leaves them alone): the
     products here are small, and on 2-core machines OpenBLAS's threads made a dense training step
-    14x and a conv step 1.3x slower than one thread (docs/benchmarks.md).
+    14x and a conv step 1.3x slower than one thread (docs/benchmarks.md). ``threads`` is a conv
+    model's own threads instead (:attr:`nemon_np.ConvNEMON.n_jobs`): each takes a share of a batch's
+    rows with one-thread BLAS; the model trained is the same up to float rounding.
     ``certified_eps`` > 0 (pixel units) trains on ``kappa CE(y) + (1 - kappa) CE(-m_lo)``, m_lo the
     interval lower bounds of the margins over the eps-ball of each training image
     (:meth:`nemon_np.base.ImplicitClassifier.certified_loss_and_grad`): ``eps_warmup`` epochs clean,
@@ -126,6 +129,7 @@ class TrainConfig:
     train_eps_factor: float = None
     certify_samples: int = 1000
     blas_threads: int = 1
+    threads: int = 1
 
     def validate(self):
         """Resolve the model's default solvers; raise ``ValueError`` with a one-line message
@@ -203,6 +207,9 @@ class TrainConfig:
             raise ValueError(f"kappa must lie in [0, 1], got {self.kappa!r}")
         if self.blas_threads is not None and (int(self.blas_threads) != self.blas_threads or self.blas_threads < 1):
             raise ValueError(f"blas_threads must be a positive whole number or None, got {self.blas_threads!r}")
+        if check_n_jobs(self.threads, "threads") > 1 and self.model != "conv":
+            raise ValueError(f"threads = {self.threads} applies to conv models only (a dense model's products are "
+                             "too small to share), got model {self.model!r}")
         if int(self.certify_samples) != self.certify_samples or self.certify_samples < 0:
             raise ValueError(f"certify_samples must be a whole number >= 0, got {self.certify_samples!r}")
         if self.certified_eps > 0 and mode.certificate != "mu_inf":
@@ -308,6 +315,8 @@ class Trainer:
         if model is None:
             model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
         self.model = model
+        if isinstance(model, ConvNEMON):
+            model.n_jobs = config.threads
         self.constraint = config.constraint_class()(self.model, config.min_diagonal)
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")

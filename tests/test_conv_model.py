@@ -48,16 +48,17 @@ def test_channel_last_solver_matches_the_generic_reference(rng, padding, adjoint
         np.testing.assert_allclose(res, rr, rtol=1e-9, atol=1e-15)
 
 
-def test_zero_start_skips_the_first_convolution_with_the_same_result(rng, monkeypatch):
+@pytest.mark.parametrize("method", ["average", "anderson"])
+def test_zero_start_skips_the_first_convolution_with_the_same_result(rng, monkeypatch, method):
     import nemon_np.conv_solvers as cs
     calls = []
     real = cs.correlate_padded
     monkeypatch.setattr(cs, "correlate_padded", lambda *a, **k: calls.append(1) or real(*a, **k))
     K = project_conv_mu_inf(rng.normal(size=(3, 3, 3, 3)), 0.8)
     Q = rng.normal(size=(4, 6, 5, 3))
-    implicit = conv_fixed_point(K, Q, 1.0, 1e-8, 300)
+    implicit = conv_fixed_point(K, Q, 1.0, 1e-8, 300, method=method, rho=0.8)
     n_implicit, calls[:] = len(calls), []
-    explicit = conv_fixed_point(K, Q, 1.0, 1e-8, 300, X0=np.zeros_like(Q))
+    explicit = conv_fixed_point(K, Q, 1.0, 1e-8, 300, X0=np.zeros_like(Q), method=method, rho=0.8)
     assert n_implicit == len(calls) - 1 > 0
     for a, b in zip(implicit, explicit):
         np.testing.assert_array_equal(a, b)

@@ -54,3 +54,15 @@ def test_conv_estimator_reads_images_in_a_pipeline(shared_data):
     assert clf[-1].model_.__class__.__name__ == "ConvNEMON"
     with pytest.raises(ValueError, match="image_shape"):
         NEMONClassifier(model="conv", image_shape=(1, 5, 5)).fit(X[:20], y[:20])
+
+
+def test_conv_estimator_with_two_threads_trains_the_same_model():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 36))
+    y = (X[:, :18].sum(axis=1) > 0).astype(int)
+    one = NEMONClassifier(dtype="float64", image_shape=(1, 6, 6), **CONV).fit(X, y)
+    two = NEMONClassifier(dtype="float64", image_shape=(1, 6, 6), n_jobs=2, **CONV).fit(X, y)
+    assert two.model_.n_jobs == 2 and one.model_.n_jobs == 1
+    np.testing.assert_allclose(two.decision_function(X), one.decision_function(X), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="threads must be a positive whole number"):
+        NEMONClassifier(n_jobs=0).fit(X, y)

@@ -154,6 +154,8 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     (["--solver", "peaceman-rachford", "--constraint", "mondeq", "--adjoint", "iterative"], "direct"),
     (["--constraint", "weighted", "--min-diagonal", "-0.1"], "min_diagonal goes with constraint projection"),
     (["--gamma", "-0.2", "--min-diagonal", "-0.1"], "min_diagonal must be <= 0 and <= gamma"),
+    (["--threads", "2"], "threads = 2 applies to conv models only"),
+    (["--model", "conv", "--threads", "0"], "threads must be a positive whole number"),
 ])
 def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train
