@@ -38,7 +38,7 @@ def _fill_border(Xp, n, p, H, W):
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, max_iter, relu, l1, masked,
-                  circular, relative=False):
+                  circular, relative=False, skip_linear=False):
     """One averaged step for every working sample not yet done.
 
     Y (r, Hp, Wp, C): K * (x s) on the padded grid; Q, X, S, P (r, H, W, C); Xp (r, Hp, Wp, C)
@@ -46,6 +46,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
     or l_inf; with ``relative`` divided by max(1, ||phi(P)||) in the same norm); done (recording k
     and the residual) if it is <= tol or k == max_iter, else x is updated and written, times s,
     into the interior (and circular border) of Xp.
+    ``skip_linear``: Y is not read (taken as zero: the linear map of the zero start).
     Returns the number of samples that finished at this step.
     """
     r, H, W, C = X.shape
@@ -60,7 +61,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
         for i in range(H):
             for j in range(W):
                 for c in range(C):
-                    v = Y[n, i, j, c] + Q[n, i, j, c]
+                    v = Q[n, i, j, c] if skip_linear else Y[n, i, j, c] + Q[n, i, j, c]
                     P[n, i, j, c] = v
                     f = max(v, zero) if relu else v
                     d = abs(f - X[n, i, j, c])
@@ -140,40 +141,49 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     if method != "average":
         raise ValueError(f"method must be 'average' or 'anderson', got {method!r}")
     masked = S is not None
-    X = np.zeros_like(Q) if X0 is None else np.array(X0, dtype=dtype)
+    zero_start = X0 is None
     S = np.ascontiguousarray(S, dtype=dtype) if masked else np.empty((m, 0, 0, 0), dtype)
-    Xp = np.ascontiguousarray(pad_channel_last(X * S if masked else X, taps.shape[0], padding))
-    X_out, P_out = np.empty_like(Q), np.empty_like(Q)
+    if zero_start:
+        # Zeros (calloc'd, so the pages are written first by the parallel steps) and no padding pass.
+        X = np.zeros_like(Q)
+        Xp = np.zeros((m, H + 2 * (taps.shape[0] // 2), W + 2 * (taps.shape[0] // 2), C), dtype)
+    else:
+        X = np.array(X0, dtype=dtype)
+        Xp = np.ascontiguousarray(pad_channel_last(X * S if masked else X, taps.shape[0], padding))
+    # The first working arrays are the outputs: a sample that finishes there stays where it is, and
+    # compaction copies only the samples still working (at gamma 0.5 most finish at one step).
+    X_out, P_out = X, np.empty_like(Q)
+    P = P_out
     iterations, residual = np.zeros(m, np.int64), np.zeros(m, dtype)
-    P = np.empty_like(Q)
     Y = np.empty_like(Xp, shape=Xp.shape[:3] + (C,))
     active = np.arange(m)
     done = np.zeros(m, bool)
-    its, res = np.zeros(m, np.int64), np.zeros(m, dtype)
+    its, res = iterations, residual
     n_done = 0
-    # From the zero start the linear map gives zero: step 0 needs no convolution of the batch, one of the
-    # 4-6 a trained model's forward solve makes at gamma 0.5.
-    zero_start = X0 is None
+    tol = dtype.type(tol)
     for k in range(max_iter + 1):
         r = len(active)
-        if k == 0 and zero_start:
-            Y[:r] = 0
-        else:
+        # From the zero start the linear map gives zero: step 0 needs no convolution of the batch, one
+        # of the 4-6 a trained model's forward solve makes at gamma 0.5.
+        skip_linear = k == 0 and zero_start
+        if not skip_linear:
             apply(Xp[:r], Y[:r])
         n_done += sum(map_ranges(
             lambda a, b: _average_step(Y[a:b], Q[a:b], X[a:b], S[a:b] if masked else S, Xp[a:b], P[a:b], done[a:b],
-                                       its[a:b], res[a:b], k, alpha, dtype.type(tol), max_iter, relu, l1, masked,
-                                       padding == "circular", relative), r, n_jobs))
-        if n_done == r and r == m:  # all finished together: the working arrays are the results
-            return X, P, its, res
+                                       its[a:b], res[a:b], k, alpha, tol, max_iter, relu, l1, masked,
+                                       padding == "circular", relative, skip_linear), r, n_jobs))
         if n_done == r or n_done >= COMPACT_FRACTION * r:
-            idx = active[done]
-            X_out[idx], P_out[idx], iterations[idx], residual[idx] = X[done], P[done], its[done], res[done]
-            keep = ~done
+            if X is not X_out:   # a later working set: its finished samples go back to their places
+                idx = active[done]
+                X_out[idx], P_out[idx], iterations[idx], residual[idx] = X[done], P[done], its[done], res[done]
             if n_done == r:
                 break
-            # P is rewritten for every working sample before it is read: a shorter view, not a copy.
-            active, Q, X, P, Xp = active[keep], Q[keep], X[keep], P[:np.count_nonzero(keep)], Xp[keep]
+            keep = ~done
+            count = np.count_nonzero(keep)
+            # P is rewritten for every working sample before it is read: a shorter view of a working
+            # set's own P, but never of the output.
+            P = np.empty((count,) + P.shape[1:], dtype) if P is P_out else P[:count]
+            active, Q, X, Xp = active[keep], Q[keep], X[keep], Xp[keep]
             S = S[keep] if masked else S
             done, its, res, n_done = done[keep], its[keep], res[keep], 0
     return X_out, P_out, iterations, residual
