@@ -77,12 +77,15 @@ def main(argv=None):
     p.add_argument("--explicit", action="store_true", help="also train and certify each run's explicit twin")
     p.add_argument("--speed", action="store_true", help="time certifying the whole test set at the largest eps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--threads", type=int, default=1, help="a conv model's threads (ConvNEMON.n_jobs)")
     args = p.parse_args(argv)
     threadpool_limits(1, user_api="blas")
     results = {}
     for run in args.runs:
         run = pathlib.Path(run)
         model = load_model(run / "model.npz")
+        if hasattr(model, "n_jobs"):
+            model.n_jobs = args.threads
         metrics = json.loads((run / "metrics.json").read_text())
         config = config_from_dict(metrics["config"]).validate()
         data = load_dataset(model.metadata["dataset"], args.data_dir)

@@ -18,14 +18,25 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def load_run(parser, run_dir, data_dir):
-    """The model of a training run (RUN_DIR/model.npz, or that file) and its data set.
+def add_threads_argument(parser):
+    """``--threads N``: a conv model's own threads (:attr:`nemon_np.ConvNEMON.n_jobs`)."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="conv models: threads sharing each batch's convolutions and solver steps (as in "
+                             "python -m nemon_np.train; 2 on an otherwise idle 2-core machine)")
 
-    Problems end the program with a one-line message (exit 2): a missing file through the
-    parser, an unreadable model or data set as ``error: ...``. Returns (model, data, model_path).
+
+def load_run(parser, run_dir, data_dir, threads=1):
+    """The model of a training run (RUN_DIR/model.npz, or that file) and its data set; a conv model
+    gets ``threads`` threads.
+
+    Problems end the program with a one-line message (exit 2): a missing file or a thread count
+    a dense model cannot use through the parser, an unreadable model or data set as ``error: ...``.
+    Returns (model, data, model_path).
     """
     import pathlib
 
+    from ._threads import check_n_jobs
+    from .conv_model import ConvNEMON
     from .data import DataError, load_dataset
     from .loading import load_model
 
@@ -34,10 +45,18 @@ def load_run(parser, run_dir, data_dir):
     if not model_path.is_file():
         parser.error(f"{model_path} not found")
     try:
+        threads = check_n_jobs(threads, "--threads")
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         model = load_model(model_path)
         name = model.metadata.get("dataset")
         if name is None:
             raise ValueError(f"{model_path} does not say which data set it was trained on")
+        if isinstance(model, ConvNEMON):
+            model.n_jobs = threads
+        elif threads > 1:
+            parser.error(f"--threads {threads} applies to conv models only; {model_path} holds a dense model")
         return model, load_dataset(name, data_dir), model_path
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from ._cli import OneLineErrorParser, limit_blas_threads, load_run
+from ._cli import OneLineErrorParser, add_threads_argument, limit_blas_threads, load_run
 from .conv_model import ConvNEMON
 from .data import normalize
 from .measures import mu_2, mu_inf
@@ -25,9 +25,10 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="folder with the data set (as for training)")
     p.add_argument("--tol", type=float, default=None,
                    help="fixed-point tolerance for evaluation (default 1e-4 for float32 models, 1e-8 for float64)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     limit_blas_threads()
-    model, data, _ = load_run(p, args.run_dir, args.data_dir)
+    model, data, _ = load_run(p, args.run_dir, args.data_dir, args.threads)
     mean, std = model.metadata["mean"], model.metadata["std"]
     X = normalize(data.test_images, mean, std, model.dtype)
     options = {k: v for k, v in solver_options_for(model, args.tol).items() if k != "adjoint"}

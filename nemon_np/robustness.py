@@ -171,7 +171,7 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
-    from ._cli import OneLineErrorParser, limit_blas_threads, load_run
+    from ._cli import OneLineErrorParser, add_threads_argument, limit_blas_threads, load_run
 
     p = OneLineErrorParser(prog="python -m nemon_np.robustness",
                            description="Accuracy of a trained model under l_inf perturbations of its test images "
@@ -188,11 +188,12 @@ def main(argv=None):
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and noise")
     p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     if args.samples < 1 or args.pgd_steps < 1 or min(args.eps) < 0:
         p.error("--samples and --pgd-steps must be >= 1 and every --eps >= 0")
     limit_blas_threads()
-    model, data, model_path = load_run(p, args.run_dir, args.data_dir)
+    model, data, model_path = load_run(p, args.run_dir, args.data_dir, args.threads)
     images = data.test_images[:args.samples]
     pixels = images.reshape(len(images), -1).astype(np.float64) / 255.0
     bar = tqdm(total=(len(ATTACKS) + len(REPORT_CERTIFICATES)) * len(args.eps), desc="attacks and certificates",

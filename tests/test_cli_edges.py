@@ -63,6 +63,19 @@ def test_a_run_folder_without_a_model_names_the_missing_file(tmp_path, capsys):
         assert str(tmp_path / "run" / "model.npz") in line and "not found" in line
 
 
+def test_threads_on_a_dense_model_or_below_one_is_a_one_line_error(tmp_path, capsys):
+    from nemon_np import NEMON
+    model = NEMON(4, 3, 2)
+    model.metadata["dataset"] = "mnist"
+    model.save(tmp_path / "model.npz")
+    for cli in (evaluate, robustness):
+        for threads, message in (("2", "--threads 2 applies to conv models only"),
+                                 ("0", "--threads must be a positive whole number")):
+            with pytest.raises(SystemExit) as e:
+                cli.main([str(tmp_path), "--threads", threads])
+            assert e.value.code == 2 and message in _error_line(capsys)
+
+
 def test_a_log_file_gets_epoch_lines_not_progress_bars(shared_data, tmp_path):
     """Without a terminal (output to a file or pipe) there are no carriage-return bar updates."""
     proc = subprocess.run([sys.executable, "-m", "nemon_np.train", "--data-dir", str(shared_data), "--epochs", "2",
