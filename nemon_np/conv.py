@@ -117,15 +117,22 @@ def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None, n_jobs=1):
 
     two correlations of C channels (``taps_sum`` of K_M + K_N = K, ``taps_diff`` of K_M - K_N, as
     :func:`conv_taps`) instead of one of 2C: half the products. E^T is the same form with the
-    transposed kernels. Returns Y (m, Hp, Wp, 2C) on the padded grid, as :func:`correlate_padded`."""
+    transposed kernels. Returns Y (m, Hp, Wp, 2C) on the padded grid, as :func:`correlate_padded`.
+    ``n_jobs`` threads each take a contiguous share of the images (numpy's ufuncs and
+    :func:`nemon_np._threads.gemm_into` release the GIL), so the sums and differences run in
+    parallel too."""
     C = taps_sum.shape[2]
-    lo, hi = Xp[..., :C], Xp[..., C:]
-    P = correlate_padded(taps_sum, lo + hi, n_jobs=n_jobs)
-    R = correlate_padded(taps_diff, hi - lo, n_jobs=n_jobs)
     Y = np.empty(Xp.shape[:3] + (2 * C,), Xp.dtype) if out is None else out
-    np.subtract(P, R, out=Y[..., :C])
-    np.add(P, R, out=Y[..., C:])
-    Y *= Xp.dtype.type(0.5)
+
+    def images_between(start, stop):
+        lo, hi = Xp[start:stop, ..., :C], Xp[start:stop, ..., C:]
+        P = correlate_padded(taps_sum, lo + hi)
+        R = correlate_padded(taps_diff, hi - lo)
+        np.subtract(P, R, out=Y[start:stop, ..., :C])
+        np.add(P, R, out=Y[start:stop, ..., C:])
+        Y[start:stop] *= Xp.dtype.type(0.5)
+
+    map_ranges(images_between, len(Xp), n_jobs)
     return Y
 
 
