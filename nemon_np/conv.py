@@ -89,7 +89,7 @@ def correlate_padded(taps, Xp, out=None, n_jobs=1):
     """
     k, C_out = taps.shape[0], taps.shape[3]
     m, Hp, Wp, C_in = Xp.shape
-    rows = Xp.reshape(-1, C_in)
+    taps, rows = np.ascontiguousarray(taps), np.ascontiguousarray(Xp).reshape(-1, C_in)   # no-ops as called here
     span = len(rows) - (k - 1) * (Wp + 1)
     Y = np.empty((len(rows), C_out), Xp.dtype) if out is None else out.reshape(-1, C_out)
     Y[span:] = 0

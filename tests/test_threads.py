@@ -79,3 +79,14 @@ def test_conv_model_gradients_and_interval_bounds_do_not_depend_on_threads(rng):
     np.testing.assert_allclose(lo2, lo1, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="n_jobs"):
         ConvNEMON(1, (8, 8), channels=4, pool=2, n_jobs=0)
+
+
+def test_correlation_accepts_non_contiguous_taps_and_images(rng):
+    K = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    Xp = np.ascontiguousarray(pad_channel_last(rng.normal(size=(2, 5, 4, 2)).astype(np.float32), 3, "circular"))
+    expected = correlate_padded(conv_taps(K), Xp)
+    taps_view = conv_taps(np.concatenate([K, K], axis=1))[:, :, ::2]         # strided taps
+    wide = np.concatenate([Xp, Xp], axis=3)
+    np.testing.assert_allclose(correlate_padded(conv_taps(K), wide[..., :2]), expected, rtol=1e-6)
+    np.testing.assert_allclose(correlate_padded(taps_view, Xp), correlate_padded(conv_taps(K[:, [0, 0]]), Xp),
+                               rtol=1e-6)
