@@ -3,18 +3,19 @@
 Run:  python benchmarks/bench_certified_step.py RUN [--data-dir DIR] [--eps 0.12] [--threads 1 2]
 
 The IBP-style loss and gradient (ConvNEMON.certified_loss_and_grad: the clean solve, the embedded
-network's solve and both adjoints) on the first 100 training images, boxes of --eps pixels,
+network's solve and both adjoints) on the first 100 training images, boxes of --eps pixels
+(clipped to [0, 1] as in training),
 kappa 0.5, tol 1e-3, one BLAS thread as training uses; best of 3 calls for each thread count.
 """
 import argparse
 import sys
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from nemon_np._timing import best_time
 from nemon_np.data import load_dataset, normalize
 from nemon_np.loading import load_model
+from nemon_np.pixels import channel_stats, input_ball
 
 
 def main(argv=None):
@@ -30,11 +31,11 @@ def main(argv=None):
     mean, std = model.metadata["mean"], model.metadata["std"]
     U = normalize(data.train_images[:100], mean, std, model.dtype)
     y = data.train_labels[:100]
-    radius = (args.eps / np.repeat(np.asarray(std, float), U.shape[1] // np.size(std))).astype(model.dtype)
+    U_lo, U_hi = input_ball(U, args.eps, *channel_stats(model, U.shape[1]))   # the boxes training uses
     with threadpool_limits(1, user_api="blas"):
         for n in args.threads:
             model.n_jobs = n
-            seconds = best_time(lambda: model.certified_loss_and_grad(U, y, U - radius, U + radius, 0.5, tol=1e-3), 3)
+            seconds = best_time(lambda: model.certified_loss_and_grad(U, y, U_lo, U_hi, 0.5, tol=1e-3), 3)
             print(f"{n} thread(s): {1000 * seconds:.0f} ms a certified batch of 100 ({path}, eps {args.eps:g})")
     return 0
 

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from ._threads import check_n_jobs, map_ranges
-from .conv import conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
+from .conv import _check_padding, conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
 __all__ = ["conv_fixed_point"]
@@ -131,6 +131,9 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     dtype = Q.dtype
     n_jobs = check_n_jobs(n_jobs)
     taps = conv_taps(np.asarray(K, dtype))
+    p = taps.shape[0] // 2
+    # Checked here because the zero start builds its padded state without pad_channel_last.
+    _check_padding(padding, taps.shape[0], H, W)
     if K_diff is None:
         apply = lambda Xp, out: correlate_padded(taps, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
     else:
@@ -146,7 +149,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     if zero_start:
         # Zeros (calloc'd, so the pages are written first by the parallel steps) and no padding pass.
         X = np.zeros_like(Q)
-        Xp = np.zeros((m, H + 2 * (taps.shape[0] // 2), W + 2 * (taps.shape[0] // 2), C), dtype)
+        Xp = np.zeros((m, H + 2 * p, W + 2 * p, C), dtype)
     else:
         X = np.array(X0, dtype=dtype)
         Xp = np.ascontiguousarray(pad_channel_last(X * S if masked else X, taps.shape[0], padding))

@@ -172,7 +172,7 @@ def main(argv=None):
           f"{', starting from ' + str(config.init) if config.init else ''}, "
           f"solver {config.solver}, tol {config.tol:g}"
           f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
-          f"{f', {config.threads} threads' if config.model == 'conv' and config.threads > 1 else ''}"
+          f"{f', {config.threads} threads' if config.threads > 1 else ''}"
           f"; writing to {out}")
     started = time.perf_counter()
 

@@ -70,6 +70,12 @@ def test_channel_last_solver_rejects_mismatched_shapes(rng):
         conv_fixed_point(K, rng.normal(size=(2, 3, 6, 6)), 0.5, 1e-6, 10)  # channel-first by mistake
     with pytest.raises(ValueError, match="S must have"):
         conv_fixed_point(K, rng.normal(size=(2, 6, 6, 3)), 0.5, 1e-6, 10, S=np.ones((2, 6, 6, 2)))
+    for method in ("average", "anderson"):   # the zero start builds its padding without pad_channel_last
+        with pytest.raises(ValueError, match="padding must be one of"):
+            conv_fixed_point(K, rng.normal(size=(2, 6, 6, 3)), 0.5, 1e-6, 10, padding="reflect", method=method,
+                             rho=0.5)
+        with pytest.raises(ValueError, match="circular padding needs images at least 3 x 3"):
+            conv_fixed_point(K, rng.normal(size=(2, 2, 6, 3)), 0.5, 1e-6, 10, method=method, rho=0.5)
 
 
 def test_kernel_parametrization_bound_gradient_and_inverse(rng):
