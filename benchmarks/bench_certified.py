@@ -52,7 +52,8 @@ def explicit_twin(run, model, config, summary, data):
     shape = (1,) + shape if len(shape) == 2 else shape
     net = ExplicitNet(model.n_in, model.channels if conv else model.n_hidden, model.n_out, seed=config.seed,
                       dtype=np.dtype(config.dtype).type, image_shape=shape if conv else None,
-                      kernel=config.kernel, pool=config.pool, padding=config.padding)
+                      kernel=config.kernel, pool=config.pool, padding=config.padding,
+                      readout_hidden=config.readout_hidden)
     mean, std = np.array(data.mean), np.array(data.std)
     n_train = summary.get("train_samples", len(data.train_images))   # the run's --limit-train, if any
     X = normalize(data.train_images[:n_train], mean, std, np.dtype(config.dtype).type)

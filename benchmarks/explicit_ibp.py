@@ -3,7 +3,9 @@ otherwise pick, trained with the same loss and schedule as certified NEMON train
 of the side-by-side in bench_certified.py. Not part of the library's API.
 
 * dense: one hidden ReLU layer of width n, h = relu(W u + b), y = V h + c;
-* conv: one k x k convolution of C channels, h = relu(B * u + b), s x s average pooling, a linear head.
+* conv: one k x k convolution of C channels, h = relu(B * u + b), s x s average pooling, a linear head;
+* either with the hidden read-out layer of the NEMON it is the twin of (``readout_hidden`` p > 0):
+  y = V relu(H f + h') + c (nemon_np.readout), f the layer's (pooled) output.
 
 IBP through the hidden layer: with the input box's centre u_c and radius u_r, h_lo = relu(W u_c -
 |W| u_r + b), h_hi = relu(W u_c + |W| u_r + b); the margins' lower bounds by the same relative
@@ -23,6 +25,7 @@ from nemon_np.conv import conv_apply_channel_last, weight_grad_channel_last
 from nemon_np.interval import center_radius, margin_lower_bounds, margin_lower_bounds_grad
 from nemon_np.losses import softmax_cross_entropy
 from nemon_np.optim import Adam, learning_rate
+from nemon_np.readout import hidden_backward, hidden_box, hidden_box_grad, hidden_forward
 
 
 class ExplicitNet:
@@ -30,15 +33,15 @@ class ExplicitNet:
     the NEMON or ConvNEMON of the same sizes and seed initializes its B and C."""
 
     def __init__(self, n_in, width, n_out, seed=0, dtype=np.float32, image_shape=None, kernel=3, pool=2,
-                 padding="circular"):
+                 padding="circular", readout_hidden=0):
         self.image_shape = image_shape
         if image_shape is None:
-            ref = NEMON(n_in, width, n_out, seed=seed, dtype=dtype)
+            ref = NEMON(n_in, width, n_out, seed=seed, dtype=dtype, readout_hidden=readout_hidden)
         else:
             ref = ConvNEMON(image_shape[0], image_shape[1:], channels=width, kernel=kernel, n_out=n_out, pool=pool,
-                            padding=padding, seed=seed, dtype=dtype)
+                            padding=padding, seed=seed, dtype=dtype, readout_hidden=readout_hidden)
         self.ref = ref
-        self.params = {"B": ref.B.copy(), "b": ref.b.copy(), "C": ref.C.copy(), "c": ref.c.copy()}
+        self.params = {"B": ref.B.copy(), "b": ref.b.copy(), **{k: v.copy() for k, v in ref.readout_params().items()}}
 
     # The hidden layer's pre-activation and its weight gradient, dense or conv.
     def _layer(self, W, U):
@@ -61,26 +64,36 @@ class ExplicitNet:
         """kappa CE(y(U)) + (1 - kappa) CE(-m_lo) over the boxes [U_lo, U_hi], and its gradients."""
         p = self.params
         U = self._inputs(U)
+        hidden = "H" in p
         Z = self._layer(p["B"], U) + p["b"]
-        H = self._features(np.maximum(Z, 0))
-        loss, dY = softmax_cross_entropy(H @ p["C"].T + p["c"], y)
-        dH = self._features_grad(dY @ p["C"]) * (Z > 0)
-        grads = {"B": self._layer_grad(dH, U), "b": dH.reshape(-1, dH.shape[-1]).sum(axis=0),
-                 "C": dY.T @ H, "c": dY.sum(axis=0)}
+        F = self._features(np.maximum(Z, 0))
+        G, P = hidden_forward(F, p["H"], p["h"]) if hidden else (F, None)
+        loss, dY = softmax_cross_entropy(G @ p["C"].T + p["c"], y)
+        grads = {"C": dY.T @ G, "c": dY.sum(axis=0)}
+        dF = dY @ p["C"]
+        if hidden:
+            dF, grads["H"], grads["h"] = hidden_backward(dF, F, p["H"], P)
+        dZ = self._features_grad(dF) * (Z > 0)
+        grads.update(B=self._layer_grad(dZ, U), b=dZ.reshape(-1, dZ.shape[-1]).sum(axis=0))
         if kappa == 1:
             return loss, grads
         U_c, U_r = center_radius(self._inputs(U_lo), self._inputs(U_hi))
         Z_c, Z_r = self._layer(p["B"], U_c) + p["b"], self._layer(np.abs(p["B"]), U_r)
         Z_lo, Z_hi = Z_c - Z_r, Z_c + Z_r
         F_c, F_r = center_radius(self._features(np.maximum(Z_lo, 0)), self._features(np.maximum(Z_hi, 0)))
-        M = margin_lower_bounds(p["C"], p["c"], F_c, F_r, y)
+        G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, p["H"], p["h"]) if hidden else (F_c, F_r, None, None)
+        M = margin_lower_bounds(p["C"], p["c"], G_c, G_r, y)
         robust, d_neg = softmax_cross_entropy(-M, y)
-        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(p["C"], F_c, F_r, y, -d_neg)
+        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(p["C"], G_c, G_r, y, -d_neg)
+        hidden_grads = {}
+        if hidden:
+            dF_c, dF_r, hidden_grads["H"], hidden_grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, p["H"], P_lo,
+                                                                               P_hi)
         dZ_lo = self._features_grad((dF_c - dF_r) / 2) * (Z_lo > 0)
         dZ_hi = self._features_grad((dF_c + dF_r) / 2) * (Z_hi > 0)
         dZ_c, dZ_r = dZ_lo + dZ_hi, dZ_hi - dZ_lo
         robust_grads = {"B": self._layer_grad(dZ_c, U_c) + np.sign(p["B"]) * self._layer_grad(dZ_r, U_r),
-                        "b": dZ_c.reshape(-1, dZ_c.shape[-1]).sum(axis=0), "C": dC, "c": dc}
+                        "b": dZ_c.reshape(-1, dZ_c.shape[-1]).sum(axis=0), "C": dC, "c": dc, **hidden_grads}
         return (kappa * loss + (1 - kappa) * robust,
                 {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(g.dtype) for k, g in grads.items()})
 

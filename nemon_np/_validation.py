@@ -1,7 +1,7 @@
 """Input checks shared by every public function: one-line ``ValueError`` messages."""
 import numpy as np
 
-__all__ = ["as_square_matrix", "as_weights", "as_float_dtype", "check_gamma"]
+__all__ = ["as_square_matrix", "as_weights", "as_float_dtype", "check_gamma", "check_readout_hidden"]
 
 _FLOAT_DTYPES = (np.float32, np.float64)
 
@@ -60,3 +60,11 @@ def check_gamma(gamma):
     if not np.isfinite(g) or g >= 1.0:
         raise ValueError(f"gamma must be finite and < 1 for a well-posed model, got {gamma!r}")
     return g
+
+
+def check_readout_hidden(width):
+    """Return the width of a read-out's hidden layer as an int: a whole number >= 0 (0: none)."""
+    if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer, float)) or int(width) != width \
+            or width < 0:
+        raise ValueError(f"readout_hidden must be a whole number >= 0 (0: a linear read-out), got {width!r}")
+    return int(width)

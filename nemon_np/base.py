@@ -9,12 +9,17 @@ import zipfile
 
 import numpy as np
 
+from .readout import enclosing_hidden_box, hidden_backward, hidden_box, hidden_box_grad, hidden_forward
 from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
 from .losses import softmax_cross_entropy
 from .solvers import ConvergenceWarning, WellPosednessError
 
 __all__ = ["check_labels", "read_model_file", "write_model_file", "model_file_format", "ImplicitClassifier"]
+
+# Model files with a hidden read-out layer are version 2, so that readers of version 1, which would
+# not know H and h, refuse them; files of a linear read-out stay version 1.
+HIDDEN_READOUT_VERSION = 2
 
 
 def check_labels(y, m, n_out):
@@ -100,16 +105,74 @@ class ImplicitClassifier:
     the implicit matrix, "A" or "K"), ``_state_inputs(U, dtype)`` (inputs in the state's layout),
     ``_inject(B, U)`` and ``_inject_grad(delta, U)`` (the input map and its weight gradient),
     ``_apply_implicit(P, X)`` and ``_implicit_grad(delta, X)`` (the same for the implicit map),
-    ``_features(X)`` and ``_features_grad(G)`` (what the head reads: x, or its average pooling, a
+    ``_features(X)`` and ``_features_grad(G)`` (what the read-out reads: x, or its average pooling, a
     linear map with non-negative weights, and its transpose), ``_feature_terms`` (entries averaged
     per feature, 0 for none), ``_state_weights()`` (eta or None), ``_adjoint_tolerance(tol, units)``
     (the default adjoint tolerance of a state of that many units) and ``_solve_embedded`` /
     ``_adjoint_embedded`` (the average iteration and its adjoint for the embedded network, whose
     state is [x_lo, x_hi] stacked on the last axis).
+
+    The read-out may have a hidden layer (:mod:`nemon_np.readout`): parameters ``H`` (p, n_f) and
+    ``h`` (p,) of g = relu(H f + h), which ``y = C g + c`` reads instead of the features f; ``H`` is
+    None without one.
     """
 
+    H = h = None   # a linear read-out
+
+    @property
+    def readout_hidden(self):
+        """The width p of the read-out's hidden layer, 0 for a linear read-out."""
+        return 0 if self.H is None else len(self.H)
+
+    def readout_params(self):
+        """The read-out's parameters: {"C", "c"} and, with a hidden layer, {"H", "h"}."""
+        extra = {} if self.H is None else {"H": self.H, "h": self.h}
+        return {"C": self.C, "c": self.c, **extra}
+
+    def _file_version(self):
+        """The model file version this model is written with: 1, or 2 with a hidden read-out layer."""
+        return 1 if self.H is None else HIDDEN_READOUT_VERSION
+
+    def _load_readout(self, data, n_features, path):
+        """Set C, c (and H, h when the file has them) from a model file's arrays, in the model's dtype;
+        shapes that do not fit ``n_features`` features are a one-line ``ValueError``."""
+        C, c, H, h = data["C"], data["c"], data.get("H"), data.get("h")
+        n_read = n_features
+        if H is not None or h is not None:
+            if H is None or h is None or H.ndim != 2 or H.shape[1] != n_features or h.shape != (len(H),):
+                raise ValueError(f"{path}: the hidden read-out layer's shapes do not fit {n_features} features "
+                                 f"(H {getattr(H, 'shape', None)}, h {getattr(h, 'shape', None)})")
+            self.H, self.h = (np.ascontiguousarray(a, dtype=self.dtype) for a in (H, h))
+            n_read = len(H)
+        if C.ndim != 2 or C.shape[1] != n_read or c.shape != (len(C),):
+            raise ValueError(f"{path}: the read-out's shapes do not fit {n_read} inputs (C {C.shape}, c {c.shape})")
+        self.C, self.c = (np.ascontiguousarray(a, dtype=self.dtype) for a in (C, c))
+
+    def readout(self, X):
+        """Logits ``C g + c`` of fixed points X (the state's layout), g the hidden layer's output on the
+        features f of X (x, or its average pooling; g = f for a linear read-out)."""
+        return self._readout_forward(self._features(X))[0]
+
+    def _readout_forward(self, F):
+        """(logits, G, P) from features F (m, n_f): G what C reads, P the hidden layer's pre-activation
+        (None without a hidden layer)."""
+        if self.H is None:
+            return F @ self.C.T + self.c, F, None
+        G, P = hidden_forward(F, self.H, self.h)
+        return G @ self.C.T + self.c, G, P
+
+    def _readout_backward(self, dY, F, G, P):
+        """(dF, grads) from dY = dL/dy through :meth:`_readout_forward`: dL/dF and the gradients of
+        the read-out's parameters, keyed as :meth:`readout_params`."""
+        grads = {"C": dY.T @ G, "c": dY.sum(axis=0)}
+        dG = dY @ self.C
+        if self.H is None:
+            return dG, grads
+        dF, grads["H"], grads["h"] = hidden_backward(dG, F, self.H, P)
+        return dF, grads
+
     def logits(self, U, **solver_options):
-        """Logits ``y = C x* + c`` (after pooling for a conv model), shape (m, n_out); keyword
+        """Logits ``y`` of :meth:`readout` at the fixed points, shape (m, n_out); keyword
         options go to ``equilibrium``."""
         X, _ = self.equilibrium(U, **solver_options)
         return self.readout(X)
@@ -195,9 +258,10 @@ class ImplicitClassifier:
 
     def interval_margins(self, U_lo, U_hi, labels, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
-        classifier on the bounds of :meth:`interval_bounds` (its ``options``), minus the rounding
-        allowance of their float64 evaluation: (m, n_out) float64, 0 at j = k. The prediction is
-        certified constant over the box when every other entry is > 0. Returns (M, info)."""
+        classifier on the bounds of :meth:`interval_bounds` (its ``options``), passed through the
+        hidden read-out layer by :func:`nemon_np.readout.enclosing_hidden_box` when there is one, minus
+        the rounding allowance of their float64 evaluation: (m, n_out) float64, 0 at j = k. The
+        prediction is certified constant over the box when every other entry is > 0. Returns (M, info)."""
         X_lo, X_hi, info = self.interval_bounds(U_lo, U_hi, **options)
         labels = check_labels(labels, len(X_lo), self.n_out)
         F_lo, F_hi = self._features(X_lo), self._features(X_hi)
@@ -205,6 +269,8 @@ class ImplicitClassifier:
             F_lo, F_hi = (F_lo * (1 - (self._feature_terms + 2) * UNIT_ROUNDOFF),
                           F_hi * (1 + (self._feature_terms + 2) * UNIT_ROUNDOFF))
         F_c, F_r = enclosing_center_radius(F_lo, F_hi)
+        if self.H is not None:
+            F_c, F_r = enclosing_hidden_box(F_c, F_r, self.H, self.h)
         C, c = self.C.astype(np.float64), self.c.astype(np.float64)
         M = margin_lower_bounds(C, c, F_c, F_r, labels) - margin_rounding(C, c, F_c, F_r, labels)
         M[np.arange(len(labels)), labels] = 0.0
@@ -217,8 +283,9 @@ class ImplicitClassifier:
         gradients (keyed as :meth:`loss_and_grad`'s); m_lo (m, n_out) are the lower bounds of
         y_k - y_j over the boxes [U_lo, U_hi] (DESIGN.md, "Certified training").
 
-        The robust part goes through the embedded fixed point by the implicit method: with the
-        margins' gradient g = dL/d[x_lo, x_hi], the adjoint w = g + E^T D w of the embedded network,
+        The robust part goes through the hidden read-out layer's box (:func:`nemon_np.readout.hidden_box`
+        and its gradient) when there is one, and through the embedded fixed point by the implicit
+        method: with the margins' gradient g = dL/d[x_lo, x_hi], the adjoint w = g + E^T D w of the embedded network,
         delta = D w, dL/dE = delta [x_lo, x_hi]^T folded onto A by :func:`fold_embedded_grad`, and
         dL/dB = (delta_lo + delta_hi) u_c^T + sign(B) (delta_hi - delta_lo) u_r^T. Solver options as
         for :meth:`loss_and_grad`; the bounds here are the solver's, not widened (for training, not
@@ -243,9 +310,15 @@ class ImplicitClassifier:
                                         method, alpha, tol_mode)
         n = X.shape[-1] // 2
         F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
-        M = margin_lower_bounds(self.C, self.c, F_c, F_r, y)
+        G_c, G_r = F_c, F_r
+        if self.H is not None:
+            G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, self.H, self.h)
+        M = margin_lower_bounds(self.C, self.c, G_c, G_r, y)
         robust, d_neg = softmax_cross_entropy(-M, y)
-        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, F_c, F_r, y, -d_neg)
+        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, G_c, G_r, y, -d_neg)
+        hidden_grads = {}
+        if self.H is not None:
+            dF_c, dF_r, hidden_grads["H"], hidden_grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, self.H, P_lo, P_hi)
         G = np.concatenate([self._features_grad((dF_c - dF_r) / 2), self._features_grad((dF_c + dF_r) / 2)], axis=-1)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = len(y)
@@ -257,7 +330,7 @@ class ImplicitClassifier:
         robust_grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
                         "B": (self._inject_grad(d_lo + d_hi, U_c)
                               + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
-                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), "C": dC, "c": dc}
+                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), "C": dC, "c": dc, **hidden_grads}
         total = kappa * loss + (1 - kappa) * robust
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:

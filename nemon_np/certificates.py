@@ -8,7 +8,8 @@ allowed for (see :meth:`nemon_np.base.ImplicitClassifier.interval_bounds`).
 
 * ``lipschitz`` (DESIGN.md, "Input-output Lipschitz bound"): m_j = (a sound lower bound of the margin
   at the image itself) - ||(c_k - c_j) diag(eta)||_1 ||diag(eta)^-1 B||_inf eps_u / (1 - max(mu, 0)),
-  eps_u = eps / min(std). For conv models B and C as in :func:`nemon_np.lipschitz.io_rows`.
+  eps_u = eps / min(std). For conv models B and C as in :func:`nemon_np.lipschitz.io_rows`; a
+  hidden read-out layer multiplies the radius by ||H~||_inf (:func:`nemon_np.lipschitz.lipschitz_factors`).
 * ``interval`` (DESIGN.md, "Interval certificates"): the relative classifier on the fixed point of the
   embedded network over the box.
 * ``combined``: the larger of the two lower bounds, pair by pair (both are lower bounds), so it
@@ -21,7 +22,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .conv_model import ConvNEMON
-from .lipschitz import io_rows
+from .lipschitz import lipschitz_factors
 from .measures import norm_inf
 from .pixels import channel_stats, input_box, to_inputs
 
@@ -63,10 +64,12 @@ class LipschitzCertificate(Certificate):
         M, _ = model.interval_margins(U, U, labels, **options)   # a sound margin at the image itself
         mu = model.mu_inf_upper()
         _, std = channel_stats(model, U.shape[1])
-        Bt, Ct, _, _ = io_rows(model)
+        factors = {k: R for k, (R, _) in lipschitz_factors(model).items()}
+        Ct = factors.pop("C")
         pair = np.abs(Ct[:, None, :] - Ct[None, :, :]).sum(axis=2)   # ||(c_k - c_j) diag(eta)||_1
+        inner = np.prod([norm_inf(R) for R in factors.values()])     # ||B~||_inf (times ||H~||_inf)
         # The relative 1e-12 covers the rounding of the radius's few float64 products and sums.
-        radius = pair * norm_inf(Bt) * (eps / std.min()) / (1.0 - max(mu, 0.0)) * (1 + 1e-12)
+        radius = pair * inner * (eps / std.min()) / (1.0 - max(mu, 0.0)) * (1 + 1e-12)
         rows = np.arange(len(U))
         M = M - radius[labels]
         M[rows, labels] = 0.0

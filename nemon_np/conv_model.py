@@ -1,8 +1,9 @@
-"""Convolutional NEMON: x = relu(K * x + B * u + b) on C channels, average pooling, linear head.
+"""Convolutional NEMON: x = relu(K * x + B * u + b) on C channels, average pooling, a read-out.
 
 The implicit layer's A is the convolution with K (see :mod:`nemon_np.conv`), well-posed when
 mu_inf_conv(K) < 1; B * u is a convolution of the input image with a (C, C_in, k, k) kernel,
-b a per-channel bias. Logits y = W pool_s(x) + c, pool_s the s x s average pooling.
+b a per-channel bias. Logits y = W pool_s(x) + c, pool_s the s x s average pooling (or, with a hidden
+read-out layer, y = W relu(H pool_s(x) + h) + c: :mod:`nemon_np.readout`).
 
 Implicit gradients as for the dense model (DESIGN.md): with z the pre-activation at the fixed
 point, D = 1[z > 0] and g = dL/dx*, solve w = g + K^T * (D w) and put delta = D w; then
@@ -18,12 +19,13 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from ._threads import check_n_jobs
-from ._validation import as_float_dtype, check_gamma
+from ._validation import as_float_dtype, check_gamma, check_readout_hidden
 from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
                    weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
+from .readout import init_hidden_layer
 from .solvers import (WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged,
                       contraction_alpha)
 
@@ -43,7 +45,7 @@ def check_conv_solver(method, adjoint="iterative"):
 
 
 FORMAT_NAME = "nemon_np.ConvNEMON"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest version read; 2 adds the optional hidden read-out layer
 PARAMETERS = ("K", "B", "b", "C", "c")
 
 
@@ -58,11 +60,14 @@ class ConvNEMON(ImplicitClassifier):
     seed : int; dtype : float32 or float64
     n_jobs : int, threads for the convolutions, weight gradients and solver steps (a run-time
         setting, not saved; results the same up to rounding; 2 on an otherwise idle 2-core machine)
+    readout_hidden : int, width p of an explicit hidden ReLU layer between the pooled features and
+        the logits, ``y = C relu(H pool(x) + h) + c`` (:mod:`nemon_np.readout`); 0 (the default): linear
 
     Attributes
     ----------
     K (C, C, k, k), B (C, in_channels, k, k), b (C,), c (n_out,)
     C (n_out, (H / s) (W / s) C): the head, on pooled features in (row, column, channel) order
+        (with a hidden read-out layer: H (p, (H / s) (W / s) C), h (p,) and C (n_out, p))
     metadata : dict saved with the model (dataset, normalization, ...)
     """
 
@@ -70,7 +75,7 @@ class ConvNEMON(ImplicitClassifier):
     n_jobs = 1       # models read from files start with one thread
 
     def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
-                 padding="circular", seed=0, dtype=np.float64, n_jobs=1):
+                 padding="circular", seed=0, dtype=np.float64, n_jobs=1, readout_hidden=0):
         H, W = (int(v) for v in image_size)
         for name, v in (("in_channels", in_channels), ("channels", channels), ("n_out", n_out), ("pool", pool)):
             if int(v) != v or v < 1:
@@ -84,6 +89,7 @@ class ConvNEMON(ImplicitClassifier):
         self.gamma, self.dtype, self.padding = check_gamma(gamma), as_float_dtype(dtype), padding
         self.in_channels, self.image_size, self.pool, self.kernel = int(in_channels), (H, W), int(pool), int(kernel)
         self.seed, self.n_jobs = int(seed), check_n_jobs(n_jobs)
+        readout_hidden = check_readout_hidden(readout_hidden)
         self.metadata = {}
         rng = np.random.default_rng(self.seed)
         C, k = int(channels), int(kernel)
@@ -92,7 +98,10 @@ class ConvNEMON(ImplicitClassifier):
         self.B = (rng.uniform(-1, 1, size=(C, in_channels, k, k)) / np.sqrt(in_channels * k * k)).astype(self.dtype)
         self.b = np.zeros(C, self.dtype)
         n_pooled = C * (H // pool) * (W // pool)
-        self.C = (rng.uniform(-1, 1, size=(n_out, n_pooled)) / np.sqrt(n_pooled)).astype(self.dtype)
+        if readout_hidden:
+            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n_pooled, n_out, self.dtype)
+        else:
+            self.C = (rng.uniform(-1, 1, size=(n_out, n_pooled)) / np.sqrt(n_pooled)).astype(self.dtype)
         self.c = np.zeros(n_out, self.dtype)
 
     # -- shapes -----------------------------------------------------------
@@ -113,8 +122,9 @@ class ConvNEMON(ImplicitClassifier):
         return self.C.shape[0]
 
     def params(self):
-        """The parameters as a dict keyed ``"K","B","b","C","c"`` (the arrays themselves)."""
-        return {k: getattr(self, k) for k in PARAMETERS}
+        """The parameters as a dict keyed ``"K","B","b","C","c"`` (and ``"H","h"`` with a hidden
+        read-out layer): the arrays themselves."""
+        return {"K": self.K, "B": self.B, "b": self.b, **self.readout_params()}
 
     def mu_inf(self):
         """mu_inf of the convolution K (exact for circular padding, an upper bound for zero)."""
@@ -249,29 +259,26 @@ class ConvNEMON(ImplicitClassifier):
         G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
         return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
 
-    def readout(self, X):
-        """Logits ``C pool(x) + c`` of fixed points X (m, H, W, C)."""
-        return self._pool(X) @ self.C.T + self.c
-
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
                   tol_mode="absolute"):
         """Forward solve, then the adjoint for dL/dY (the cross-entropy's, or ``dY``'s); returns the
-        channel-last input and fixed points, pooled features, loss, dY, delta and solver info."""
+        channel-last input and fixed points, loss, the read-out's gradients, delta and solver info."""
         check_conv_solver(method, adjoint)
         Ucl = self._images(U)
         X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation, tol_mode)
         pooled = self._pool(X)
-        finfo["logits"] = pooled @ self.C.T + self.c
-        m, H, W, C = X.shape
+        finfo["logits"], G, P = self._readout_forward(pooled)
+        m = len(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, m, self.n_out))
         else:
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (m, self.n_out):
                 raise ValueError(f"dY must have shape ({m}, {self.n_out}), got {dY.shape}")
-        # Per-sample scale (m dY), so that tol means the same at any batch size.
-        g = self._pool_transpose((m * dY) @ self.C)
+        dF, readout_grads = self._readout_backward(dY, pooled, G, P)
+        # Per-sample scale (m dF), so that tol means the same at any batch size.
+        g = self._pool_transpose(m * dF)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         # The adjoint residual is an l_1 norm over all C H W units: by default the same residual per
         # unit as a dense model of 100 units at tol.
@@ -282,7 +289,7 @@ class ConvNEMON(ImplicitClassifier):
         binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
                                converged=bres <= self.dtype(adjoint_tol))
         delta = mask * Wadj / m
-        return Ucl, X, pooled, loss, dY, delta, {"forward": finfo, "backward": binfo}
+        return Ucl, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
 
     def _input_gradient(self, U, delta):
         """B^T * delta (m, H, W, C_in), in U's layout: flat or (m, C_in, H, W)."""
@@ -296,10 +303,10 @@ class ConvNEMON(ImplicitClassifier):
         plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits).
 
         ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
-        Ucl, X, pooled, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
-                                                               adjoint_tol, on_violation, tol_mode=tol_mode)
+        Ucl, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
+                                                                  adjoint_tol, on_violation, tol_mode=tol_mode)
         grads = {"K": self._inject_grad(delta, X), "B": self._inject_grad(delta, Ucl),
-                 "b": delta.sum(axis=(0, 1, 2)), "C": dY.T @ pooled, "c": dY.sum(axis=0)}
+                 "b": delta.sum(axis=(0, 1, 2)), **readout_grads}
         if with_input:
             grads["U"] = self._input_gradient(U, delta)
         return (loss, grads, info) if return_info else (loss, grads)
@@ -308,20 +315,20 @@ class ConvNEMON(ImplicitClassifier):
                   adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """``d/dU sum_{i,k} dY_ik y_ik(U)``, in U's layout (see :meth:`nemon_np.NEMON.input_vjp`)."""
         delta = self._backward(U, None, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=dY,
-                               tol_mode=tol_mode)[5]
+                               tol_mode=tol_mode)[4]
         return self._input_gradient(U, delta)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
                    adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
         """Gradient of the mean loss with respect to U, in U's layout: ``B^T * delta``."""
         delta = self._backward(U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation,
-                               tol_mode=tol_mode)[5]
+                               tol_mode=tol_mode)[4]
         return self._input_gradient(U, delta)
 
     # -- persistence ------------------------------------------------------
     def save(self, path):
         """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
-        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, self.params(), self.metadata, gamma=self.gamma,
+        write_model_file(path, FORMAT_NAME, self._file_version(), self.params(), self.metadata, gamma=self.gamma,
                          seed=self.seed, dtype=np.dtype(self.dtype).name, padding=self.padding, pool=self.pool,
                          image_size=self.image_size, in_channels=self.in_channels)
 
@@ -335,17 +342,16 @@ class ConvNEMON(ImplicitClassifier):
         model.dtype = as_float_dtype(str(data["dtype"]))
         model.padding, model.pool = str(data["padding"]), int(data["pool"])
         model.image_size, model.in_channels = tuple(int(v) for v in data["image_size"]), int(data["in_channels"])
-        for k in PARAMETERS:
+        for k in ("K", "B", "b"):
             setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
         model.kernel = model.K.shape[2]
         H, W = model.image_size
         C = model.K.shape[0]
         if (model.K.shape != (C, C, model.kernel, model.kernel)
-                or model.B.shape != (C, model.in_channels) + model.K.shape[2:]
-                or model.b.shape != (C,) or model.C.shape[1:] != (C * (H // model.pool) * (W // model.pool),)
-                or model.c.shape != (model.C.shape[0],)):
+                or model.B.shape != (C, model.in_channels) + model.K.shape[2:] or model.b.shape != (C,)):
             raise ValueError(f"{path}: parameter shapes are inconsistent (K {model.K.shape}, B {model.B.shape}, "
-                             f"b {model.b.shape}, C {model.C.shape}, c {model.c.shape})")
+                             f"b {model.b.shape})")
+        model._load_readout(data, C * (H // model.pool) * (W // model.pool), path)
         model.metadata = data["metadata"]
         return model
 
@@ -353,4 +359,5 @@ class ConvNEMON(ImplicitClassifier):
         H, W = self.image_size
         return (f"ConvNEMON(in_channels={self.in_channels}, image_size=({H}, {W}), channels={self.channels}, "
                 f"kernel={self.kernel}, pool={self.pool}, n_out={self.n_out}, gamma={self.gamma}, "
-                f"padding={self.padding!r}, dtype={np.dtype(self.dtype).name})")
+                f"padding={self.padding!r}, dtype={np.dtype(self.dtype).name}"
+                + (f", readout_hidden={self.readout_hidden})" if self.H is not None else ")"))

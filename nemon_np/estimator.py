@@ -18,7 +18,8 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     """NEMON classifier ``x = relu(Ax + Bu + b)``, ``y = Cx + c`` with mu_inf(A) <= gamma.
 
     Parameters are those of ``python -m nemon_np.train`` (see :class:`nemon_np.training.TrainConfig`):
-    model ("nemon", "mondeq" or "conv"), hidden, channels, kernel, pool, padding (conv), epochs,
+    model ("nemon", "mondeq" or "conv"), hidden, channels, kernel, pool, padding (conv), readout_hidden
+    (the width of a hidden ReLU layer in the read-out, 0: linear; :mod:`nemon_np.readout`), epochs,
     batch_size, lr, schedule, gamma, constraint, min_diagonal, lipschitz_reg,
     lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
     model's certified defaults), and certified training: certified_eps (the radius of the l_inf
@@ -38,13 +39,14 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
                  gamma=0.95, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
                  solver=None, alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0,
                  certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
-                 padding="circular", image_shape=None, n_jobs=1):
+                 padding="circular", image_shape=None, n_jobs=1, readout_hidden=0):
         self.model = model
         self.hidden = hidden
         self.channels = channels
         self.kernel = kernel
         self.pool = pool
         self.padding = padding
+        self.readout_hidden = readout_hidden
         self.image_shape = image_shape
         self.epochs = epochs
         self.batch_size = batch_size

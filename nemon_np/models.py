@@ -15,17 +15,18 @@ w = g + A^T D w and put delta = D w; then
 """
 import numpy as np
 
-from ._validation import as_float_dtype, as_weights, check_gamma
+from ._validation import as_float_dtype, as_weights, check_gamma, check_readout_hidden
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
 from .measures import mu_inf
 from .projection import project_mu_inf
+from .readout import init_hidden_layer
 from .solvers import MONDEQ_METHODS, contraction_alpha, solve_adjoint, solve_equilibrium
 
 __all__ = ["NEMON"]
 
 FORMAT_NAME = "nemon_np.NEMON"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest version read; 2 adds the optional hidden read-out layer
 PARAMETERS = ("A", "B", "b", "C", "c")
 
 
@@ -44,15 +45,19 @@ class NEMON(ImplicitClassifier):
     weights : (n_hidden,) array, optional
         Diagonal weights eta > 0 of the weighted norm ``||x||_{inf,eta} = max_i |x_i|/eta_i``
         in which A is held contractive; None is the unweighted l_inf norm.
+    readout_hidden : int
+        Width p of an explicit hidden ReLU layer in the read-out, ``y = C relu(H x + h) + c``
+        (:mod:`nemon_np.readout`); 0 (the default) is the paper's linear read-out.
 
     Attributes
     ----------
     A (n, n), B (n, n_in), b (n,), C (n_out, n), c (n_out,) : ndarray of ``dtype``
+        (with a hidden read-out layer also H (p, n) and h (p,), and C (n_out, p))
     metadata : dict of str -> str, number or array
         Saved with the model (for instance the dataset and its normalization).
     """
 
-    def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None):
+    def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None, readout_hidden=0):
         for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
@@ -60,6 +65,7 @@ class NEMON(ImplicitClassifier):
         self.dtype = as_float_dtype(dtype)
         self.seed = int(seed)
         self.weights = as_weights(weights, int(n_hidden))
+        readout_hidden = check_readout_hidden(readout_hidden)
         self.metadata = {}
         rng = np.random.default_rng(self.seed)
         n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
@@ -68,7 +74,10 @@ class NEMON(ImplicitClassifier):
         self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
         self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
         self.b = np.zeros(n, self.dtype)
-        self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
+        if readout_hidden:
+            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n, n_out, self.dtype)
+        else:
+            self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
         self.c = np.zeros(n_out, self.dtype)
 
     # -- shapes -----------------------------------------------------------
@@ -85,8 +94,9 @@ class NEMON(ImplicitClassifier):
         return self.C.shape[0]
 
     def params(self):
-        """The parameters as a dict keyed ``"A","B","b","C","c"`` (the arrays themselves)."""
-        return {k: getattr(self, k) for k in PARAMETERS}
+        """The parameters as a dict keyed ``"A","B","b","C","c"`` (and ``"H","h"`` with a hidden
+        read-out layer): the arrays themselves."""
+        return {"A": self.A, "B": self.B, "b": self.b, **self.readout_params()}
 
     def mu_inf(self):
         """mu_inf(A) in the model's (weighted) norm."""
@@ -162,10 +172,6 @@ class NEMON(ImplicitClassifier):
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 
-    def readout(self, X):
-        """Logits ``C x + c`` of hidden states X (m, n_hidden)."""
-        return X @ self.C.T + self.c
-
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
                   tol_mode="absolute"):
@@ -173,7 +179,7 @@ class NEMON(ImplicitClassifier):
         U = self._inputs(U)
         X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
                                     on_violation=on_violation, tol_mode=tol_mode)
-        finfo["logits"] = self.readout(X)
+        finfo["logits"], G, P = self._readout_forward(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, U.shape[0], self.n_out))
         else:
@@ -182,14 +188,15 @@ class NEMON(ImplicitClassifier):
                 raise ValueError(f"dY must have shape ({U.shape[0]}, {self.n_out}), got {dY.shape}")
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = U.shape[0]
+        dX, readout_grads = self._readout_backward(dY, X, G, P)
         # Solve for the per-sample loss (g of order 1), so that tol means the same at any batch size.
-        W, binfo = solve_adjoint(self.A, mask, (m * dY) @ self.C, method=adjoint,
+        W, binfo = solve_adjoint(self.A, mask, m * dX, method=adjoint,
                                  alpha=alpha if method == "average" else None,
                                  tol=tol if adjoint_tol is None else adjoint_tol,
                                  max_iter=max_iter, weights=self.weights, on_violation=on_violation,
                                  certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
         delta = (mask * W) / m
-        return U, X, loss, dY, delta, {"forward": finfo, "backward": binfo}
+        return U, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,
                   adjoint="iterative", adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
@@ -228,10 +235,9 @@ class NEMON(ImplicitClassifier):
         loss : float
         grads : dict ``"A","B","b","C","c"`` -> arrays shaped like the parameters
         """
-        U, X, loss, dY, delta, info = self._backward(U, y, tol, max_iter, method, alpha,
-                                                     adjoint, adjoint_tol, on_violation, tol_mode=tol_mode)
-        grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0),
-                 "C": dY.T @ X, "c": dY.sum(axis=0)}
+        U, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
+                                                                adjoint_tol, on_violation, tol_mode=tol_mode)
+        grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0), **readout_grads}
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
@@ -247,7 +253,7 @@ class NEMON(ImplicitClassifier):
     # -- persistence ------------------------------------------------------
     def save(self, path):
         """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
-        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, self.params(), self.metadata,
+        write_model_file(path, FORMAT_NAME, self._file_version(), self.params(), self.metadata,
                          gamma=self.gamma, seed=self.seed, dtype=np.dtype(self.dtype).name,
                          weights=np.array([]) if self.weights is None else self.weights)
 
@@ -255,24 +261,25 @@ class NEMON(ImplicitClassifier):
     def load(cls, path):
         """Read a model written by :meth:`save`; a truncated or foreign file is a ``ValueError``."""
         data = read_model_file(path, FORMAT_NAME, FORMAT_VERSION, PARAMETERS + ("gamma", "seed", "dtype", "weights"))
-        A, B, C = data["A"], data["B"], data["C"]
+        A, B = data["A"], data["B"]
         n = A.shape[0] if A.ndim == 2 else -1
-        if (A.shape != (n, n) or B.ndim != 2 or B.shape[0] != n or C.ndim != 2 or C.shape[1] != n
-                or data["b"].shape != (n,) or data["c"].shape != (C.shape[0],)):
+        if A.shape != (n, n) or B.ndim != 2 or B.shape[0] != n or data["b"].shape != (n,):
             raise ValueError(f"{path}: parameter shapes are inconsistent "
-                             f"(A {A.shape}, B {B.shape}, b {data['b'].shape}, C {C.shape}, c {data['c'].shape})")
+                             f"(A {A.shape}, B {B.shape}, b {data['b'].shape})")
         model = cls.__new__(cls)
         model.gamma = float(data["gamma"])
         model.seed = int(data["seed"])
         model.dtype = as_float_dtype(str(data["dtype"]))
         w = data["weights"]
         model.weights = None if w.size == 0 else as_weights(w, n)
-        for k in PARAMETERS:
+        for k in ("A", "B", "b"):
             setattr(model, k, np.ascontiguousarray(data[k], dtype=model.dtype))
+        model._load_readout(data, n, path)
         model.metadata = data["metadata"]
         return model
 
     def __repr__(self):
         w = "" if self.weights is None else ", weighted"
+        r = f", readout_hidden={self.readout_hidden}" if self.H is not None else ""
         return (f"NEMON(n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, "
-                f"gamma={self.gamma}, dtype={np.dtype(self.dtype).name}{w})")
+                f"gamma={self.gamma}, dtype={np.dtype(self.dtype).name}{w}{r})")

@@ -27,12 +27,17 @@ from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Traine
 HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
              "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint) "
-             "or conv (convolutional NEMON: x = relu(K * x + B * u + b), pooling, linear head; "
+             "or conv (convolutional NEMON: x = relu(K * x + B * u + b), pooling, read-out; "
              "mu_inf(K) <= gamma exact per output channel)",
     "hidden": "hidden units n (size of the implicit state x; dense models)",
     "channels": "conv model: channels C of the implicit convolutional layer",
     "kernel": "conv model: odd kernel size k of the k x k convolutions K (implicit) and B (input)",
-    "pool": "conv model: s x s average pooling before the linear head (s divides the image size)",
+    "pool": "conv model: s x s average pooling before the read-out (s divides the image size)",
+    "readout_hidden": "width p of an explicit hidden ReLU layer between the implicit layer's features and the "
+                      "logits, y = C relu(H f + h) + c (f: x, or its pooling for conv models); 0 = the paper's "
+                      "linear read-out y = C f + c. The implicit layer and its certificates are unchanged; the "
+                      "interval bounds pass the layer by interval arithmetic and the Lipschitz bound gains "
+                      "the factor ||H||_inf",
     "padding": "conv model: circular (the paper's; mu_inf(K) exact) or zero padding (mu_inf(K) an upper bound)",
     "augment": "transform each training batch: crop-flip (random crops with padding 4 and horizontal flips, "
                "CIFAR-10's standard; what --augment alone means), flip (horizontal flips alone, no crops) "
@@ -57,7 +62,8 @@ HELP = {
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
                      "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
-                      "(||B||^2 + ||C||^2) / (2 (1 - gamma)))",
+                      "(||B||^2 + ||C||^2) / (2 (1 - gamma)); with --readout-hidden (||B||^3 + ||H||^3 + "
+                      "||C||^3) / (3 (1 - gamma)))",
     "solver": "default: average (nemon) or peaceman-rachford (mondeq). Fixed-point solver: average "
               "(step alpha, default alpha*), picard (alpha = 1), adaptive (the paper "
               "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
@@ -221,9 +227,10 @@ def main(argv=None):
 
 def describe(config):
     """A short name of the configured model for figure titles."""
+    readout = f", read-out hidden layer {config.readout_hidden}" if config.readout_hidden else ""
     if config.model == "conv":
-        return f"conv NEMON, {config.channels} channels, {config.kernel}x{config.kernel}"
-    return f"{'monDEQ' if config.model == 'mondeq' else 'NEMON'}, n = {config.hidden}"
+        return f"conv NEMON, {config.channels} channels, {config.kernel}x{config.kernel}{readout}"
+    return f"{'monDEQ' if config.model == 'mondeq' else 'NEMON'}, n = {config.hidden}{readout}"
 
 
 def certify(model, config):

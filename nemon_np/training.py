@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ._threads import check_n_jobs
-from ._validation import as_float_dtype, check_gamma
+from ._validation import as_float_dtype, check_gamma, check_readout_hidden
 from .constraints import constraint_names, get_constraint
 from .conv import PADDINGS
 from .conv_model import ConvNEMON, check_conv_solver
@@ -74,7 +74,9 @@ class TrainConfig:
     solved by Peaceman-Rachford with the direct adjoint (``solver``/``adjoint`` None pick the
     model's defaults); ``constraint`` then does not apply.
     ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
-    ``hidden`` does not apply), with the projection or parametrization constraint on its kernel;
+    ``hidden`` does not apply), with the projection or parametrization constraint on its kernel.
+    ``readout_hidden`` > 0 puts an explicit hidden ReLU layer of that width into either model's
+    read-out, ``y = C relu(H f + h) + c`` (:mod:`nemon_np.readout`); 0 is the paper's linear read-out.
     ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
     (random crops, padding 4, and horizontal flips: CIFAR-10's standard) or "shift" (translations
     by up to 2 pixels, no flips: for digits); True and False are read as "crop-flip" and "none".
@@ -101,6 +103,7 @@ class TrainConfig:
     kernel: int = 3
     pool: int = 4
     padding: str = "circular"
+    readout_hidden: int = 0
     augment: str = "none"
     augment_pad: int = None
     epochs: int = None
@@ -165,6 +168,7 @@ class TrainConfig:
             if int(v) != v or v < (0 if name == "max_iter" else 1):
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         check_gamma(self.gamma)
+        check_readout_hidden(self.readout_hidden)
         as_float_dtype(self.dtype)
         for name, allowed in (("schedule", SCHEDULES), ("lipschitz_form", LIPSCHITZ_FORMS),
                               ("solver", FORWARD_METHODS), ("adjoint", ADJOINT_METHODS), ("tol_mode", TOL_MODES)):
@@ -272,11 +276,13 @@ def build_model(config, n_in, n_out, image_shape=None):
     (C, H, W)."""
     dtype = as_float_dtype(config.dtype)
     if config.model != "conv":
-        return NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed, dtype=dtype)
+        return NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed, dtype=dtype,
+                     readout_hidden=config.readout_hidden)
     if image_shape is None or len(image_shape) != 3 or int(np.prod(image_shape)) != n_in:
         raise ValueError(f"model conv needs the image shape (C, H, W) of the {n_in} input features, got {image_shape}")
     return ConvNEMON(image_shape[0], image_shape[1:], channels=config.channels, kernel=config.kernel, n_out=n_out,
-                     pool=config.pool, gamma=config.gamma, padding=config.padding, seed=config.seed, dtype=dtype)
+                     pool=config.pool, gamma=config.gamma, padding=config.padding, seed=config.seed, dtype=dtype,
+                     readout_hidden=config.readout_hidden)
 
 
 def load_initial_model(config, n_in, n_out, image_shape=None):
@@ -294,7 +300,7 @@ def load_initial_model(config, n_in, n_out, image_shape=None):
                          f"the config asks for {config.model}")
     names = (("in_channels", "image_size", "channels", "kernel", "pool", "padding", "n_out") if config.model == "conv"
              else ("n_in", "n_hidden", "n_out"))
-    for name in names + ("gamma", "dtype"):
+    for name in names + ("readout_hidden", "gamma", "dtype"):
         have, want = getattr(model, name), getattr(reference, name)
         if have != want:
             raise ValueError(f"init: {path} has {name} = {getattr(have, '__name__', have)}, the config asks for "
@@ -325,7 +331,7 @@ class Trainer:
 
     def _params(self):
         m = self.model
-        return {**self.constraint.free, "B": m.B, "b": m.b, "C": m.C, "c": m.c}
+        return {**self.constraint.free, "B": m.B, "b": m.b, **m.readout_params()}
 
     def step(self, U, y, lr, eps=0.0, kappa=1.0):
         """One optimizer step on a batch, on the certified loss when eps > 0 and kappa < 1 (boxes of

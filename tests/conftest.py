@@ -10,10 +10,14 @@ import nemon_np
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def random_model(n_in, n, n_out, mu, seed, dtype=np.float64, weights=None):
-    """A NEMON with dense random parameters and A projected onto mu_inf(A) <= mu."""
+def random_model(n_in, n, n_out, mu, seed, dtype=np.float64, weights=None, readout_hidden=0):
+    """A NEMON with dense random parameters and A projected onto mu_inf(A) <= mu (with a hidden
+    read-out layer of ``readout_hidden`` units and a random bias h when > 0)."""
     rng = np.random.default_rng(seed)
-    model = nemon_np.NEMON(n_in, n, n_out, gamma=min(mu, 0.99), seed=seed, dtype=dtype, weights=weights)
+    model = nemon_np.NEMON(n_in, n, n_out, gamma=min(mu, 0.99), seed=seed, dtype=dtype, weights=weights,
+                           readout_hidden=readout_hidden)
+    if readout_hidden:
+        model.h = (0.3 * rng.normal(size=readout_hidden)).astype(dtype)
     model.A = nemon_np.project_mu_inf((rng.normal(size=(n, n)) / np.sqrt(n)).astype(dtype), mu, weights)
     model.b = (0.3 * rng.normal(size=n)).astype(dtype)
     model.c = rng.normal(size=n_out).astype(dtype)

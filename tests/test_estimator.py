@@ -21,7 +21,8 @@ CONV = dict(model="conv", channels=4, pool=1, padding="zero", epochs=10, batch_s
 
 
 @parametrize_with_checks([NEMONClassifier(dtype="float64", **QUICK), NEMONClassifier(**QUICK),
-                          NEMONClassifier(dtype="float64", **CONV)],
+                          NEMONClassifier(dtype="float64", **CONV), NEMONClassifier(dtype="float64", readout_hidden=8,
+                                                                                    **QUICK)],
                          expected_failed_checks=_expected_failures)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)

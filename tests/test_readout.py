@@ -1,0 +1,203 @@
+"""The hidden read-out layer y = C relu(H f + h) + c: gradients against finite differences, interval
+and Lipschitz certificates sound against sampled inputs, persistence, and training through the CLI."""
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from nemon_np import ConvNEMON, NEMON, load_model, mu_inf
+from nemon_np.certificates import CERTIFICATES, certify
+from nemon_np.conv import mu_inf_conv
+from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
+from nemon_np.pixels import to_inputs
+from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad
+from nemon_np.train import main as train_main
+from conftest import finite_difference, random_model
+
+EXACT = dict(tol=1e-12, max_iter=20_000)
+TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
+
+
+def _samples(rng, lo, hi, n):
+    """n points of each box: random interior points and random corners, alternating."""
+    for t in range(n):
+        yield np.where(rng.random(lo.shape) < 0.5, lo, hi) if t % 2 else lo + rng.random(lo.shape) * (hi - lo)
+
+
+def _dense(rng, weighted=False, n=7, p=5, mu=0.6, dtype=np.float64):
+    eta = rng.uniform(0.5, 2, size=n) if weighted else None
+    model = random_model(5, n, 3, mu, seed=2, weights=eta, readout_hidden=p, dtype=dtype)
+    A = rng.normal(size=(n, n))   # no zero entries: |.| and the split are differentiable there
+    model.A = (A * mu / mu_inf(np.abs(A), eta)).astype(dtype)
+    return model
+
+
+def _conv(rng, p=4, dtype=np.float64):
+    model = ConvNEMON(2, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.9, seed=1, dtype=dtype,
+                      readout_hidden=p)
+    K = rng.normal(size=model.K.shape)
+    model.K = (K * 0.5 / mu_inf_conv(np.abs(K))).astype(dtype)
+    model.b = (0.3 * rng.normal(size=2)).astype(dtype)
+    model.h = (0.3 * rng.normal(size=p)).astype(dtype)
+    return model
+
+
+def test_hidden_box_holds_and_its_gradient_is_the_chain_rule(rng):
+    H, h = rng.normal(size=(6, 9)), rng.normal(size=6)
+    F_c, F_r = rng.normal(size=(4, 9)), rng.uniform(0, 0.3, size=(4, 9))
+    G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)
+    for F in _samples(rng, F_c - F_r, F_c + F_r, 200):
+        G = np.maximum(F @ H.T + h, 0)
+        assert np.all(G_c - G_r <= G) and np.all(G <= G_c + G_r)
+    np.testing.assert_allclose(hidden_box(F_c, F_r, H, h)[:2], (G_c, G_r), atol=1e-12)
+    W_c, W_r = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    objective = lambda: np.sum(W_c * hidden_box(F_c, F_r, H, h)[0] + W_r * hidden_box(F_c, F_r, H, h)[1])  # noqa: E731
+    P_lo, P_hi = hidden_box(F_c, F_r, H, h)[2:]
+    dF_c, dF_r, dH, dh = hidden_box_grad(W_c, W_r, F_c, F_r, H, P_lo, P_hi)
+    for got, P in ((dF_c, F_c), (dF_r, F_r), (dH, H), (dh, h)):
+        np.testing.assert_allclose(got, finite_difference(objective, P), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["dense", "weighted", "conv"])
+@pytest.mark.parametrize("kappa", [1.0, 0.3])
+def test_loss_gradients_match_finite_differences(rng, kind, kappa):
+    model = _conv(rng) if kind == "conv" else _dense(rng, weighted=kind == "weighted")
+    U = rng.normal(size=(3, model.n_in))
+    y = np.array([0, 1, 2])
+    loss = lambda: model.certified_loss_and_grad(U, y, U - 0.1, U + 0.2, kappa, **TIGHT)[0]  # noqa: E731
+    _, grads = model.certified_loss_and_grad(U, y, U - 0.1, U + 0.2, kappa, **TIGHT)
+    assert set(grads) == set(model.params()) >= {"H", "h"}
+    for name, P in model.params().items():
+        np.testing.assert_allclose(grads[name], finite_difference(loss, P), rtol=1e-5, atol=1e-8, err_msg=name)
+    dU = model.input_grad(U, y, **TIGHT)
+    np.testing.assert_allclose(dU, finite_difference(lambda: model.loss_and_grad(U, y, **TIGHT)[0], U),
+                               rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["dense", "weighted", "conv", "float32"])
+def test_interval_margins_hold_for_every_input_of_the_box(rng, kind):
+    if kind == "conv":
+        model = _conv(rng)
+    else:
+        model = _dense(rng, weighted=kind == "weighted", n=20, p=12, mu=0.9,
+                       dtype=np.float32 if kind == "float32" else np.float64)
+    exact = model
+    if kind == "float32":   # the bounds hold for the exact model of the stored float32 parameters
+        exact = _dense(rng, n=20, p=12, mu=0.9)
+        for k, v in model.params().items():
+            setattr(exact, k, v.astype(np.float64))
+    U = rng.normal(size=(12, model.n_in))
+    labels = rng.integers(0, model.n_out, size=12)
+    for eps in (0.0, 0.05, 0.3):
+        M, _ = model.interval_margins(U - eps, U + eps, labels)
+        for V in _samples(rng, U - eps, U + eps, 40):
+            Y = exact.logits(V, **EXACT)
+            assert np.all(M <= Y[np.arange(12), labels][:, None] - Y)
+
+
+@pytest.mark.parametrize("kind", ["dense", "weighted", "conv"])
+def test_lipschitz_bound_holds_and_its_subgradient_is_the_gradient(rng, kind):
+    model = _conv(rng) if kind == "conv" else _dense(rng, weighted=kind == "weighted", n=10, p=6)
+    L = lipschitz_bound(model)
+    U = rng.normal(size=(200, model.n_in))
+    V = U + rng.uniform(-0.01, 0.01, size=U.shape)
+    ratio = (np.abs(model.logits(U, **EXACT) - model.logits(V, **EXACT)).max(axis=1)
+             / np.abs(U - V).max(axis=1))
+    assert ratio.max() <= L
+    value, grads = lipschitz_bound_and_grad(model)
+    assert value == L and "H" in grads
+    for name in ("B", "C", "H"):
+        P = getattr(model, name)
+        np.testing.assert_allclose(grads[name], finite_difference(lambda: lipschitz_bound(model), P),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+    smooth, smooth_grads = smooth_lipschitz_bound_and_grad(model)
+    assert smooth >= L * (1 - max(model.mu_inf(), 0)) / (1 - max(model.gamma, 0)) and "H" in smooth_grads
+    for name in ("B", "C", "H"):
+        P = getattr(model, name)
+        np.testing.assert_allclose(smooth_grads[name],
+                                   finite_difference(lambda: smooth_lipschitz_bound_and_grad(model)[0], P),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_certificates_are_sound_and_combined_certifies_no_fewer(rng):
+    model = _dense(rng, n=20, p=12, mu=0.5)
+    model.B *= 0.2
+    model.metadata.update(mean=0.5, std=0.5)
+    pixels = rng.random((100, 5))
+    labels = model.predict(to_inputs(model, pixels))
+    counts = {}
+    for eps in (0.002, 0.02):
+        got = {name: certify(model, pixels, labels, eps, name) for name in CERTIFICATES}
+        for name, result in got.items():
+            for _ in range(20):   # no point of the ball beats a certified margin bound
+                V = to_inputs(model, np.clip(pixels + rng.uniform(-eps, eps, pixels.shape), 0, 1), np.float64)
+                Y = model.logits(V, **EXACT)
+                assert np.all(result.margins <= Y[np.arange(100), labels][:, None] - Y + 1e-12)
+        assert np.all(got["combined"].certified >= got["interval"].certified)
+        assert np.all(got["combined"].certified >= got["lipschitz"].certified)
+        counts[eps] = {name: int(r.certified.sum()) for name, r in got.items()}
+    assert counts[0.002]["lipschitz"] > 0 and counts[0.002]["interval"] > 0, counts
+
+
+def test_save_and_load_keep_the_layer_and_mark_the_file(rng, tmp_path):
+    for model in (_dense(rng), _conv(rng)):
+        path = tmp_path / "model.npz"
+        model.save(path)
+        loaded = load_model(path)
+        assert loaded.readout_hidden == model.readout_hidden and repr(loaded) == repr(model)
+        U = rng.normal(size=(4, model.n_in))
+        np.testing.assert_array_equal(loaded.logits(U, **EXACT), model.logits(U, **EXACT))
+        assert int(np.load(path)["version"]) == 2
+    linear = NEMON(4, 5, 3, gamma=0.5)
+    linear.save(tmp_path / "linear.npz")
+    assert int(np.load(tmp_path / "linear.npz")["version"]) == 1 and load_model(tmp_path / "linear.npz").H is None
+    arrays = dict(np.load(path))
+    arrays["H"] = arrays["H"][:, :-1]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="hidden read-out layer's shapes"):
+        load_model(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("width", [-1, 2.5, "3", True])
+def test_bad_widths_are_one_line_errors(width):
+    with pytest.raises(ValueError, match="readout_hidden must be a whole number >= 0"):
+        NEMON(4, 5, 3, readout_hidden=width)
+    with pytest.raises(ValueError, match="readout_hidden must be a whole number >= 0"):
+        ConvNEMON(1, (4, 4), channels=2, pool=2, readout_hidden=width)
+
+
+def test_cli_trains_a_model_with_a_hidden_read_out_layer(shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(["--dataset", "mnist", "--data-dir", str(shared_data), "--readout-hidden", "32",
+                       "--epochs", "4", "--limit-train", "10000", "--certify-samples", "300", "--certified-eps", "0.05",
+                       "--eps-ramp", "2", "--no-progress", "--out", str(out)])
+    assert code == 0
+    model = load_model(out / "model.npz")
+    assert model.readout_hidden == 32 and model.H.shape == (32, 100) and model.C.shape == (10, 32)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["test_acc"] > 0.8 and summary["test_certified_acc"] > 0.2, summary   # 87.6 / 41.0% measured
+    assert "readout_hidden=32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
+@pytest.mark.parametrize("readout_hidden", [0, 5])
+def test_explicit_twin_gradients_match_finite_differences(rng, image_shape, readout_hidden):
+    """The explicit baseline of benchmarks/bench_certified.py, with and without the hidden read-out layer."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from explicit_ibp import ExplicitNet
+    net = ExplicitNet(16, 3, 4, seed=1, dtype=np.float64, image_shape=image_shape, kernel=3, pool=2,
+                      readout_hidden=readout_hidden)
+    for k in net.params:   # no zero biases: every relu is away from its kink
+        net.params[k] += 0.1 * rng.normal(size=net.params[k].shape)
+    U = rng.normal(size=(3, 16))
+    y = np.array([0, 1, 3])
+    loss = lambda: net.loss_and_grad(U, y, U - 0.1, U + 0.2, 0.3)[0]  # noqa: E731
+    _, grads = net.loss_and_grad(U, y, U - 0.1, U + 0.2, 0.3)
+    assert set(grads) == set(net.params) == ({"B", "b", "C", "c"} | ({"H", "h"} if readout_hidden else set()))
+    for name, P in net.params.items():
+        np.testing.assert_allclose(grads[name], finite_difference(loss, P), rtol=1e-5, atol=1e-8, err_msg=name)
+    twin = net.as_nemon()
+    M, _ = twin.interval_margins(U - 0.1, U + 0.2, y)   # the twin is certified by the library's sound bounds
+    assert twin.readout_hidden == readout_hidden and np.all(np.isfinite(M))
