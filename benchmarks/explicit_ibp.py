@@ -8,9 +8,10 @@ of the side-by-side in bench_certified.py. Not part of the library's API.
   y = V relu(H f + h') + c (nemon_np.readout), f the layer's (pooled) output.
 
 IBP through the hidden layer: with the input box's centre u_c and radius u_r, h_lo = relu(W u_c -
-|W| u_r + b), h_hi = relu(W u_c + |W| u_r + b); the margins' lower bounds by the same relative
-classifier as the library's (:func:`nemon_np.interval.margin_lower_bounds`), and the loss
-kappa CE(y) + (1 - kappa) CE(-m_lo). Gradients are written out by hand below.
+|W| u_r + b), h_hi = relu(W u_c + |W| u_r + b); the read-out, its margins' lower bounds and the
+loss kappa CE(y) + (1 - kappa) CE(-m_lo) are the library's own (the reference model's
+``_readout_forward``, ``_readout_backward`` and ``_robust_readout_loss``); the layer's gradients
+are written out by hand below.
 
 Each network is a NEMON whose implicit matrix is zero (x = relu(0 x + B u + b)); :func:`as_nemon`
 builds that model, so that both kinds are certified by the same sound code (nemon_np.certify).
@@ -22,10 +23,9 @@ import numpy as np
 
 from nemon_np import ConvNEMON, NEMON
 from nemon_np.conv import conv_apply_channel_last, weight_grad_channel_last
-from nemon_np.interval import center_radius, margin_lower_bounds, margin_lower_bounds_grad
+from nemon_np.interval import center_radius
 from nemon_np.losses import softmax_cross_entropy
 from nemon_np.optim import Adam, learning_rate
-from nemon_np.readout import hidden_backward, hidden_box, hidden_box_grad, hidden_forward
 
 
 class ExplicitNet:
@@ -41,7 +41,9 @@ class ExplicitNet:
             ref = ConvNEMON(image_shape[0], image_shape[1:], channels=width, kernel=kernel, n_out=n_out, pool=pool,
                             padding=padding, seed=seed, dtype=dtype, readout_hidden=readout_hidden)
         self.ref = ref
-        self.params = {"B": ref.B.copy(), "b": ref.b.copy(), **{k: v.copy() for k, v in ref.readout_params().items()}}
+        # The reference model's own arrays: the optimizer updates them in place, so its read-out
+        # methods see the trained values.
+        self.params = {k: v for k, v in ref.params().items() if k != ref.implicit}
 
     # The hidden layer's pre-activation and its weight gradient, dense or conv.
     def _layer(self, W, U):
@@ -64,15 +66,11 @@ class ExplicitNet:
         """kappa CE(y(U)) + (1 - kappa) CE(-m_lo) over the boxes [U_lo, U_hi], and its gradients."""
         p = self.params
         U = self._inputs(U)
-        hidden = "H" in p
         Z = self._layer(p["B"], U) + p["b"]
         F = self._features(np.maximum(Z, 0))
-        G, P = hidden_forward(F, p["H"], p["h"]) if hidden else (F, None)
-        loss, dY = softmax_cross_entropy(G @ p["C"].T + p["c"], y)
-        grads = {"C": dY.T @ G, "c": dY.sum(axis=0)}
-        dF = dY @ p["C"]
-        if hidden:
-            dF, grads["H"], grads["h"] = hidden_backward(dF, F, p["H"], P)
+        logits, G, P = self.ref._readout_forward(F)
+        loss, dY = softmax_cross_entropy(logits, y)
+        dF, grads = self.ref._readout_backward(dY, F, G, P)
         dZ = self._features_grad(dF) * (Z > 0)
         grads.update(B=self._layer_grad(dZ, U), b=dZ.reshape(-1, dZ.shape[-1]).sum(axis=0))
         if kappa == 1:
@@ -81,27 +79,19 @@ class ExplicitNet:
         Z_c, Z_r = self._layer(p["B"], U_c) + p["b"], self._layer(np.abs(p["B"]), U_r)
         Z_lo, Z_hi = Z_c - Z_r, Z_c + Z_r
         F_c, F_r = center_radius(self._features(np.maximum(Z_lo, 0)), self._features(np.maximum(Z_hi, 0)))
-        G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, p["H"], p["h"]) if hidden else (F_c, F_r, None, None)
-        M = margin_lower_bounds(p["C"], p["c"], G_c, G_r, y)
-        robust, d_neg = softmax_cross_entropy(-M, y)
-        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(p["C"], G_c, G_r, y, -d_neg)
-        hidden_grads = {}
-        if hidden:
-            dF_c, dF_r, hidden_grads["H"], hidden_grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, p["H"], P_lo,
-                                                                               P_hi)
+        robust, _, dF_c, dF_r, robust_grads = self.ref._robust_readout_loss(F_c, F_r, y)
         dZ_lo = self._features_grad((dF_c - dF_r) / 2) * (Z_lo > 0)
         dZ_hi = self._features_grad((dF_c + dF_r) / 2) * (Z_hi > 0)
         dZ_c, dZ_r = dZ_lo + dZ_hi, dZ_hi - dZ_lo
-        robust_grads = {"B": self._layer_grad(dZ_c, U_c) + np.sign(p["B"]) * self._layer_grad(dZ_r, U_r),
-                        "b": dZ_c.reshape(-1, dZ_c.shape[-1]).sum(axis=0), "C": dC, "c": dc, **hidden_grads}
+        robust_grads.update(B=self._layer_grad(dZ_c, U_c) + np.sign(p["B"]) * self._layer_grad(dZ_r, U_r),
+                            b=dZ_c.reshape(-1, dZ_c.shape[-1]).sum(axis=0))
         return (kappa * loss + (1 - kappa) * robust,
                 {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(g.dtype) for k, g in grads.items()})
 
     def as_nemon(self):
-        """The same network as a NEMON (ConvNEMON) with a zero implicit matrix: relu(0 x + B u + b)."""
+        """The same network as a NEMON (ConvNEMON) with a zero implicit matrix, relu(0 x + B u + b): the
+        reference model itself, whose arrays the training updated in place."""
         model = self.ref
-        for k, v in self.params.items():
-            setattr(model, k, v.copy())
         setattr(model, model.implicit, np.zeros_like(getattr(model, model.implicit)))
         return model
 

@@ -171,6 +171,22 @@ class ImplicitClassifier:
         dF, grads["H"], grads["h"] = hidden_backward(dG, F, self.H, P)
         return dF, grads
 
+    def _robust_readout_loss(self, F_c, F_r, y):
+        """The robust part of the certified loss from a box of features [F_c - F_r, F_c + F_r]:
+        CE(-m_lo), m_lo the relative classifier's margin lower bounds (through the hidden layer's box
+        when there is one), and its gradients. Returns (robust, m_lo, dF_c, dF_r, grads of the
+        read-out's parameters keyed as :meth:`readout_params`); in the arrays' dtype, for training."""
+        G_c, G_r = F_c, F_r
+        if self.H is not None:
+            G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, self.H, self.h)
+        M = margin_lower_bounds(self.C, self.c, G_c, G_r, y)
+        robust, d_neg = softmax_cross_entropy(-M, y)
+        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, G_c, G_r, y, -d_neg)
+        grads = {"C": dC, "c": dc}
+        if self.H is not None:
+            dF_c, dF_r, grads["H"], grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, self.H, P_lo, P_hi)
+        return robust, M, dF_c, dF_r, grads
+
     def logits(self, U, **solver_options):
         """Logits ``y`` of :meth:`readout` at the fixed points, shape (m, n_out); keyword
         options go to ``equilibrium``."""
@@ -310,15 +326,7 @@ class ImplicitClassifier:
                                         method, alpha, tol_mode)
         n = X.shape[-1] // 2
         F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
-        G_c, G_r = F_c, F_r
-        if self.H is not None:
-            G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, self.H, self.h)
-        M = margin_lower_bounds(self.C, self.c, G_c, G_r, y)
-        robust, d_neg = softmax_cross_entropy(-M, y)
-        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, G_c, G_r, y, -d_neg)
-        hidden_grads = {}
-        if self.H is not None:
-            dF_c, dF_r, hidden_grads["H"], hidden_grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, self.H, P_lo, P_hi)
+        robust, M, dF_c, dF_r, readout_grads = self._robust_readout_loss(F_c, F_r, y)
         G = np.concatenate([self._features_grad((dF_c - dF_r) / 2), self._features_grad((dF_c + dF_r) / 2)], axis=-1)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = len(y)
@@ -330,7 +338,7 @@ class ImplicitClassifier:
         robust_grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
                         "B": (self._inject_grad(d_lo + d_hi, U_c)
                               + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
-                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), "C": dC, "c": dc, **hidden_grads}
+                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), **readout_grads}
         total = kappa * loss + (1 - kappa) * robust
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:
