@@ -24,9 +24,9 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from explicit_ibp import ExplicitNet, train_explicit  # noqa: E402
 
+from nemon_np._cli import add_threads_argument, load_run  # noqa: E402
 from nemon_np.certificates import certify  # noqa: E402
-from nemon_np.data import load_dataset, normalize  # noqa: E402
-from nemon_np.loading import load_model  # noqa: E402
+from nemon_np.data import normalize  # noqa: E402
 from nemon_np.pixels import input_ball, solver_options_for, to_inputs  # noqa: E402
 from nemon_np.training import config_from_dict  # noqa: E402
 
@@ -78,18 +78,15 @@ def main(argv=None):
     p.add_argument("--explicit", action="store_true", help="also train and certify each run's explicit twin")
     p.add_argument("--speed", action="store_true", help="time certifying the whole test set at the largest eps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=1, help="a conv model's threads (ConvNEMON.n_jobs)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     threadpool_limits(1, user_api="blas")
     results = {}
     for run in args.runs:
         run = pathlib.Path(run)
-        model = load_model(run / "model.npz")
-        if hasattr(model, "n_jobs"):
-            model.n_jobs = args.threads
+        model, data, _ = load_run(p, run, args.data_dir, args.threads)
         metrics = json.loads((run / "metrics.json").read_text())
         config = config_from_dict(metrics["config"]).validate()
-        data = load_dataset(model.metadata["dataset"], args.data_dir)
         images = data.test_images[:args.samples]
         pixels = images.reshape(len(images), -1) / 255.0
         labels = data.test_labels[:args.samples]
