@@ -24,6 +24,12 @@ def random_model(n_in, n, n_out, mu, seed, dtype=np.float64, weights=None, reado
     return model
 
 
+def box_samples(rng, lo, hi, n):
+    """n points of each box [lo, hi]: random interior points and random corners, alternating."""
+    for t in range(n):
+        yield np.where(rng.random(lo.shape) < 0.5, lo, hi) if t % 2 else lo + rng.random(lo.shape) * (hi - lo)
+
+
 def finite_difference(f, P, h=1e-6):
     """Central differences of the scalar f() with respect to every entry of P (modified in place, restored)."""
     out = np.zeros_like(P, dtype=np.float64)

@@ -10,6 +10,7 @@ from nemon_np.data import load_mnist, normalize
 from nemon_np.pixels import to_inputs
 from nemon_np.robustness import _as_float64, attack
 from nemon_np.training import TrainConfig, Trainer
+from conftest import box_samples
 
 
 def test_schedule_warms_up_ramps_and_holds():
@@ -111,9 +112,7 @@ def test_trained_model_bounds_hold_for_thousands_of_inputs(trained_pair):
     P = pixels[:20]
     U_lo, U_hi = input_box(model, P, 0.1)
     X_lo, X_hi, _ = model.interval_bounds(U_lo, U_hi)
-    for t in range(100):
-        V = np.where(rng.random(U_lo.shape) < 0.5, U_lo, U_hi) if t % 2 else U_lo + rng.random(U_lo.shape) * (
-            U_hi - U_lo)
+    for V in box_samples(rng, U_lo, U_hi, 100):
         X, _ = exact.equilibrium(V, tol=1e-12, max_iter=20_000)
         assert np.all(X_lo <= X) and np.all(X <= X_hi)
 

@@ -9,18 +9,9 @@ from nemon_np.conv import mu_inf_conv
 from nemon_np.interval import embed, fold_embedded_grad, margin_lower_bounds, metzler_split
 from nemon_np.pixels import input_box, to_inputs
 from nemon_np.projection import parametrize_mondeq
-from conftest import finite_difference, random_model
+from conftest import box_samples, finite_difference, random_model
 
 EXACT = dict(tol=1e-12, max_iter=20_000)
-
-
-def _samples(rng, lo, hi, n):
-    """n points of each box: random interior points and random corners, alternating."""
-    for t in range(n):
-        if t % 2:
-            yield np.where(rng.random(lo.shape) < 0.5, lo, hi)
-        else:
-            yield lo + rng.random(lo.shape) * (hi - lo)
 
 
 def _conv_model(rng, padding, mu=0.7, channels=3, dtype=np.float64):
@@ -66,7 +57,7 @@ def test_dense_bounds_hold_for_every_input_of_the_box(rng, weighted, mu):
     for eps in (0.0, 0.05, 0.5):
         X_lo, X_hi, info = model.interval_bounds(U - eps, U + eps)
         assert np.all(X_lo <= X_hi) and info.radius.max() < 1e-6
-        for V in _samples(rng, U - eps, U + eps, 60):
+        for V in box_samples(rng, U - eps, U + eps, 60):
             X, _ = model.equilibrium(V, **EXACT)
             assert np.all(X_lo <= X) and np.all(X <= X_hi)
 
@@ -76,7 +67,7 @@ def test_conv_bounds_hold_for_every_input_of_the_box(rng, padding):
     model = _conv_model(rng, padding)
     U = rng.normal(size=(6, 2 * 5 * 5))
     X_lo, X_hi, _ = model.interval_bounds(U - 0.1, U + 0.1)
-    for V in _samples(rng, U - 0.1, U + 0.1, 40):
+    for V in box_samples(rng, U - 0.1, U + 0.1, 40):
         X, _ = model.equilibrium(V, **EXACT)
         assert np.all(X_lo <= X) and np.all(X <= X_hi)
 
@@ -89,7 +80,7 @@ def test_margin_bounds_hold_and_tighten_with_the_box(rng):
     for eps in (0.3, 0.1, 0.01, 0.0):
         M, _ = model.interval_margins(U - eps, U + eps, labels)
         assert np.all(M[np.arange(15), labels] == 0)
-        for V in _samples(rng, U - eps, U + eps, 30):
+        for V in box_samples(rng, U - eps, U + eps, 30):
             Y = model.logits(V, **EXACT)
             assert np.all(M <= Y[np.arange(15), labels][:, None] - Y)
         if previous is not None:   # nested boxes, nested bounds
@@ -128,7 +119,7 @@ def test_float32_bounds_are_sound_for_the_exact_model(rng):
     for eps, tol in ((0.0, 1e-2), (0.0, 1e-4), (0.05, 1e-3)):
         X_lo, X_hi, info = model.interval_bounds(U - eps, U + eps, tol=tol)
         assert info.radius.max() > 0
-        for V in _samples(rng, U - eps, U + eps, 10):
+        for V in box_samples(rng, U - eps, U + eps, 10):
             X, _ = exact.equilibrium(V, **EXACT)
             assert np.all(X_lo <= X) and np.all(X <= X_hi)
     labels = rng.integers(0, 4, size=50)

@@ -14,16 +14,10 @@ from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth
 from nemon_np.pixels import to_inputs
 from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad
 from nemon_np.train import main as train_main
-from conftest import finite_difference, random_model
+from conftest import box_samples, finite_difference, random_model
 
 EXACT = dict(tol=1e-12, max_iter=20_000)
 TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
-
-
-def _samples(rng, lo, hi, n):
-    """n points of each box: random interior points and random corners, alternating."""
-    for t in range(n):
-        yield np.where(rng.random(lo.shape) < 0.5, lo, hi) if t % 2 else lo + rng.random(lo.shape) * (hi - lo)
 
 
 def _dense(rng, weighted=False, n=7, p=5, mu=0.6, dtype=np.float64):
@@ -48,7 +42,7 @@ def test_hidden_box_holds_and_its_gradient_is_the_chain_rule(rng):
     H, h = rng.normal(size=(6, 9)), rng.normal(size=6)
     F_c, F_r = rng.normal(size=(4, 9)), rng.uniform(0, 0.3, size=(4, 9))
     G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)
-    for F in _samples(rng, F_c - F_r, F_c + F_r, 200):
+    for F in box_samples(rng, F_c - F_r, F_c + F_r, 200):
         G = np.maximum(F @ H.T + h, 0)
         assert np.all(G_c - G_r <= G) and np.all(G <= G_c + G_r)
     np.testing.assert_allclose(hidden_box(F_c, F_r, H, h)[:2], (G_c, G_r), atol=1e-12)
@@ -92,7 +86,7 @@ def test_interval_margins_hold_for_every_input_of_the_box(rng, kind):
     labels = rng.integers(0, model.n_out, size=12)
     for eps in (0.0, 0.05, 0.3):
         M, _ = model.interval_margins(U - eps, U + eps, labels)
-        for V in _samples(rng, U - eps, U + eps, 40):
+        for V in box_samples(rng, U - eps, U + eps, 40):
             Y = exact.logits(V, **EXACT)
             assert np.all(M <= Y[np.arange(12), labels][:, None] - Y)
 
