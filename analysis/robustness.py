@@ -109,6 +109,8 @@ def aggregate(per_seed):
         mean["certified"] = {}
         for row in CERTIFIED_ROWS:
             mean["certified"][row], std["certified"][row] = _mean_std([r["certified"].get(row) for r in reports])
+        mean["broken_certified"] = {row: [int(sum(col)) for col in zip(*(r["broken_certified"][row] for r in reports))]
+                                    for row in reports[0].get("broken_certified", {})}   # summed over seeds
         mean.update(std=std, seeds=len(seeds))
         out[name] = mean
     return out

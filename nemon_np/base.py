@@ -9,7 +9,8 @@ import zipfile
 
 import numpy as np
 
-from .readout import enclosing_hidden_box, hidden_backward, hidden_box, hidden_box_grad, hidden_forward
+from .readout import (enclosing_hidden_box, hidden_backward, hidden_box, hidden_box_grad, hidden_forward,
+                      relaxed_margin_lower_bounds)
 from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
 from .losses import softmax_cross_entropy
@@ -275,8 +276,10 @@ class ImplicitClassifier:
     def interval_margins(self, U_lo, U_hi, labels, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
         classifier on the bounds of :meth:`interval_bounds` (its ``options``), passed through the
-        hidden read-out layer by :func:`nemon_np.readout.enclosing_hidden_box` when there is one, minus
-        the rounding allowance of their float64 evaluation: (m, n_out) float64, 0 at j = k. The
+        hidden read-out layer by interval arithmetic when there is one, minus the rounding allowance
+        of their float64 evaluation; with a hidden layer, each bound is the larger of that and the
+        linear relaxation :func:`nemon_np.readout.relaxed_margin_lower_bounds` (CROWN's multipliers on
+        the same feature box). (m, n_out) float64, 0 at j = k. The
         prediction is certified constant over the box when every other entry is > 0. Returns (M, info)."""
         X_lo, X_hi, info = self.interval_bounds(U_lo, U_hi, **options)
         labels = check_labels(labels, len(X_lo), self.n_out)
@@ -285,10 +288,13 @@ class ImplicitClassifier:
             F_lo, F_hi = (F_lo * (1 - (self._feature_terms + 2) * UNIT_ROUNDOFF),
                           F_hi * (1 + (self._feature_terms + 2) * UNIT_ROUNDOFF))
         F_c, F_r = enclosing_center_radius(F_lo, F_hi)
+        G_c, G_r = F_c, F_r
         if self.H is not None:
-            F_c, F_r = enclosing_hidden_box(F_c, F_r, self.H, self.h)
+            G_c, G_r, P_lo, P_hi = enclosing_hidden_box(F_c, F_r, self.H, self.h)
         C, c = self.C.astype(np.float64), self.c.astype(np.float64)
-        M = margin_lower_bounds(C, c, F_c, F_r, labels) - margin_rounding(C, c, F_c, F_r, labels)
+        M = margin_lower_bounds(C, c, G_c, G_r, labels) - margin_rounding(C, c, G_c, G_r, labels)
+        if self.H is not None:   # both bounds hold; the relaxation keeps what the box of g forgets
+            M = np.maximum(M, relaxed_margin_lower_bounds(C, c, self.H, self.h, F_c, F_r, P_lo, P_hi, labels))
         M[np.arange(len(labels)), labels] = 0.0
         return M, info
 

@@ -86,15 +86,16 @@ def empirical_lipschitz(model, pixels, radius=1e-3, steps=3, options=None):
     return best
 
 
-def certified_accuracies(model, pixels, labels, eps_list, certificates=REPORT_CERTIFICATES, progress=None):
-    """{"certified-<name>": [certified accuracy at each eps]} for each certificate; None for every row
-    when the model has no l_inf certificate (mu_inf >= 1: monDEQ), with the reason under "note"."""
+def certified_flags(model, pixels, labels, eps_list, certificates=REPORT_CERTIFICATES, progress=None):
+    """{"certified-<name>": [(m,) bool certified flags at each eps]} for each certificate; None for
+    every row when the model has no l_inf certificate (mu_inf >= 1: monDEQ), with the reason under
+    "note"."""
     rows = {}
     try:
         for name in certificates:
             rows[f"certified-{name}"] = []
             for eps in eps_list:
-                rows[f"certified-{name}"].append(certify(model, pixels, labels, eps, name).certified_accuracy)
+                rows[f"certified-{name}"].append(certify(model, pixels, labels, eps, name).certified)
                 if progress:
                     progress()
     except WellPosednessError as e:
@@ -105,22 +106,32 @@ def certified_accuracies(model, pixels, labels, eps_list, certificates=REPORT_CE
 def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.1), pgd_steps=10, seed=0,
                       lipschitz_samples=50, progress=None):
     """Accuracy under each attack at each eps (pixel units), certified accuracy by each certificate
-    (:func:`certified_accuracies`), the Lipschitz bound and an empirical lower bound of the Lipschitz
-    constant, as one dict."""
+    (:func:`certified_flags`), the Lipschitz bound and an empirical lower bound of the Lipschitz
+    constant, as one dict.
+
+    ``"broken_certified"`` holds, per certificate and eps, how many certified images some attack
+    misclassifies. A certificate is a proof, so every count must be 0; anything else is a bug
+    (the report then says so)."""
     options = solver_options_for(model)
     fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
-    acc = lambda X: float(np.mean(model.predict(to_inputs(model, X), **fwd) == labels))  # noqa: E731
-    report = {"clean_acc": acc(P), "eps": list(eps_list), "attacks": {}}
+    correct = lambda X: model.predict(to_inputs(model, X), **fwd) == labels  # noqa: E731
+    report = {"clean_acc": float(np.mean(correct(P))), "eps": list(eps_list), "attacks": {}}
+    survived = [np.ones(len(P), bool) for _ in eps_list]   # correct under every attack so far
     for kind in ATTACKS:
         report["attacks"][kind] = []
-        for eps in eps_list:
-            X = attack(model, P, labels, eps, kind, steps=pgd_steps, seed=seed, options=options)
-            report["attacks"][kind].append(acc(X))
+        for i, eps in enumerate(eps_list):
+            ok = correct(attack(model, P, labels, eps, kind, steps=pgd_steps, seed=seed, options=options))
+            report["attacks"][kind].append(float(np.mean(ok)))
+            survived[i] &= ok
             if progress:
                 progress()
-    report["certified"] = certified_accuracies(model, P, labels, eps_list, progress=progress)
+    flags = certified_flags(model, P, labels, eps_list, progress=progress)
+    report["certified"] = {row: v if row == "note" or v is None else [float(np.mean(f)) for f in v]
+                           for row, v in flags.items()}
+    report["broken_certified"] = {row: [int(np.sum(f & ~ok)) for f, ok in zip(v, survived)]
+                                  for row, v in flags.items() if row != "note" and v is not None}
     mu = model.mu_inf()
     report["mu_inf"] = mu
     report["lipschitz_bound"] = lipschitz_bound(model) if mu < 1 else None
@@ -209,6 +220,11 @@ def main(argv=None):
         if row != "note":
             print(f"{row:>19s} " + (" ".join(f"{100 * a:6.2f}%" for a in values) if values is not None
                                     else "none: " + report["certified"]["note"]))
+    broken = sum(sum(v) for v in report["broken_certified"].values())
+    if report["broken_certified"]:
+        print(f"certified images an attack misclassifies: {broken}" + (
+            " (each certificate checked against every attack at every eps)" if broken == 0 else
+            f" -- UNSOUND: a certificate failed against an attack: {report['broken_certified']}"))
     bound = report["lipschitz_bound"]
     print(f"Lipschitz bound {bound:.4g}" if bound is not None else "Lipschitz bound: none (mu_inf(A) >= 1)",
           f"(normalized-input units); empirical lower bound {report['lipschitz_empirical']:.4g}")
@@ -218,7 +234,7 @@ def main(argv=None):
     plot_report(report, figure, f"{type(model).__name__} on {model.metadata.get('dataset', '?')}, "
                                 f"{len(pixels)} test images")
     print(f"wrote {out} and {figure}")
-    return 0
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from nemon_np.certificates import CERTIFICATES, certify
 from nemon_np.conv import mu_inf_conv
 from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from nemon_np.pixels import to_inputs
-from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad
+from nemon_np.interval import margin_lower_bounds
+from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad, relaxed_margin_lower_bounds
 from nemon_np.train import main as train_main
 from conftest import box_samples, finite_difference, random_model
 
@@ -41,17 +42,96 @@ def _conv(rng, p=4, dtype=np.float64):
 def test_hidden_box_holds_and_its_gradient_is_the_chain_rule(rng):
     H, h = rng.normal(size=(6, 9)), rng.normal(size=6)
     F_c, F_r = rng.normal(size=(4, 9)), rng.uniform(0, 0.3, size=(4, 9))
-    G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)
+    G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)[:2]
     for F in box_samples(rng, F_c - F_r, F_c + F_r, 200):
         G = np.maximum(F @ H.T + h, 0)
         assert np.all(G_c - G_r <= G) and np.all(G <= G_c + G_r)
-    np.testing.assert_allclose(hidden_box(F_c, F_r, H, h)[:2], (G_c, G_r), atol=1e-12)
+    np.testing.assert_allclose(hidden_box(F_c, F_r, H, h), enclosing_hidden_box(F_c, F_r, H, h), atol=1e-12)
     W_c, W_r = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
     objective = lambda: np.sum(W_c * hidden_box(F_c, F_r, H, h)[0] + W_r * hidden_box(F_c, F_r, H, h)[1])  # noqa: E731
     P_lo, P_hi = hidden_box(F_c, F_r, H, h)[2:]
     dF_c, dF_r, dH, dh = hidden_box_grad(W_c, W_r, F_c, F_r, H, P_lo, P_hi)
     for got, P in ((dF_c, F_c), (dF_r, F_r), (dH, H), (dh, h)):
         np.testing.assert_allclose(got, finite_difference(objective, P), rtol=1e-6, atol=1e-8)
+
+
+def _readout_problem(rng, m=6, n_f=9, p=7, n_out=4, dtype=np.float64):
+    H, h = rng.normal(size=(p, n_f)).astype(dtype), (0.5 * rng.normal(size=p)).astype(dtype)
+    C, c = rng.normal(size=(n_out, p)).astype(dtype), rng.normal(size=n_out).astype(dtype)
+    F_c, F_r = rng.normal(size=(m, n_f)), rng.uniform(0, 0.4, size=(m, n_f))
+    return H, h, C, c, F_c, F_r, rng.integers(0, n_out, size=m)
+
+
+def _primal_crown(H, h, C, c, F_c, F_r, P_lo, P_hi, labels):
+    """CROWN in its primal form, one margin at a time: the linear lower bound a . P + b0 of
+    d . relu(P) (slope 1 on active units, 0 on inactive ones, on units that change sign the chord
+    below zero where d_i < 0 and the line 0 where d_i >= 0), minimized over the feature box."""
+    H, h, C, c = (np.asarray(a, np.float64) for a in (H, h, C, c))
+    M = np.zeros((len(labels), len(C)))
+    for s, k in enumerate(labels):
+        for j in range(len(C)):
+            d, a, b0 = C[k] - C[j], np.zeros(len(h)), c[k] - c[j]
+            for i, (lo, hi) in enumerate(zip(P_lo[s], P_hi[s])):
+                if lo >= 0:
+                    a[i] = d[i]
+                elif hi > 0 and d[i] < 0:
+                    a[i] = d[i] * hi / (hi - lo)
+                    b0 -= a[i] * lo
+            w = a @ H
+            M[s, j] = 0.0 if j == k else w @ F_c[s] - np.abs(w) @ F_r[s] + a @ h + b0
+    return M
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relaxed_margins_are_sound_and_are_crown(rng, dtype):
+    H, h, C, c, F_c, F_r, labels = _readout_problem(rng, dtype=dtype)
+    P_lo, P_hi = enclosing_hidden_box(F_c, F_r, H, h)[2:]
+    M = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels)
+    rows = np.arange(len(labels))
+    H64, h64, C64, c64 = (a.astype(np.float64) for a in (H, h, C, c))
+    for F in box_samples(rng, F_c - F_r, F_c + F_r, 400):
+        Y = np.maximum(F @ H64.T + h64, 0) @ C64.T + c64
+        assert np.all(M <= Y[rows, labels][:, None] - Y)
+    crown = _primal_crown(H, h, C, c, F_c, F_r, P_lo, P_hi, labels)
+    np.testing.assert_allclose(M, crown, rtol=0, atol=1e-10)
+    assert np.all(M <= crown)   # the rounding allowance only lowers the bound
+    # multipliers 0: the Lagrangian bound is the interval bound of the box of g
+    G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)[:2]
+    zero = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels, multipliers=lambda D, lo, hi: 0 * D)
+    np.testing.assert_allclose(zero, margin_lower_bounds(C64, c64, G_c, G_r, labels), rtol=0, atol=1e-10)
+
+
+def test_relaxed_margins_stay_below_the_triangle_lp(rng):
+    import cvxpy as cp
+    H, h, C, c, F_c, F_r, labels = _readout_problem(rng, m=3, n_out=3)
+    P_lo, P_hi = enclosing_hidden_box(F_c, F_r, H, h)[2:]
+    M = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels)
+    for s, k in enumerate(labels):
+        lo, hi = P_lo[s], P_hi[s]
+        f, g = cp.Variable(H.shape[1]), cp.Variable(len(h))
+        P = H @ f + h
+        chord = np.where(hi > 0, hi / np.maximum(hi - lo, 1e-300), 0.0)
+        cons = [f >= F_c[s] - F_r[s], f <= F_c[s] + F_r[s], g >= 0, g >= P,
+                g <= cp.multiply(np.where(lo >= 0, 1.0, chord), P - np.where(lo >= 0, 0.0, lo))]
+        for j in set(range(len(C))) - {k}:
+            lp = cp.Problem(cp.Minimize((C[k] - C[j]) @ g + c[k] - c[j]), cons)
+            lp.solve()
+            assert M[s, j] <= lp.value + 1e-6, (s, j, M[s, j], lp.value)
+
+
+def test_interval_margins_take_the_better_read_out_bound(rng):
+    model = _dense(rng, n=20, p=12, mu=0.6)
+    model.C *= 3   # large read-out weights: the box of g loses more
+    U = rng.normal(size=(40, model.n_in))
+    labels = model.predict(U)
+    M, _ = model.interval_margins(U - 0.05, U + 0.05, labels)
+    X_lo, X_hi, _ = model.interval_bounds(U - 0.05, U + 0.05)
+    F_c, F_r = (X_lo + X_hi) / 2, (X_hi - X_lo) / 2
+    G_c, G_r, P_lo, P_hi = enclosing_hidden_box(F_c, F_r, model.H, model.h)
+    ibp = margin_lower_bounds(model.C, model.c, G_c, G_r, labels)
+    crown = relaxed_margin_lower_bounds(model.C, model.c, model.H, model.h, F_c, F_r, P_lo, P_hi, labels)
+    assert np.all(M >= np.maximum(ibp, crown) - 1e-9)
+    assert np.any(crown > ibp + 1e-6) and np.any(M > ibp + 1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dense", "weighted", "conv"])

@@ -128,10 +128,45 @@ def test_robustness_cli_and_quick_analysis(tmp_path, shared_data):
     # Interval training certifies more at eps = 0.1 by intervals than the regularized model does.
     i = res["eps"].index(0.1)
     assert ibp["certified"]["certified-interval"][i] >= lam["certified"]["certified-interval"][i]
-    for name, r in res["models"].items():   # the attacks never beat a certificate
+    for name, r in res["models"].items():   # the attacks never beat a certificate, image by image
         for row in ("certified-lipschitz", "certified-interval"):
             if r["certified"].get(row) is not None:
                 assert all(a >= c for a, c in zip(r["attacks"]["pgd"], r["certified"][row])), name
+                assert r["broken_certified"][row] == [0] * len(res["eps"]), name
+    assert sum(r["certified"]["certified-interval"][i] for r in res["models"].values()
+               if r["certified"].get("certified-interval")) > 0   # the check above was not vacuous
     for kind in ("noise", "fgsm", "pgd", "certified-lipschitz", "certified-interval"):
         assert (out / f"{kind}.png").stat().st_size > 1000 and (out / f"{kind}.pdf").stat().st_size > 1000
     assert not any("ABOVE THE BOUND" in v for v in res["verdict"])
+
+
+def test_report_counts_certified_images_an_attack_breaks(monkeypatch):
+    """The report checks each certificate against the attacks image by image: sound certificates
+    give 0, and a certificate that certifies everything is caught."""
+    import nemon_np.robustness as robustness
+    from conftest import random_model
+    model = random_model(6, 12, 3, 0.5, seed=3, readout_hidden=5)
+    model.B *= 4   # inputs, not the bias c, decide the class: attacks at eps 0.5 succeed
+    model.c[:] = 0
+    model.metadata.update(mean=0.5, std=0.5)
+    pixels = np.random.default_rng(0).random((60, 6))
+    labels = model.predict(to_inputs(model, pixels))
+    eps = (0.0, 0.05, 0.5)
+    report = robustness.robustness_report(model, pixels, labels, eps, pgd_steps=5, lipschitz_samples=5)
+    assert report["broken_certified"]["certified-interval"] == [0, 0, 0]
+    assert report["certified"]["certified-interval"][0] == 1.0   # every image certified at its own point
+    assert report["attacks"]["pgd"][2] < 1.0   # the attack does break images at 0.5
+
+    def certifies_everything(model, pixels, labels, eps, name):
+        return certify(model, pixels, labels, 0.0, name) if eps == 0 else type(
+            "R", (), {"certified": np.ones(len(pixels), bool)})()
+    monkeypatch.setattr(robustness, "certify", certifies_everything)
+    broken = robustness.robustness_report(model, pixels, labels, eps, pgd_steps=5, lipschitz_samples=5)
+    expected = [0]
+    for e in eps[1:]:   # the count is of images some attack misclassifies
+        survivors = np.ones(60, bool)
+        for kind in robustness.ATTACKS:
+            X = robustness.attack(model, pixels, labels, e, kind, steps=5)
+            survivors &= model.predict(to_inputs(model, X)) == labels
+        expected.append(int(np.sum(~survivors)))
+    assert broken["broken_certified"]["certified-interval"] == expected and expected[2] > 0
