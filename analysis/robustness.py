@@ -60,7 +60,8 @@ def _rows(r, kind):
 
 TITLES = {"noise": "uniform random noise", "fgsm": "FGSM", "pgd": "PGD (random start)",
           "certified-lipschitz": "certified accuracy (Lipschitz bound)",
-          "certified-interval": "certified accuracy (interval bounds)"}
+          "certified-interval": "certified accuracy (interval bounds)",
+          "certified-crown": "certified accuracy (linear relaxation)"}
 
 
 def plot(results, out):

@@ -1,15 +1,17 @@
-"""Certified robustness of trained runs: interval against Lipschitz certificates, and the explicit twin.
+"""Certified robustness of trained runs: interval, linear-relaxation and Lipschitz certificates, and the
+explicit twin.
 
 Run:  python benchmarks/bench_certified.py RUN_DIR [RUN_DIR ...] --data-dir DIR [--samples 1000]
           [--eps 0.01 0.02 0.05 0.1 0.3] [--explicit] [--speed] [--out results.json]
 
 For each run written by ``python -m nemon_np.train`` (dense or conv NEMON): clean accuracy and the
 certified accuracy at each eps (pixel units) on the first --samples test images, by the interval
-certificate and by the Lipschitz certificate (nemon_np.certify: sound, tolerance and rounding
-included). With --explicit, the run's explicit twin (benchmarks/explicit_ibp.py: one hidden ReLU
-layer of the same width, or one conv layer of the same channels, with the same pooling and head) is
-trained with the run's own config (epochs, batch order, learning rate and schedule, augmentation,
-certified eps and kappa ramps) and certified by the same code. With --speed, the time to certify
+certificate, by its linear relaxation (crown) and by the Lipschitz certificate (nemon_np.certify:
+sound, tolerance and rounding included). With --explicit, the run's explicit twin
+(benchmarks/explicit_ibp.py: one hidden ReLU layer of the same width, or one conv layer of the same
+channels, with the same pooling and head) is trained with the run's own config (epochs, batch order,
+learning rate and schedule, augmentation, certified eps and kappa ramps) and certified by the same
+code. With --speed, the time to certify
 the whole test set (10,000 images for MNIST) at the largest eps by intervals.
 """
 import argparse
@@ -92,7 +94,7 @@ def main(argv=None):
         labels = data.test_labels[:args.samples]
         print(f"{run}: {model}, trained at certified eps {config.certified_eps:g}", flush=True)
         r = {"model": repr(model), "config": vars(config), "eps": args.eps,
-             "nemon": evaluate(model, pixels, labels, args.eps, ("interval", "lipschitz"))}
+             "nemon": evaluate(model, pixels, labels, args.eps, ("interval", "crown", "lipschitz"))}
         if args.speed:
             all_pixels = data.test_images.reshape(len(data.test_images), -1) / 255.0
             certify(model, all_pixels[:100], data.test_labels[:100], max(args.eps))   # compile and warm up
@@ -102,7 +104,7 @@ def main(argv=None):
                           "certified_accuracy": res.certified_accuracy}
         if args.explicit:
             twin, seconds = explicit_twin(run, model, config, metrics.get("summary", {}), data)
-            r["explicit"] = evaluate(twin, pixels, labels, args.eps, ("interval",))
+            r["explicit"] = evaluate(twin, pixels, labels, args.eps, ("interval", "crown"))
             r["explicit"]["train_seconds"] = seconds
         results[str(run)] = r
         print_table(r)
@@ -114,9 +116,11 @@ def main(argv=None):
 def print_table(r):
     eps = r["eps"]
     print(f"  {'':34s} {'clean':>7s} " + " ".join(f"{'eps ' + format(e, 'g'):>9s}" for e in eps))
-    rows = [("NEMON, interval", r["nemon"], "interval"), ("NEMON, Lipschitz", r["nemon"], "lipschitz")]
+    rows = [("NEMON, interval", r["nemon"], "interval"), ("NEMON, linear relaxation", r["nemon"], "crown"),
+            ("NEMON, Lipschitz", r["nemon"], "lipschitz")]
     if "explicit" in r:
-        rows.append(("explicit twin (IBP), interval", r["explicit"], "interval"))
+        rows += [("explicit twin (IBP), interval", r["explicit"], "interval"),
+                 ("explicit twin, linear relaxation", r["explicit"], "crown")]
     for name, res, cert in rows:
         print(f"  {name:34s} {100 * res['clean_acc']:6.2f}% "
               + " ".join(f"{100 * a:8.2f}%" for a in res["certified"][cert]))

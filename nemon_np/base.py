@@ -10,7 +10,8 @@ import zipfile
 import numpy as np
 
 from .readout import (enclosing_hidden_box, hidden_backward, hidden_box, hidden_box_grad, hidden_forward,
-                      relaxed_margin_lower_bounds)
+                      readout_affine_lower_bounds)
+from .relaxation import unrolled_lower_bounds
 from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
 from .losses import softmax_cross_entropy
@@ -106,6 +107,7 @@ class ImplicitClassifier:
     the implicit matrix, "A" or "K"), ``_state_inputs(U, dtype)`` (inputs in the state's layout),
     ``_inject(B, U)`` and ``_inject_grad(delta, U)`` (the input map and its weight gradient),
     ``_apply_implicit(P, X)`` and ``_implicit_grad(delta, X)`` (the same for the implicit map),
+    ``_transposed(P)`` (the matrix or kernel of P's transpose, for either map),
     ``_features(X)`` and ``_features_grad(G)`` (what the read-out reads: x, or its average pooling, a
     linear map with non-negative weights, and its transpose), ``_feature_terms`` (entries averaged
     per feature, 0 for none), ``_state_weights()`` (eta or None), ``_adjoint_tolerance(tol, units)``
@@ -239,7 +241,9 @@ class ImplicitClassifier:
         reach ``tol`` gets a wider, still sound, box.
 
         Returns X_lo, X_hi (float64, the state's layout) and an OptimizeResult with the embedded
-        solve's per-sample ``iterations``, ``residual`` and the enclosure ``radius``.
+        solve's per-sample ``iterations``, ``residual`` and the enclosure ``radius``, and the input box
+        it used (``input_center``, ``input_radius``, the state's layout) with its injection
+        ``[q_lo, q_hi]`` (stacked on the last axis).
         Raises :class:`nemon_np.WellPosednessError` when mu_inf >= 1.
         """
         self._check_interval()
@@ -255,6 +259,7 @@ class ImplicitClassifier:
         P = getattr(self, self.implicit)
         P64 = P.astype(np.float64)
         Q = self._embedded_injection(U_c, U_r, self.B.astype(np.float64), self.b.astype(np.float64), rounding=True)
+        info_inputs = dict(input_center=U_c, input_radius=U_r, injection=Q)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)   # the enclosure below covers it
             X, info = self._solve_embedded(embed(P), Q.astype(self.dtype), tol, max_iter, method)
@@ -270,32 +275,74 @@ class ImplicitClassifier:
         # One ulp outward: the subtraction and addition round to nearest. Every fixed point is >= 0.
         X_lo = np.maximum(np.nextafter(X64[..., :n] - widen[..., :n], -np.inf), 0.0)
         X_hi = np.nextafter(X64[..., n:] + widen[..., n:], np.inf)
-        info["radius"] = radius
+        info.update(radius=radius, **info_inputs)
         return X_lo, X_hi, info
 
     def interval_margins(self, U_lo, U_hi, labels, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
         classifier on the bounds of :meth:`interval_bounds` (its ``options``), passed through the
-        hidden read-out layer by interval arithmetic when there is one, minus the rounding allowance
-        of their float64 evaluation; with a hidden layer, each bound is the larger of that and the
-        linear relaxation :func:`nemon_np.readout.relaxed_margin_lower_bounds` (CROWN's multipliers on
-        the same feature box). (m, n_out) float64, 0 at j = k. The
+        hidden read-out layer by :func:`nemon_np.readout.enclosing_hidden_box` when there is one, minus
+        the rounding allowance of their float64 evaluation: (m, n_out) float64, 0 at j = k. The
         prediction is certified constant over the box when every other entry is > 0. Returns (M, info)."""
+        M, info, _ = self._interval_margins(U_lo, U_hi, labels, options)
+        return M, info
+
+    def _interval_margins(self, U_lo, U_hi, labels, options):
+        """:meth:`interval_margins` and its parts (labels, X_lo, X_hi, F_c, F_r, P_lo, P_hi)."""
         X_lo, X_hi, info = self.interval_bounds(U_lo, U_hi, **options)
         labels = check_labels(labels, len(X_lo), self.n_out)
         F_lo, F_hi = self._features(X_lo), self._features(X_hi)
         if self._feature_terms:   # averages of non-negative numbers: rounding within (t + 2) u, relative
             F_lo, F_hi = (F_lo * (1 - (self._feature_terms + 2) * UNIT_ROUNDOFF),
                           F_hi * (1 + (self._feature_terms + 2) * UNIT_ROUNDOFF))
-        F_c, F_r = enclosing_center_radius(F_lo, F_hi)
-        G_c, G_r = F_c, F_r
+        F_c, F_r = G_c, G_r = enclosing_center_radius(F_lo, F_hi)
+        P_lo = P_hi = None
         if self.H is not None:
             G_c, G_r, P_lo, P_hi = enclosing_hidden_box(F_c, F_r, self.H, self.h)
         C, c = self.C.astype(np.float64), self.c.astype(np.float64)
         M = margin_lower_bounds(C, c, G_c, G_r, labels) - margin_rounding(C, c, G_c, G_r, labels)
-        if self.H is not None:   # both bounds hold; the relaxation keeps what the box of g forgets
-            M = np.maximum(M, relaxed_margin_lower_bounds(C, c, self.H, self.h, F_c, F_r, P_lo, P_hi, labels))
         M[np.arange(len(labels)), labels] = 0.0
+        return M, info, (labels, X_lo, X_hi, F_c, F_r, P_lo, P_hi)
+
+    def relaxed_margins(self, U_lo, U_hi, labels, steps=2, **options):
+        """Sound lower bounds of the margins y_k - y_j over input boxes (as :meth:`interval_margins`,
+        which they never fall below) by linear relaxation (CROWN, :mod:`nemon_np.relaxation`): an
+        affine bound of each margin in the features (through the hidden read-out layer by
+        :func:`nemon_np.readout.readout_affine_lower_bounds`), carried back through ``steps`` copies of
+        the fixed-point map and bounded over the input box and the embedded network's box of x*.
+
+        The pre-activation box of z* = A x* + B u + b is the interval product over those boxes (rounding
+        allowed for), narrowed by x* = relu(z*): z* <= x*_hi, and z* = x* >= x*_lo where x*_lo > 0.
+        Returns (M, info), M (m, n_out) float64, 0 at j = k."""
+        if not (isinstance(steps, (int, np.integer)) and steps >= 0):
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        M, info, (labels, X_lo, X_hi, F_c, F_r, P_lo, P_hi) = self._interval_margins(U_lo, U_hi, labels, options)
+        W, beta = readout_affine_lower_bounds(self.C, self.c, self.H, self.h, F_c, F_r, P_lo, P_hi, labels)
+        m, n_out = beta.shape
+        x_c, x_r = enclosing_center_radius(X_lo, X_hi)
+        U_c, U_r, Q = info["input_center"], info["input_radius"], info["injection"]
+        n = Q.shape[-1] // 2
+        P64, B64 = getattr(self, self.implicit).astype(np.float64), self.B.astype(np.float64)
+        K_s = self._apply_implicit(np.abs(P64), np.abs(x_c) + x_r)
+        B_s = self._inject(np.abs(B64), np.abs(U_c) + U_r)
+        Z_c, Z_r = self._apply_implicit(P64, x_c), self._apply_implicit(np.abs(P64), x_r)
+        # Z_c's and Z_r's products (each within (t + 4) u K_s) and the two sums below.
+        q_lo, q_hi = Q[..., :n], Q[..., n:]
+        Z_r = Z_r + 2 * (_terms(P64) + 4) * UNIT_ROUNDOFF * (K_s + np.abs(Z_c) + np.abs(q_lo) + np.abs(q_hi))
+        Z_lo, Z_hi = np.nextafter(Z_c - Z_r + q_lo, -np.inf), np.nextafter(Z_c + Z_r + q_hi, np.inf)
+        Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
+        KT, BT = self._transposed(P64), self._transposed(B64)
+        step = max(1, 2_000_000 // (n_out * x_c[0].size))   # bounds each (step, n_out, *state) array to 16 MB
+        for s in range(0, m, step):
+            rows = slice(s, s + step)
+            k = len(beta[rows])
+            nu = self._features_grad(W[rows].reshape(k * n_out, -1)).reshape((k, n_out) + x_c.shape[1:])
+            box = dict(x_c=x_c[rows], x_r=x_r[rows], u_c=U_c[rows], u_r=U_r[rows], z_lo=Z_lo[rows], z_hi=Z_hi[rows],
+                       b=self.b.astype(np.float64), K_s=K_s[rows], B_s=B_s[rows])
+            L = unrolled_lower_bounds(nu, beta[rows], box, lambda V: self._apply_implicit(KT, V),
+                                      lambda V: self._inject(BT, V), steps)
+            M[rows] = np.maximum(M[rows], L)
+        M[np.arange(m), labels] = 0.0
         return M, info
 
     def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, tol=1e-6, max_iter=500, method="average",

@@ -12,8 +12,11 @@ allowed for (see :meth:`nemon_np.base.ImplicitClassifier.interval_bounds`).
   hidden read-out layer multiplies the radius by ||H~||_inf (:func:`nemon_np.lipschitz.lipschitz_factors`).
 * ``interval`` (DESIGN.md, "Interval certificates"): the relative classifier on the fixed point of the
   embedded network over the box.
-* ``combined``: the larger of the two lower bounds, pair by pair (both are lower bounds), so it
-  certifies every point that either certifies, and possibly more.
+* ``crown`` (:meth:`nemon_np.base.ImplicitClassifier.relaxed_margins`): linear relaxation (CROWN)
+  of the read-out and of ``steps`` copies of the fixed-point map, bounded over the embedded network's
+  box of x* and the input box; never below ``interval``.
+* ``combined``: the larger of the Lipschitz and the interval lower bound, pair by pair (both are
+  lower bounds), so it certifies every point that either certifies, and possibly more.
 
 Every certificate needs mu_inf < 1 and raises :class:`nemon_np.WellPosednessError` otherwise (a
 monDEQ model is certified by mu_2 alone, which gives neither bound).
@@ -87,6 +90,19 @@ class IntervalCertificate(Certificate):
 
 
 @_register
+class CrownCertificate(Certificate):
+    """Linear relaxation through the read-out and ``steps`` copies of the fixed-point map, over the
+    embedded network's box (2 steps: the trained MNIST models of docs/benchmarks.md certify no more
+    with 3 to 8)."""
+    name = "crown"
+    steps = 2
+
+    def margins(self, model, pixels, labels, eps, **options):
+        U_lo, U_hi = input_box(model, pixels, eps)
+        return model.relaxed_margins(U_lo, U_hi, labels, steps=self.steps, **options)[0]
+
+
+@_register
 class CombinedCertificate(Certificate):
     """The larger of the Lipschitz and the interval lower bound of each margin."""
     name = "combined"
@@ -112,7 +128,7 @@ def certify(model, pixels, labels, eps, certificate="interval", *, batch_size=No
     pixels : (m, features) array in [0, 1], channel-major as the data loaders flatten images
     labels : (m,) integer true classes
     eps : float >= 0, the radius in pixel units (boxes are clipped to [0, 1])
-    certificate : a name of :data:`CERTIFICATES`: "interval" (default), "lipschitz" or "combined"
+    certificate : a name of :data:`CERTIFICATES`: "interval" (default), "lipschitz", "crown" or "combined"
     batch_size : images per solve (default 2000 for dense models, 100 for conv models)
     progress : callable, optional, called with the number of images done after each batch
     options : tol, max_iter of the fixed-point solves (:meth:`interval_bounds`)

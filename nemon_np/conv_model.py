@@ -167,6 +167,10 @@ class ConvNEMON(ImplicitClassifier):
 
     _apply_implicit, _implicit_grad = _inject, _inject_grad
 
+    @staticmethod
+    def _transposed(K):
+        return transpose_kernel(K)
+
     def _features(self, X):
         return self._pool(X)
 

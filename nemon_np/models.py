@@ -134,6 +134,10 @@ class NEMON(ImplicitClassifier):
     _apply_implicit, _implicit_grad = _inject, _inject_grad
 
     @staticmethod
+    def _transposed(P):
+        return np.ascontiguousarray(P.T)
+
+    @staticmethod
     def _features(X):
         return X
 

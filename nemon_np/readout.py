@@ -23,26 +23,21 @@ dL/df_c = dP_c H, dL/df_r = dP_r |H|.
 (n_f + 4) u (|H| (|f_c| + f_r) + |h|) per product sum (Higham 2002, eq. (3.5)) widens P's box.
 
 Linear relaxation of the margins (for certificates): the box of g forgets that every g_i is read
-from the same f. With d = C_k - C_j and P's box [l, u], for *any* multipliers lam in R^p
+from the same f. :func:`readout_affine_lower_bounds` keeps it: for every margin row d = C_k - C_j
+and CROWN's multipliers lam (:mod:`nemon_np.relaxation`) over P's box [l, u],
 
-    y_k - y_j = lam . (H f + h) + sum_i (d_i relu(P_i) - lam_i P_i) + c_k - c_j
-              >= (lam^T H) f_c - |lam^T H| f_r + lam . h + sum_i kappa_i + c_k - c_j,
-    kappa_i = min over t in [l_i, u_i] of d_i relu(t) - lam_i t   (at t = l_i, u_i, or 0 when l_i < 0 < u_i),
+    y_k - y_j = d . relu(P) + c_k - c_j >= (lam^T H) f + lam . h + sum_i kappa_i + c_k - c_j,
 
-a Lagrangian lower bound: valid for every lam, so rounding of lam cannot break it, and lam = 0 is the
-interval bound of the box of g. :func:`relaxed_margin_lower_bounds` takes CROWN's multipliers
-(Zhang et al. 2018, "Efficient neural network robustness certification with general activation
-functions"): lam_i = d_i on units active over the box, 0 on inactive ones, and on units that change
-sign the chord slope d_i u_i / (u_i - l_i) where d_i < 0 (relu's upper line) and 0 where d_i >= 0
-(the lower line 0; CROWN's other choice, slope 1 where u_i >= -l_i, certified fewer images of the
-trained MNIST models in docs/benchmarks.md).
+an affine lower bound in f, valid over the whole feature box, that the caller bounds over that box
+or carries back through the implicit layer.
 """
 import numpy as np
 
 from .interval import UNIT_ROUNDOFF, enclosing_center_radius
+from .relaxation import crown_multipliers, relu_offsets
 
 __all__ = ["init_hidden_layer", "hidden_forward", "hidden_backward", "hidden_box", "hidden_box_grad",
-           "enclosing_hidden_box", "crown_multipliers", "relaxed_margin_lower_bounds"]
+           "enclosing_hidden_box", "readout_affine_lower_bounds"]
 
 
 def init_hidden_layer(rng, width, n_features, n_out, dtype):
@@ -96,53 +91,39 @@ def enclosing_hidden_box(F_c, F_r, H, h):
     return enclosing_center_radius(np.maximum(P_lo, 0), np.maximum(P_hi, 0)) + (P_lo, P_hi)
 
 
-def crown_multipliers(D, P_lo, P_hi):
-    """CROWN's multipliers lam (m, n_out, p) for the margin rows D (m, n_out, p) (d = C_k - C_j) over
-    the pre-activation boxes [P_lo, P_hi] (m, p): d_i where l_i >= 0, 0 where u_i <= 0, and where
-    l_i < 0 < u_i the chord slope d_i u_i / (u_i - l_i) if d_i < 0, else 0 (module docstring)."""
-    lo, hi = P_lo[:, None, :], P_hi[:, None, :]
-    changes = (lo < 0) & (hi > 0)
-    slope = np.where(changes, hi / np.where(changes, hi - lo, 1.0), (lo >= 0).astype(np.float64))
-    return D * np.where(changes & (D >= 0), 0.0, slope)
+def readout_affine_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels):
+    """(W, beta): float64 affine lower bounds y_k - y_j >= W_j . f + beta_j, W (m, n_out, n_f) and
+    beta (m, n_out), k = labels (row k is 0), for every f in the feature box [F_c - F_r, F_c + F_r]
+    and in exact arithmetic for the stored parameters.
 
-
-def relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels, multipliers=crown_multipliers):
-    """Sound float64 lower bounds (m, n_out) of y_k - y_j = (C_k - C_j) relu(H f + h) + c_k - c_j over
-    the feature boxes [F_c - F_r, F_c + F_r], k = labels, 0 at j = k, by the Lagrangian bound of the
-    module docstring with lam = multipliers(D, P_lo, P_hi), D (m, n_out, p) the rows C_k - C_j.
-
-    [P_lo, P_hi] must contain H f + h over each box (:func:`enclosing_hidden_box`). The bound
-    holds in exact arithmetic for the stored parameters: the computed value is lowered by
-    2 (n_f + p + 10) u times the sum of the absolute values of every term (and of lam's rounded
-    product with H), which covers the float64 rounding of the evaluation (Higham 2002, eq. (3.5)).
+    Linear read-out (H None): W_j = C_k - C_j, beta_j = c_k - c_j. Hidden layer: the bound of the
+    module docstring with CROWN's multipliers over P's box [P_lo, P_hi], which must contain H f + h
+    over the feature box (:func:`enclosing_hidden_box`). beta is lowered by 2 (n_f + p + 10) u times
+    the sum of the absolute values of its terms and of lam^T H's, which covers the float64 rounding of
+    W and beta (Higham 2002, eq. (3.5)); bounding W . f over the box is the caller's rounding.
     """
-    C, c, H, h = (np.asarray(a, np.float64) for a in (C, c, H, h))
-    F_c, F_r, P_lo, P_hi = (np.asarray(a, np.float64) for a in (F_c, F_r, P_lo, P_hi))
+    C, c = np.asarray(C, np.float64), np.asarray(c, np.float64)
+    F_c, F_r = np.asarray(F_c, np.float64), np.asarray(F_r, np.float64)
     labels = np.asarray(labels)
-    m, (n_out, (p, n_f)) = len(labels), (len(C), H.shape)
-    M = np.empty((m, n_out))
-    step = max(1, 2_000_000 // (n_out * n_f))   # bounds lam H's (step, n_out, n_f) temporary to 16 MB
-    for s in range(0, m, step):
-        rows = slice(s, s + step)
-        M[rows] = _relaxed_margins(C, c, H, h, F_c[rows], F_r[rows], P_lo[rows], P_hi[rows], labels[rows],
-                                   multipliers)
-    M[np.arange(m), labels] = 0.0
-    return M
-
-
-def _relaxed_margins(C, c, H, h, F_c, F_r, P_lo, P_hi, labels, multipliers):
+    rows, s_f = np.arange(len(labels)), np.abs(F_c) + F_r
     D = C[labels][:, None, :] - C[None, :, :]
-    lam = multipliers(D, P_lo, P_hi)
-    lo, hi = P_lo[:, None, :], P_hi[:, None, :]
-    kappa = np.minimum(D * np.maximum(lo, 0) - lam * lo, D * np.maximum(hi, 0) - lam * hi)
-    kappa = np.where((lo < 0) & (hi > 0), np.minimum(kappa, 0.0), kappa)
-    W = (lam.reshape(-1, H.shape[0]) @ H).reshape(lam.shape[:2] + H.shape[1:])
-    c_pair = c[labels][:, None] - c[None, :]
-    value = (np.einsum("mjf,mf->mj", W, F_c) - np.einsum("mjf,mf->mj", np.abs(W), F_r) + lam @ h
-             + kappa.sum(axis=2) + c_pair)
-    g = np.abs(F_c) + F_r
-    abs_lam = np.abs(lam)
-    terms = (np.einsum("mjp,mp->mj", abs_lam, g @ np.abs(H).T) + np.einsum("mjf,mf->mj", np.abs(W), g)
-             + abs_lam @ np.abs(h) + ((np.abs(D) + abs_lam) * (np.abs(lo) + np.abs(hi))).sum(axis=2)
-             + np.abs(c)[labels][:, None] + np.abs(c)[None, :])
-    return value - 2 * (H.shape[1] + H.shape[0] + 10) * UNIT_ROUNDOFF * terms
+    beta = c[labels][:, None] - c[None, :]
+    scale = np.abs(c)[labels][:, None] + np.abs(c)[None, :]
+    if H is None:
+        W, terms = D, C.shape[1] + 10
+        scale = scale + np.einsum("mjf,mf->mj", np.abs(D), s_f)   # the rounding of C_k - C_j
+    else:
+        H, h = np.asarray(H, np.float64), np.asarray(h, np.float64)
+        lo, hi = P_lo[:, None, :], P_hi[:, None, :]
+        lam = crown_multipliers(D, lo, hi)
+        kappa = relu_offsets(D, lam, lo, hi)
+        W = (lam.reshape(-1, H.shape[0]) @ H).reshape(lam.shape[:2] + H.shape[1:])
+        beta = beta + lam @ h + kappa.sum(axis=2)
+        abs_lam, terms = np.abs(lam), H.shape[0] + H.shape[1] + 10
+        scale = (scale + abs_lam @ np.abs(h) + ((np.abs(D) + abs_lam) * (np.abs(lo) + np.abs(hi))).sum(axis=2)
+                 + np.einsum("mjp,mp->mj", abs_lam, s_f @ np.abs(H).T))
+    W = W.copy()
+    W[rows, labels] = 0.0
+    beta = beta - 2 * terms * UNIT_ROUNDOFF * scale
+    beta[rows, labels] = 0.0
+    return W, beta

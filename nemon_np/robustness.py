@@ -1,8 +1,8 @@
 """l_inf robustness of trained models in pixel units: attacks, certified accuracy, the report.
 
 Accuracy under uniform noise, FGSM and PGD (through the model's implicit input gradient), the
-certified accuracy of each certificate of :mod:`nemon_np.certificates` (rows ``certified-lipschitz``
-and ``certified-interval``), the Lipschitz bound and an empirical lower bound of the Lipschitz
+certified accuracy of each certificate of :mod:`nemon_np.certificates` (rows ``certified-lipschitz``,
+``certified-interval`` and ``certified-crown``), the Lipschitz bound and an empirical lower bound of the Lipschitz
 constant: ``python -m nemon_np.robustness RUN_DIR``.
 """
 import numpy as np
@@ -16,7 +16,7 @@ __all__ = ["attack", "empirical_lipschitz", "robustness_report", "plot_report", 
 
 ATTACKS = ("noise", "fgsm", "pgd")
 # The certificates the report tabulates, each as a row "certified-<name>".
-REPORT_CERTIFICATES = ("lipschitz", "interval")
+REPORT_CERTIFICATES = ("lipschitz", "interval", "crown")
 
 
 def _ce_pixel_grad(model, P, y, options):
@@ -141,7 +141,8 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
 
 
 CERTIFIED_STYLE = {"certified-lipschitz": dict(marker="s", color="k", ls="--", label="certified (Lipschitz bound)"),
-                   "certified-interval": dict(marker="D", color="C3", ls="--", label="certified (interval bounds)")}
+                   "certified-interval": dict(marker="D", color="C3", ls="--", label="certified (interval bounds)"),
+                   "certified-crown": dict(marker="^", color="C4", ls=":", label="certified (linear relaxation)")}
 
 
 def plot_report(report, path, title=""):
@@ -188,8 +189,9 @@ def main(argv=None):
                            description="Accuracy of a trained model under l_inf perturbations of its test images "
                                        "(pixel units, [0, 1] images): uniform noise, FGSM and PGD through the "
                                        "model's implicit input gradient; certified accuracy by the Lipschitz "
-                                       "bound (certified-lipschitz) and by interval bounds through the embedded "
-                                       "network (certified-interval), which every attack must stay above; and an "
+                                       "bound (certified-lipschitz), by interval bounds through the embedded "
+                                       "network (certified-interval) and by their linear relaxation (certified-crown), "
+                                       "which every attack must stay above, image by image; and an "
                                        "empirical lower bound of the Lipschitz constant.")
     p.add_argument("run_dir", help="a folder written by python -m nemon_np.train (or its model.npz)")
     p.add_argument("--data-dir", default=None, help="folder with the data set (as for training)")

@@ -12,8 +12,7 @@ from nemon_np.certificates import CERTIFICATES, certify
 from nemon_np.conv import mu_inf_conv
 from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from nemon_np.pixels import to_inputs
-from nemon_np.interval import margin_lower_bounds
-from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad, relaxed_margin_lower_bounds
+from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad, readout_affine_lower_bounds
 from nemon_np.train import main as train_main
 from conftest import box_samples, finite_difference, random_model
 
@@ -82,30 +81,40 @@ def _primal_crown(H, h, C, c, F_c, F_r, P_lo, P_hi, labels):
     return M
 
 
+def _box_minimum(W, beta, F_c, F_r):
+    return np.einsum("mjf,mf->mj", W, F_c) - np.einsum("mjf,mf->mj", np.abs(W), F_r) + beta
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_relaxed_margins_are_sound_and_are_crown(rng, dtype):
+def test_readout_affine_bounds_hold_pointwise_and_are_crown(rng, dtype):
     H, h, C, c, F_c, F_r, labels = _readout_problem(rng, dtype=dtype)
     P_lo, P_hi = enclosing_hidden_box(F_c, F_r, H, h)[2:]
-    M = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels)
+    W, beta = readout_affine_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels)
     rows = np.arange(len(labels))
     H64, h64, C64, c64 = (a.astype(np.float64) for a in (H, h, C, c))
-    for F in box_samples(rng, F_c - F_r, F_c + F_r, 400):
+    for F in box_samples(rng, F_c - F_r, F_c + F_r, 400):   # the affine bound holds at every point
         Y = np.maximum(F @ H64.T + h64, 0) @ C64.T + c64
-        assert np.all(M <= Y[rows, labels][:, None] - Y)
+        assert np.all(np.einsum("mjf,mf->mj", W, F) + beta <= Y[rows, labels][:, None] - Y)
+    M = _box_minimum(W, beta, F_c, F_r)
     crown = _primal_crown(H, h, C, c, F_c, F_r, P_lo, P_hi, labels)
     np.testing.assert_allclose(M, crown, rtol=0, atol=1e-10)
     assert np.all(M <= crown)   # the rounding allowance only lowers the bound
-    # multipliers 0: the Lagrangian bound is the interval bound of the box of g
-    G_c, G_r = enclosing_hidden_box(F_c, F_r, H, h)[:2]
-    zero = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels, multipliers=lambda D, lo, hi: 0 * D)
-    np.testing.assert_allclose(zero, margin_lower_bounds(C64, c64, G_c, G_r, labels), rtol=0, atol=1e-10)
+    # a linear read-out (C reads f directly): the exact margins, less a rounding allowance
+    W, beta = readout_affine_lower_bounds(H, h[:len(H)], None, None, F_c, F_r, None, None, labels % len(H))
+    k = labels % len(H)
+    np.testing.assert_array_equal(W[rows[:, None], np.arange(len(H))[None]],
+                                  np.where((np.arange(len(H)) == k[:, None])[..., None], 0.0,
+                                           H64[k][:, None] - H64[None]))
+    exact = h64[k][:, None] - h64[None]
+    assert np.all(beta <= exact) and np.allclose(beta, np.where(np.arange(len(H)) == k[:, None], 0.0, exact),
+                                                 rtol=0, atol=1e-12)
 
 
-def test_relaxed_margins_stay_below_the_triangle_lp(rng):
+def test_readout_affine_bounds_stay_below_the_triangle_lp(rng):
     import cvxpy as cp
     H, h, C, c, F_c, F_r, labels = _readout_problem(rng, m=3, n_out=3)
     P_lo, P_hi = enclosing_hidden_box(F_c, F_r, H, h)[2:]
-    M = relaxed_margin_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels)
+    M = _box_minimum(*readout_affine_lower_bounds(C, c, H, h, F_c, F_r, P_lo, P_hi, labels), F_c, F_r)
     for s, k in enumerate(labels):
         lo, hi = P_lo[s], P_hi[s]
         f, g = cp.Variable(H.shape[1]), cp.Variable(len(h))
@@ -117,21 +126,6 @@ def test_relaxed_margins_stay_below_the_triangle_lp(rng):
             lp = cp.Problem(cp.Minimize((C[k] - C[j]) @ g + c[k] - c[j]), cons)
             lp.solve()
             assert M[s, j] <= lp.value + 1e-6, (s, j, M[s, j], lp.value)
-
-
-def test_interval_margins_take_the_better_read_out_bound(rng):
-    model = _dense(rng, n=20, p=12, mu=0.6)
-    model.C *= 3   # large read-out weights: the box of g loses more
-    U = rng.normal(size=(40, model.n_in))
-    labels = model.predict(U)
-    M, _ = model.interval_margins(U - 0.05, U + 0.05, labels)
-    X_lo, X_hi, _ = model.interval_bounds(U - 0.05, U + 0.05)
-    F_c, F_r = (X_lo + X_hi) / 2, (X_hi - X_lo) / 2
-    G_c, G_r, P_lo, P_hi = enclosing_hidden_box(F_c, F_r, model.H, model.h)
-    ibp = margin_lower_bounds(model.C, model.c, G_c, G_r, labels)
-    crown = relaxed_margin_lower_bounds(model.C, model.c, model.H, model.h, F_c, F_r, P_lo, P_hi, labels)
-    assert np.all(M >= np.maximum(ibp, crown) - 1e-9)
-    assert np.any(crown > ibp + 1e-6) and np.any(M > ibp + 1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dense", "weighted", "conv"])

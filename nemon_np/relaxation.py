@@ -1,0 +1,112 @@
+"""Linear-relaxation (CROWN) lower bounds of linear functions of relu outputs, for certificates.
+
+The Lagrangian bound. For a vector v, pre-activations z in the box [lo, hi] and *any* multipliers lam,
+
+    v . relu(z) = lam . z + sum_i (v_i relu(z_i) - lam_i z_i)  >=  lam . z + sum_i kappa_i,
+    kappa_i = min over t in [lo_i, hi_i] of v_i relu(t) - lam_i t   (at t = lo_i, hi_i, or 0 when lo_i < 0 < hi_i).
+
+It holds for every lam, so the rounding of lam cannot break it; lam = 0 is the interval bound.
+:func:`crown_multipliers` is CROWN's choice (Zhang et al. 2018, "Efficient neural network robustness
+certification with general activation functions"): lam_i = v_i on units active over the box, 0 on
+inactive ones, and on units that change sign the chord slope v_i hi_i / (hi_i - lo_i) where v_i < 0
+(relu's upper line) and 0 where v_i >= 0 (the lower line 0; CROWN's other choice, slope 1 where
+hi_i >= -lo_i, certified fewer images of the trained MNIST models in docs/benchmarks.md).
+
+Through the fixed point (:func:`unrolled_lower_bounds`). A margin bound m >= nu_0 . x* + beta_0 on
+the fixed point x* = relu(z*), z* = K x* + B u + b, is carried back through t = 1 .. T copies of
+the fixed-point map (x* is its own preimage, so every copy has the pre-activation z* and the same
+box [z_lo, z_hi]): with mu_t the multipliers of nu_{t-1} over that box,
+
+    nu_{t-1} . x*  >=  mu_t . z* + sum kappa  =  (K^T mu_t) . x* + (B^T mu_t) . u + mu_t . b + sum kappa,
+
+so nu_t = K^T mu_t, g_t = g_{t-1} + B^T mu_t, beta_t = beta_{t-1} + mu_t . b + sum kappa, and each
+t gives the lower bound over the embedded network's box of x* and the input box of u
+
+    L_t = beta_t + nu_t . x_c - |nu_t| . x_r + g_t . u_c - |g_t| . u_r.
+
+The input keeps its correlations across units (g_t . u is bounded as one linear function), which the
+box of z forgets; the contraction shrinks nu_t, so the box of x* matters less at every step.
+
+Soundness in floating point: every bound is lowered by 2 (N + 10) u times the sum of the absolute
+values of its terms (N the longest sum, u = 2^-53), which covers the float64 rounding of the
+products and sums (Higham 2002, eq. (3.5)) and of nu_t = K^T mu_t and B^T mu_t (through
+|mu_t| . (|K| s_x) and |mu_t| . (|B| s_u), s_x = |x_c| + x_r >= |x*|, s_u = |u_c| + u_r >= |u|).
+"""
+import numpy as np
+
+from .interval import UNIT_ROUNDOFF
+
+__all__ = ["crown_multipliers", "relu_offsets", "unrolled_lower_bounds"]
+
+
+def crown_multipliers(V, lo, hi):
+    """CROWN's multipliers lam (the shape of V) of v . relu(z) over z in [lo, hi] (broadcast against
+    V): v_i where lo_i >= 0, 0 where hi_i <= 0, and where lo_i < 0 < hi_i the chord slope
+    v_i hi_i / (hi_i - lo_i) if v_i < 0, else 0 (module docstring)."""
+    changes = (lo < 0) & (hi > 0)
+    slope = np.where(changes, hi / np.where(changes, hi - lo, 1.0), (lo >= 0).astype(np.float64))
+    return V * np.where(changes & (V >= 0), 0.0, slope)
+
+
+def relu_offsets(V, lam, lo, hi):
+    """kappa_i = min over t in [lo_i, hi_i] of v_i relu(t) - lam_i t (the shape of V): the smallest
+    of the values at lo_i, at hi_i and, where lo_i < 0 < hi_i, at 0 (where it is 0)."""
+    kappa = np.minimum(V * np.maximum(lo, 0) - lam * lo, V * np.maximum(hi, 0) - lam * hi)
+    return np.where((lo < 0) & (hi > 0), np.minimum(kappa, 0.0), kappa)
+
+
+def _dot(A, B):
+    """Sum over every axis after the first two of A * B (rows (m, r, ...) against (m, r or 1, ...))."""
+    return (A * B).reshape(A.shape[:2] + (-1,)).sum(axis=2)
+
+
+def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, steps):
+    """The best of the lower bounds L_0 .. L_steps of the module docstring, rounding allowed for.
+
+    Parameters
+    ----------
+    nu : (m, r, *state) rows of a bound m_r >= nu . x* + beta over the m samples' fixed points
+    beta : (m, r)
+    box : mapping of the m samples' float64 boxes: ``x_c``, ``x_r`` (m, *state) of x*, ``u_c``,
+        ``u_r`` (m, *inputs) of u, ``z_lo``, ``z_hi`` (m, *state) of z* = K x* + B u + b, ``b``
+        (broadcast against a state), ``K_s`` = |K| (|x_c| + x_r) and ``B_s`` = |B| (|u_c| + u_r)
+        (m, *state) (for the rounding allowance)
+    transpose_implicit, transpose_input : callables mapping states (k, *state) to K^T states
+        (k, *state) and to B^T states (k, *inputs)
+    steps : T >= 0, copies of the fixed-point map to pass
+
+    Returns (m, r) float64: each row's largest L_t, which holds in exact arithmetic.
+    """
+    m, r = beta.shape
+    state, inputs = box["x_c"].shape[1:], box["u_c"].shape[1:]
+    rho = 2 * (max(int(np.prod(state)), int(np.prod(inputs))) + 10) * UNIT_ROUNDOFF
+    x_c, x_r, u_c, u_r = (box[k][:, None] for k in ("x_c", "x_r", "u_c", "u_r"))
+    s_x, s_u = np.abs(x_c) + x_r, np.abs(u_c) + u_r
+    lo, hi = box["z_lo"][:, None], box["z_hi"][:, None]
+    mag_lo_hi = np.abs(lo) + np.abs(hi)
+    K_s, B_s, b = box["K_s"][:, None], box["B_s"][:, None], np.asarray(box["b"], np.float64)
+
+    def bound(nu, g, beta, allowance):
+        value = beta + _dot(nu, x_c) - _dot(np.abs(nu), x_r)
+        scale = np.abs(beta) + _dot(np.abs(nu), s_x)
+        if g is not None:
+            value = value + _dot(g, u_c) - _dot(np.abs(g), u_r)
+            scale = scale + _dot(np.abs(g), s_u)
+        return value - rho * scale - allowance
+
+    g, allowance = None, np.zeros((m, r))
+    best = bound(nu, g, beta, allowance)
+    for _ in range(steps):
+        lam = crown_multipliers(nu, lo, hi)
+        kappa = relu_offsets(nu, lam, lo, hi)
+        abs_lam = np.abs(lam)
+        beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + _dot(lam, np.broadcast_to(b, lam.shape))
+        allowance = allowance + rho * (np.abs(beta) + _dot(np.abs(nu) + abs_lam, mag_lo_hi)
+                                       + _dot(abs_lam, np.abs(b) + K_s + B_s))
+        flat = lam.reshape((m * r,) + state)
+        nu = transpose_implicit(flat).reshape(lam.shape)
+        g_t = transpose_input(flat).reshape((m, r) + inputs)
+        g = g_t if g is None else g + g_t
+        allowance = allowance + rho * _dot(np.abs(g), s_u)
+        best = np.maximum(best, bound(nu, g, beta, allowance))
+    return best
