@@ -56,8 +56,13 @@ def relu_offsets(V, lam, lo, hi):
 
 
 def _dot(A, B):
-    """Sum over every axis after the first two of A * B (rows (m, r, ...) against (m, r or 1, ...))."""
-    return (A * B).reshape(A.shape[:2] + (-1,)).sum(axis=2)
+    """Sum over every axis after the first two of A * B: rows A (m, r, ...) against the m samples'
+    arrays B (m, 1, ...) or rows B (m, r, ...); (m, r)."""
+    m, r = A.shape[:2]
+    A, B = A.reshape(m, r, -1), B.reshape(m, B.shape[1], -1)
+    if B.shape[1] == 1:   # a batched matrix-vector product, without an (m, r, ...) temporary
+        return (A @ B[:, 0, :, None])[..., 0]
+    return np.einsum("mrf,mrf->mr", A, B)
 
 
 def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, steps):
@@ -76,6 +81,10 @@ def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, st
     steps : T >= 0, copies of the fixed-point map to pass
 
     Returns (m, r) float64: each row's largest L_t, which holds in exact arithmetic.
+
+    g_t = B^T (mu_1 + ... + mu_t) is formed from the running sum of the multipliers (one product a
+    step); the sum's rounding, within t u sum_t |mu_t| entrywise, is inside the allowance of the
+    |mu_t| . B_s terms.
     """
     m, r = beta.shape
     state, inputs = box["x_c"].shape[1:], box["u_c"].shape[1:]
@@ -84,29 +93,30 @@ def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, st
     s_x, s_u = np.abs(x_c) + x_r, np.abs(u_c) + u_r
     lo, hi = box["z_lo"][:, None], box["z_hi"][:, None]
     mag_lo_hi = np.abs(lo) + np.abs(hi)
-    K_s, B_s, b = box["K_s"][:, None], box["B_s"][:, None], np.asarray(box["b"], np.float64)
+    b = np.broadcast_to(np.asarray(box["b"], np.float64), state)
+    per_unit = (np.abs(b) + box["K_s"] + box["B_s"])[:, None]
 
     def bound(nu, g, beta, allowance):
-        value = beta + _dot(nu, x_c) - _dot(np.abs(nu), x_r)
-        scale = np.abs(beta) + _dot(np.abs(nu), s_x)
+        abs_nu = np.abs(nu)
+        value = beta + _dot(nu, x_c) - _dot(abs_nu, x_r)
+        scale = np.abs(beta) + _dot(abs_nu, s_x)
         if g is not None:
-            value = value + _dot(g, u_c) - _dot(np.abs(g), u_r)
-            scale = scale + _dot(np.abs(g), s_u)
+            abs_g = np.abs(g)
+            value = value + _dot(g, u_c) - _dot(abs_g, u_r)
+            scale = scale + _dot(abs_g, s_u)
         return value - rho * scale - allowance
 
-    g, allowance = None, np.zeros((m, r))
-    best = bound(nu, g, beta, allowance)
+    lam_sum, allowance = None, np.zeros((m, r))
+    best = bound(nu, None, beta, allowance)
     for _ in range(steps):
         lam = crown_multipliers(nu, lo, hi)
         kappa = relu_offsets(nu, lam, lo, hi)
         abs_lam = np.abs(lam)
-        beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + _dot(lam, np.broadcast_to(b, lam.shape))
+        beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + lam.reshape(m, r, -1) @ b.ravel()
         allowance = allowance + rho * (np.abs(beta) + _dot(np.abs(nu) + abs_lam, mag_lo_hi)
-                                       + _dot(abs_lam, np.abs(b) + K_s + B_s))
-        flat = lam.reshape((m * r,) + state)
-        nu = transpose_implicit(flat).reshape(lam.shape)
-        g_t = transpose_input(flat).reshape((m, r) + inputs)
-        g = g_t if g is None else g + g_t
-        allowance = allowance + rho * _dot(np.abs(g), s_u)
+                                       + _dot(abs_lam, per_unit))
+        lam_sum = lam if lam_sum is None else lam_sum + lam
+        nu = transpose_implicit(lam.reshape((m * r,) + state)).reshape(lam.shape)
+        g = transpose_input(lam_sum.reshape((m * r,) + state)).reshape((m, r) + inputs)
         best = np.maximum(best, bound(nu, g, beta, allowance))
     return best
