@@ -211,7 +211,9 @@ class ImplicitClassifier:
 
     def _embedded_injection(self, U_c, U_r, B, b, rounding=False):
         """[q_lo, q_hi] = [B u_c - |B| u_r + b, B u_c + |B| u_r + b], stacked on the last axis; with
-        ``rounding`` each side is moved outward by the rounding allowance of its float64 evaluation."""
+        ``rounding`` each side is moved outward by the rounding allowance of its float64 evaluation.
+        B may also be the implicit matrix or kernel (the two maps share one hook) with U_c, U_r a box
+        of states: the box of A x over it."""
         Q_c = self._inject(B, U_c) + b
         Q_r = self._inject(np.abs(B), U_r)
         if rounding:
@@ -325,20 +327,19 @@ class ImplicitClassifier:
         P64, B64 = getattr(self, self.implicit).astype(np.float64), self.B.astype(np.float64)
         K_s = self._apply_implicit(np.abs(P64), np.abs(x_c) + x_r)
         B_s = self._inject(np.abs(B64), np.abs(U_c) + U_r)
-        Z_c, Z_r = self._apply_implicit(P64, x_c), self._apply_implicit(np.abs(P64), x_r)
-        # Z_c's and Z_r's products (each within (t + 4) u K_s) and the two sums below.
-        q_lo, q_hi = Q[..., :n], Q[..., n:]
-        Z_r = Z_r + 2 * (_terms(P64) + 4) * UNIT_ROUNDOFF * (K_s + np.abs(Z_c) + np.abs(q_lo) + np.abs(q_hi))
-        Z_lo, Z_hi = np.nextafter(Z_c - Z_r + q_lo, -np.inf), np.nextafter(Z_c + Z_r + q_hi, np.inf)
+        # The box of A x* is the same enclosing interval product as the injection's (both maps are the
+        # models' one linear-map hook); each sum with [q_lo, q_hi] rounds by at most half an ulp.
+        AX = self._embedded_injection(x_c, x_r, P64, 0.0, rounding=True)
+        Z_lo, Z_hi = np.nextafter(AX[..., :n] + Q[..., :n], -np.inf), np.nextafter(AX[..., n:] + Q[..., n:], np.inf)
         Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
-        KT, BT = self._transposed(P64), self._transposed(B64)
+        KT, BT, b64 = self._transposed(P64), self._transposed(B64), self.b.astype(np.float64)
         step = max(1, 2_000_000 // (n_out * x_c[0].size))   # bounds each (step, n_out, *state) array to 16 MB
         for s in range(0, m, step):
             rows = slice(s, s + step)
             k = len(beta[rows])
             nu = self._features_grad(W[rows].reshape(k * n_out, -1)).reshape((k, n_out) + x_c.shape[1:])
             box = dict(x_c=x_c[rows], x_r=x_r[rows], u_c=U_c[rows], u_r=U_r[rows], z_lo=Z_lo[rows], z_hi=Z_hi[rows],
-                       b=self.b.astype(np.float64), K_s=K_s[rows], B_s=B_s[rows])
+                       b=b64, K_s=K_s[rows], B_s=B_s[rows])
             L = unrolled_lower_bounds(nu, beta[rows], box, lambda V: self._apply_implicit(KT, V),
                                       lambda V: self._inject(BT, V), steps)
             M[rows] = np.maximum(M[rows], L)
