@@ -17,7 +17,8 @@ from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_rad
 from .losses import softmax_cross_entropy
 from .solvers import ConvergenceWarning, WellPosednessError
 
-__all__ = ["check_labels", "read_model_file", "write_model_file", "model_file_format", "ImplicitClassifier"]
+__all__ = ["check_labels", "read_model_file", "write_model_file", "model_file_format", "EmbeddedNetwork",
+           "ImplicitClassifier"]
 
 # Model files with a hidden read-out layer are version 2, so that readers of version 1, which would
 # not know H and h, refuse them; files of a linear read-out stay version 1.
@@ -98,109 +99,24 @@ def _terms(P):
     return int(np.prod(np.shape(P)[1:]))
 
 
-class ImplicitClassifier:
-    """What every implicit classifier here derives from its ``equilibrium(U, **options) -> (X, info)``
-    and ``readout(X) -> logits``: the logits of inputs and the predicted classes, and the interval
-    bounds of the fixed point and the margins over input boxes (DESIGN.md, "Interval certificates").
+class EmbeddedNetwork:
+    """The interval bounds of an implicit map x* = relu(P x* + B u + b) over input boxes, through its
+    embedded network (DESIGN.md, "Interval certificates"): the sound float64 box
+    (:meth:`interval_bounds`) for certificates, and the box in the model's dtype with its gradient
+    (:meth:`embedded_box`, :meth:`embedded_box_backward`) for certified training.
 
-    The interval methods are written once over hooks each model defines: ``implicit`` (the name of
-    the implicit matrix, "A" or "K"), ``_state_inputs(U, dtype)`` (inputs in the state's layout),
-    ``_inject(B, U)`` and ``_inject_grad(delta, U)`` (the input map and its weight gradient),
-    ``_apply_implicit(P, X)`` and ``_implicit_grad(delta, X)`` (the same for the implicit map),
-    ``_transposed(P)`` (the matrix or kernel of P's transpose, for either map),
-    ``_features(X)`` and ``_features_grad(G)`` (what the read-out reads: x, or its average pooling, a
-    linear map with non-negative weights, and its transpose), ``_feature_terms`` (entries averaged
-    per feature, 0 for none), ``_state_weights()`` (eta or None), ``_adjoint_tolerance(tol, units)``
-    (the default adjoint tolerance of a state of that many units) and ``_solve_embedded`` /
-    ``_adjoint_embedded`` (the average iteration and its adjoint for the embedded network, whose
-    state is [x_lo, x_hi] stacked on the last axis).
-
-    The read-out may have a hidden layer (:mod:`nemon_np.readout`): parameters ``H`` (p, n_f) and
-    ``h`` (p,) of g = relu(H f + h), which ``y = C g + c`` reads instead of the features f; ``H`` is
-    None without one.
+    Written once over the hooks of the class that mixes it in: ``implicit`` (the name of the implicit
+    matrix, "A" or "K"), ``B``, ``b``, ``dtype``, ``n_hidden``, ``mu_inf()``,
+    ``_state_inputs(U, dtype)`` (inputs in the state's layout), ``_inject(B, U)`` and
+    ``_inject_grad(delta, U)`` (the input map and its weight gradient), ``_apply_implicit(P, X)`` and
+    ``_implicit_grad(delta, X)`` (the same for the implicit map), ``_transposed(P)`` (the matrix or
+    kernel of P's transpose, for either map), ``_state_weights()`` (eta or None),
+    ``_adjoint_tolerance(tol, units)`` and ``_solve_embedded`` / ``_adjoint_embedded`` (the average
+    iteration and its adjoint for the embedded network, whose state is [x_lo, x_hi] stacked on the
+    last axis). Both the classifiers (:class:`ImplicitClassifier`) and the implicit layers of a
+    stack (:mod:`nemon_np.layers`) mix it in.
     """
 
-    H = h = None   # a linear read-out
-
-    @property
-    def readout_hidden(self):
-        """The width p of the read-out's hidden layer, 0 for a linear read-out."""
-        return 0 if self.H is None else len(self.H)
-
-    def readout_params(self):
-        """The read-out's parameters: {"C", "c"} and, with a hidden layer, {"H", "h"}."""
-        extra = {} if self.H is None else {"H": self.H, "h": self.h}
-        return {"C": self.C, "c": self.c, **extra}
-
-    def _file_version(self):
-        """The model file version this model is written with: 1, or 2 with a hidden read-out layer."""
-        return 1 if self.H is None else HIDDEN_READOUT_VERSION
-
-    def _load_readout(self, data, n_features, path):
-        """Set C, c (and H, h when the file has them) from a model file's arrays, in the model's dtype;
-        shapes that do not fit ``n_features`` features are a one-line ``ValueError``."""
-        C, c, H, h = data["C"], data["c"], data.get("H"), data.get("h")
-        n_read = n_features
-        if H is not None or h is not None:
-            if H is None or h is None or H.ndim != 2 or H.shape[1] != n_features or h.shape != (len(H),):
-                raise ValueError(f"{path}: the hidden read-out layer's shapes do not fit {n_features} features "
-                                 f"(H {getattr(H, 'shape', None)}, h {getattr(h, 'shape', None)})")
-            self.H, self.h = (np.ascontiguousarray(a, dtype=self.dtype) for a in (H, h))
-            n_read = len(H)
-        if C.ndim != 2 or C.shape[1] != n_read or c.shape != (len(C),):
-            raise ValueError(f"{path}: the read-out's shapes do not fit {n_read} inputs (C {C.shape}, c {c.shape})")
-        self.C, self.c = (np.ascontiguousarray(a, dtype=self.dtype) for a in (C, c))
-
-    def readout(self, X):
-        """Logits ``C g + c`` of fixed points X (the state's layout), g the hidden layer's output on the
-        features f of X (x, or its average pooling; g = f for a linear read-out)."""
-        return self._readout_forward(self._features(X))[0]
-
-    def _readout_forward(self, F):
-        """(logits, G, P) from features F (m, n_f): G what C reads, P the hidden layer's pre-activation
-        (None without a hidden layer)."""
-        if self.H is None:
-            return F @ self.C.T + self.c, F, None
-        G, P = hidden_forward(F, self.H, self.h)
-        return G @ self.C.T + self.c, G, P
-
-    def _readout_backward(self, dY, F, G, P):
-        """(dF, grads) from dY = dL/dy through :meth:`_readout_forward`: dL/dF and the gradients of
-        the read-out's parameters, keyed as :meth:`readout_params`."""
-        grads = {"C": dY.T @ G, "c": dY.sum(axis=0)}
-        dG = dY @ self.C
-        if self.H is None:
-            return dG, grads
-        dF, grads["H"], grads["h"] = hidden_backward(dG, F, self.H, P)
-        return dF, grads
-
-    def _robust_readout_loss(self, F_c, F_r, y):
-        """The robust part of the certified loss from a box of features [F_c - F_r, F_c + F_r]:
-        CE(-m_lo), m_lo the relative classifier's margin lower bounds (through the hidden layer's box
-        when there is one), and its gradients. Returns (robust, m_lo, dF_c, dF_r, grads of the
-        read-out's parameters keyed as :meth:`readout_params`); in the arrays' dtype, for training."""
-        G_c, G_r = F_c, F_r
-        if self.H is not None:
-            G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, self.H, self.h)
-        M = margin_lower_bounds(self.C, self.c, G_c, G_r, y)
-        robust, d_neg = softmax_cross_entropy(-M, y)
-        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, G_c, G_r, y, -d_neg)
-        grads = {"C": dC, "c": dc}
-        if self.H is not None:
-            dF_c, dF_r, grads["H"], grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, self.H, P_lo, P_hi)
-        return robust, M, dF_c, dF_r, grads
-
-    def logits(self, U, **solver_options):
-        """Logits ``y`` of :meth:`readout` at the fixed points, shape (m, n_out); keyword
-        options go to ``equilibrium``."""
-        X, _ = self.equilibrium(U, **solver_options)
-        return self.readout(X)
-
-    def predict(self, U, **solver_options):
-        """Predicted class per sample, argmax of the logits."""
-        return np.argmax(self.logits(U, **solver_options), axis=1)
-
-    # -- interval bounds through the embedded network ------------------------------------------
     def _check_interval(self):
         """mu_inf of the model, which must be < 1: it certifies the embedded network too."""
         mu = self.mu_inf()
@@ -279,6 +195,158 @@ class ImplicitClassifier:
         X_hi = np.nextafter(X64[..., n:] + widen[..., n:], np.inf)
         info.update(radius=radius, **info_inputs)
         return X_lo, X_hi, info
+
+    def embedded_box(self, U_c, U_r, tol, max_iter, method, alpha=None, tol_mode="absolute"):
+        """The embedded network's fixed point over the boxes [U_c - U_r, U_c + U_r] (the state's
+        layout, the model's dtype), as the solver leaves it (for training, not for certificates):
+        (X, info), X = [x_lo, x_hi] stacked on the last axis, info the solver's OptimizeResult with
+        the embedded matrix under ``"embedded_matrix"``."""
+        E = embed(getattr(self, self.implicit))
+        X, finfo = self._solve_embedded(E, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
+                                        method, alpha, tol_mode)
+        finfo["embedded_matrix"] = E
+        return X, finfo
+
+    def embedded_box_backward(self, G, X, finfo, U_c, U_r, tol, max_iter, adjoint="iterative", adjoint_tol=None,
+                              with_input=False):
+        """Gradients through :meth:`embedded_box` from G = dL/d[x_lo, x_hi] (the mean loss's):
+        the adjoint w = G + E^T D w of the embedded network, delta = D w, dL/dE = delta [x_lo, x_hi]^T
+        folded onto the implicit matrix by :func:`fold_embedded_grad`, dL/dB = (delta_lo + delta_hi)
+        u_c^T + sign(B) (delta_hi - delta_lo) u_r^T, dL/db = sum (delta_lo + delta_hi); with
+        ``with_input`` also dL/du_c = B^T (delta_lo + delta_hi) and dL/du_r = |B|^T (delta_hi - delta_lo)
+        (the state's layout). Returns (grads keyed by the implicit matrix's name, "B", "b"; binfo[,
+        dU_c, dU_r])."""
+        E, n = finfo["embedded_matrix"], X.shape[-1] // 2
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        m = len(X)
+        # Per-sample scale (m G), so that the adjoint tolerance means the same at any batch size.
+        adjoint_tol = self._adjoint_tolerance(tol, 2 * self.n_hidden) if adjoint_tol is None else adjoint_tol
+        W, binfo = self._adjoint_embedded(E, mask, m * G, finfo.alpha, adjoint_tol, max_iter, adjoint)
+        delta = mask * W / m
+        d_lo, d_hi = delta[..., :n], delta[..., n:]
+        grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), getattr(self, self.implicit)),
+                 "B": (self._inject_grad(d_lo + d_hi, U_c) + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
+                 "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0)}
+        if not with_input:
+            return grads, binfo
+        dU_c = self._inject(self._transposed(self.B), d_lo + d_hi)
+        dU_r = self._inject(self._transposed(np.abs(self.B)), d_hi - d_lo)
+        return grads, binfo, dU_c, dU_r
+
+
+class ImplicitClassifier(EmbeddedNetwork):
+    """What every implicit classifier here derives from its ``equilibrium(U, **options) -> (X, info)``
+    and ``readout(X) -> logits``: the logits of inputs and the predicted classes, and the interval
+    bounds of the fixed point and the margins over input boxes (DESIGN.md, "Interval certificates").
+
+    The interval methods are written once over the hooks of :class:`EmbeddedNetwork` and these:
+    ``_features(X)`` and ``_features_grad(G)`` (what the read-out reads: x, or its average pooling, a
+    linear map with non-negative weights, and its transpose) and ``_feature_terms`` (entries averaged
+    per feature, 0 for none).
+
+    The read-out may have a hidden layer (:mod:`nemon_np.readout`): parameters ``H`` (p, n_f) and
+    ``h`` (p,) of g = relu(H f + h), which ``y = C g + c`` reads instead of the features f; ``H`` is
+    None without one.
+    """
+
+    H = h = None   # a linear read-out
+
+    @property
+    def readout_hidden(self):
+        """The width p of the read-out's hidden layer, 0 for a linear read-out."""
+        return 0 if self.H is None else len(self.H)
+
+    def readout_params(self):
+        """The read-out's parameters: {"C", "c"} and, with a hidden layer, {"H", "h"}."""
+        extra = {} if self.H is None else {"H": self.H, "h": self.h}
+        return {"C": self.C, "c": self.c, **extra}
+
+    def _file_version(self):
+        """The model file version this model is written with: 1, or 2 with a hidden read-out layer."""
+        return 1 if self.H is None else HIDDEN_READOUT_VERSION
+
+    def _load_readout(self, data, n_features, path):
+        """Set C, c (and H, h when the file has them) from a model file's arrays, in the model's dtype;
+        shapes that do not fit ``n_features`` features are a one-line ``ValueError``."""
+        C, c, H, h = data["C"], data["c"], data.get("H"), data.get("h")
+        n_read = n_features
+        if H is not None or h is not None:
+            if H is None or h is None or H.ndim != 2 or H.shape[1] != n_features or h.shape != (len(H),):
+                raise ValueError(f"{path}: the hidden read-out layer's shapes do not fit {n_features} features "
+                                 f"(H {getattr(H, 'shape', None)}, h {getattr(h, 'shape', None)})")
+            self.H, self.h = (np.ascontiguousarray(a, dtype=self.dtype) for a in (H, h))
+            n_read = len(H)
+        if C.ndim != 2 or C.shape[1] != n_read or c.shape != (len(C),):
+            raise ValueError(f"{path}: the read-out's shapes do not fit {n_read} inputs (C {C.shape}, c {c.shape})")
+        self.C, self.c = (np.ascontiguousarray(a, dtype=self.dtype) for a in (C, c))
+
+    def readout(self, X):
+        """Logits ``C g + c`` of fixed points X (the state's layout), g the hidden layer's output on the
+        features f of X (x, or its average pooling; g = f for a linear read-out)."""
+        return self._readout_forward(self._features(X))[0]
+
+    def _readout_forward(self, F):
+        """(logits, G, P) from features F (m, n_f): G what C reads, P the hidden layer's pre-activation
+        (None without a hidden layer)."""
+        if self.H is None:
+            return F @ self.C.T + self.c, F, None
+        G, P = hidden_forward(F, self.H, self.h)
+        return G @ self.C.T + self.c, G, P
+
+    def _readout_backward(self, dY, F, G, P):
+        """(dF, grads) from dY = dL/dy through :meth:`_readout_forward`: dL/dF and the gradients of
+        the read-out's parameters, keyed as :meth:`readout_params`."""
+        grads = {"C": dY.T @ G, "c": dY.sum(axis=0)}
+        dG = dY @ self.C
+        if self.H is None:
+            return dG, grads
+        dF, grads["H"], grads["h"] = hidden_backward(dG, F, self.H, P)
+        return dF, grads
+
+    def _robust_readout_loss(self, F_c, F_r, y):
+        """The robust part of the certified loss from a box of features [F_c - F_r, F_c + F_r]:
+        CE(-m_lo), m_lo the relative classifier's margin lower bounds (through the hidden layer's box
+        when there is one), and its gradients. Returns (robust, m_lo, dF_c, dF_r, grads of the
+        read-out's parameters keyed as :meth:`readout_params`); in the arrays' dtype, for training."""
+        G_c, G_r = F_c, F_r
+        if self.H is not None:
+            G_c, G_r, P_lo, P_hi = hidden_box(F_c, F_r, self.H, self.h)
+        M = margin_lower_bounds(self.C, self.c, G_c, G_r, y)
+        robust, d_neg = softmax_cross_entropy(-M, y)
+        dF_c, dF_r, dC, dc = margin_lower_bounds_grad(self.C, G_c, G_r, y, -d_neg)
+        grads = {"C": dC, "c": dc}
+        if self.H is not None:
+            dF_c, dF_r, grads["H"], grads["h"] = hidden_box_grad(dF_c, dF_r, F_c, F_r, self.H, P_lo, P_hi)
+        return robust, M, dF_c, dF_r, grads
+
+    def implicit_part(self):
+        """(the object a constraint mode acts on, the prefix of its parameters' names in ``params()``):
+        the model itself and "" (a stack answers with its implicit layer)."""
+        return self, ""
+
+    def logits(self, U, **solver_options):
+        """Logits ``y`` of :meth:`readout` at the fixed points, shape (m, n_out); keyword
+        options go to ``equilibrium``."""
+        return self.logits_and_info(U, **solver_options)[0]
+
+    def logits_and_info(self, U, **solver_options):
+        """(logits, info): :meth:`logits` and the forward solver's OptimizeResult (per-sample
+        ``iterations``, ``residual``, ``converged``)."""
+        X, info = self.equilibrium(U, **solver_options)
+        return self.readout(X), info
+
+    def astype(self, dtype):
+        """A copy of the model with every parameter cast to ``dtype`` (float32 or float64)."""
+        import copy
+        model = copy.copy(self)
+        model.dtype = np.dtype(dtype).type
+        for k, v in self.params().items():
+            setattr(model, k, np.ascontiguousarray(v, dtype=model.dtype))
+        return model
+
+    def predict(self, U, **solver_options):
+        """Predicted class per sample, argmax of the logits."""
+        return np.argmax(self.logits(U, **solver_options), axis=1)
 
     def interval_margins(self, U_lo, U_hi, labels, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
@@ -374,25 +442,13 @@ class ImplicitClassifier:
         U_c, U_r = center_radius(lo, hi)
         if U_c.shape[0] != len(y) or np.any(U_r < 0):
             raise ValueError(f"U_lo and U_hi must hold {len(y)} boxes with U_lo <= U_hi")
-        P = getattr(self, self.implicit)
-        E = embed(P)
-        X, finfo = self._solve_embedded(E, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
-                                        method, alpha, tol_mode)
+        X, finfo = self.embedded_box(U_c, U_r, tol, max_iter, method, alpha, tol_mode)
         n = X.shape[-1] // 2
         F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
         robust, M, dF_c, dF_r, readout_grads = self._robust_readout_loss(F_c, F_r, y)
         G = np.concatenate([self._features_grad((dF_c - dF_r) / 2), self._features_grad((dF_c + dF_r) / 2)], axis=-1)
-        mask = (finfo.preactivation > 0).astype(self.dtype)
-        m = len(y)
-        # Per-sample scale (m G), so that the adjoint tolerance means the same at any batch size.
-        adjoint_tol = self._adjoint_tolerance(tol, 2 * self.n_hidden) if adjoint_tol is None else adjoint_tol
-        W, binfo = self._adjoint_embedded(E, mask, m * G, finfo.alpha, adjoint_tol, max_iter, adjoint)
-        delta = mask * W / m
-        d_lo, d_hi = delta[..., :n], delta[..., n:]
-        robust_grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
-                        "B": (self._inject_grad(d_lo + d_hi, U_c)
-                              + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
-                        "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0), **readout_grads}
+        robust_grads, binfo = self.embedded_box_backward(G, X, finfo, U_c, U_r, tol, max_iter, adjoint, adjoint_tol)
+        robust_grads.update(readout_grads)
         total = kappa * loss + (1 - kappa) * robust
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:

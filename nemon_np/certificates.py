@@ -103,7 +103,7 @@ class CrownCertificate(Certificate):
 
     def margins(self, model, pixels, labels, eps, **options):
         U_lo, U_hi = input_box(model, pixels, eps)
-        steps = self.steps if self.steps is not None else (2 if isinstance(model, ConvNEMON) else 8)
+        steps = self.steps if self.steps is not None else model.crown_steps
         return model.relaxed_margins(U_lo, U_hi, labels, steps=steps, **options)[0]
 
 

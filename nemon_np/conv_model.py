@@ -73,6 +73,7 @@ class ConvNEMON(ImplicitClassifier):
 
     weights = None  # the certificate is the unweighted mu_inf of the convolution
     n_jobs = 1       # models read from files start with one thread
+    crown_steps = 2  # the crown certificate's default (nemon_np.certificates.CrownCertificate)
 
     def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
                  padding="circular", seed=0, dtype=np.float64, n_jobs=1, readout_hidden=0):

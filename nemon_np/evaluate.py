@@ -38,7 +38,9 @@ def main(argv=None):
     print(f"model           {model}")
     print(f"test accuracy   {100 * acc:.2f}%  (loss {loss:.4f}, {len(X)} images, {its.mean():.1f} "
           f"{options['method']} iterations per image at tol {options['tol']:g})")
-    if isinstance(model, ConvNEMON):
+    if model.implicit_part()[0] is None:
+        print("mu_inf          none: an explicit stack has no implicit layer")
+    elif isinstance(model, ConvNEMON):
         print(f"mu_inf(K)       {model.mu_inf():.6f}  (exact measure of the {model.padding} convolution, "
               f"gamma = {model.gamma})")
     else:

@@ -44,7 +44,10 @@ def io_rows(model):
 def lipschitz_factors(model):
     """The bound's factors as {name: (rows, to_param)}: "B" and "C" from :func:`io_rows`, and "H"
     (H~ = H diag(eta) for weighted dense models, H otherwise) with a hidden read-out layer; the
-    bound is the product of their ||rows||_inf over (1 - max(mu, 0))."""
+    bound is the product of their ||rows||_inf over (1 - max(mu, 0)). A model that has its own
+    ``lipschitz_factors()`` (a stack: one factor a layer) gives them itself."""
+    if hasattr(model, "lipschitz_factors"):
+        return model.lipschitz_factors()
     Bt, Ct, to_B, to_C = io_rows(model)
     factors = {"B": (Bt, to_B), "C": (Ct, to_C)}
     if model.H is not None:

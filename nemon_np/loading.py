@@ -6,14 +6,16 @@ imports run one way.
 from .base import model_file_format
 from .conv_model import FORMAT_NAME as CONV_FORMAT, ConvNEMON
 from .models import FORMAT_NAME as DENSE_FORMAT, NEMON
+from .stack import FORMAT_NAME as STACK_FORMAT, StackedClassifier
 
 __all__ = ["load_model"]
 
-MODEL_CLASSES = {DENSE_FORMAT: NEMON, CONV_FORMAT: ConvNEMON}
+MODEL_CLASSES = {DENSE_FORMAT: NEMON, CONV_FORMAT: ConvNEMON, STACK_FORMAT: StackedClassifier}
 
 
 def load_model(path):
-    """Read a saved :class:`nemon_np.NEMON` or :class:`nemon_np.ConvNEMON`, whichever the file holds.
+    """Read a saved :class:`nemon_np.NEMON`, :class:`nemon_np.ConvNEMON` or
+    :class:`nemon_np.stack.StackedClassifier`, whichever the file holds.
 
     A file that is not a nemon_np model is a one-line ``ValueError`` naming it; a missing one a
     ``FileNotFoundError``."""

@@ -23,62 +23,20 @@ from .projection import project_mu_inf
 from .readout import init_hidden_layer
 from .solvers import MONDEQ_METHODS, contraction_alpha, solve_adjoint, solve_equilibrium
 
-__all__ = ["NEMON"]
+__all__ = ["NEMON", "DenseImplicitMap"]
 
 FORMAT_NAME = "nemon_np.NEMON"
 FORMAT_VERSION = 2   # the newest version read; 2 adds the optional hidden read-out layer
 PARAMETERS = ("A", "B", "b", "C", "c")
 
 
-class NEMON(ImplicitClassifier):
-    """Non-Euclidean monotone operator network: ``x = relu(Ax + Bu + b)``, ``y = Cx + c``.
-
-    Parameters
-    ----------
-    n_in, n_hidden, n_out : int
-        Input, hidden-state and output sizes.
-    gamma : float, < 1
-        Well-posedness margin: the initial A is projected onto mu_inf(A) <= gamma.
-    seed : int
-        Seed of the initialization (``numpy.random.default_rng``).
-    dtype : float32 or float64
-    weights : (n_hidden,) array, optional
-        Diagonal weights eta > 0 of the weighted norm ``||x||_{inf,eta} = max_i |x_i|/eta_i``
-        in which A is held contractive; None is the unweighted l_inf norm.
-    readout_hidden : int
-        Width p of an explicit hidden ReLU layer in the read-out, ``y = C relu(H x + h) + c``
-        (:mod:`nemon_np.readout`); 0 (the default) is the paper's linear read-out.
-
-    Attributes
-    ----------
-    A (n, n), B (n, n_in), b (n,), C (n_out, n), c (n_out,) : ndarray of ``dtype``
-        (with a hidden read-out layer also H (p, n) and h (p,), and C (n_out, p))
-    metadata : dict of str -> str, number or array
-        Saved with the model (for instance the dataset and its normalization).
+class DenseImplicitMap:
+    """The dense implicit map x* = relu(A x* + B u + b) on (m, n_in) inputs: its shapes, mu_inf(A),
+    the forward solve, the adjoint for a given dL/dx*, and the hooks of
+    :class:`nemon_np.base.EmbeddedNetwork`. Mixed into :class:`NEMON` and into the dense implicit
+    layer of a stack (:class:`nemon_np.layers.ImplicitDense`); it needs the attributes A, B, b,
+    weights and dtype.
     """
-
-    def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None, readout_hidden=0):
-        for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
-        self.gamma = check_gamma(gamma)
-        self.dtype = as_float_dtype(dtype)
-        self.seed = int(seed)
-        self.weights = as_weights(weights, int(n_hidden))
-        readout_hidden = check_readout_hidden(readout_hidden)
-        self.metadata = {}
-        rng = np.random.default_rng(self.seed)
-        n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
-        # PyTorch-Linear-like scales; A starts small and inside P(gamma).
-        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
-        self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
-        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
-        self.b = np.zeros(n, self.dtype)
-        if readout_hidden:
-            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n, n_out, self.dtype)
-        else:
-            self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
-        self.c = np.zeros(n_out, self.dtype)
 
     # -- shapes -----------------------------------------------------------
     @property
@@ -88,15 +46,6 @@ class NEMON(ImplicitClassifier):
     @property
     def n_hidden(self):
         return self.A.shape[0]
-
-    @property
-    def n_out(self):
-        return self.C.shape[0]
-
-    def params(self):
-        """The parameters as a dict keyed ``"A","B","b","C","c"`` (and ``"H","h"`` with a hidden
-        read-out layer): the arrays themselves."""
-        return {"A": self.A, "B": self.B, "b": self.b, **self.readout_params()}
 
     def mu_inf(self):
         """mu_inf(A) in the model's (weighted) norm."""
@@ -118,7 +67,7 @@ class NEMON(ImplicitClassifier):
             raise ValueError("U has non-finite entries (NaN or inf)")
         return np.ascontiguousarray(U, dtype=self.dtype if dtype is None else dtype)
 
-    # -- the hooks of the interval methods (nemon_np.base.ImplicitClassifier) -------------
+    # -- the hooks of the interval methods (nemon_np.base.EmbeddedNetwork) ----------------
     implicit = "A"
     _feature_terms = 0
     _state_inputs = _inputs
@@ -176,6 +125,82 @@ class NEMON(ImplicitClassifier):
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 
+    def _state_adjoint(self, finfo, dX, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
+        """(delta, binfo): delta = D w / m from the adjoint w = m dX + A^T D w at the forward solve
+        ``finfo`` (D = 1[z > 0]), dX = dL/dx* of the mean loss (m, n_hidden). Solved for the per-sample
+        loss (g of order 1), so that tol means the same at any batch size."""
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        m = len(dX)
+        W, binfo = solve_adjoint(self.A, mask, m * dX, method=adjoint,
+                                 alpha=alpha if method == "average" else None,
+                                 tol=tol if adjoint_tol is None else adjoint_tol,
+                                 max_iter=max_iter, weights=self.weights, on_violation=on_violation,
+                                 certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
+        return (mask * W) / m, binfo
+
+
+class NEMON(DenseImplicitMap, ImplicitClassifier):
+    """Non-Euclidean monotone operator network: ``x = relu(Ax + Bu + b)``, ``y = Cx + c``.
+
+    Parameters
+    ----------
+    n_in, n_hidden, n_out : int
+        Input, hidden-state and output sizes.
+    gamma : float, < 1
+        Well-posedness margin: the initial A is projected onto mu_inf(A) <= gamma.
+    seed : int
+        Seed of the initialization (``numpy.random.default_rng``).
+    dtype : float32 or float64
+    weights : (n_hidden,) array, optional
+        Diagonal weights eta > 0 of the weighted norm ``||x||_{inf,eta} = max_i |x_i|/eta_i``
+        in which A is held contractive; None is the unweighted l_inf norm.
+    readout_hidden : int
+        Width p of an explicit hidden ReLU layer in the read-out, ``y = C relu(H x + h) + c``
+        (:mod:`nemon_np.readout`); 0 (the default) is the paper's linear read-out.
+
+    Attributes
+    ----------
+    A (n, n), B (n, n_in), b (n,), C (n_out, n), c (n_out,) : ndarray of ``dtype``
+        (with a hidden read-out layer also H (p, n) and h (p,), and C (n_out, p))
+    metadata : dict of str -> str, number or array
+        Saved with the model (for instance the dataset and its normalization).
+    """
+
+    crown_steps = 8   # the crown certificate's default (nemon_np.certificates.CrownCertificate)
+
+    def __init__(self, n_in, n_hidden, n_out, gamma=0.0, seed=0, dtype=np.float64, weights=None, readout_hidden=0):
+        for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        self.gamma = check_gamma(gamma)
+        self.dtype = as_float_dtype(dtype)
+        self.seed = int(seed)
+        self.weights = as_weights(weights, int(n_hidden))
+        readout_hidden = check_readout_hidden(readout_hidden)
+        self.metadata = {}
+        rng = np.random.default_rng(self.seed)
+        n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
+        # PyTorch-Linear-like scales; A starts small and inside P(gamma).
+        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
+        self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
+        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
+        self.b = np.zeros(n, self.dtype)
+        if readout_hidden:
+            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n, n_out, self.dtype)
+        else:
+            self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
+        self.c = np.zeros(n_out, self.dtype)
+
+    # -- shapes -----------------------------------------------------------
+    @property
+    def n_out(self):
+        return self.C.shape[0]
+
+    def params(self):
+        """The parameters as a dict keyed ``"A","B","b","C","c"`` (and ``"H","h"`` with a hidden
+        read-out layer): the arrays themselves."""
+        return {"A": self.A, "B": self.B, "b": self.b, **self.readout_params()}
+
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
                   tol_mode="absolute"):
@@ -190,16 +215,8 @@ class NEMON(ImplicitClassifier):
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (U.shape[0], self.n_out):
                 raise ValueError(f"dY must have shape ({U.shape[0]}, {self.n_out}), got {dY.shape}")
-        mask = (finfo.preactivation > 0).astype(self.dtype)
-        m = U.shape[0]
         dX, readout_grads = self._readout_backward(dY, X, G, P)
-        # Solve for the per-sample loss (g of order 1), so that tol means the same at any batch size.
-        W, binfo = solve_adjoint(self.A, mask, m * dX, method=adjoint,
-                                 alpha=alpha if method == "average" else None,
-                                 tol=tol if adjoint_tol is None else adjoint_tol,
-                                 max_iter=max_iter, weights=self.weights, on_violation=on_violation,
-                                 certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
-        delta = (mask * W) / m
+        delta, binfo = self._state_adjoint(finfo, dX, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
         return U, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,

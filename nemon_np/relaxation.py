@@ -36,7 +36,8 @@ import numpy as np
 
 from .interval import UNIT_ROUNDOFF
 
-__all__ = ["crown_multipliers", "relu_offsets", "unrolled_lower_bounds"]
+__all__ = ["crown_multipliers", "relu_offsets", "batched_dot", "concretize", "unrolled_bounds",
+           "unrolled_lower_bounds"]
 
 
 def crown_multipliers(V, lo, hi):
@@ -55,7 +56,7 @@ def relu_offsets(V, lam, lo, hi):
     return np.where((lo < 0) & (hi > 0), np.minimum(kappa, 0.0), kappa)
 
 
-def _dot(A, B):
+def batched_dot(A, B):
     """Sum over every axis after the first two of A * B: rows A (m, r, ...) against the m samples'
     arrays B (m, 1, ...) or rows B (m, r, ...); (m, r)."""
     m, r = A.shape[:2]
@@ -63,6 +64,49 @@ def _dot(A, B):
     if B.shape[1] == 1:   # a batched matrix-vector product, without an (m, r, ...) temporary
         return (A @ B[:, 0, :, None])[..., 0]
     return np.einsum("mrf,mrf->mr", A, B)
+
+
+def unrolled_bounds(nu, beta, box, transpose_implicit, transpose_input, steps):
+    """The affine lower bounds of the module docstring, step by step: for t = 0 .. steps, yields
+    (t, nu_t, g_t, beta_t, allowance_t) with m_r >= nu_t . x* + g_t . u + beta_t - allowance_t in exact
+    arithmetic for every u in the input box and its fixed point x* (g_0 = None: no input term), the
+    allowance covering the float64 rounding of every step so far (not of bounding the terms over the
+    boxes). Arguments as :func:`unrolled_lower_bounds`."""
+    m, r = beta.shape
+    state = box["x_c"].shape[1:]
+    rho = _rounding_factor(box)
+    lo, hi = box["z_lo"][:, None], box["z_hi"][:, None]
+    mag_lo_hi = np.abs(lo) + np.abs(hi)
+    b = np.broadcast_to(np.asarray(box["b"], np.float64), state)
+    per_unit = (np.abs(b) + box["K_s"] + box["B_s"])[:, None]
+    lam_sum, allowance, g = None, np.zeros((m, r)), None
+    yield 0, nu, g, beta, allowance
+    for t in range(1, steps + 1):
+        lam = crown_multipliers(nu, lo, hi)
+        kappa = relu_offsets(nu, lam, lo, hi)
+        abs_lam = np.abs(lam)
+        beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + lam.reshape(m, r, -1) @ b.ravel()
+        allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(nu) + abs_lam, mag_lo_hi)
+                                       + batched_dot(abs_lam, per_unit))
+        lam_sum = lam if lam_sum is None else lam_sum + lam
+        nu = transpose_implicit(lam.reshape((m * r,) + state)).reshape(lam.shape)
+        g = transpose_input(lam_sum.reshape((m * r,) + state)).reshape((m, r) + box["u_c"].shape[1:])
+        yield t, nu, g, beta, allowance
+
+
+def _rounding_factor(box):
+    """2 (N + 10) u, N the longest sum of the unrolled bounds (a state's or an input's entries)."""
+    state, inputs = box["x_c"].shape[1:], box["u_c"].shape[1:]
+    return 2 * (max(int(np.prod(state)), int(np.prod(inputs))) + 10) * UNIT_ROUNDOFF
+
+
+def concretize(nu, beta, x_c, x_r, rho):
+    """A lower bound of nu . x + beta over the boxes [x_c - x_r, x_c + x_r] (rows nu (m, r, ...), the
+    m samples' boxes (m, 1, ...)), lowered by rho (|beta| + |nu| . (|x_c| + x_r)), which covers its
+    float64 rounding for rho = 2 (N + 10) u, N the longest sum."""
+    abs_nu = np.abs(nu)
+    scale = np.abs(beta) + batched_dot(abs_nu, np.abs(x_c) + x_r)
+    return beta + batched_dot(nu, x_c) - batched_dot(abs_nu, x_r) - rho * scale
 
 
 def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, steps):
@@ -86,37 +130,12 @@ def unrolled_lower_bounds(nu, beta, box, transpose_implicit, transpose_input, st
     step); the sum's rounding, within t u sum_t |mu_t| entrywise, is inside the allowance of the
     |mu_t| . B_s terms.
     """
-    m, r = beta.shape
-    state, inputs = box["x_c"].shape[1:], box["u_c"].shape[1:]
-    rho = 2 * (max(int(np.prod(state)), int(np.prod(inputs))) + 10) * UNIT_ROUNDOFF
+    rho = _rounding_factor(box)
     x_c, x_r, u_c, u_r = (box[k][:, None] for k in ("x_c", "x_r", "u_c", "u_r"))
-    s_x, s_u = np.abs(x_c) + x_r, np.abs(u_c) + u_r
-    lo, hi = box["z_lo"][:, None], box["z_hi"][:, None]
-    mag_lo_hi = np.abs(lo) + np.abs(hi)
-    b = np.broadcast_to(np.asarray(box["b"], np.float64), state)
-    per_unit = (np.abs(b) + box["K_s"] + box["B_s"])[:, None]
-
-    def bound(nu, g, beta, allowance):
-        abs_nu = np.abs(nu)
-        value = beta + _dot(nu, x_c) - _dot(abs_nu, x_r)
-        scale = np.abs(beta) + _dot(abs_nu, s_x)
+    best = None
+    for t, nu_t, g, beta_t, allowance in unrolled_bounds(nu, beta, box, transpose_implicit, transpose_input, steps):
+        L = concretize(nu_t, beta_t, x_c, x_r, rho) - allowance
         if g is not None:
-            abs_g = np.abs(g)
-            value = value + _dot(g, u_c) - _dot(abs_g, u_r)
-            scale = scale + _dot(abs_g, s_u)
-        return value - rho * scale - allowance
-
-    lam_sum, allowance = None, np.zeros((m, r))
-    best = bound(nu, None, beta, allowance)
-    for _ in range(steps):
-        lam = crown_multipliers(nu, lo, hi)
-        kappa = relu_offsets(nu, lam, lo, hi)
-        abs_lam = np.abs(lam)
-        beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + lam.reshape(m, r, -1) @ b.ravel()
-        allowance = allowance + rho * (np.abs(beta) + _dot(np.abs(nu) + abs_lam, mag_lo_hi)
-                                       + _dot(abs_lam, per_unit))
-        lam_sum = lam if lam_sum is None else lam_sum + lam
-        nu = transpose_implicit(lam.reshape((m * r,) + state)).reshape(lam.shape)
-        g = transpose_input(lam_sum.reshape((m * r,) + state)).reshape((m, r) + inputs)
-        best = np.maximum(best, bound(nu, g, beta, allowance))
+            L = L + batched_dot(g, u_c) - batched_dot(np.abs(g), u_r) - rho * batched_dot(np.abs(g), np.abs(u_c) + u_r)
+        best = L if best is None else np.maximum(best, L)
     return best

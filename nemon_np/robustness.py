@@ -168,12 +168,7 @@ def plot_report(report, path, title=""):
 
 
 def _as_float64(model):
-    import copy
-    m = copy.copy(model)
-    m.dtype = np.float64
-    for k, v in model.params().items():
-        setattr(m, k, v.astype(np.float64))
-    return m
+    return model.astype(np.float64)
 
 
 def main(argv=None):

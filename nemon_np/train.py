@@ -6,6 +6,7 @@ metrics.json and metrics.csv (one row per epoch) and training_curves.png.
 """
 import argparse
 import datetime
+import json
 import pathlib
 import sys
 import time
@@ -21,14 +22,25 @@ from .loading import load_model
 from .optim import SCHEDULES
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, TOL_MODES
 from .constraints import get_constraint
-from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, plot_history, save_checkpoint,
-                       write_metrics)
+from .stack import PRESETS
+from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, config_from_dict, plot_history,
+                       restore_training_state, save_checkpoint, save_training_state, write_metrics)
 
 HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
              "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint) "
              "or conv (convolutional NEMON: x = relu(K * x + B * u + b), pooling, read-out; "
              "mu_inf(K) <= gamma exact per output channel)",
+    "arch": ("a stacked model (selects --model stack): a preset, "
+             + "; ".join(f"{name} = {spec}" for name, spec in PRESETS.items())
+             + "; or comma-separated layers: conv<C>[k<k>][s<s>][p<p>] (C channels, k x k taps, default 3, stride "
+               "s, default 1, zero padding p, default k//2), dense<n>, relu, pool<s> (average), flatten (put in "
+               "by itself before a flat layer), nemon<n> (a dense implicit NEMON layer of n units, mu_inf(A) <= "
+               "gamma, at most one). The logits layer is appended. --hidden, --channels, --kernel, --pool, "
+               "--padding and --readout-hidden do not apply"),
+    "weight_init": "stacked models: default (uniform(-1, 1)/sqrt(fan-in), PyTorch's scale) or ibp (Shi et al. "
+                   "2021's IBP initialization, N(0, 2 pi/fan_in^2) for every weight but the logits', which keeps an "
+                   "interval box's radius from growing layer after layer at initialization)",
     "hidden": "hidden units n (size of the implicit state x; dense models)",
     "channels": "conv model: channels C of the implicit convolutional layer",
     "kernel": "conv model: odd kernel size k of the k x k convolutions K (implicit) and B (input)",
@@ -102,14 +114,21 @@ HELP = {
     "threads": "conv model: threads sharing each batch's convolutions, weight gradients and solver steps, each "
                "with one-thread BLAS (the same model for any number, up to float rounding): 2 on an otherwise idle "
                "2-core machine, 1 when runs share the cores (a sweep of several)",
+    "warmup_reg": "certified training of stacked models: weight lambda of the warm-up regularizers of Shi et al. "
+                  "2021 (bound tightness and relu balance on the interval boxes of every relu layer's input), "
+                  "lambda (1 - eps/eps_max) while eps ramps up; 0 = off, their value 0.5",
+    "grad_clip": "scale each step's gradient down to this Euclidean norm when it is larger; 0 = off (Shi et al. "
+                 "2021 use 10)",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
 }
 CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS,
            "model": MODELS,
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
-           "padding": PADDINGS, "augment": tuple(AUGMENTATIONS)}
+           "padding": PADDINGS, "augment": tuple(AUGMENTATIONS),
+           "weight_init": ("default", "ibp")}
 TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
-         "gamma": float, "tol": float, "init": str, "augment_pad": int, "eps_warmup": float, "eps_ramp": float,
+         "gamma": float, "tol": float, "init": str, "arch": str, "augment_pad": int, "eps_warmup": float,
+         "eps_ramp": float,
          "train_eps_factor": float, "min_diagonal": float}
 # Flags that may be given bare, meaning the value here.
 BARE = {"augment": "crop-flip"}
@@ -127,6 +146,11 @@ def build_parser():
                    help="no progress bar (there is one on a terminal only: a log file gets the per-epoch lines)")
     p.add_argument("--limit-train", type=int, default=None,
                    help="use only the first N training images (quick experiments)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the stopped run in folder RUN from its last complete epoch, with its own settings "
+                        "(parameters, Adam's state, the learning-rate and eps schedules and the random stream as they "
+                        "were: the same model as a run that went through); only --data-dir and --no-progress may "
+                        "be given beside it")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -140,17 +164,42 @@ def build_parser():
     return p
 
 
+def _resumed_run(parser, args):
+    """(config, metrics history, out folder) of the run that ``--resume`` names, with its dataset and
+    --limit-train put back into ``args``; a flag that would change the run is a one-line error."""
+    ignored = {"resume", "data_dir", "no_progress"}
+    changed = [k for k, v in vars(args).items() if k not in ignored and v != parser.get_default(k)]
+    if changed:
+        parser.error(f"--resume continues a run with its own settings; drop --{changed[0].replace('_', '-')}")
+    out = pathlib.Path(args.resume)
+    try:
+        payload = json.loads((out / "metrics.json").read_text())
+        run = payload["run"]
+    except (OSError, ValueError, KeyError):
+        parser.error(f"--resume: {out} holds no resumable run (metrics.json with its run settings)")
+    if not (out / "model.npz").is_file():
+        parser.error(f"--resume: {out / 'model.npz'} not found")
+    args.dataset, args.limit_train = run["dataset"], run["limit_train"]
+    return config_from_dict(payload["config"]), payload["epochs"], out
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    history = []
+    if args.resume is not None:
+        config, history, out = _resumed_run(parser, args)
+    else:
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:
         config.validate()
         if args.limit_train is not None and args.limit_train < 1:
             raise ValueError(f"--limit-train must be >= 1, got {args.limit_train}")
     except ValueError as e:
         parser.error(str(e))
-    out = pathlib.Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if args.resume is None:
+        out = pathlib.Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    run = {"dataset": args.dataset, "limit_train": args.limit_train}
     try:
         data = load_dataset(args.dataset, args.data_dir)
     except (DataError, OSError) as e:
@@ -164,7 +213,10 @@ def main(argv=None):
     image_shape = data.train_images.shape[1:]
     image_shape = (1,) + image_shape if len(image_shape) == 2 else image_shape
     try:
-        trainer = Trainer(config, X.shape[1], data.n_classes, image_shape=image_shape)
+        model = None if args.resume is None else load_model(out / "model.npz")
+        trainer = Trainer(config, X.shape[1], data.n_classes, model=model, image_shape=image_shape)
+        if args.resume is not None:
+            restore_training_state(trainer, out, history)
     except ValueError as e:
         parser.error(str(e))
     trainer.model.metadata.update(dataset=data.name, mean=np.array(data.mean), std=np.array(data.std),
@@ -179,12 +231,14 @@ def main(argv=None):
           f"solver {config.solver}, tol {config.tol:g}"
           f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
           f"{f', {config.threads} threads' if config.threads > 1 else ''}"
-          f"; writing to {out}")
+          f"; writing to {out}"
+          f"{f', resuming after epoch {len(history)}' if history else ''}")
     started = time.perf_counter()
 
     def on_epoch(row):
         save_checkpoint(trainer.model, out)
-        write_metrics(out, config, trainer.history)
+        save_training_state(trainer, out)
+        write_metrics(out, config, trainer.history, {"run": run})
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
               f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  mu_inf {row['mu_inf']:.4f}  "
               f"iters fwd {row['fwd_iter_mean']:.1f} bwd {row['bwd_iter_mean']:.1f}  "
@@ -196,7 +250,8 @@ def main(argv=None):
         trainer.fit(X, y, X_test, data.test_labels, on_epoch=on_epoch, progress=not args.no_progress)
     except KeyboardInterrupt:
         done = len(trainer.history)
-        print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done})"
+        print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done}); continue with "
+              f"python -m nemon_np.train --resume {out}"
               if done else "\ninterrupted before the first epoch ended: nothing saved", file=sys.stderr)
         if done:
             plot_history(trainer.history, out / "training_curves.png",
@@ -213,7 +268,7 @@ def main(argv=None):
     if "test_certified_acc" in trainer.history[-1]:
         summary.update(certified_eps=config.certified_eps, test_certified_acc=trainer.history[-1]["test_certified_acc"],
                        test_certified_samples=trainer.history[-1]["test_certified_samples"])
-    write_metrics(out, config, trainer.history, {"summary": summary})
+    write_metrics(out, config, trainer.history, {"run": run, "summary": summary})
     plot_history(trainer.history, out / "training_curves.png",
                  f"{describe(config)} on {data.name}, {config.constraint} constraint", config.gamma)
     certified = (f", certified {100 * summary['test_certified_acc']:.2f}% at eps {config.certified_eps:g} (interval "
@@ -227,6 +282,8 @@ def main(argv=None):
 
 def describe(config):
     """A short name of the configured model for figure titles."""
+    if config.model == "stack":
+        return f"stack {config.arch}"
     readout = f", read-out hidden layer {config.readout_hidden}" if config.readout_hidden else ""
     if config.model == "conv":
         return f"conv NEMON, {config.channels} channels, {config.kernel}x{config.kernel}{readout}"
@@ -241,6 +298,8 @@ def certify(model, config):
     none: nothing was promised (verified is None).
     """
     certificate = config.constraint_class().certificate
+    if model.implicit_part()[0] is None:
+        return 0.0, None, "explicit stack: no implicit layer, nothing to constrain"
     if certificate is None:
         value = model.mu_inf()
         return value, None, f"unconstrained: mu_inf(A) = {value:.4f}, mu_2(A) = {mu_2(model.A):.4f}, no certificate"

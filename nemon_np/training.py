@@ -39,30 +39,36 @@ from .measures import mu_inf
 from .losses import softmax_cross_entropy
 from .loading import load_model
 from .models import NEMON
+from .stack import WEIGHT_INITS, StackedClassifier, parse_architecture
 from .optim import SCHEDULES, Adam, learning_rate
 from .pixels import channel_stats, input_ball
 from .certificates import certified_rows
 from .lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS, TOL_MODES
 
-__all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history"]
+__all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history",
+           "save_training_state", "restore_training_state"]
 
-MODELS = ("nemon", "mondeq", "conv")
+MODELS = ("nemon", "mondeq", "conv", "stack")
 # The --constraint choices: the modes of the dense model (the conv model's are among them).
 CONSTRAINTS = constraint_names("nemon")
 # Model kinds whose constraint is fixed by the model itself (``constraint`` does not apply).
 MODEL_CONSTRAINT = {"mondeq": "mondeq-parametrization"}
+# The constraint modes of a stack are those of its implicit layer's kind (a dense NEMON layer).
+CONSTRAINT_KIND = {"stack": "nemon"}
 # Settings left None take the model's defaults. Conv models: an iteration costs C^2 k^2 flops a
 # pixel, so a looser tolerance and a smaller gamma (faster contraction) keep an epoch to minutes.
 # Certified (IBP-style) training, eps_warmup and eps_ramp: epochs of clean training, then epochs over
 # which eps rises linearly to its training value while kappa falls (Gowal et al. 2018).
 MODEL_DEFAULTS = {"nemon": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
                   "mondeq": dict(epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
-                  "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3, eps_warmup=1, eps_ramp=4)}
+                  "conv": dict(epochs=10, lr=5e-3, gamma=0.9, tol=1e-3, eps_warmup=1, eps_ramp=4),
+                  "stack": dict(epochs=20, lr=1e-3, gamma=0.5, tol=1e-4, eps_warmup=1, eps_ramp=10)}
 # With certified training these come first. gamma 0.5: dense MNIST models certified as many points as
 # at 0.95 (82.0% at eps 0.1 both) with 30% fewer iterations; training at 1.2 eps certified 85.8% at
 # eps, against 84.2% at eps itself (docs/benchmarks.md, "Interval certificates").
-CERTIFIED_DEFAULTS = {"nemon": dict(gamma=0.5, train_eps_factor=1.2), "conv": dict(gamma=0.5, train_eps_factor=1.2)}
+CERTIFIED_DEFAULTS = {"nemon": dict(gamma=0.5, train_eps_factor=1.2), "conv": dict(gamma=0.5, train_eps_factor=1.2),
+                      "stack": dict(train_eps_factor=1.2)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
 
 
@@ -75,6 +81,10 @@ class TrainConfig:
     model's defaults); ``constraint`` then does not apply.
     ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
     ``hidden`` does not apply), with the projection or parametrization constraint on its kernel.
+    ``model="stack"`` is :class:`nemon_np.stack.StackedClassifier` with the layers of ``arch`` (a
+    preset of :data:`nemon_np.stack.PRESETS` or comma-separated layers; giving ``arch`` selects the
+    stack); ``hidden``, ``channels``, ``kernel``, ``pool``, ``padding`` and ``readout_hidden`` do not
+    apply, and ``constraint`` acts on its implicit layer (none for an explicit stack).
     ``readout_hidden`` > 0 puts an explicit hidden ReLU layer of that width into either model's
     read-out, ``y = C relu(H f + h) + c`` (:mod:`nemon_np.readout`); 0 is the paper's linear read-out.
     ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
@@ -95,9 +105,14 @@ class TrainConfig:
     then eps rises linearly to ``train_eps_factor`` x certified_eps and kappa falls linearly from 1 to
     ``kappa`` over ``eps_ramp`` epochs (:meth:`certified_schedule`); each epoch's metrics then hold
     the certified accuracy at certified_eps of the first ``certify_samples`` test images. Settings
-    left None take :data:`CERTIFIED_DEFAULTS` first when certified_eps > 0.
+    left None take :data:`CERTIFIED_DEFAULTS` first when certified_eps > 0. ``warmup_reg`` > 0 (stacked
+    models) adds Shi et al. 2021's warm-up regularizers with weight warmup_reg (1 - eps / eps_max) while
+    eps ramps up (:mod:`nemon_np.warmup`; their value 0.5); ``grad_clip`` > 0 scales each step's
+    gradient down to that Euclidean norm when it is larger (their value 10); 0 turns either off.
     """
     model: str = "nemon"
+    arch: str = None
+    weight_init: str = "default"
     hidden: int = 100
     channels: int = 32
     kernel: int = 3
@@ -131,14 +146,26 @@ class TrainConfig:
     kappa: float = 0.5
     train_eps_factor: float = None
     certify_samples: int = 1000
+    warmup_reg: float = 0.0
+    grad_clip: float = 0.0
     blas_threads: int = 1
     threads: int = 1
 
     def validate(self):
         """Resolve the model's default solvers; raise ``ValueError`` with a one-line message
         for the first bad setting."""
+        if self.arch is not None and self.model == "nemon":
+            self.model = "stack"
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if (self.model == "stack") != (self.arch is not None):
+            raise ValueError(f"arch goes with model stack (and selects it), got model {self.model} and arch "
+                             f"{self.arch!r}")
+        if self.arch is not None:
+            parse_architecture(self.arch)
+        if self.weight_init not in WEIGHT_INITS or (self.weight_init != "default" and self.model != "stack"):
+            raise ValueError(f"weight_init must be one of {', '.join(WEIGHT_INITS)} (ibp with stacked models), got "
+                             f"{self.weight_init!r} with model {self.model}")
         if not (self.certified_eps >= 0 and math.isfinite(self.certified_eps)):
             raise ValueError(f"certified_eps must be a finite number >= 0, got {self.certified_eps!r}")
         defaults = {**MODEL_DEFAULTS[self.model], "train_eps_factor": 1.0}
@@ -207,6 +234,14 @@ class TrainConfig:
         if self.certified_eps > 0 and self.eps_warmup + self.eps_ramp > self.epochs:
             raise ValueError(f"eps_warmup + eps_ramp = {self.eps_warmup + self.eps_ramp:g} epochs exceeds epochs = "
                              f"{self.epochs}: training would end before eps reaches its value")
+        for name in ("warmup_reg", "grad_clip"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.warmup_reg > 0 and (self.model != "stack" or self.certified_eps == 0):
+            raise ValueError("warmup_reg regularizes the interval boxes of a stack's relu layers: it needs "
+                             f"model stack and certified_eps > 0, got model {self.model} and certified_eps "
+                             f"{self.certified_eps:g}")
         if not 0 <= self.kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {self.kappa!r}")
         if self.blas_threads is not None and (int(self.blas_threads) != self.blas_threads or self.blas_threads < 1):
@@ -221,6 +256,8 @@ class TrainConfig:
                              f"{'the monDEQ model' if self.model == 'mondeq' else 'constraint ' + self.constraint} "
                              "does not give it")
         mode.check_min_diagonal(self.min_diagonal, self.gamma)
+        if self.model == "stack" and (self.lipschitz_reg > 0 or self.init is not None):
+            raise ValueError("lipschitz_reg and init are not written for stacked models yet")
         if self.init is not None and not mode.warm_start:
             raise ValueError(f"init cannot warm-start constraint {mode.name}: its free parameters are not stored "
                              "in the model file")
@@ -234,7 +271,8 @@ class TrainConfig:
     def constraint_class(self):
         """The :class:`nemon_np.constraints.Constraint` subclass this config trains with (a one-line
         ``ValueError`` if the model kind has no such mode)."""
-        return get_constraint(self.model, MODEL_CONSTRAINT.get(self.model, self.constraint))
+        return get_constraint(CONSTRAINT_KIND.get(self.model, self.model),
+                              MODEL_CONSTRAINT.get(self.model, self.constraint))
 
     def certified_schedule(self, progress):
         """(eps, kappa) after ``progress`` epochs (a float) of training: eps 0 and kappa 1 during the
@@ -262,8 +300,7 @@ def evaluate(model, X, y, batch_size=None, **solver_options):
     losses, correct, iterations = 0.0, 0, []
     for start in range(0, len(X), batch_size):
         U, t = X[start:start + batch_size], y[start:start + batch_size]
-        Z, info = model.equilibrium(U, **solver_options)
-        Y = model.readout(Z)
+        Y, info = model.logits_and_info(U, **solver_options)
         losses += softmax_cross_entropy(Y, t)[0] * len(U)
         correct += int(np.count_nonzero(Y.argmax(axis=1) == t))
         iterations.append(info.iterations)
@@ -275,6 +312,12 @@ def build_model(config, n_in, n_out, image_shape=None):
     with a monDEQ-parametrized A) on n_in features, or ConvNEMON on images of ``image_shape``
     (C, H, W)."""
     dtype = as_float_dtype(config.dtype)
+    if config.model == "stack":
+        shape = (n_in,) if image_shape is None else tuple(image_shape)
+        if int(np.prod(shape)) != n_in:
+            raise ValueError(f"image_shape {image_shape} does not hold the {n_in} input features")
+        return StackedClassifier(config.arch, shape, n_out, gamma=config.gamma, seed=config.seed, dtype=dtype,
+                                 weight_init=config.weight_init)
     if config.model != "conv":
         return NEMON(n_in, config.hidden, n_out, gamma=config.gamma, seed=config.seed, dtype=dtype,
                      readout_hidden=config.readout_hidden)
@@ -323,15 +366,30 @@ class Trainer:
         self.model = model
         if isinstance(model, ConvNEMON):
             model.n_jobs = config.threads
-        self.constraint = config.constraint_class()(self.model, config.min_diagonal)
+        # The constraint acts on the implicit part (the model itself, or a stack's implicit layer, whose
+        # parameters carry the prefix); an explicit stack has none and is well-posed as it is.
+        self._constrained, self._prefix = model.implicit_part()
+        self.constraint = (None if self._constrained is None
+                           else config.constraint_class()(self._constrained, config.min_diagonal))
         self.model.metadata.update(model=config.model,
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
         self.history = []
+        # One stream for the whole run (shuffles and augmentations), saved with the training state so
+        # that a resumed run draws what the uninterrupted one would have.
+        self.rng = np.random.default_rng(config.seed)
 
     def _params(self):
-        m = self.model
-        return {**self.constraint.free, "B": m.B, "b": m.b, **m.readout_params()}
+        if self.constraint is None:
+            return self.model.params()
+        implicit = self._prefix + self.constraint.parameter
+        free = {self._prefix + k: v for k, v in self.constraint.free.items()}
+        return {**free, **{k: v for k, v in self.model.params().items() if k != implicit}}
+
+    @property
+    def uncertified(self):
+        """Whether the constraint mode gives no certificate (its solver warnings are counted, not printed)."""
+        return self.constraint is not None and self.constraint.certificate is None
 
     def step(self, U, y, lr, eps=0.0, kappa=1.0):
         """One optimizer step on a batch, on the certified loss when eps > 0 and kappa < 1 (boxes of
@@ -340,11 +398,14 @@ class Trainer:
         its robust part and the embedded solve's iterations."""
         cfg, m = self.config, self.model
         with warnings.catch_warnings():
-            if self.constraint.certificate is None:   # uncertified by design: counted, not printed per batch
+            if self.uncertified:   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
             options = dict(adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol, return_info=True, **cfg.solver_options())
             if eps > 0 and kappa < 1:
                 U_lo, U_hi = self.input_ball(U, eps)
+                if cfg.warmup_reg > 0:   # while eps ramps up, fading to 0 at its full value
+                    eps_max = cfg.certified_eps * cfg.train_eps_factor
+                    options["warmup_weight"] = cfg.warmup_reg * max(0.0, 1.0 - eps / eps_max)
                 loss, grads, info = m.certified_loss_and_grad(U, y, U_lo, U_hi, kappa, **options)
             else:
                 loss, grads, info = m.loss_and_grad(U, y, **options)
@@ -353,9 +414,16 @@ class Trainer:
             loss += cfg.lipschitz_reg * L
             for k, g in lg.items():
                 grads[k] = grads[k] + cfg.lipschitz_reg * g
-        grads.update(self.constraint.grads(grads.pop(self.constraint.parameter)))
+        if self.constraint is not None:
+            G = grads.pop(self._prefix + self.constraint.parameter)
+            grads.update({self._prefix + k: g for k, g in self.constraint.grads(G).items()})
+        if cfg.grad_clip > 0:
+            norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+            if norm > cfg.grad_clip:
+                grads = {k: g * (cfg.grad_clip / norm) for k, g in grads.items()}
         self.optimizer.step(self._params(), grads, lr=lr)
-        self.constraint.apply(m)
+        if self.constraint is not None:
+            self.constraint.apply(self._constrained)
         forward = info["forward"]
         return dict(loss=loss, correct=int(np.count_nonzero(forward.logits.argmax(axis=1) == y)),
                     fwd=forward.iterations, bwd=info["backward"].iterations, converged=forward.converged,
@@ -397,7 +465,7 @@ class Trainer:
         dtype = as_float_dtype(cfg.dtype)
         X = np.ascontiguousarray(X, dtype=dtype)
         X_test = None if X_test is None else np.ascontiguousarray(X_test, dtype=dtype)
-        rng = np.random.default_rng(cfg.seed)
+        rng = self.rng
         augment = AUGMENTATIONS[cfg.augment]
         if augment is not None and self.image_shape is None:
             raise ValueError("augment needs the image shape: pass image_shape to Trainer")
@@ -426,7 +494,8 @@ class Trainer:
                 if out["robust_loss"] is not None:
                     robust_loss += out["robust_loss"] * len(idx)
                     robust_seen += len(idx)
-                    emb.append(out["emb_fwd"])
+                    if out["emb_fwd"] is not None:   # an explicit stack has no embedded network
+                        emb.append(out["emb_fwd"])
                 if k % 20 == 0:
                     seen = min((k + 1) * cfg.batch_size, len(X))
                     bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.4f}",
@@ -441,7 +510,7 @@ class Trainer:
                            embedded_fwd_iter_mean=float(np.concatenate(emb).mean()) if emb else None)
             if X_test is not None:
                 with warnings.catch_warnings():
-                    if self.constraint.certificate is None:
+                    if self.uncertified:
                         warnings.simplefilter("ignore")
                     test_loss, test_acc, test_its = evaluate(self.model, X_test, y_test, **cfg.solver_options())
                 row.update(test_loss=test_loss, test_acc=test_acc, test_fwd_iter_mean=float(test_its.mean()))
@@ -494,6 +563,61 @@ def save_checkpoint(model, out_dir):
     tmp = out_dir / "model.npz.part"
     model.save(tmp)
     os.replace(tmp, out_dir / "model.npz")
+
+
+TRAINING_STATE = "training_state.npz"
+
+
+def save_training_state(trainer, out_dir):
+    """Write what a resumed run needs beside ``model.npz`` (atomically, as ``training_state.npz``):
+    Adam's step count and moments, the constraint mode's free parameters, the random stream's state
+    and the epochs done. The per-epoch history is in ``metrics.json``."""
+    out_dir = pathlib.Path(out_dir)
+    opt = trainer.optimizer
+    state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
+             "rng_state": np.array(json.dumps(trainer.rng.bit_generator.state))}
+    state.update({"adam_m." + k: v for k, v in opt.m.items()})
+    state.update({"adam_v." + k: v for k, v in opt.v.items()})
+    if trainer.constraint is not None:
+        state.update({"free." + k: v for k, v in trainer.constraint.free.items()})
+    tmp = out_dir / (TRAINING_STATE + ".part")
+    with open(tmp, "wb") as f:
+        np.savez(f, **state)
+    os.replace(tmp, out_dir / TRAINING_STATE)
+
+
+def restore_training_state(trainer, out_dir, history):
+    """Put a trainer built on a run's saved model back where the run stopped: the history of its
+    complete epochs, Adam's state, the constraint's free parameters and the random stream. A state
+    file that does not match the history (a model saved after the state, or another run's files) is
+    a one-line ``ValueError``."""
+    path = pathlib.Path(out_dir) / TRAINING_STATE
+    if not path.is_file():
+        raise ValueError(f"resume: {path} not found (runs write it after every epoch)")
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    if int(data["epochs_done"]) != len(history):
+        raise ValueError(f"resume: {path} is from epoch {int(data['epochs_done'])}, metrics.json has {len(history)} "
+                         "epochs")
+    opt = trainer.optimizer
+    opt.t = int(data["adam_t"])
+    opt.m = {k[7:]: v for k, v in data.items() if k.startswith("adam_m.")}
+    opt.v = {k[7:]: v for k, v in data.items() if k.startswith("adam_v.")}
+    if trainer.constraint is not None:
+        free = {k[5:]: v for k, v in data.items() if k.startswith("free.")}
+        if set(free) != set(trainer.constraint.free):
+            raise ValueError(f"resume: {path} holds free parameters {sorted(free)}, the constraint has "
+                             f"{sorted(trainer.constraint.free)}")
+        param = trainer.constraint.parameter
+        for k, v in free.items():
+            trainer.constraint.free[k][...] = v
+        # A mode whose free parameter is the model's own matrix (projection) already holds it: applying
+        # it again could move a row by an ulp. The others rebuild the matrix from what was restored.
+        if trainer.constraint.free.get(param) is not getattr(trainer._constrained, param):
+            trainer.constraint.apply(trainer._constrained)
+    trainer.rng.bit_generator.state = json.loads(str(data["rng_state"]))
+    trainer.history = list(history)
+    return trainer
 
 
 def plot_history(history, path, title="", gamma=None):

@@ -1,0 +1,159 @@
+"""The certified-accuracy targets of issue 25: a NEMON stack against its compute-matched explicit twin.
+
+Run:  python benchmarks/certified_targets.py --data-dir DIR --dataset mnist --eps 0.3 \
+          --nemon RUN [RUN ...] --explicit RUN [RUN ...] [--target 90] [--out docs/figures/certified_targets.json]
+
+For every run (one a seed, written by ``python -m nemon_np.train``), on the saved model: clean accuracy,
+the certified accuracy at eps (pixel units) by the interval and the crown certificates, and PGD's
+accuracy (20 steps, a random start), on the first 1,000 test images and on all of them. Every image
+that a certificate certifies is attacked by PGD, FGSM and noise at eps; the script stops with exit 1
+if one is broken (a certificate is a proof). The training seconds are the runs' own (their epochs'
+``epoch_seconds``, test evaluation included), so that "compute-matched" means the same CPU seconds.
+
+The row of the target is written into --out (an existing file keeps its other targets), in the form
+``{"targets": [{"dataset", "eps", "certificate", "certified_per_seed", "clean_per_seed",
+"seconds_per_seed", "images": 1000, "command", "explicit_matched": {...}, ...}]}``, and printed as
+the Markdown table of docs/benchmarks.md.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from nemon_np.certificates import certify
+from nemon_np.data import load_dataset
+from nemon_np.loading import load_model
+from nemon_np.pixels import solver_options_for, to_inputs
+from nemon_np.robustness import ATTACKS, attack
+from nemon_np.training import TrainConfig
+
+CERTIFICATES = ("interval", "crown")
+
+
+def command_of(run):
+    """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings."""
+    payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
+    config, defaults = payload["config"], asdict(TrainConfig())
+    flags = [f"--dataset {payload.get('run', {}).get('dataset', 'mnist')}"]
+    for f in fields(TrainConfig):
+        value = config.get(f.name)
+        if value != defaults[f.name] and f.name not in ("solver", "adjoint", "augment_pad") and value is not None:
+            flags.append(f"--{f.name.replace('_', '-')} {value:g}" if isinstance(value, float)
+                         else f"--{f.name.replace('_', '-')} {value}")
+    return "python -m nemon_np.train " + " ".join(flags)
+
+
+def evaluate_run(run, data, eps, pgd_steps):
+    """Clean, certified (each certificate) and PGD accuracy on the first 1,000 and on all test images,
+    the images certified but broken by an attack (must be 0), the training seconds and the command."""
+    model = load_model(pathlib.Path(run) / "model.npz")
+    history = json.loads((pathlib.Path(run) / "metrics.json").read_text())["epochs"]
+    pixels = data.test_images.reshape(len(data.test_images), -1).astype(np.float64) / 255.0
+    labels = data.test_labels
+    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    clean = model.predict(to_inputs(model, pixels), **fwd) == labels
+    certified, seconds = {}, {}
+    for name in CERTIFICATES:
+        t0 = time.perf_counter()
+        certified[name] = certify(model, pixels, labels, eps, name).certified
+        seconds[name] = time.perf_counter() - t0
+    survived = clean.copy()
+    pgd = None
+    for kind in ATTACKS:
+        ok = []
+        for s in range(0, len(pixels), 500):
+            X = attack(model, pixels[s:s + 500], labels[s:s + 500], eps, kind, steps=pgd_steps, seed=0)
+            ok.append(model.predict(to_inputs(model, X), **fwd) == labels[s:s + 500])
+        ok = np.concatenate(ok)
+        survived &= ok
+        if kind == "pgd":
+            pgd = ok
+    broken = {name: int(np.sum(flags & ~survived)) for name, flags in certified.items()}
+    part = lambda flags, n: 100 * float(np.mean(flags[:n]))  # noqa: E731
+    return {"run": str(run), "clean": {n: part(clean, n) for n in (1000, len(labels))},
+            "certified": {name: {n: part(f, n) for n in (1000, len(labels))} for name, f in certified.items()},
+            "pgd": {n: part(pgd, n) for n in (1000, len(labels))}, "broken_certified": broken,
+            "certify_seconds": seconds, "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
+            "epochs": len(history), "command": command_of(run)}
+
+
+def best_certificate(rows):
+    """The certificate with the highest mean certified accuracy on the first 1,000 images."""
+    return max(CERTIFICATES, key=lambda c: np.mean([r["certified"][c][1000] for r in rows]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="data folder (as for training)")
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
+    p.add_argument("--eps", type=float, required=True, help="the target's radius in pixel units")
+    p.add_argument("--nemon", nargs="+", required=True, help="run folders of the NEMON stack, one a seed")
+    p.add_argument("--explicit", nargs="+", required=True, help="run folders of the compute-matched explicit twin")
+    p.add_argument("--target", type=float, default=None, help="the target's certified accuracy (%%)")
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--out", default="docs/figures/certified_targets.json")
+    args = p.parse_args(argv)
+    threadpool_limits(1, user_api="blas")
+    data = load_dataset(args.dataset, args.data_dir)
+    rows = {}
+    for kind in ("nemon", "explicit"):
+        rows[kind] = []
+        for run in getattr(args, kind):
+            print(f"{kind} {run} ...", flush=True)
+            rows[kind].append(evaluate_run(run, data, args.eps, args.pgd_steps))
+            r = rows[kind][-1]
+            print(f"  clean {r['clean'][1000]:.2f}%, interval {r['certified']['interval'][1000]:.2f}%, crown "
+                  f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000); broken "
+                  f"{r['broken_certified']}", flush=True)
+    broken = sum(n for rs in rows.values() for r in rs for n in r["broken_certified"].values())
+    cert = best_certificate(rows["nemon"])
+    n_all = len(data.test_labels)
+    nemon, explicit = rows["nemon"], rows["explicit"]
+    target = {"dataset": args.dataset, "eps": args.eps, "certificate": cert,
+              "certified_per_seed": [r["certified"][cert][1000] for r in nemon],
+              "certified_all_per_seed": [r["certified"][cert][n_all] for r in nemon],
+              "clean_per_seed": [r["clean"][1000] for r in nemon],
+              "pgd_per_seed": [r["pgd"][1000] for r in nemon],
+              "interval_per_seed": [r["certified"]["interval"][1000] for r in nemon],
+              "crown_per_seed": [r["certified"]["crown"][1000] for r in nemon],
+              "seconds_per_seed": [r["train_seconds"] for r in nemon], "images": 1000, "images_all": n_all,
+              "target": args.target, "command": nemon[0]["command"], "broken_certified": broken,
+              "explicit_matched": {
+                  "certificate": best_certificate(explicit),
+                  "certified": float(np.mean([r["certified"][best_certificate(explicit)][1000] for r in explicit])),
+                  "certified_per_seed": [r["certified"][best_certificate(explicit)][1000] for r in explicit],
+                  "certified_all_per_seed": [r["certified"][best_certificate(explicit)][n_all] for r in explicit],
+                  "clean": float(np.mean([r["clean"][1000] for r in explicit])),
+                  "pgd": float(np.mean([r["pgd"][1000] for r in explicit])),
+                  "interval_per_seed": [r["certified"]["interval"][1000] for r in explicit],
+                  "crown_per_seed": [r["certified"]["crown"][1000] for r in explicit],
+                  "seconds": float(np.mean([r["train_seconds"] for r in explicit])),
+                  "seconds_per_seed": [r["train_seconds"] for r in explicit], "command": explicit[0]["command"]},
+              "runs": rows}
+    out = pathlib.Path(args.out)
+    existing = json.loads(out.read_text()) if out.is_file() else {"targets": []}
+    existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
+                                                                  and t["eps"] == args.eps)] + [target]
+    out.write_text(json.dumps(existing, indent=2))
+    print(f"wrote {out}")
+    mean = lambda v: f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")  # noqa: E731
+    print(f"\n| model | seeds | clean | interval | crown | PGD | certified, all {n_all} | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for kind, rs in rows.items():
+        best = best_certificate(rs)
+        print(f"| {kind} | {len(rs)} | {mean([r['clean'][1000] for r in rs])}% | "
+              f"{mean([r['certified']['interval'][1000] for r in rs])}% | "
+              f"{mean([r['certified']['crown'][1000] for r in rs])}% | {mean([r['pgd'][1000] for r in rs])}% | "
+              f"{mean([r['certified'][best][n_all] for r in rs])}% ({best}) | "
+              f"{mean([r['train_seconds'] for r in rs])} |")
+    print(f"\ncertified images broken by an attack: {broken}")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

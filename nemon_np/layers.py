@@ -1,0 +1,542 @@
+"""The layers of a stacked classifier (:mod:`nemon_np.stack`): one class a layer kind, one interface.
+
+A stack is explicit layers before and after (at most) one implicit layer, then the logits. Every
+layer maps a batch of states to a batch of states, flat (m, n) or spatial channel-last (m, H, W, C),
+and has
+
+* ``build(in_shape, rng, dtype, gamma)`` -> out_shape: its parameters, drawn from ``rng``;
+* ``forward(X, options)`` -> (Y, cache) and ``backward(dY, cache, options)`` -> (dX, grads): the
+  layer and the gradients of its input and parameters (the mean loss's);
+* ``box(X_c, X_r, options)`` -> (Y_c, Y_r, cache) and ``box_backward(dY_c, dY_r, cache, options)``
+  -> (dX_c, dX_r, grads): the interval box (centre, radius) in the model's dtype and its gradient,
+  for certified training (interval bound propagation, Gowal et al. 2018);
+* ``enclosing_box(X_lo, X_hi, options)`` -> (Y_lo, Y_hi): float64 boxes that contain the layer's
+  output for every input of the box in exact arithmetic for the stored parameters, float64 rounding
+  allowed for (|fl(x . y) - x . y| <= gamma_n |x| . |y|, Higham 2002, eq. (3.5));
+* ``relax_back(Lam, beta, allowance, box_in, box_out, steps)`` -> (Lam', beta', allowance'): the
+  linear relaxation (CROWN, Zhang et al. 2018) back through the layer: from rows of a bound
+  m_r >= Lam_r . y + beta_r - allowance_r on the layer's output y (Lam (m, r, *out)), a bound of the
+  same form on its input x, valid over the float64 boxes of x and y that ``enclosing_box`` gave and
+  in exact arithmetic (the allowance grows by the rounding of the step);
+* ``lipschitz_rows()``: a matrix whose ||.||_inf (largest absolute row sum) bounds the layer's
+  l_inf -> l_inf gain, None for a gain of at most 1;
+* ``token``: the layer in the architecture string (:func:`nemon_np.stack.parse_architecture`).
+
+``options`` is a dict of the fixed-point solver settings (tol, max_iter, method, alpha, tol_mode,
+on_violation, adjoint, adjoint_tol); explicit layers ignore it.
+
+Interval arithmetic of an affine map y = W x + b over the box [x_c - x_r, x_c + x_r]: y_c = W x_c + b,
+y_r = |W| x_r, exact for the box's image's enclosing box; its gradient dL/dx_c = W^T dL/dy_c,
+dL/dx_r = |W|^T dL/dy_r, dL/dW = dL/dy_c x_c^T + sign(W) (dL/dy_r x_r^T). Relu is monotone:
+[relu(x_lo), relu(x_hi)]. The implicit layer's box is its embedded network's
+(:class:`nemon_np.base.EmbeddedNetwork`).
+"""
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .base import EmbeddedNetwork
+from .interval import UNIT_ROUNDOFF, enclosing_center_radius
+from .models import DenseImplicitMap
+from .projection import project_mu_inf
+from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
+
+__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "ImplicitDense", "LAYERS"]
+
+LAYERS = {}
+
+
+def _register(cls):
+    LAYERS[cls.kind] = cls
+    return cls
+
+
+def _rho(*sizes):
+    """2 (N + 10) u for sums of at most N terms: the rounding factor of the relaxation's allowances."""
+    return 2 * (max(int(np.prod(v)) for v in sizes) + 10) * UNIT_ROUNDOFF
+
+
+def _magnitude(box):
+    """|x_c| + x_r >= |x| over a float64 box (lo, hi), from its enclosing centre and radius."""
+    c, r = enclosing_center_radius(*box)
+    return np.abs(c) + r
+
+
+def _rows(Lam):
+    """Rows (m, r, *shape) as (m r, *shape) states, for a layer's maps."""
+    return Lam.reshape((-1,) + Lam.shape[2:])
+
+
+def _outward(lo, hi):
+    """One ulp outward each side: lo - r and hi + r round to nearest."""
+    return np.nextafter(lo, -np.inf), np.nextafter(hi, np.inf)
+
+
+class Layer:
+    """One layer kind (module docstring). Subclasses set ``kind`` and define the methods; layers with
+    no parameters keep the defaults of :meth:`params` and :meth:`lipschitz_rows`."""
+    kind = None
+    spatial_input = False   # whether the layer reads (m, H, W, C) states: True, False or None (any shape)
+    implicit = None         # the name of an implicit layer's implicit matrix
+    input_weight = None     # the name of the weight that reads the layer's input (None: no parameters)
+
+    @property
+    def fan_in(self):
+        """The entries of the input that each output reads through :attr:`input_weight`."""
+        return self._terms
+
+    def params(self):
+        """The parameters as a dict of the arrays themselves (the optimizer updates them in place)."""
+        return {}
+
+    def lipschitz_rows(self):
+        return None
+
+    @property
+    def token(self):
+        return self.kind
+
+    def __repr__(self):
+        return self.token
+
+
+class _Affine(Layer):
+    """An affine map y = W x + b written over four primitives of the subclass: ``_lift(X)`` (the
+    operand the products read: X, or its patches for a convolution), ``_map(W, L)``,
+    ``_weight_grad(dY, L)`` and ``_transpose(W, dY)`` (W^T dY in X's layout), with ``_terms`` the
+    products summed per output."""
+
+    input_weight = "W"
+
+    def params(self):
+        return {"W": self.W, "b": self.b}
+
+    def _bias_grad(self, dY):
+        return dY.reshape(-1, dY.shape[-1]).sum(axis=0)
+
+    def forward(self, X, options):
+        L = self._lift(X)
+        return self._map(self.W, L) + self.b, L
+
+    def backward(self, dY, L, options):
+        return self._transpose(self.W, dY), {"W": self._weight_grad(dY, L), "b": self._bias_grad(dY)}
+
+    def box(self, X_c, X_r, options):
+        L_c, L_r = self._lift(X_c), self._lift(X_r)
+        return self._map(self.W, L_c) + self.b, self._map(np.abs(self.W), L_r), (L_c, L_r)
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        L_c, L_r = cache
+        grads = {"W": self._weight_grad(dY_c, L_c) + np.sign(self.W) * self._weight_grad(dY_r, L_r),
+                 "b": self._bias_grad(dY_c)}
+        return self._transpose(self.W, dY_c), self._transpose(np.abs(self.W), dY_r), grads
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        # Lam . (W x + b) = (W^T Lam) . x + Lam . b in exact arithmetic; the computed W^T Lam is within
+        # gamma_n |W|^T |Lam| of it, whose product with x is within |Lam| . (|W| |x|).
+        m, r = beta.shape
+        W, b = self.W.astype(np.float64), self.b.astype(np.float64)
+        s_in = _magnitude(box_in)
+        absW_s = self._map(np.abs(W), self._lift(s_in))[:, None]
+        beta = beta + Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ b
+        rho = _rho(box_in[0].shape[1:], box_out[0].shape[1:], (self._terms,))
+        allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(Lam), absW_s + np.abs(b)))
+        Lam_in = self._transpose(W, _rows(Lam))
+        return Lam_in.reshape((m, r) + Lam_in.shape[1:]), beta, allowance
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        c, r = enclosing_center_radius(X_lo, X_hi)
+        W, b = self.W.astype(np.float64), self.b.astype(np.float64)
+        absW = np.abs(W)
+        Y_c = self._map(W, self._lift(c)) + b
+        Y_r = self._map(absW, self._lift(r))
+        Y_r = Y_r + (self._terms + 4) * UNIT_ROUNDOFF * (self._map(absW, self._lift(np.abs(c) + r)) + np.abs(b))
+        return _outward(Y_c - Y_r, Y_c + Y_r)
+
+
+@_register
+class Dense(_Affine):
+    """y = W x + b on flat states, W (units, n_in): PyTorch Linear's uniform(-1, 1) / sqrt(n_in)
+    initialization, zero bias (as the models' B and C)."""
+    kind = "dense"
+
+    def __init__(self, units):
+        self.units = int(units)
+
+    @property
+    def token(self):
+        return f"dense{self.units}"
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        if len(in_shape) != 1:
+            raise ValueError(f"a dense layer reads flat states, got shape {in_shape}")
+        n_in = in_shape[0]
+        self.W = (rng.uniform(-1, 1, size=(self.units, n_in)) / np.sqrt(n_in)).astype(dtype)
+        self.b = np.zeros(self.units, dtype)
+        self._terms = n_in
+        return (self.units,)
+
+    @staticmethod
+    def _lift(X):
+        return X
+
+    @staticmethod
+    def _map(W, L):
+        return L @ W.T
+
+    @staticmethod
+    def _weight_grad(dY, L):
+        return dY.T @ L
+
+    @staticmethod
+    def _transpose(W, dY):
+        return dY @ W
+
+    def lipschitz_rows(self):
+        return np.asarray(self.W, np.float64)
+
+
+def conv_output_size(size, kernel, stride, padding):
+    """(size + 2 padding - kernel) // stride + 1: the output length of a strided convolution."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def patches(X, kernel, stride, padding):
+    """The k x k patches of a channel-last batch X (m, H, W, C) with zero padding and stride, as rows
+    (m Ho Wo, k k C) in (tap row, tap column, channel) order (im2col)."""
+    m, H, W, C = X.shape
+    if padding:
+        X = np.pad(X, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    X = np.ascontiguousarray(X)
+    Ho, Wo = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
+    sm, sh, sw, sc = X.strides
+    view = as_strided(X, (m, Ho, Wo, kernel, kernel, C), (sm, sh * stride, sw * stride, sh, sw, sc), writeable=False)
+    return view.reshape(m * Ho * Wo, kernel * kernel * C)
+
+
+def patches_transpose(D, shape, kernel, stride, padding):
+    """The transpose of :func:`patches`: rows D (m Ho Wo, k k C) added back onto their pixels, (m, H, W, C)."""
+    m, H, W, C = shape
+    Ho, Wo = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
+    D = D.reshape(m, Ho, Wo, kernel, kernel, C)
+    out = np.zeros((m, H + 2 * padding, W + 2 * padding, C), D.dtype)
+    for a in range(kernel):
+        for e in range(kernel):
+            out[:, a:a + stride * (Ho - 1) + 1:stride, e:e + stride * (Wo - 1) + 1:stride, :] += D[:, :, :, a, e, :]
+    return out[:, padding:padding + H, padding:padding + W, :]
+
+
+def patches_transpose_reference(D, shape, kernel, stride, padding):
+    """:func:`patches_transpose` as the transpose of the explicit matrix of :func:`patches`."""
+    m, H, W, C = shape
+    n = H * W * C
+    eye = np.eye(n).reshape(n, H, W, C)
+    P = patches(eye, kernel, stride, padding).reshape(n, -1)   # row j: column j of the patch map, per sample
+    return (D.reshape(m, -1) @ P.T).reshape(m, H, W, C)
+
+
+@_register
+class Conv2d(_Affine):
+    """A strided convolution with zero padding on channel-last states: y[p] = sum over the k x k taps
+    and input channels of W[a, e, c_in, c_out] x[s p + (a, e) - pad] + b[c_out]; W (k, k, C_in, C_out),
+    initialized uniform(-1, 1) / sqrt(k k C_in) (PyTorch Conv2d's scale), zero bias."""
+    kind = "conv"
+    spatial_input = True
+
+    def __init__(self, channels, kernel=3, stride=1, padding=None):
+        self.channels, self.kernel, self.stride = int(channels), int(kernel), int(stride)
+        self.padding = self.kernel // 2 if padding is None else int(padding)
+        if min(self.channels, self.kernel, self.stride) < 1 or self.padding < 0:
+            raise ValueError(f"a conv layer needs channels, kernel and stride >= 1 and padding >= 0, got "
+                             f"{self.channels}, {self.kernel}, {self.stride} and {self.padding}")
+
+    @property
+    def token(self):
+        return f"conv{self.channels}k{self.kernel}s{self.stride}p{self.padding}"
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        if len(in_shape) != 3:
+            raise ValueError(f"a conv layer reads images (H, W, C), got shape {in_shape}")
+        H, W, C = in_shape
+        Ho, Wo = (conv_output_size(v, self.kernel, self.stride, self.padding) for v in (H, W))
+        if min(Ho, Wo) < 1:
+            raise ValueError(f"{self.token} does not fit a {H} x {W} input")
+        fan_in = self.kernel * self.kernel * C
+        self.W = (rng.uniform(-1, 1, size=(self.kernel, self.kernel, C, self.channels)) / np.sqrt(fan_in)).astype(dtype)
+        self.b = np.zeros(self.channels, dtype)
+        self._terms, self._in_shape = fan_in, (H, W, C)
+        return (Ho, Wo, self.channels)
+
+    def _lift(self, X):
+        return X.shape, patches(X, self.kernel, self.stride, self.padding)
+
+    def _out(self, shape):
+        m, H, W, _ = shape
+        return (m, conv_output_size(H, self.kernel, self.stride, self.padding),
+                conv_output_size(W, self.kernel, self.stride, self.padding), self.channels)
+
+    def _map(self, W, L):
+        shape, rows = L
+        return (rows @ W.reshape(-1, self.channels)).reshape(self._out(shape))
+
+    def _weight_grad(self, dY, L):
+        return (L[1].T @ dY.reshape(-1, self.channels)).reshape(self.W.shape)
+
+    def _transpose(self, W, dY):
+        m = len(dY)
+        rows = dY.reshape(-1, self.channels) @ W.reshape(-1, self.channels).T
+        return patches_transpose(rows, (m,) + self._in_shape, self.kernel, self.stride, self.padding)
+
+    def lipschitz_rows(self):
+        # Output channel c's row: all its taps and input channels (border pixels, zero padded, have fewer).
+        return np.asarray(self.W, np.float64).reshape(-1, self.channels).T
+
+
+@_register
+class ReLU(Layer):
+    """relu(x) = max(x, 0), entrywise; monotone, so a box maps to [relu(x_lo), relu(x_hi)]."""
+    kind = "relu"
+    spatial_input = None
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        return in_shape
+
+    def forward(self, X, options):
+        return np.maximum(X, 0), X
+
+    def backward(self, dY, X, options):
+        return dY * (X > 0), {}
+
+    def box(self, X_c, X_r, options):
+        lo, hi = X_c - X_r, X_c + X_r
+        G_lo, G_hi = np.maximum(lo, 0), np.maximum(hi, 0)
+        return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2, (lo, hi)
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        lo, hi = cache
+        d_lo = (dY_c - dY_r) / 2 * (lo > 0)
+        d_hi = (dY_c + dY_r) / 2 * (hi > 0)
+        return d_lo + d_hi, d_hi - d_lo, {}
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        return np.maximum(X_lo, 0.0), np.maximum(X_hi, 0.0)
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        # Lam . relu(x) >= lam . x + sum kappa for any lam (nemon_np.relaxation); kappa's rounding is
+        # within u (|Lam| + |lam|) (|lo| + |hi|) entrywise.
+        m, r = beta.shape
+        lo, hi = box_in[0][:, None], box_in[1][:, None]
+        lam = crown_multipliers(Lam, lo, hi)
+        kappa = relu_offsets(Lam, lam, lo, hi)
+        beta = beta + kappa.reshape(m, r, -1).sum(axis=2)
+        allowance = allowance + _rho(lo.shape[2:]) * (np.abs(beta) + batched_dot(np.abs(Lam) + np.abs(lam),
+                                                                                 np.abs(lo) + np.abs(hi)))
+        return lam, beta, allowance
+
+
+@_register
+class Flatten(Layer):
+    """(m, H, W, C) -> (m, H W C), in (row, column, channel) order."""
+    kind = "flatten"
+    spatial_input = True
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        self._in_shape = tuple(in_shape)
+        return (int(np.prod(in_shape)),)
+
+    def forward(self, X, options):
+        return X.reshape(len(X), -1), None
+
+    def backward(self, dY, cache, options):
+        return dY.reshape((len(dY),) + self._in_shape), {}
+
+    def box(self, X_c, X_r, options):
+        return X_c.reshape(len(X_c), -1), X_r.reshape(len(X_r), -1), None
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        return self.backward(dY_c, None, options)[0], self.backward(dY_r, None, options)[0], {}
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        return X_lo.reshape(len(X_lo), -1), X_hi.reshape(len(X_hi), -1)
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        return Lam.reshape(Lam.shape[:2] + self._in_shape), beta, allowance
+
+
+@_register
+class AvgPool2d(Layer):
+    """s x s average pooling of channel-last states (s divides H and W): a linear map with
+    non-negative weights 1 / s^2 and l_inf norm 1."""
+    kind = "pool"
+    spatial_input = True
+
+    def __init__(self, size):
+        self.size = int(size)
+        if self.size < 1:
+            raise ValueError(f"a pooling layer needs a size >= 1, got {size!r}")
+
+    @property
+    def token(self):
+        return f"pool{self.size}"
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        if len(in_shape) != 3 or in_shape[0] % self.size or in_shape[1] % self.size:
+            raise ValueError(f"{self.token} needs an image whose sides it divides, got shape {in_shape}")
+        H, W, C = in_shape
+        self._in_shape = tuple(in_shape)
+        return (H // self.size, W // self.size, C)
+
+    def _pool(self, X):
+        m, H, W, C = X.shape
+        s = self.size
+        return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4))
+
+    def _pool_transpose(self, G):
+        H, W, C = self._in_shape
+        s, m = self.size, len(G)
+        G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
+        return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
+
+    def forward(self, X, options):
+        return self._pool(X), None
+
+    def backward(self, dY, cache, options):
+        return self._pool_transpose(dY), {}
+
+    def box(self, X_c, X_r, options):
+        return self._pool(X_c), self._pool(X_r), None
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        return self._pool_transpose(dY_c), self._pool_transpose(dY_r), {}
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        # Averages with non-negative weights are monotone; their rounding is within (s^2 + 2) u of |x|'s.
+        t = (self.size ** 2 + 2) * UNIT_ROUNDOFF
+        X_lo, X_hi = np.asarray(X_lo, np.float64), np.asarray(X_hi, np.float64)
+        return _outward(self._pool(X_lo) - t * self._pool(np.abs(X_lo)),
+                        self._pool(X_hi) + t * self._pool(np.abs(X_hi)))
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        # The transpose divides by s^2: within u of exact, entrywise.
+        m, r = beta.shape
+        Lam_in = self._pool_transpose(_rows(Lam)).reshape((m, r) + self._in_shape)
+        s_in = _magnitude(box_in)[:, None]
+        allowance = allowance + _rho(self._in_shape) * batched_dot(np.abs(Lam_in), s_in)
+        return Lam_in, beta, allowance
+
+
+def _solver(options):
+    return {k: options[k] for k in ("tol", "max_iter", "method", "alpha", "tol_mode", "on_violation") if k in options}
+
+
+@_register
+class ImplicitDense(DenseImplicitMap, EmbeddedNetwork, Layer):
+    """The dense NEMON layer x* = relu(A x* + B u + b) (DESIGN.md; Jafarpour et al. 2021) on flat
+    states, mu_inf(A) <= gamma (weighted: in the norm of ``weights``), initialized as
+    :class:`nemon_np.NEMON` initializes A, B and b. Its output is the fixed point x* >= 0; its box is
+    the embedded network's, sound by :meth:`nemon_np.base.EmbeddedNetwork.interval_bounds`; its
+    l_inf gain is ||diag(eta)^-1 B||_inf / (1 - max(mu_inf(A), 0)) (the next layer reads x* in the
+    weighted norm)."""
+    kind = "nemon"
+    implicit = "A"
+    input_weight = "B"
+
+    def __init__(self, units):
+        self.units = int(units)
+        if self.units < 1:
+            raise ValueError(f"an implicit layer needs units >= 1, got {units!r}")
+        self.weights = None
+
+    @property
+    def token(self):
+        return f"nemon{self.units}"
+
+    def build(self, in_shape, rng, dtype, gamma=0.5):
+        if len(in_shape) != 1:
+            raise ValueError(f"a dense implicit layer reads flat states, got shape {in_shape}")
+        n, n_in = self.units, in_shape[0]
+        self.gamma, self.dtype = float(gamma), dtype
+        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
+        self.A = project_mu_inf(A0.astype(dtype), self.gamma, self.weights)
+        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(dtype) / np.sqrt(n_in).astype(dtype)
+        self.b = np.zeros(n, dtype)
+        self._terms = n_in
+        return (n,)
+
+    def params(self):
+        return {"A": self.A, "B": self.B, "b": self.b}
+
+    def forward(self, X, options):
+        X_star, info = self.equilibrium(X, **_solver(options))
+        return X_star, {"input": X, "state": X_star, "forward": info}
+
+    def backward(self, dY, cache, options):
+        delta, cache["backward"] = self._state_adjoint(
+            cache["forward"], dY, options.get("tol", 1e-6), options.get("max_iter", 500),
+            options.get("method", "average"), options.get("alpha"), options.get("adjoint", "iterative"),
+            options.get("adjoint_tol"), options.get("on_violation", "raise"))
+        grads = {"A": delta.T @ cache["state"], "B": delta.T @ cache["input"], "b": delta.sum(axis=0)}
+        return delta @ self.B, grads
+
+    def box(self, X_c, X_r, options):
+        o = _solver(options)
+        X, info = self.embedded_box(X_c, X_r, o.get("tol", 1e-6), o.get("max_iter", 500), o.get("method", "average"),
+                                    o.get("alpha"), o.get("tol_mode", "absolute"))
+        n = self.units
+        lo, hi = X[:, :n], X[:, n:]
+        return (lo + hi) / 2, (hi - lo) / 2, {"embedded": X, "forward": info, "center": X_c, "radius": X_r}
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        G = np.concatenate([(dY_c - dY_r) / 2, (dY_c + dY_r) / 2], axis=-1)
+        grads, cache["backward"], dX_c, dX_r = self.embedded_box_backward(
+            G, cache["embedded"], cache["forward"], cache["center"], cache["radius"], options.get("tol", 1e-6),
+            options.get("max_iter", 500), options.get("adjoint", "iterative"), options.get("adjoint_tol"),
+            with_input=True)
+        return dX_c, dX_r, grads
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        X_lo, X_hi, _ = self.interval_bounds(X_lo, X_hi, tol=options.get("tol"),
+                                             max_iter=options.get("max_iter", 1000))
+        return X_lo, X_hi
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        """Through ``steps`` copies of the fixed-point map (:func:`nemon_np.relaxation.unrolled_bounds`),
+        anchored on the embedded network's box of x* (``box_out``); the x* part of the bound of each row
+        is bounded over that box and its input part carried on. Of the steps, each row keeps the one
+        whose bound over the input box ``box_in`` is largest (any step is sound)."""
+        m, r = beta.shape
+        x_c, x_r = enclosing_center_radius(*box_out)
+        u_c, u_r = enclosing_center_radius(*box_in)
+        A64, B64, b64 = (np.asarray(p, np.float64) for p in (self.A, self.B, self.b))
+        # The box of z* = A x* + B u + b, narrowed by x* = relu(z*): z* <= x*_hi, and z* = x* where x*_lo > 0.
+        AX = self._embedded_injection(x_c, x_r, A64, 0.0, rounding=True)
+        Q = self._embedded_injection(u_c, u_r, B64, b64, rounding=True)
+        n = self.units
+        Z_lo, Z_hi = _outward(AX[:, :n] + Q[:, :n], AX[:, n:] + Q[:, n:])
+        X_lo, X_hi = box_out
+        Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
+        box = dict(x_c=x_c, x_r=x_r, u_c=u_c, u_r=u_r, z_lo=Z_lo, z_hi=Z_hi, b=b64,
+                   K_s=(np.abs(x_c) + x_r) @ np.abs(A64).T, B_s=(np.abs(u_c) + u_r) @ np.abs(B64).T)
+        rho = _rho((n,), box_in[0].shape[1:])
+        best = None
+        # Row states V (k, n): A^T v is the row V @ A, B^T v the row V @ B.
+        for t, nu, g, beta_t, alw in unrolled_bounds(Lam, beta, box, lambda V: V @ A64, lambda V: V @ B64, steps):
+            if g is None:
+                continue
+            # beta' collects the x* part over its box; g . u is carried on to the layer's input.
+            rest = concretize(nu, beta_t, x_c[:, None], x_r[:, None], rho) - alw
+            score = rest + batched_dot(g, u_c[:, None]) - batched_dot(np.abs(g), u_r[:, None])
+            if best is None:
+                best = [score, g, rest]
+            else:
+                better = score > best[0]
+                best[0] = np.where(better, score, best[0])
+                best[1] = np.where(better[:, :, None], g, best[1])
+                best[2] = np.where(better, rest, best[2])
+        if best is None:   # no step: the whole bound over x*'s box, nothing carried on
+            rest = concretize(Lam, beta, x_c[:, None], x_r[:, None], rho)
+            return np.zeros((m, r) + box_in[0].shape[1:]), rest, allowance
+        return best[1], best[2], allowance
+
+    def lipschitz_rows(self):
+        B = np.asarray(self.B, np.float64)
+        return B if self.weights is None else B / self.weights[:, None]

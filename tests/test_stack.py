@@ -1,0 +1,337 @@
+"""Stacked classifiers (nemon_np.stack, nemon_np.layers): every layer kind's box and relaxation
+against sampled inputs and corners, gradients against finite differences, the stack form of a NEMON
+against the NEMON, files, and resumed training against a run that went through."""
+import numpy as np
+import pytest
+
+import nemon_np
+from nemon_np.certificates import certify
+from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
+from nemon_np.loading import load_model
+from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
+from nemon_np.training import TrainConfig, Trainer, restore_training_state, save_checkpoint, save_training_state
+
+from conftest import box_samples, finite_difference, random_model
+
+EXACT = dict(tol=1e-12, max_iter=5000)
+# Random stacks that between them hold every layer kind: strided and padded convolutions, pooling,
+# flatten (put in by the stack), dense, relu and the implicit layer before, between and after them.
+ARCHS = [("conv3k3s2p1,relu,conv4k3s1p1,relu,nemon7,dense5,relu", (2, 6, 6)),
+         ("conv3k3s1p1,relu,pool2,nemon6", (1, 6, 6)),
+         ("dense8,relu,nemon6,dense5,relu", (5,)),
+         ("conv2k2s2p0,relu,flatten,dense6,relu", (1, 4, 4))]
+
+
+def random_stack(arch, shape, seed, dtype=np.float64, n_out=4, weighted=False):
+    """A stack with random biases (the initialization's are zero) and, for an implicit layer, a dense
+    random A projected onto mu_inf(A) <= 0.6 (weighted by random weights when asked)."""
+    rng = np.random.default_rng(seed)
+    model = StackedClassifier(arch, shape, n_out, gamma=0.6, seed=seed, dtype=dtype)
+    for layer in model.layers:
+        if "b" in layer.params():
+            layer.b[...] = 0.3 * rng.normal(size=layer.b.shape)
+        if layer.implicit is not None:
+            n = layer.units
+            layer.weights = rng.uniform(0.5, 2.0, n) if weighted else None
+            layer.A = nemon_np.project_mu_inf((rng.normal(size=(n, n)) / np.sqrt(n)).astype(dtype), 0.6,
+                                              layer.weights)
+    return model
+
+
+def sampled_margins(model, U_lo, U_hi, labels, rng, n=60):
+    """The smallest margin y_k - y_j that n interior points and corners of each box attain, with the
+    model's parameters evaluated in float64 to 1e-12."""
+    exact = model.astype(np.float64)
+    worst = None
+    for V in box_samples(rng, U_lo, U_hi, n):
+        Y = exact.logits(V, **EXACT)
+        M = Y[np.arange(len(V)), labels][:, None] - Y
+        worst = M if worst is None else np.minimum(worst, M)
+    return worst
+
+
+def test_every_layer_kind_is_in_some_test_stack():
+    kinds = {type(layer).kind for arch, shape in ARCHS for layer in StackedClassifier(arch, shape, 3).layers}
+    assert kinds == set(LAYERS)
+
+
+def test_patches_transpose_is_the_transpose_of_patches(rng):
+    for kernel, stride, padding in ((3, 2, 1), (4, 1, 1), (2, 2, 0), (3, 1, 0)):
+        shape = (2, 6, 5, 3)
+        X = rng.normal(size=shape)
+        rows = patches(X, kernel, stride, padding)
+        D = rng.normal(size=rows.shape)
+        np.testing.assert_allclose(patches_transpose(D, shape, kernel, stride, padding),
+                                   patches_transpose_reference(D, shape, kernel, stride, padding), atol=1e-12)
+        # <D, patches(X)> = <patches^T(D), X>: the two maps are adjoint.
+        assert np.sum(D * rows) == pytest.approx(np.sum(patches_transpose(D, shape, kernel, stride, padding) * X))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("arch,shape", ARCHS)
+def test_every_layer_box_holds_sampled_inputs_and_corners(arch, shape, dtype, rng):
+    """Each layer's enclosing box contains its output at every sampled input of its input box, on
+    boxes pushed through the stack from a random input box."""
+    model = random_stack(arch, shape, 1, dtype)
+    exact = model.astype(np.float64)
+    U = rng.normal(size=(6, model.n_in))
+    boxes = model.enclosing_boxes(U - 0.1, U + 0.1, **EXACT)
+    for i, layer in enumerate(exact.layers[:-1]):
+        lo, hi = boxes[i]
+        out_lo, out_hi = boxes[i + 1]
+        for X in box_samples(rng, lo, hi, 30):
+            Y, _ = layer.forward(X, dict(EXACT))
+            assert np.all(Y >= out_lo) and np.all(Y <= out_hi), (arch, i, layer)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("arch,shape", ARCHS)
+def test_interval_and_crown_margins_are_sound_and_ordered(arch, shape, dtype, weighted, rng):
+    """Sampled margins never fall below crown's bound, nor crown's below the interval bound."""
+    model = random_stack(arch, shape, 2, dtype, weighted=weighted)
+    U = rng.normal(size=(8, model.n_in))
+    labels = rng.integers(0, model.n_out, 8)
+    for eps in (0.02, 0.2):
+        M_int, _ = model.interval_margins(U - eps, U + eps, labels)
+        M_crown, _ = model.relaxed_margins(U - eps, U + eps, labels)
+        worst = sampled_margins(model, U - eps, U + eps, labels, rng)
+        assert np.all(M_crown >= M_int)
+        assert np.all(M_crown <= worst + 1e-12)
+        assert np.any(M_crown > M_int + 1e-6)   # the relaxation is tighter somewhere
+
+
+def _params_fd(model, f, h=1e-6):
+    return {k: finite_difference(f, P, h) for k, P in model.params().items()}
+
+
+def _assert_gradients(model, grads, fd):
+    """grads against the finite differences fd, except at the implicit matrix's zero entries: there the
+    embedded network's Metzler split has a kink (a_ij moves between A_M and A_N), where central
+    differences average the two one-sided derivatives."""
+    implicit = {f"{i}.{layer.implicit}" for i, layer in enumerate(model.layers) if layer.implicit}
+    for k, g in fd.items():
+        keep = model.params()[k] != 0 if k in implicit else np.ones(g.shape, bool)
+        np.testing.assert_allclose(grads[k][keep], g[keep], atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("arch,shape", ARCHS[:3])
+def test_loss_and_input_gradients_match_finite_differences(arch, shape, rng):
+    model = random_stack(arch, shape, 3)
+    U = rng.normal(size=(3, model.n_in))
+    y = rng.integers(0, model.n_out, 3)
+    _, grads = model.loss_and_grad(U, y, **EXACT)
+    _assert_gradients(model, grads, _params_fd(model, lambda: model.loss_and_grad(U, y, **EXACT)[0]))
+    np.testing.assert_allclose(model.input_grad(U, y, **EXACT),
+                               finite_difference(lambda: model.loss_and_grad(U, y, **EXACT)[0], U), atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,shape", ARCHS[:3])
+def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
+    """The IBP loss through every layer's box (the implicit layer's embedded network included)."""
+    model = random_stack(arch, shape, 4)
+    U = rng.normal(size=(3, model.n_in))
+    y = rng.integers(0, model.n_out, 3)
+    lo, hi = U - 0.1, U + 0.15
+    loss = lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.3, **EXACT)[0]  # noqa: E731
+    _, grads = model.certified_loss_and_grad(U, y, lo, hi, 0.3, **EXACT)
+    _assert_gradients(model, grads, _params_fd(model, loss))
+
+
+@pytest.mark.parametrize("readout_hidden", [0, 6])
+def test_the_stack_form_of_a_nemon_equals_it(readout_hidden, rng):
+    """nemon<n> (and nemon<n>,dense<p>,relu) holding a NEMON's parameters gives its logits, gradients,
+    certified loss and interval margins bit for bit (float64), and its crown margins to rounding."""
+    nemon = random_model(5, 8, 4, 0.7, seed=5, readout_hidden=readout_hidden)
+    arch = "nemon8" + (f",dense{readout_hidden},relu" if readout_hidden else "")
+    stack = StackedClassifier(arch, (5,), 4, gamma=nemon.gamma, dtype=np.float64)
+    names = {"0.A": "A", "0.B": "B", "0.b": "b", f"{len(stack.layers) - 1}.W": "C", f"{len(stack.layers) - 1}.b": "c"}
+    if readout_hidden:
+        names.update({"1.W": "H", "1.b": "h"})
+    for key, name in names.items():
+        i, k = key.split(".")
+        setattr(stack.layers[int(i)], k, getattr(nemon, name).copy())
+    U = rng.normal(size=(7, 5))
+    y = rng.integers(0, 4, 7)
+    options = dict(tol=1e-10, max_iter=2000)
+    assert np.array_equal(stack.logits(U, **options), nemon.logits(U, **options))
+    for method in ("loss_and_grad", "certified_loss_and_grad"):
+        args = (U, y) if method == "loss_and_grad" else (U, y, U - 0.1, U + 0.1, 0.4)
+        loss_s, g_s = getattr(stack, method)(*args, **options)
+        loss_n, g_n = getattr(nemon, method)(*args, **options)
+        assert loss_s == loss_n
+        for key, name in names.items():
+            assert np.array_equal(g_s[key], g_n[name]), (method, key)
+    M_s, _ = stack.interval_margins(U - 0.05, U + 0.05, y)
+    M_n, _ = nemon.interval_margins(U - 0.05, U + 0.05, y)
+    assert np.array_equal(M_s, M_n)
+    C_s, _ = stack.relaxed_margins(U - 0.05, U + 0.05, y, steps=8)
+    C_n, _ = nemon.relaxed_margins(U - 0.05, U + 0.05, y, steps=8)
+    np.testing.assert_allclose(C_s, C_n, rtol=0, atol=1e-9)
+
+
+def test_presets_parse_and_build_and_twins_are_explicit():
+    for name in PRESETS:
+        model = StackedClassifier(name, (1, 28, 28), 10)
+        twin = StackedClassifier(explicit_twin(name), (1, 28, 28), 10)
+        assert twin.implicit_layer is None and twin.mu_inf() == 0.0
+        assert (model.implicit_layer is not None) == ("nemon" in name)
+        assert len(twin.layers) == len(model.layers) + (model.implicit_layer is not None)
+
+
+@pytest.mark.parametrize("arch,message", [("conv16x3", "cannot read layer 'conv16x3'"),
+                                          ("nemon10,nemon10", "at most one implicit layer"),
+                                          ("", "a preset"), ("conv4k9s1p0", "does not fit")])
+def test_bad_architectures_are_one_line_errors(arch, message):
+    with pytest.raises(ValueError, match=message) as err:
+        StackedClassifier(arch, (1, 6, 6), 3)
+    assert "\n" not in str(err.value)
+
+
+def test_a_conv_layer_cannot_read_flat_inputs():
+    with pytest.raises(ValueError, match="reads images"):
+        StackedClassifier("dense5,conv3", (1, 6, 6), 3)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_save_and_load_keep_the_model(tmp_path, weighted, rng):
+    model = random_stack(ARCHS[0][0], ARCHS[0][1], 6, np.float32, weighted=weighted)
+    model.metadata.update(dataset="mnist", mean=np.array([0.1]))
+    model.save(tmp_path / "model.npz")
+    loaded = load_model(tmp_path / "model.npz")
+    assert isinstance(loaded, StackedClassifier) and loaded.arch == model.arch
+    U = rng.normal(size=(4, model.n_in))
+    assert np.array_equal(loaded.logits(U), model.logits(U))
+    assert (loaded.weights is None) == (not weighted)
+    if weighted:
+        assert np.array_equal(loaded.weights, model.weights) and loaded.mu_inf() == model.mu_inf()
+    assert loaded.metadata["dataset"] == "mnist"
+
+
+def test_a_file_with_a_wrong_shape_is_a_one_line_error(tmp_path):
+    model = StackedClassifier("dense4,relu", (3,), 2)
+    model.layers[0].W = np.zeros((5, 3), np.float32)
+    model.save(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="0.W has shape"):
+        load_model(tmp_path / "bad.npz")
+
+
+def test_lipschitz_certificate_of_a_stack_holds_on_samples(rng):
+    """The Lipschitz bound of a stack (a product of its layers' l_inf gains, the implicit layer's
+    ||B|| / (1 - mu)) bounds every sampled change of every margin."""
+    for weighted in (False, True):
+        model = random_stack("conv3k3s2p1,relu,nemon7,dense5,relu", (2, 6, 6), 7, weighted=weighted)
+        L = nemon_np.lipschitz_bound(model)
+        U = rng.normal(size=(20, model.n_in))
+        D = rng.uniform(-1, 1, size=U.shape) * 0.05
+        dY = np.abs(model.logits(U + D, **EXACT) - model.logits(U, **EXACT)).max(axis=1)
+        assert np.all(dY <= L * np.abs(D).max(axis=1) * (1 + 1e-9))
+
+
+def _tiny_data(rng, n=60):
+    X = rng.normal(size=(n, 16)).astype(np.float32)
+    y = (X[:, :4].sum(axis=1) > 0).astype(np.int64) + 2 * (X[:, 4] > 0)
+    return X, y
+
+
+@pytest.mark.parametrize("config", [dict(arch="conv3k3s2p1,relu,nemon6", certified_eps=0.1, eps_ramp=1),
+                                    dict(arch="dense6,relu,nemon5", constraint="parametrization"),
+                                    dict(model="nemon", hidden=6, constraint="weighted", augment="shift")])
+def test_a_resumed_run_equals_one_that_went_through(tmp_path, config, rng):
+    """Stopped after epoch 2 of 3 and resumed from its files, a run ends with the parameters of the run
+    that went through, bit for bit (Adam's state, the constraint's free parameters, the schedules and
+    the random stream all come back)."""
+    X, y = _tiny_data(rng)
+    cfg = dict(epochs=3, batch_size=20, dtype="float64", tol=1e-8, eps_warmup=0, **config)
+    through = Trainer(TrainConfig(**cfg), 16, 4, image_shape=(1, 4, 4))
+    through.fit(X, y, progress=False)
+
+    def stop_after_two(row):
+        save_checkpoint(stopped.model, tmp_path)
+        save_training_state(stopped, tmp_path)
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    stopped = Trainer(TrainConfig(**cfg), 16, 4, image_shape=(1, 4, 4))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(X, y, on_epoch=stop_after_two, progress=False)
+    resumed = Trainer(TrainConfig(**cfg), 16, 4, model=load_model(tmp_path / "model.npz"), image_shape=(1, 4, 4))
+    restore_training_state(resumed, tmp_path, stopped.history)
+    resumed.fit(X, y, progress=False)
+    for k, v in through.model.params().items():
+        assert np.array_equal(resumed.model.params()[k], v), k
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in through.history]
+
+
+def test_a_trained_stack_is_certified_soundly_on_mnist(shared_data):
+    """A stack trained with the certified loss on real MNIST: no image that the interval, crown,
+    Lipschitz or combined certificate certifies is misclassified by PGD, FGSM or noise."""
+    from nemon_np.data import load_dataset, normalize
+    from nemon_np.robustness import robustness_report
+    data = load_dataset("mnist", shared_data)
+    X = normalize(data.train_images[:2000], data.mean, data.std, np.float32)
+    cfg = TrainConfig(arch="conv8k4s2p1,relu,nemon40", weight_init="ibp", epochs=3, eps_warmup=0, eps_ramp=2,
+                      certified_eps=0.1)
+    trainer = Trainer(cfg, 784, 10, image_shape=(1, 28, 28))
+    trainer.model.metadata.update(dataset="mnist", mean=np.array(data.mean), std=np.array(data.std))
+    trainer.fit(X, data.train_labels[:2000], progress=False)
+    pixels = data.test_images[:200].reshape(200, -1) / 255.0
+    labels = data.test_labels[:200]
+    report = robustness_report(trainer.model, pixels, labels, (0.05, 0.1), pgd_steps=10)
+    assert report["certified"]["certified-crown"][0] > 0.3
+    assert all(n == 0 for counts in report["broken_certified"].values() for n in counts), report["broken_certified"]
+    combined = certify(trainer.model, pixels, labels, 0.1, "combined").certified
+    interval = certify(trainer.model, pixels, labels, 0.1, "interval").certified
+    assert np.all(combined >= interval)
+
+
+def test_arch_selects_a_stack_and_bad_combinations_are_errors():
+    assert TrainConfig(arch="ibp-small").validate().model == "stack"
+    with pytest.raises(ValueError, match="arch goes with model stack"):
+        TrainConfig(model="conv", arch="ibp-small").validate()
+    with pytest.raises(ValueError, match="weight_init"):
+        TrainConfig(weight_init="ibp").validate()
+    with pytest.raises(ValueError, match="cannot read layer"):
+        TrainConfig(arch="conv3x").validate()
+
+
+def test_ibp_initialization_keeps_the_box_radius(rng):
+    """At initialization with weight_init="ibp", an interval box centred at 0 keeps its mean radius
+    through a dense layer of fan-in n and a relu (Shi et al. 2021: |W| doubles it, E |w| = 2 / n, the
+    relu halves it), where the default scale grows it about sqrt(n) times."""
+    growth = {}
+    for init in ("default", "ibp"):
+        model = StackedClassifier("dense400,relu,dense400", (400,), 2, weight_init=init, dtype=np.float64)
+        r = np.full((1, 400), 0.1)
+        c1, r1, _ = model.layers[0].box(np.zeros((1, 400)), r, {})
+        _, r2, _ = model.layers[1].box(c1, r1, {})
+        growth[init] = r2.mean() / 0.1
+    assert growth["ibp"] == pytest.approx(1.0, rel=0.1)
+    assert growth["default"] > 4
+
+
+def test_warmup_regularizer_gradients_match_finite_differences(rng):
+    """Shi et al. 2021's tightness and relu-balance terms and their gradients (active and inactive sets
+    held fixed: the differences are taken where no entry changes set)."""
+    from nemon_np.warmup import relu_balance_term, tightness_term
+    c, r = rng.normal(size=(6, 9)) + 1.0, rng.uniform(0.05, 0.5, size=(6, 9))   # mostly active: unbalanced
+    value, dc = relu_balance_term(c, r)
+    assert value > 0
+    np.testing.assert_allclose(dc, finite_difference(lambda: relu_balance_term(c, r)[0], c), atol=1e-7)
+    value, dr = tightness_term(0.01, r)
+    assert value > 0
+    np.testing.assert_allclose(dr, finite_difference(lambda: tightness_term(0.01, r)[0], r), atol=1e-7)
+    assert tightness_term(1.0, r)[0] == 0.0   # boxes no wider than 1 / tol times the input's: no penalty
+
+
+def test_certified_loss_with_the_warmup_terms_matches_finite_differences(rng):
+    model = random_stack("dense8,relu,nemon6,dense5,relu", (5,), 8)
+    U = rng.normal(size=(4, 5))
+    y = rng.integers(0, model.n_out, 4)
+    lo, hi = U - 0.1, U + 0.1
+    opts = dict(warmup_weight=0.3, **EXACT)
+    total, grads, info = model.certified_loss_and_grad(U, y, lo, hi, 0.4, return_info=True, **opts)
+    plain = model.certified_loss_and_grad(U, y, lo, hi, 0.4, **EXACT)[0]
+    assert info["warmup_loss"] > 0 and total == pytest.approx(plain + 0.3 * info["warmup_loss"])
+    fd = _params_fd(model, lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.4, **opts)[0])
+    _assert_gradients(model, grads, fd)
