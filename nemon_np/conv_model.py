@@ -29,7 +29,7 @@ from .readout import init_hidden_layer
 from .solvers import (WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged,
                       contraction_alpha)
 
-__all__ = ["ConvNEMON", "CONV_METHODS", "CONV_ADJOINTS", "check_conv_solver"]
+__all__ = ["ConvNEMON", "ConvImplicitMap", "CONV_METHODS", "CONV_ADJOINTS", "check_conv_solver"]
 
 # The solvers a conv model has: the fused average iteration, or it with safeguarded Anderson
 # acceleration (the dense solver's step on the flattened state).
@@ -49,83 +49,25 @@ FORMAT_VERSION = 2   # the newest version read; 2 adds the optional hidden read-
 PARAMETERS = ("K", "B", "b", "C", "c")
 
 
-class ConvNEMON(ImplicitClassifier):
-    """Convolutional NEMON classifier.
-
-    Parameters
-    ----------
-    in_channels : int; image_size : (H, W)
-    channels : int, C; kernel : odd int, k; n_out : int; pool : int, s (divides H and W)
-    gamma : float < 1, mu_inf_conv(K) <= gamma at initialization; padding : "circular" or "zero"
-    seed : int; dtype : float32 or float64
-    n_jobs : int, threads for the convolutions, weight gradients and solver steps (a run-time
-        setting, not saved; results the same up to rounding; 2 on an otherwise idle 2-core machine)
-    readout_hidden : int, width p of an explicit hidden ReLU layer between the pooled features and
-        the logits, ``y = C relu(H pool(x) + h) + c`` (:mod:`nemon_np.readout`); 0 (the default): linear
-
-    Attributes
-    ----------
-    K (C, C, k, k), B (C, in_channels, k, k), b (C,), c (n_out,)
-    C (n_out, (H / s) (W / s) C): the head, on pooled features in (row, column, channel) order
-        (with a hidden read-out layer: H (p, (H / s) (W / s) C), h (p,) and C (n_out, p))
-    metadata : dict saved with the model (dataset, normalization, ...)
+class ConvImplicitMap:
+    """The conv implicit map x* = relu(K * x* + B * u + b) on channel-last states (m, H, W, C) of
+    channel-last inputs (m, H, W, C_in): mu_inf(K), the forward solve, the adjoint for a given
+    dL/dx*, and the hooks of :class:`nemon_np.base.EmbeddedNetwork`. Mixed into :class:`ConvNEMON`
+    and into the conv implicit layer of a stack (:class:`nemon_np.layers.ImplicitConv`); it needs the
+    attributes K, B, b, kernel, padding, image_size, n_jobs and dtype.
     """
 
-    weights = None  # the certificate is the unweighted mu_inf of the convolution
+    weights = None   # the certificate is the unweighted mu_inf of the convolution
     n_jobs = 1       # models read from files start with one thread
-    crown_steps = 2  # the crown certificate's default (nemon_np.certificates.CrownCertificate)
+    implicit = "K"
 
-    def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
-                 padding="circular", seed=0, dtype=np.float64, n_jobs=1, readout_hidden=0):
-        H, W = (int(v) for v in image_size)
-        for name, v in (("in_channels", in_channels), ("channels", channels), ("n_out", n_out), ("pool", pool)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
-        if H % pool or W % pool:
-            raise ValueError(f"pool = {pool} must divide the image size {H} x {W}")
-        if int(kernel) != kernel or kernel % 2 == 0 or kernel < 1:
-            raise ValueError(f"kernel must be a positive odd size, got {kernel!r}")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-        self.gamma, self.dtype, self.padding = check_gamma(gamma), as_float_dtype(dtype), padding
-        self.in_channels, self.image_size, self.pool, self.kernel = int(in_channels), (H, W), int(pool), int(kernel)
-        self.seed, self.n_jobs = int(seed), check_n_jobs(n_jobs)
-        readout_hidden = check_readout_hidden(readout_hidden)
-        self.metadata = {}
-        rng = np.random.default_rng(self.seed)
-        C, k = int(channels), int(kernel)
-        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(self.dtype)
-        self.K = project_conv_mu_inf(K0, self.gamma)
-        self.B = (rng.uniform(-1, 1, size=(C, in_channels, k, k)) / np.sqrt(in_channels * k * k)).astype(self.dtype)
-        self.b = np.zeros(C, self.dtype)
-        n_pooled = C * (H // pool) * (W // pool)
-        if readout_hidden:
-            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n_pooled, n_out, self.dtype)
-        else:
-            self.C = (rng.uniform(-1, 1, size=(n_out, n_pooled)) / np.sqrt(n_pooled)).astype(self.dtype)
-        self.c = np.zeros(n_out, self.dtype)
-
-    # -- shapes -----------------------------------------------------------
     @property
     def channels(self):
         return self.K.shape[0]
 
     @property
-    def n_in(self):
-        return self.in_channels * self.image_size[0] * self.image_size[1]
-
-    @property
     def n_hidden(self):
         return self.channels * self.image_size[0] * self.image_size[1]
-
-    @property
-    def n_out(self):
-        return self.C.shape[0]
-
-    def params(self):
-        """The parameters as a dict keyed ``"K","B","b","C","c"`` (and ``"H","h"`` with a hidden
-        read-out layer): the arrays themselves."""
-        return {"K": self.K, "B": self.B, "b": self.b, **self.readout_params()}
 
     def mu_inf(self):
         """mu_inf of the convolution K (exact for circular padding, an upper bound for zero)."""
@@ -137,29 +79,7 @@ class ConvNEMON(ImplicitClassifier):
         p = self.kernel // 2
         return contraction_alpha(self.K[:, :, p, p])
 
-    def _images(self, U, dtype=None):
-        """U as a channel-last batch (m, H, W, C_in) of ``dtype`` (default the model's)."""
-        U = np.asarray(U)
-        H, W = self.image_size
-        if U.ndim == 1:
-            U = U[None, :]
-        if U.ndim == 2 and U.shape[1] == self.n_in:
-            U = U.reshape(len(U), self.in_channels, H, W)
-        if U.ndim != 4 or U.shape[1:] != (self.in_channels, H, W):
-            raise ValueError(f"U must have shape (batch, {self.in_channels}, {H}, {W}) or (batch, {self.n_in}), "
-                             f"got {U.shape}")
-        if not np.all(np.isfinite(U)):
-            raise ValueError("U has non-finite entries (NaN or inf)")
-        return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype if dtype is None else dtype)
-
-    # -- the hooks of the interval methods (nemon_np.base.ImplicitClassifier) -------------
-    implicit = "K"
-    _state_inputs = _images
-
-    @property
-    def _feature_terms(self):
-        return self.pool * self.pool
-
+    # -- the hooks of the interval methods (nemon_np.base.EmbeddedNetwork) ----------------
     def _inject(self, B, U):
         return conv_apply_channel_last(B, U, self.padding, n_jobs=self.n_jobs)
 
@@ -171,12 +91,6 @@ class ConvNEMON(ImplicitClassifier):
     @staticmethod
     def _transposed(K):
         return transpose_kernel(K)
-
-    def _features(self, X):
-        return self._pool(X)
-
-    def _features_grad(self, G):
-        return self._pool_transpose(G)
 
     def _state_weights(self):
         return None
@@ -231,13 +145,6 @@ class ConvNEMON(ImplicitClassifier):
         return dict(method="anderson" if method == "anderson" else "average", rho=_contraction_rate(alpha, mu),
                     n_jobs=self.n_jobs)
 
-    # -- forward ----------------------------------------------------------
-    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
-                    tol_mode="absolute"):
-        """Fixed points x* (m, H, W, C), channel-last, and an OptimizeResult with per-sample
-        ``iterations``, ``residual`` (l_inf), ``converged`` and the ``preactivation`` z."""
-        return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation, tol_mode)
-
     def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation, tol_mode="absolute"):
         """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
         check_conv_solver(method)
@@ -249,6 +156,130 @@ class ConvNEMON(ImplicitClassifier):
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "forward fixed point")
         return X, info
+
+    def _state_adjoint(self, finfo, G, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
+        """(delta, binfo): delta = D w / m from the adjoint w = G + K^T * (D w) at the forward solve
+        ``finfo`` (D = 1[z > 0]), G = m dL/dx* (the per-sample scale, so that tol means the same at any
+        batch size). The adjoint residual is an l_1 norm over all C H W units: by default the same
+        residual per unit as a dense model of 100 units at tol."""
+        check_conv_solver(method, adjoint)
+        mask = (finfo.preactivation > 0).astype(self.dtype)
+        m = len(G)
+        adjoint_tol = tol * self.n_hidden / 100 if adjoint_tol is None else adjoint_tol
+        Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), G, finfo.alpha, adjoint_tol, max_iter,
+                                               self.padding, relu=False, l1=True, S=mask, X0=G,
+                                               **self._solver(adjoint, finfo.alpha, finfo.mu_inf))
+        binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
+                               converged=bres <= self.dtype(adjoint_tol))
+        return mask * Wadj / m, binfo
+
+    def _input_vjp(self, delta):
+        """B^T * delta: (m, H, W, C_in), channel-last."""
+        return self._inject(transpose_kernel(self.B), delta)
+
+
+class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
+    """Convolutional NEMON classifier.
+
+    Parameters
+    ----------
+    in_channels : int; image_size : (H, W)
+    channels : int, C; kernel : odd int, k; n_out : int; pool : int, s (divides H and W)
+    gamma : float < 1, mu_inf_conv(K) <= gamma at initialization; padding : "circular" or "zero"
+    seed : int; dtype : float32 or float64
+    n_jobs : int, threads for the convolutions, weight gradients and solver steps (a run-time
+        setting, not saved; results the same up to rounding; 2 on an otherwise idle 2-core machine)
+    readout_hidden : int, width p of an explicit hidden ReLU layer between the pooled features and
+        the logits, ``y = C relu(H pool(x) + h) + c`` (:mod:`nemon_np.readout`); 0 (the default): linear
+
+    Attributes
+    ----------
+    K (C, C, k, k), B (C, in_channels, k, k), b (C,), c (n_out,)
+    C (n_out, (H / s) (W / s) C): the head, on pooled features in (row, column, channel) order
+        (with a hidden read-out layer: H (p, (H / s) (W / s) C), h (p,) and C (n_out, p))
+    metadata : dict saved with the model (dataset, normalization, ...)
+    """
+
+    crown_steps = 2  # the crown certificate's default (nemon_np.certificates.CrownCertificate)
+
+    def __init__(self, in_channels, image_size, channels=32, kernel=3, n_out=10, pool=4, gamma=0.95,
+                 padding="circular", seed=0, dtype=np.float64, n_jobs=1, readout_hidden=0):
+        H, W = (int(v) for v in image_size)
+        for name, v in (("in_channels", in_channels), ("channels", channels), ("n_out", n_out), ("pool", pool)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        if H % pool or W % pool:
+            raise ValueError(f"pool = {pool} must divide the image size {H} x {W}")
+        if int(kernel) != kernel or kernel % 2 == 0 or kernel < 1:
+            raise ValueError(f"kernel must be a positive odd size, got {kernel!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.gamma, self.dtype, self.padding = check_gamma(gamma), as_float_dtype(dtype), padding
+        self.in_channels, self.image_size, self.pool, self.kernel = int(in_channels), (H, W), int(pool), int(kernel)
+        self.seed, self.n_jobs = int(seed), check_n_jobs(n_jobs)
+        readout_hidden = check_readout_hidden(readout_hidden)
+        self.metadata = {}
+        rng = np.random.default_rng(self.seed)
+        C, k = int(channels), int(kernel)
+        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(self.dtype)
+        self.K = project_conv_mu_inf(K0, self.gamma)
+        self.B = (rng.uniform(-1, 1, size=(C, in_channels, k, k)) / np.sqrt(in_channels * k * k)).astype(self.dtype)
+        self.b = np.zeros(C, self.dtype)
+        n_pooled = C * (H // pool) * (W // pool)
+        if readout_hidden:
+            self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n_pooled, n_out, self.dtype)
+        else:
+            self.C = (rng.uniform(-1, 1, size=(n_out, n_pooled)) / np.sqrt(n_pooled)).astype(self.dtype)
+        self.c = np.zeros(n_out, self.dtype)
+
+    # -- shapes -----------------------------------------------------------
+    @property
+    def n_in(self):
+        return self.in_channels * self.image_size[0] * self.image_size[1]
+
+    @property
+    def n_out(self):
+        return self.C.shape[0]
+
+    def params(self):
+        """The parameters as a dict keyed ``"K","B","b","C","c"`` (and ``"H","h"`` with a hidden
+        read-out layer): the arrays themselves."""
+        return {"K": self.K, "B": self.B, "b": self.b, **self.readout_params()}
+
+    def _images(self, U, dtype=None):
+        """U as a channel-last batch (m, H, W, C_in) of ``dtype`` (default the model's)."""
+        U = np.asarray(U)
+        H, W = self.image_size
+        if U.ndim == 1:
+            U = U[None, :]
+        if U.ndim == 2 and U.shape[1] == self.n_in:
+            U = U.reshape(len(U), self.in_channels, H, W)
+        if U.ndim != 4 or U.shape[1:] != (self.in_channels, H, W):
+            raise ValueError(f"U must have shape (batch, {self.in_channels}, {H}, {W}) or (batch, {self.n_in}), "
+                             f"got {U.shape}")
+        if not np.all(np.isfinite(U)):
+            raise ValueError("U has non-finite entries (NaN or inf)")
+        return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype if dtype is None else dtype)
+
+    # -- the read-out's features (nemon_np.base.ImplicitClassifier) ----------------------
+    _state_inputs = _images
+
+    @property
+    def _feature_terms(self):
+        return self.pool * self.pool
+
+    def _features(self, X):
+        return self._pool(X)
+
+    def _features_grad(self, G):
+        return self._pool_transpose(G)
+
+    # -- forward ----------------------------------------------------------
+    def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None, on_violation="raise",
+                    tol_mode="absolute"):
+        """Fixed points x* (m, H, W, C), channel-last, and an OptimizeResult with per-sample
+        ``iterations``, ``residual`` (l_inf), ``converged`` and the ``preactivation`` z."""
+        return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation, tol_mode)
 
     def _pool(self, X):
         m, H, W, C = X.shape
@@ -284,22 +315,12 @@ class ConvNEMON(ImplicitClassifier):
         dF, readout_grads = self._readout_backward(dY, pooled, G, P)
         # Per-sample scale (m dF), so that tol means the same at any batch size.
         g = self._pool_transpose(m * dF)
-        mask = (finfo.preactivation > 0).astype(self.dtype)
-        # The adjoint residual is an l_1 norm over all C H W units: by default the same residual per
-        # unit as a dense model of 100 units at tol.
-        adjoint_tol = tol * self.n_hidden / 100 if adjoint_tol is None else adjoint_tol
-        Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), g, finfo.alpha, adjoint_tol, max_iter,
-                                               self.padding, relu=False, l1=True, S=mask, X0=g,
-                                               **self._solver(adjoint, finfo.alpha, finfo.mu_inf))
-        binfo = OptimizeResult(iterations=bits, residual=bres.astype(np.float64),
-                               converged=bres <= self.dtype(adjoint_tol))
-        delta = mask * Wadj / m
+        delta, binfo = self._state_adjoint(finfo, g, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
         return Ucl, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
 
     def _input_gradient(self, U, delta):
         """B^T * delta (m, H, W, C_in), in U's layout: flat or (m, C_in, H, W)."""
-        G = self._inject(transpose_kernel(self.B), delta)
-        G = np.ascontiguousarray(G.transpose(0, 3, 1, 2))
+        G = np.ascontiguousarray(self._input_vjp(delta).transpose(0, 3, 1, 2))
         return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",

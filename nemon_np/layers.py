@@ -36,11 +36,14 @@ from numpy.lib.stride_tricks import as_strided
 
 from .base import EmbeddedNetwork
 from .interval import UNIT_ROUNDOFF, enclosing_center_radius
+from .conv import PADDINGS, project_conv_mu_inf
+from .conv_model import ConvImplicitMap
 from .models import DenseImplicitMap
 from .projection import project_mu_inf
 from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
 
-__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "ImplicitDense", "LAYERS"]
+__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "ImplicitDense", "ImplicitConv",
+           "LAYERS"]
 
 LAYERS = {}
 
@@ -428,61 +431,38 @@ def _solver(options):
     return {k: options[k] for k in ("tol", "max_iter", "method", "alpha", "tol_mode", "on_violation") if k in options}
 
 
-@_register
-class ImplicitDense(DenseImplicitMap, EmbeddedNetwork, Layer):
-    """The dense NEMON layer x* = relu(A x* + B u + b) (DESIGN.md; Jafarpour et al. 2021) on flat
-    states, mu_inf(A) <= gamma (weighted: in the norm of ``weights``), initialized as
-    :class:`nemon_np.NEMON` initializes A, B and b. Its output is the fixed point x* >= 0; its box is
-    the embedded network's, sound by :meth:`nemon_np.base.EmbeddedNetwork.interval_bounds`; its
-    l_inf gain is ||diag(eta)^-1 B||_inf / (1 - max(mu_inf(A), 0)) (the next layer reads x* in the
-    weighted norm)."""
-    kind = "nemon"
-    implicit = "A"
+class _ImplicitLayer(EmbeddedNetwork, Layer):
+    """What an implicit layer x* = relu(P x* + B u + b) does as a layer, written once over the hooks
+    of its map (:class:`nemon_np.models.DenseImplicitMap`, :class:`nemon_np.conv_model.ConvImplicitMap`)
+    and of :class:`nemon_np.base.EmbeddedNetwork`, plus ``_state_equilibrium(X, options)``. Its
+    output is the fixed point x* >= 0; its box is the embedded network's; its relaxation is the
+    unrolled one of the crown certificate; its gain is ||B||_inf / (1 - max(mu_inf, 0)) in the
+    layer's (weighted) norm."""
     input_weight = "B"
 
-    def __init__(self, units):
-        self.units = int(units)
-        if self.units < 1:
-            raise ValueError(f"an implicit layer needs units >= 1, got {units!r}")
-        self.weights = None
-
-    @property
-    def token(self):
-        return f"nemon{self.units}"
-
-    def build(self, in_shape, rng, dtype, gamma=0.5):
-        if len(in_shape) != 1:
-            raise ValueError(f"a dense implicit layer reads flat states, got shape {in_shape}")
-        n, n_in = self.units, in_shape[0]
-        self.gamma, self.dtype = float(gamma), dtype
-        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
-        self.A = project_mu_inf(A0.astype(dtype), self.gamma, self.weights)
-        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(dtype) / np.sqrt(n_in).astype(dtype)
-        self.b = np.zeros(n, dtype)
-        self._terms = n_in
-        return (n,)
-
     def params(self):
-        return {"A": self.A, "B": self.B, "b": self.b}
+        return {self.implicit: getattr(self, self.implicit), "B": self.B, "b": self.b}
 
     def forward(self, X, options):
-        X_star, info = self.equilibrium(X, **_solver(options))
+        X_star, info = self._state_equilibrium(X, _solver(options))
         return X_star, {"input": X, "state": X_star, "forward": info}
 
     def backward(self, dY, cache, options):
         delta, cache["backward"] = self._state_adjoint(
-            cache["forward"], dY, options.get("tol", 1e-6), options.get("max_iter", 500),
+            cache["forward"], len(dY) * dY, options.get("tol", 1e-6), options.get("max_iter", 500),
             options.get("method", "average"), options.get("alpha"), options.get("adjoint", "iterative"),
             options.get("adjoint_tol"), options.get("on_violation", "raise"))
-        grads = {"A": delta.T @ cache["state"], "B": delta.T @ cache["input"], "b": delta.sum(axis=0)}
-        return delta @ self.B, grads
+        n = delta.shape[-1]
+        grads = {self.implicit: self._implicit_grad(delta, cache["state"]),
+                 "B": self._inject_grad(delta, cache["input"]), "b": delta.reshape(-1, n).sum(axis=0)}
+        return self._input_vjp(delta), grads
 
     def box(self, X_c, X_r, options):
         o = _solver(options)
         X, info = self.embedded_box(X_c, X_r, o.get("tol", 1e-6), o.get("max_iter", 500), o.get("method", "average"),
                                     o.get("alpha"), o.get("tol_mode", "absolute"))
-        n = self.units
-        lo, hi = X[:, :n], X[:, n:]
+        n = X.shape[-1] // 2
+        lo, hi = X[..., :n], X[..., n:]
         return (lo + hi) / 2, (hi - lo) / 2, {"embedded": X, "forward": info, "center": X_c, "radius": X_r}
 
     def box_backward(self, dY_c, dY_r, cache, options):
@@ -506,23 +486,26 @@ class ImplicitDense(DenseImplicitMap, EmbeddedNetwork, Layer):
         m, r = beta.shape
         x_c, x_r = enclosing_center_radius(*box_out)
         u_c, u_r = enclosing_center_radius(*box_in)
-        A64, B64, b64 = (np.asarray(p, np.float64) for p in (self.A, self.B, self.b))
-        # The box of z* = A x* + B u + b, narrowed by x* = relu(z*): z* <= x*_hi, and z* = x* where x*_lo > 0.
-        AX = self._embedded_injection(x_c, x_r, A64, 0.0, rounding=True)
+        P64, B64, b64 = (np.asarray(p, np.float64) for p in (getattr(self, self.implicit), self.B, self.b))
+        # The box of z* = P x* + B u + b (the models' one linear-map hook, rounding allowed for),
+        # narrowed by x* = relu(z*): z* <= x*_hi, and z* = x* where x*_lo > 0.
+        PX = self._embedded_injection(x_c, x_r, P64, 0.0, rounding=True)
         Q = self._embedded_injection(u_c, u_r, B64, b64, rounding=True)
-        n = self.units
-        Z_lo, Z_hi = _outward(AX[:, :n] + Q[:, :n], AX[:, n:] + Q[:, n:])
+        n = PX.shape[-1] // 2
+        Z_lo, Z_hi = _outward(PX[..., :n] + Q[..., :n], PX[..., n:] + Q[..., n:])
         X_lo, X_hi = box_out
         Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
         box = dict(x_c=x_c, x_r=x_r, u_c=u_c, u_r=u_r, z_lo=Z_lo, z_hi=Z_hi, b=b64,
-                   K_s=(np.abs(x_c) + x_r) @ np.abs(A64).T, B_s=(np.abs(u_c) + u_r) @ np.abs(B64).T)
-        rho = _rho((n,), box_in[0].shape[1:])
+                   K_s=self._apply_implicit(np.abs(P64), np.abs(x_c) + x_r),
+                   B_s=self._inject(np.abs(B64), np.abs(u_c) + u_r))
+        rho = _rho(box_out[0].shape[1:], box_in[0].shape[1:])
+        PT, BT = self._transposed(P64), self._transposed(B64)
         best = None
-        # Row states V (k, n): A^T v is the row V @ A, B^T v the row V @ B.
-        for t, nu, g, beta_t, alw in unrolled_bounds(Lam, beta, box, lambda V: V @ A64, lambda V: V @ B64, steps):
+        for t, nu, g, beta_t, alw in unrolled_bounds(Lam, beta, box, lambda V: self._apply_implicit(PT, V),
+                                                     lambda V: self._inject(BT, V), steps):
             if g is None:
                 continue
-            # beta' collects the x* part over its box; g . u is carried on to the layer's input.
+            # The x* part over its box goes into beta; g . u is carried on to the layer's input.
             rest = concretize(nu, beta_t, x_c[:, None], x_r[:, None], rho) - alw
             score = rest + batched_dot(g, u_c[:, None]) - batched_dot(np.abs(g), u_r[:, None])
             if best is None:
@@ -530,7 +513,7 @@ class ImplicitDense(DenseImplicitMap, EmbeddedNetwork, Layer):
             else:
                 better = score > best[0]
                 best[0] = np.where(better, score, best[0])
-                best[1] = np.where(better[:, :, None], g, best[1])
+                best[1] = np.where(better.reshape(better.shape + (1,) * (g.ndim - 2)), g, best[1])
                 best[2] = np.where(better, rest, best[2])
         if best is None:   # no step: the whole bound over x*'s box, nothing carried on
             rest = concretize(Lam, beta, x_c[:, None], x_r[:, None], rho)
@@ -538,5 +521,86 @@ class ImplicitDense(DenseImplicitMap, EmbeddedNetwork, Layer):
         return best[1], best[2], allowance
 
     def lipschitz_rows(self):
-        B = np.asarray(self.B, np.float64)
+        B = np.asarray(self.B, np.float64).reshape(len(self.B), -1)
         return B if self.weights is None else B / self.weights[:, None]
+
+
+@_register
+class ImplicitDense(DenseImplicitMap, _ImplicitLayer):
+    """The dense NEMON layer x* = relu(A x* + B u + b) (DESIGN.md; Jafarpour et al. 2021) on flat
+    states, mu_inf(A) <= gamma (weighted: in the norm of ``weights``), initialized as
+    :class:`nemon_np.NEMON` initializes A, B and b; its constraint modes are the dense model's."""
+    kind = "nemon"
+    constraint_kind = "nemon"
+
+    def __init__(self, units):
+        self.units = int(units)
+        if self.units < 1:
+            raise ValueError(f"an implicit layer needs units >= 1, got {units!r}")
+        self.weights = None
+
+    @property
+    def token(self):
+        return f"nemon{self.units}"
+
+    def build(self, in_shape, rng, dtype, gamma=0.5):
+        if len(in_shape) != 1:
+            raise ValueError(f"a dense implicit layer reads flat states, got shape {in_shape}")
+        n, n_in = self.units, in_shape[0]
+        self.gamma, self.dtype = float(gamma), dtype
+        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
+        self.A = project_mu_inf(A0.astype(dtype), self.gamma, self.weights)
+        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(dtype) / np.sqrt(n_in).astype(dtype)
+        self.b = np.zeros(n, dtype)
+        self._terms = n_in
+        return (n,)
+
+    def _state_equilibrium(self, X, options):
+        return self.equilibrium(X, **options)
+
+
+@_register
+class ImplicitConv(ConvImplicitMap, _ImplicitLayer):
+    """The conv NEMON layer x* = relu(K * x* + B * u + b) (:class:`nemon_np.ConvNEMON`'s implicit
+    layer) on channel-last images, C channels, k x k kernels, circular padding (the paper's; exact
+    mu_inf) or zero padding (an upper bound), mu_inf(K) <= gamma per output channel, initialized as
+    ConvNEMON initializes K, B and b; its constraint modes are the conv model's. The output has the
+    input's size and C channels."""
+    kind = "cnemon"
+    spatial_input = True
+    constraint_kind = "conv"
+
+    def __init__(self, channels, kernel=3, padding="circular"):
+        self._channels, self.kernel, self.padding = int(channels), int(kernel), padding
+        if self._channels < 1 or self.kernel < 1 or self.kernel % 2 == 0 or padding not in PADDINGS:
+            raise ValueError(f"a conv implicit layer needs channels >= 1, an odd kernel and padding "
+                             f"{' or '.join(PADDINGS)}, got {channels!r}, {kernel!r}, {padding!r}")
+
+    @property
+    def token(self):
+        return f"cnemon{self._channels}k{self.kernel}" + ("z" if self.padding == "zero" else "")
+
+    def build(self, in_shape, rng, dtype, gamma=0.5):
+        if len(in_shape) != 3:
+            raise ValueError(f"a conv implicit layer reads images (H, W, C), got shape {in_shape}")
+        H, W, C_in = in_shape
+        C, k = self._channels, self.kernel
+        self.gamma, self.dtype, self.image_size, self.in_channels = float(gamma), dtype, (H, W), C_in
+        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(dtype)
+        self.K = project_conv_mu_inf(K0, self.gamma)
+        self.B = (rng.uniform(-1, 1, size=(C, C_in, k, k)) / np.sqrt(C_in * k * k)).astype(dtype)
+        self.b = np.zeros(C, dtype)
+        self._terms = C_in * k * k
+        return (H, W, C)
+
+    def _state_inputs(self, X, dtype):
+        X = np.asarray(X)
+        if X.ndim != 4 or X.shape[1:] != self.image_size + (self.in_channels,):
+            raise ValueError(f"a conv implicit layer reads (batch, {self.image_size[0]}, {self.image_size[1]}, "
+                             f"{self.in_channels}) states, got {X.shape}")
+        return np.ascontiguousarray(X, dtype=dtype)
+
+    def _state_equilibrium(self, X, options):
+        return self._equilibrium(X, options.get("tol", 1e-6), options.get("max_iter", 500),
+                                 options.get("method", "average"), options.get("alpha"), None,
+                                 options.get("on_violation", "raise"), options.get("tol_mode", "absolute"))

@@ -125,18 +125,22 @@ class DenseImplicitMap:
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 
-    def _state_adjoint(self, finfo, dX, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
-        """(delta, binfo): delta = D w / m from the adjoint w = m dX + A^T D w at the forward solve
-        ``finfo`` (D = 1[z > 0]), dX = dL/dx* of the mean loss (m, n_hidden). Solved for the per-sample
-        loss (g of order 1), so that tol means the same at any batch size."""
+    def _state_adjoint(self, finfo, G, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
+        """(delta, binfo): delta = D w / m from the adjoint w = G + A^T D w at the forward solve
+        ``finfo`` (D = 1[z > 0]), G = m dL/dx* (m, n_hidden): the per-sample loss's gradient (g of order
+        1), so that tol means the same at any batch size."""
         mask = (finfo.preactivation > 0).astype(self.dtype)
-        m = len(dX)
-        W, binfo = solve_adjoint(self.A, mask, m * dX, method=adjoint,
+        m = len(G)
+        W, binfo = solve_adjoint(self.A, mask, G, method=adjoint,
                                  alpha=alpha if method == "average" else None,
                                  tol=tol if adjoint_tol is None else adjoint_tol,
                                  max_iter=max_iter, weights=self.weights, on_violation=on_violation,
                                  certificate="mu_2" if method in MONDEQ_METHODS else "mu_inf")
         return (mask * W) / m, binfo
+
+    def _input_vjp(self, delta):
+        """B^T delta: (m, n_in)."""
+        return delta @ self.B
 
 
 class NEMON(DenseImplicitMap, ImplicitClassifier):
@@ -216,7 +220,8 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
             if dY.shape != (U.shape[0], self.n_out):
                 raise ValueError(f"dY must have shape ({U.shape[0]}, {self.n_out}), got {dY.shape}")
         dX, readout_grads = self._readout_backward(dY, X, G, P)
-        delta, binfo = self._state_adjoint(finfo, dX, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
+        delta, binfo = self._state_adjoint(finfo, U.shape[0] * dX, tol, max_iter, method, alpha, adjoint, adjoint_tol,
+                                           on_violation)
         return U, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,

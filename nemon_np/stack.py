@@ -12,6 +12,8 @@ Architecture strings are comma-separated tokens (:func:`parse_architecture`):
 * ``dense<n>``: an affine layer of n units; ``relu``; ``pool<s>``: s x s average pooling;
   ``flatten`` (put in by itself where a flat layer follows a spatial one);
 * ``nemon<n>``: a dense implicit (NEMON) layer of n units, mu_inf(A) <= gamma;
+* ``cnemon<C>[k<k>][z]``: a conv implicit layer of C channels, k x k (default 3), circular padding
+  (``z``: zero padding), mu_inf(K) <= gamma per output channel;
 * or a preset name of :data:`PRESETS`.
 
 The logits layer ``dense<n_out>`` is appended; it is the specification of the margins: a box of its
@@ -32,7 +34,7 @@ from ._validation import as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, ImplicitDense, ReLU
+from .layers import AvgPool2d, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU
 from .losses import softmax_cross_entropy
 from .relaxation import batched_dot, concretize
 from .warmup import WARMUP_TOL, warmup_regularizer
@@ -55,6 +57,7 @@ PRESETS = {
     "ibp-small-nemon": "conv16k4s2p1,relu,conv32k4s1p1,relu,nemon100",
     "nemon-small": "conv16k4s2p1,relu,conv32k4s2p1,relu,nemon200,dense100,relu",
     "nemon-medium": "conv32k3s1p1,relu,conv32k4s2p1,relu,conv64k3s1p1,relu,conv64k4s2p1,relu,nemon500,dense512,relu",
+    "cnemon-small": "conv16k4s2p1,relu,cnemon32k3,pool2,dense100,relu",
 }
 
 # How the weights that read each layer's input are drawn. "default": uniform(-1, 1) / sqrt(fan-in),
@@ -66,6 +69,7 @@ WEIGHT_INITS = ("default", "ibp")
 
 _TOKEN = re.compile(r"^(?:(?P<conv>conv)(?P<c>\d+)(?:k(?P<k>\d+))?(?:s(?P<s>\d+))?(?:p(?P<p>\d+))?"
                     r"|(?P<dense>dense)(?P<n>\d+)|(?P<nemon>nemon)(?P<u>\d+)|(?P<pool>pool)(?P<ps>\d+)"
+                    r"|(?P<cnemon>cnemon)(?P<cc>\d+)(?:k(?P<ck>\d+))?(?P<zero>z)?"
                     r"|(?P<relu>relu)|(?P<flatten>flatten))$")
 
 
@@ -81,7 +85,8 @@ def parse_architecture(arch):
         g = _TOKEN.match(token)
         if g is None:
             raise ValueError(f"architecture {arch!r}: cannot read layer {token!r} (layers: conv<C>[k<k>][s<s>][p<p>], "
-                             f"dense<n>, nemon<n>, pool<s>, relu, flatten; presets: {', '.join(PRESETS)})")
+                             f"dense<n>, nemon<n>, cnemon<C>[k<k>][z], pool<s>, relu, flatten; presets: "
+                             f"{', '.join(PRESETS)})")
         if g["conv"]:
             k = int(g["k"] or 3)
             layers.append(Conv2d(int(g["c"]), k, int(g["s"] or 1), None if g["p"] is None else int(g["p"])))
@@ -89,6 +94,8 @@ def parse_architecture(arch):
             layers.append(Dense(int(g["n"])))
         elif g["nemon"]:
             layers.append(ImplicitDense(int(g["u"])))
+        elif g["cnemon"]:
+            layers.append(ImplicitConv(int(g["cc"]), int(g["ck"] or 3), "zero" if g["zero"] else "circular"))
         elif g["pool"]:
             layers.append(AvgPool2d(int(g["ps"])))
         else:
@@ -99,9 +106,16 @@ def parse_architecture(arch):
 
 
 def explicit_twin(arch):
-    """The architecture string with each implicit layer ``nemon<n>`` replaced by ``dense<n>,relu``:
-    the explicit stack of the same shape (the compute-matched comparison of docs/benchmarks.md)."""
-    return ",".join(f"dense{layer.units},relu" if layer.implicit else layer.token for layer in parse_architecture(arch))
+    """The architecture string with each implicit layer replaced by the explicit layer of its shape,
+    ``nemon<n>`` by ``dense<n>,relu`` and ``cnemon<C>k<k>`` by ``conv<C>k<k>,relu`` (same size): the
+    explicit stack of the same shape (the compute-matched comparison of docs/benchmarks.md)."""
+    def twin(layer):
+        if isinstance(layer, ImplicitDense):
+            return f"dense{layer.units},relu"
+        if isinstance(layer, ImplicitConv):
+            return f"conv{layer._channels}k{layer.kernel}s1p{layer.kernel // 2},relu"
+        return layer.token
+    return ",".join(twin(layer) for layer in parse_architecture(arch))
 
 
 class StackedClassifier:
@@ -193,6 +207,12 @@ class StackedClassifier:
     def implicit_layer(self):
         i = self.implicit_index
         return None if i is None else self.layers[i]
+
+    @property
+    def constraint_kind(self):
+        """The model kind whose constraint modes act on the implicit layer ("nemon" or "conv")."""
+        layer = self.implicit_layer
+        return "nemon" if layer is None else layer.constraint_kind
 
     def implicit_part(self):
         """(the object a constraint mode acts on, the prefix of its parameters' names in

@@ -271,8 +271,10 @@ class TrainConfig:
     def constraint_class(self):
         """The :class:`nemon_np.constraints.Constraint` subclass this config trains with (a one-line
         ``ValueError`` if the model kind has no such mode)."""
-        return get_constraint(CONSTRAINT_KIND.get(self.model, self.model),
-                              MODEL_CONSTRAINT.get(self.model, self.constraint))
+        kind = CONSTRAINT_KIND.get(self.model, self.model)
+        if self.model == "stack":   # the implicit layer's kind (a conv implicit layer has the conv modes)
+            kind = next((layer.constraint_kind for layer in parse_architecture(self.arch) if layer.implicit), kind)
+        return get_constraint(kind, MODEL_CONSTRAINT.get(self.model, self.constraint))
 
     def certified_schedule(self, progress):
         """(eps, kappa) after ``progress`` epochs (a float) of training: eps 0 and kappa 1 during the

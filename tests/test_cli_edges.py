@@ -84,3 +84,37 @@ def test_a_log_file_gets_epoch_lines_not_progress_bars(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout + proc.stderr
     assert proc.stdout.count("epoch ") >= 2 and "batch/s" not in proc.stderr
+
+
+def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tmp_path, shared_data):
+    """A certified stack run stopped by Ctrl-C after its first epoch and continued with --resume ends
+    with the same model file as the run that went through, bit for bit."""
+    import signal
+
+    flags = ["--dataset", "mnist", "--data-dir", str(shared_data), "--arch", "conv8k4s2p1,relu,nemon30",
+             "--weight-init", "ibp", "--limit-train", "4000", "--epochs", "3", "--eps-warmup", "0", "--eps-ramp", "2",
+             "--certified-eps", "0.1", "--certify-samples", "50", "--no-progress"]
+    assert train.main(flags + ["--out", str(tmp_path / "through")]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "nemon_np.train"] + flags + ["--out", str(tmp_path / "stopped")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   1"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "--resume" in err, err
+    import json
+    assert len(json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]) < 3
+    assert train.main(["--resume", str(tmp_path / "stopped"), "--data-dir", str(shared_data), "--no-progress"]) == 0
+    through, resumed = load_model(tmp_path / "through" / "model.npz"), load_model(tmp_path / "stopped" / "model.npz")
+    for k, v in through.params().items():
+        assert np.array_equal(resumed.params()[k], v), k
+
+
+def test_resume_with_a_training_flag_names_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path), "--epochs", "5"])
+    assert "drop --epochs" in _error_line(capsys)
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path)])
+    assert "holds no resumable run" in _error_line(capsys)

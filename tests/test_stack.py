@@ -6,6 +6,7 @@ import pytest
 
 import nemon_np
 from nemon_np.certificates import certify
+from nemon_np.conv import project_conv_mu_inf
 from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
 from nemon_np.loading import load_model
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
@@ -19,7 +20,9 @@ EXACT = dict(tol=1e-12, max_iter=5000)
 ARCHS = [("conv3k3s2p1,relu,conv4k3s1p1,relu,nemon7,dense5,relu", (2, 6, 6)),
          ("conv3k3s1p1,relu,pool2,nemon6", (1, 6, 6)),
          ("dense8,relu,nemon6,dense5,relu", (5,)),
-         ("conv2k2s2p0,relu,flatten,dense6,relu", (1, 4, 4))]
+         ("conv2k2s2p0,relu,flatten,dense6,relu", (1, 4, 4)),
+         ("conv3k3s2p1,relu,cnemon3k3z,pool3,dense5,relu", (2, 6, 6)),
+         ("cnemon2k3,flatten,dense5,relu", (1, 4, 4))]
 
 
 def random_stack(arch, shape, seed, dtype=np.float64, n_out=4, weighted=False):
@@ -30,11 +33,13 @@ def random_stack(arch, shape, seed, dtype=np.float64, n_out=4, weighted=False):
     for layer in model.layers:
         if "b" in layer.params():
             layer.b[...] = 0.3 * rng.normal(size=layer.b.shape)
-        if layer.implicit is not None:
+        if layer.implicit == "A":
             n = layer.units
             layer.weights = rng.uniform(0.5, 2.0, n) if weighted else None
             layer.A = nemon_np.project_mu_inf((rng.normal(size=(n, n)) / np.sqrt(n)).astype(dtype), 0.6,
                                               layer.weights)
+        elif layer.implicit == "K":   # conv layers hold the unweighted measure
+            layer.K = project_conv_mu_inf((rng.normal(size=layer.K.shape) / 3).astype(dtype), 0.6)
     return model
 
 
@@ -115,7 +120,7 @@ def _assert_gradients(model, grads, fd):
         np.testing.assert_allclose(grads[k][keep], g[keep], atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("arch,shape", ARCHS[:3])
+@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5])
 def test_loss_and_input_gradients_match_finite_differences(arch, shape, rng):
     model = random_stack(arch, shape, 3)
     U = rng.normal(size=(3, model.n_in))
@@ -126,7 +131,7 @@ def test_loss_and_input_gradients_match_finite_differences(arch, shape, rng):
                                finite_difference(lambda: model.loss_and_grad(U, y, **EXACT)[0], U), atol=1e-7)
 
 
-@pytest.mark.parametrize("arch,shape", ARCHS[:3])
+@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5])
 def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
     """The IBP loss through every layer's box (the implicit layer's embedded network included)."""
     model = random_stack(arch, shape, 4)
@@ -335,3 +340,31 @@ def test_certified_loss_with_the_warmup_terms_matches_finite_differences(rng):
     assert info["warmup_loss"] > 0 and total == pytest.approx(plain + 0.3 * info["warmup_loss"])
     fd = _params_fd(model, lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.4, **opts)[0])
     _assert_gradients(model, grads, fd)
+
+
+def test_the_stack_form_of_a_conv_nemon_equals_it(rng):
+    """cnemon<C>k<k>z,pool<s> holding a ConvNEMON's parameters gives its logits bit for bit, and its
+    gradients, certified loss and interval margins within float rounding (the pooling's transpose and
+    the per-sample scale are applied in another order)."""
+    conv = nemon_np.ConvNEMON(2, (6, 6), channels=3, kernel=3, n_out=4, pool=3, gamma=0.7, padding="zero", seed=2,
+                              dtype=np.float64)
+    conv.b, conv.c = 0.3 * rng.normal(size=3), rng.normal(size=4)
+    stack = StackedClassifier("cnemon3k3z,pool3", (2, 6, 6), 4, gamma=0.7, dtype=np.float64)
+    head = len(stack.layers) - 1
+    names = {"0.K": "K", "0.B": "B", "0.b": "b", f"{head}.W": "C", f"{head}.b": "c"}
+    for key, name in names.items():
+        i, k = key.split(".")
+        setattr(stack.layers[int(i)], k, getattr(conv, name).copy())
+    U = rng.normal(size=(5, 72))
+    y = rng.integers(0, 4, 5)
+    options = dict(tol=1e-10, max_iter=2000)
+    assert np.array_equal(stack.logits(U, **options), conv.logits(U, **options))
+    for method in ("loss_and_grad", "certified_loss_and_grad"):
+        args = (U, y) if method == "loss_and_grad" else (U, y, U - 0.1, U + 0.1, 0.4)
+        loss_s, g_s = getattr(stack, method)(*args, **options)
+        loss_n, g_n = getattr(conv, method)(*args, **options)
+        assert loss_s == pytest.approx(loss_n, rel=1e-12)
+        for key, name in names.items():
+            np.testing.assert_allclose(g_s[key], g_n[name], rtol=1e-9, atol=1e-12, err_msg=f"{method} {key}")
+    np.testing.assert_allclose(stack.interval_margins(U - 0.05, U + 0.05, y)[0],
+                               conv.interval_margins(U - 0.05, U + 0.05, y)[0], rtol=0, atol=1e-12)
