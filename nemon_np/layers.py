@@ -182,13 +182,9 @@ class Dense(_Affine):
     def _lift(X):
         return X
 
-    @staticmethod
-    def _map(W, L):
-        return L @ W.T
-
-    @staticmethod
-    def _weight_grad(dY, L):
-        return dY.T @ L
+    # The dense products are the dense implicit map's input map and its weight gradient.
+    _map = staticmethod(DenseImplicitMap._inject)
+    _weight_grad = staticmethod(DenseImplicitMap._inject_grad)
 
     @staticmethod
     def _transpose(W, dY):

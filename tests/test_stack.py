@@ -143,6 +143,27 @@ def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
     _assert_gradients(model, grads, _params_fd(model, loss))
 
 
+def _assert_stack_equals_model(stack, model, names, U, y, exact):
+    """Copy the model's parameters into the stack (``names``: stack key -> model name), then compare
+    logits (bit for bit), the loss and certified loss and their gradients (bit for bit when ``exact``,
+    else within float rounding)."""
+    for key, name in names.items():
+        i, k = key.split(".")
+        setattr(stack.layers[int(i)], k, getattr(model, name).copy())
+    options = dict(tol=1e-10, max_iter=2000)
+    assert np.array_equal(stack.logits(U, **options), model.logits(U, **options))
+    for method in ("loss_and_grad", "certified_loss_and_grad"):
+        args = (U, y) if method == "loss_and_grad" else (U, y, U - 0.1, U + 0.1, 0.4)
+        loss_s, g_s = getattr(stack, method)(*args, **options)
+        loss_m, g_m = getattr(model, method)(*args, **options)
+        if exact:
+            assert loss_s == loss_m and all(np.array_equal(g_s[key], g_m[name]) for key, name in names.items())
+        else:
+            assert loss_s == pytest.approx(loss_m, rel=1e-12)
+            for key, name in names.items():
+                np.testing.assert_allclose(g_s[key], g_m[name], rtol=1e-9, atol=1e-12, err_msg=f"{method} {key}")
+
+
 @pytest.mark.parametrize("readout_hidden", [0, 6])
 def test_the_stack_form_of_a_nemon_equals_it(readout_hidden, rng):
     """nemon<n> (and nemon<n>,dense<p>,relu) holding a NEMON's parameters gives its logits, gradients,
@@ -153,20 +174,9 @@ def test_the_stack_form_of_a_nemon_equals_it(readout_hidden, rng):
     names = {"0.A": "A", "0.B": "B", "0.b": "b", f"{len(stack.layers) - 1}.W": "C", f"{len(stack.layers) - 1}.b": "c"}
     if readout_hidden:
         names.update({"1.W": "H", "1.b": "h"})
-    for key, name in names.items():
-        i, k = key.split(".")
-        setattr(stack.layers[int(i)], k, getattr(nemon, name).copy())
     U = rng.normal(size=(7, 5))
     y = rng.integers(0, 4, 7)
-    options = dict(tol=1e-10, max_iter=2000)
-    assert np.array_equal(stack.logits(U, **options), nemon.logits(U, **options))
-    for method in ("loss_and_grad", "certified_loss_and_grad"):
-        args = (U, y) if method == "loss_and_grad" else (U, y, U - 0.1, U + 0.1, 0.4)
-        loss_s, g_s = getattr(stack, method)(*args, **options)
-        loss_n, g_n = getattr(nemon, method)(*args, **options)
-        assert loss_s == loss_n
-        for key, name in names.items():
-            assert np.array_equal(g_s[key], g_n[name]), (method, key)
+    _assert_stack_equals_model(stack, nemon, names, U, y, exact=True)
     M_s, _ = stack.interval_margins(U - 0.05, U + 0.05, y)
     M_n, _ = nemon.interval_margins(U - 0.05, U + 0.05, y)
     assert np.array_equal(M_s, M_n)
@@ -352,19 +362,8 @@ def test_the_stack_form_of_a_conv_nemon_equals_it(rng):
     stack = StackedClassifier("cnemon3k3z,pool3", (2, 6, 6), 4, gamma=0.7, dtype=np.float64)
     head = len(stack.layers) - 1
     names = {"0.K": "K", "0.B": "B", "0.b": "b", f"{head}.W": "C", f"{head}.b": "c"}
-    for key, name in names.items():
-        i, k = key.split(".")
-        setattr(stack.layers[int(i)], k, getattr(conv, name).copy())
     U = rng.normal(size=(5, 72))
     y = rng.integers(0, 4, 5)
-    options = dict(tol=1e-10, max_iter=2000)
-    assert np.array_equal(stack.logits(U, **options), conv.logits(U, **options))
-    for method in ("loss_and_grad", "certified_loss_and_grad"):
-        args = (U, y) if method == "loss_and_grad" else (U, y, U - 0.1, U + 0.1, 0.4)
-        loss_s, g_s = getattr(stack, method)(*args, **options)
-        loss_n, g_n = getattr(conv, method)(*args, **options)
-        assert loss_s == pytest.approx(loss_n, rel=1e-12)
-        for key, name in names.items():
-            np.testing.assert_allclose(g_s[key], g_n[name], rtol=1e-9, atol=1e-12, err_msg=f"{method} {key}")
+    _assert_stack_equals_model(stack, conv, names, U, y, exact=False)
     np.testing.assert_allclose(stack.interval_margins(U - 0.05, U + 0.05, y)[0],
                                conv.interval_margins(U - 0.05, U + 0.05, y)[0], rtol=0, atol=1e-12)
