@@ -42,8 +42,8 @@ from .models import DenseImplicitMap
 from .projection import project_mu_inf
 from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
 
-__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "ImplicitDense", "ImplicitConv",
-           "LAYERS"]
+__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "BatchNorm", "ImplicitDense",
+           "ImplicitConv", "LAYERS"]
 
 LAYERS = {}
 
@@ -89,6 +89,10 @@ class Layer:
 
     def params(self):
         """The parameters as a dict of the arrays themselves (the optimizer updates them in place)."""
+        return {}
+
+    def buffers(self):
+        """State saved with the model that training does not optimize (none by default)."""
         return {}
 
     def lipschitz_rows(self):
@@ -421,6 +425,117 @@ class AvgPool2d(Layer):
         s_in = _magnitude(box_in)[:, None]
         allowance = allowance + _rho(self._in_shape) * batched_dot(np.abs(Lam_in), s_in)
         return Lam_in, beta, allowance
+
+
+@_register
+class BatchNorm(Layer):
+    """Batch normalization per channel (the last axis; Ioffe & Szegedy 2015), which Shi et al. 2021
+    find crucial for certified training: y = gamma (x - mu) / sqrt(var + eps) + beta.
+
+    In training (``options["train"]``) mu and var are the batch's, over every axis but the channel,
+    and the running statistics move towards them (momentum 0.1, the unbiased variance, as PyTorch);
+    the training box uses the statistics of the box centres and is differentiated through them. At
+    evaluation (logits, attacks, certificates) the layer is the affine map y = a x + c of the
+    running statistics, a = gamma / sqrt(running_var + eps), c = beta - a running_mean, which the
+    boxes, the relaxation and the Lipschitz factor (max |a|) pass as such."""
+    kind = "bn"
+    spatial_input = None
+    input_weight = None
+    eps, momentum = 1e-5, 0.1
+
+    def build(self, in_shape, rng, dtype, gamma=None):
+        C = in_shape[-1]
+        self.weight, self.bias = np.ones(C, dtype), np.zeros(C, dtype)
+        self.running_mean, self.running_var = np.zeros(C), np.ones(C)
+        return in_shape
+
+    def params(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def buffers(self):
+        """State saved with the model but not trained: the running statistics."""
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def _affine(self):
+        """(a, c) of the evaluation map y = a x + c, float64."""
+        a = np.asarray(self.weight, np.float64) / np.sqrt(self.running_var + self.eps)
+        return a, np.asarray(self.bias, np.float64) - a * self.running_mean
+
+    @staticmethod
+    def _stats(X):
+        axes = tuple(range(X.ndim - 1))
+        mu = X.mean(axis=axes)
+        return mu, ((X - mu) ** 2).mean(axis=axes), axes
+
+    def forward(self, X, options):
+        return self._forward(X, options, update=True)
+
+    def _forward(self, X, options, update):
+        if not options.get("train"):
+            a, c = self._affine()
+            return (X * a.astype(X.dtype) + c.astype(X.dtype)), None
+        mu, var, axes = self._stats(X)
+        if update:
+            n = X.size // X.shape[-1]
+            self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mu
+            self.running_var = (1 - self.momentum) * self.running_var + self.momentum * var * n / max(n - 1, 1)
+        s = np.sqrt(var + X.dtype.type(self.eps))
+        X_hat = (X - mu) / s
+        return self.weight * X_hat + self.bias, (X_hat, s, axes)
+
+    def backward(self, dY, cache, options):
+        if cache is None:
+            a, _ = self._affine()
+            return dY * a.astype(dY.dtype), {"weight": np.zeros_like(self.weight), "bias": np.zeros_like(self.bias)}
+        X_hat, s, axes = cache
+        grads = {"weight": (dY * X_hat).sum(axis=axes), "bias": dY.sum(axis=axes)}
+        dX_hat = dY * self.weight
+        dX = (dX_hat - dX_hat.mean(axis=axes) - X_hat * (dX_hat * X_hat).mean(axis=axes)) / s
+        return dX, grads
+
+    def box(self, X_c, X_r, options):
+        Y_c, cache = self._forward(X_c, options, update=False)   # the clean pass moves the running statistics
+        if cache is None:
+            a, _ = self._affine()
+            return Y_c, X_r * np.abs(a).astype(X_r.dtype), (None, X_r)
+        X_hat, s, axes = cache
+        return Y_c, X_r * (np.abs(self.weight) / s), (cache, X_r)
+
+    def box_backward(self, dY_c, dY_r, cache, options):
+        cache, X_r = cache
+        if cache is None:
+            a, _ = self._affine()
+            dX_c, grads = self.backward(dY_c, None, options)
+            return dX_c, dY_r * np.abs(a).astype(dY_r.dtype), grads
+        X_hat, s, axes = cache
+        dX_c, grads = self.backward(dY_c, cache, options)
+        # y_r = |gamma| x_r / s: through s = sqrt(var(x_c) + eps), ds/dx_c = (x_c - mu) / (n s) = X_hat / n.
+        n = X_hat.size // X_hat.shape[-1]
+        ds = -(dY_r * X_r).sum(axis=axes) * np.abs(self.weight) / (s * s)
+        dX_c = dX_c + ds * X_hat / n
+        grads["weight"] = grads["weight"] + np.sign(self.weight) * (dY_r * X_r).sum(axis=axes) / s
+        return dX_c, dY_r * (np.abs(self.weight) / s), grads
+
+    def enclosing_box(self, X_lo, X_hi, options):
+        c, r = enclosing_center_radius(X_lo, X_hi)
+        a, shift = self._affine()
+        Y_c, Y_r = a * c + shift, np.abs(a) * r
+        # Each product and sum rounds once; the affine map's own rounding (of a and c) is within 8 u.
+        Y_r = Y_r + 8 * UNIT_ROUNDOFF * (np.abs(a) * (np.abs(c) + r) + np.abs(shift))
+        return _outward(Y_c - Y_r, Y_c + Y_r)
+
+    def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
+        m, r = beta.shape
+        a, shift = self._affine()
+        beta = beta + Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ shift
+        rho = _rho(box_in[0].shape[1:])
+        s_in = _magnitude(box_in)[:, None]
+        allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(Lam), np.abs(a) * s_in + np.abs(shift)))
+        return Lam * a, beta, allowance
+
+    def lipschitz_rows(self):
+        a, _ = self._affine()
+        return np.array([[np.abs(a).max()]])
 
 
 def _solver(options):

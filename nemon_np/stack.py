@@ -9,7 +9,8 @@ Architecture strings are comma-separated tokens (:func:`parse_architecture`):
 
 * ``conv<C>k<k>s<s>p<p>``: a convolution of C channels, k x k taps, stride s, zero padding p
   (defaults k 3, s 1, p k // 2);
-* ``dense<n>``: an affine layer of n units; ``relu``; ``pool<s>``: s x s average pooling;
+* ``dense<n>``: an affine layer of n units; ``relu``; ``pool<s>``: s x s average pooling; ``bn``:
+  batch normalization per channel (batch statistics in training, the running ones at evaluation);
   ``flatten`` (put in by itself where a flat layer follows a spatial one);
 * ``nemon<n>``: a dense implicit (NEMON) layer of n units, mu_inf(A) <= gamma;
 * ``cnemon<C>[k<k>][z]``: a conv implicit layer of C channels, k x k (default 3), circular padding
@@ -34,7 +35,7 @@ from ._validation import as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU
+from .layers import AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU
 from .losses import softmax_cross_entropy
 from .relaxation import batched_dot, concretize
 from .warmup import WARMUP_TOL, warmup_regularizer
@@ -58,6 +59,9 @@ PRESETS = {
     "nemon-small": "conv16k4s2p1,relu,conv32k4s2p1,relu,nemon200,dense100,relu",
     "nemon-medium": "conv32k3s1p1,relu,conv32k4s2p1,relu,conv64k3s1p1,relu,conv64k4s2p1,relu,nemon500,dense512,relu",
     "cnemon-small": "conv16k4s2p1,relu,cnemon32k3,pool2,dense100,relu",
+    # Shi et al. 2021's CNN-7 with batch normalization after every layer but the logits.
+    "cnn7-bn": "conv64k3s1p1,bn,relu,conv64k3s1p1,bn,relu,conv128k3s2p1,bn,relu,conv128k3s1p1,bn,relu,"
+               "conv128k3s1p1,bn,relu,dense512,bn,relu",
 }
 
 # How the weights that read each layer's input are drawn. "default": uniform(-1, 1) / sqrt(fan-in),
@@ -70,7 +74,7 @@ WEIGHT_INITS = ("default", "ibp")
 _TOKEN = re.compile(r"^(?:(?P<conv>conv)(?P<c>\d+)(?:k(?P<k>\d+))?(?:s(?P<s>\d+))?(?:p(?P<p>\d+))?"
                     r"|(?P<dense>dense)(?P<n>\d+)|(?P<nemon>nemon)(?P<u>\d+)|(?P<pool>pool)(?P<ps>\d+)"
                     r"|(?P<cnemon>cnemon)(?P<cc>\d+)(?:k(?P<ck>\d+))?(?P<zero>z)?"
-                    r"|(?P<relu>relu)|(?P<flatten>flatten))$")
+                    r"|(?P<relu>relu)|(?P<flatten>flatten)|(?P<bn>bn))$")
 
 
 def parse_architecture(arch):
@@ -85,7 +89,7 @@ def parse_architecture(arch):
         g = _TOKEN.match(token)
         if g is None:
             raise ValueError(f"architecture {arch!r}: cannot read layer {token!r} (layers: conv<C>[k<k>][s<s>][p<p>], "
-                             f"dense<n>, nemon<n>, cnemon<C>[k<k>][z], pool<s>, relu, flatten; presets: "
+                             f"dense<n>, nemon<n>, cnemon<C>[k<k>][z], pool<s>, relu, bn, flatten; presets: "
                              f"{', '.join(PRESETS)})")
         if g["conv"]:
             k = int(g["k"] or 3)
@@ -98,6 +102,8 @@ def parse_architecture(arch):
             layers.append(ImplicitConv(int(g["cc"]), int(g["ck"] or 3), "zero" if g["zero"] else "circular"))
         elif g["pool"]:
             layers.append(AvgPool2d(int(g["ps"])))
+        elif g["bn"]:
+            layers.append(BatchNorm())
         else:
             layers.append(ReLU() if g["relu"] else Flatten())
     if sum(layer.implicit is not None for layer in layers) > 1:
@@ -275,9 +281,11 @@ class StackedClassifier:
     # -- forward and backward -------------------------------------------------------------------
     @staticmethod
     def _options(tol=1e-6, max_iter=500, method="average", alpha=None, tol_mode="absolute", on_violation="raise",
-                 adjoint="iterative", adjoint_tol=None, X0=None):
+                 adjoint="iterative", adjoint_tol=None, X0=None, train=False):
+        """The layers' options: the solver settings, and ``train`` (batch statistics in batch
+        normalization: the losses train, logits, attacks and certificates evaluate)."""
         return dict(tol=tol, max_iter=max_iter, method=method, alpha=alpha, tol_mode=tol_mode,
-                    on_violation=on_violation, adjoint=adjoint, adjoint_tol=adjoint_tol)
+                    on_violation=on_violation, adjoint=adjoint, adjoint_tol=adjoint_tol, train=train)
 
     def _forward(self, X, options):
         caches = []
@@ -313,8 +321,8 @@ class StackedClassifier:
     def predict(self, U, **solver_options):
         return np.argmax(self.logits(U, **solver_options), axis=1)
 
-    def _loss_backward(self, U, y, dY, solver_options):
-        options = self._options(**solver_options)
+    def _loss_backward(self, U, y, dY, solver_options, train):
+        options = self._options(train=train, **solver_options)
         X = self._inputs(U)
         Y, caches = self._forward(X, options)
         m = len(X)
@@ -334,16 +342,16 @@ class StackedClassifier:
         """Mean softmax cross-entropy over the batch and its gradients, keyed as :meth:`params`;
         ``return_info`` adds {"forward", "backward"}: the implicit layer's solver info (the forward
         info also holds the batch's ``logits``). Solver options as :meth:`nemon_np.NEMON.loss_and_grad`."""
-        loss, grads, _, info = self._loss_backward(U, y, None, solver_options)
+        loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, **solver_options):
         """Gradient of the mean loss with respect to U, in U's layout."""
-        return self._input_layout(self._loss_backward(U, y, None, solver_options)[2], U)
+        return self._input_layout(self._loss_backward(U, y, None, solver_options, train=False)[2], U)
 
     def input_vjp(self, U, dY, **solver_options):
         """``d/dU sum_{i,k} dY_ik y_ik(U)``, in U's layout."""
-        return self._input_layout(self._loss_backward(U, None, dY, solver_options)[2], U)
+        return self._input_layout(self._loss_backward(U, None, dY, solver_options, train=False)[2], U)
 
     # -- interval bounds ------------------------------------------------------------------------
     def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, return_info=False, warmup_weight=0.0,
@@ -359,10 +367,10 @@ class StackedClassifier:
         "warmup_loss"}."""
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
-        loss, grads, _, info = self._loss_backward(U, y, None, solver_options)
+        loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
         if kappa == 1:
             return (loss, grads, info) if return_info else (loss, grads)
-        options = self._options(**solver_options)
+        options = self._options(train=True, **solver_options)
         lo, hi = self._inputs(U_lo), self._inputs(U_hi)
         X_c, X_r = center_radius(lo, hi)
         if len(X_c) != len(y) or np.any(X_r < 0):
@@ -509,7 +517,8 @@ class StackedClassifier:
     def save(self, path):
         """Write every parameter and setting to one ``.npz`` file (no pickled objects)."""
         weights = {} if self.weights is None else {f"{self.implicit_index}.weights": self.weights}
-        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, {**self.params(), **weights}, self.metadata,
+        buffers = {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.buffers().items()}
+        write_model_file(path, FORMAT_NAME, FORMAT_VERSION, {**self.params(), **weights, **buffers}, self.metadata,
                          arch=self.arch, input_shape=np.array(self.input_shape), n_out=self.n_out, gamma=self.gamma,
                          seed=self.seed, dtype=np.dtype(self.dtype).name)
 
@@ -531,6 +540,11 @@ class StackedClassifier:
                 if data[key].shape != v.shape:
                     raise ValueError(f"{path}: {key} has shape {data[key].shape}, the architecture needs {v.shape}")
                 setattr(layer, k, np.ascontiguousarray(data[key], dtype=model.dtype))
+            for k, v in layer.buffers().items():   # float64 state, such as batch normalization's statistics
+                key = f"{i}.{k}"
+                if key not in data or data[key].shape != v.shape:
+                    raise ValueError(f"{path}: model file lacks {key} of shape {v.shape}")
+                setattr(layer, k, np.asarray(data[key], np.float64))
             if layer.implicit is not None and f"{i}.weights" in data:
                 layer.weights = np.asarray(data[f"{i}.weights"], np.float64)
         model.metadata = data["metadata"]

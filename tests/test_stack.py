@@ -9,6 +9,7 @@ from nemon_np.certificates import certify
 from nemon_np.conv import project_conv_mu_inf
 from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
 from nemon_np.loading import load_model
+from nemon_np.losses import softmax_cross_entropy
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
 from nemon_np.training import TrainConfig, Trainer, restore_training_state, save_checkpoint, save_training_state
 
@@ -22,7 +23,8 @@ ARCHS = [("conv3k3s2p1,relu,conv4k3s1p1,relu,nemon7,dense5,relu", (2, 6, 6)),
          ("dense8,relu,nemon6,dense5,relu", (5,)),
          ("conv2k2s2p0,relu,flatten,dense6,relu", (1, 4, 4)),
          ("conv3k3s2p1,relu,cnemon3k3z,pool3,dense5,relu", (2, 6, 6)),
-         ("cnemon2k3,flatten,dense5,relu", (1, 4, 4))]
+         ("cnemon2k3,flatten,dense5,relu", (1, 4, 4)),
+         ("conv3k3s1p1,bn,relu,nemon6,dense5,bn,relu", (1, 4, 4))]
 
 
 def random_stack(arch, shape, seed, dtype=np.float64, n_out=4, weighted=False):
@@ -31,6 +33,10 @@ def random_stack(arch, shape, seed, dtype=np.float64, n_out=4, weighted=False):
     rng = np.random.default_rng(seed)
     model = StackedClassifier(arch, shape, n_out, gamma=0.6, seed=seed, dtype=dtype)
     for layer in model.layers:
+        if "running_var" in layer.buffers():   # batch normalization with its own statistics and scales
+            C = len(layer.running_var)
+            layer.running_mean, layer.running_var = rng.normal(size=C) * 0.3, rng.uniform(0.5, 2.0, C)
+            layer.weight[...] = rng.uniform(-1.5, 1.5, C)
         if "b" in layer.params():
             layer.b[...] = 0.3 * rng.normal(size=layer.b.shape)
         if layer.implicit == "A":
@@ -120,18 +126,19 @@ def _assert_gradients(model, grads, fd):
         np.testing.assert_allclose(grads[k][keep], g[keep], atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5])
+@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5] + ARCHS[6:])
 def test_loss_and_input_gradients_match_finite_differences(arch, shape, rng):
     model = random_stack(arch, shape, 3)
     U = rng.normal(size=(3, model.n_in))
     y = rng.integers(0, model.n_out, 3)
     _, grads = model.loss_and_grad(U, y, **EXACT)
     _assert_gradients(model, grads, _params_fd(model, lambda: model.loss_and_grad(U, y, **EXACT)[0]))
-    np.testing.assert_allclose(model.input_grad(U, y, **EXACT),
-                               finite_difference(lambda: model.loss_and_grad(U, y, **EXACT)[0], U), atol=1e-7)
+    # Attacks see the evaluated model (batch normalization with its running statistics).
+    evaluated_loss = lambda: softmax_cross_entropy(model.logits(U, **EXACT), y)[0]  # noqa: E731
+    np.testing.assert_allclose(model.input_grad(U, y, **EXACT), finite_difference(evaluated_loss, U), atol=1e-7)
 
 
-@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5])
+@pytest.mark.parametrize("arch,shape", ARCHS[:3] + ARCHS[4:5] + ARCHS[6:])
 def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
     """The IBP loss through every layer's box (the implicit layer's embedded network included)."""
     model = random_stack(arch, shape, 4)
@@ -208,9 +215,9 @@ def test_a_conv_layer_cannot_read_flat_inputs():
         StackedClassifier("dense5,conv3", (1, 6, 6), 3)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_save_and_load_keep_the_model(tmp_path, weighted, rng):
-    model = random_stack(ARCHS[0][0], ARCHS[0][1], 6, np.float32, weighted=weighted)
+@pytest.mark.parametrize("arch,shape,weighted", [ARCHS[0] + (False,), ARCHS[0] + (True,), ARCHS[6] + (False,)])
+def test_save_and_load_keep_the_model(tmp_path, arch, shape, weighted, rng):
+    model = random_stack(arch, shape, 6, np.float32, weighted=weighted)
     model.metadata.update(dataset="mnist", mean=np.array([0.1]))
     model.save(tmp_path / "model.npz")
     loaded = load_model(tmp_path / "model.npz")
