@@ -7,8 +7,9 @@ For every run (one a seed, written by ``python -m nemon_np.train``), on the save
 the certified accuracy at eps (pixel units) by the interval and the crown certificates, and PGD's
 accuracy (20 steps, a random start), on the first 1,000 test images and on all of them. Every image
 that a certificate certifies is attacked by PGD, FGSM and noise at eps; the script stops with exit 1
-if one is broken (a certificate is a proof). The training seconds are the runs' own (their epochs'
-``epoch_seconds``, test evaluation included), so that "compute-matched" means the same CPU seconds.
+if one is broken (a certificate is a proof). The training seconds are the runs' own: the sum of their
+epochs' ``train_seconds`` (the optimizer steps, without the per-epoch test evaluation and
+certification), so that "compute-matched" means the same CPU seconds of training.
 
 The row of the target is written into --out (an existing file keeps its other targets), in the form
 ``{"targets": [{"dataset", "eps", "certificate", "certified_per_seed", "clean_per_seed",
@@ -78,7 +79,8 @@ def evaluate_run(run, data, eps, pgd_steps):
     return {"run": str(run), "clean": {n: part(clean, n) for n in (1000, len(labels))},
             "certified": {name: {n: part(f, n) for n in (1000, len(labels))} for name, f in certified.items()},
             "pgd": {n: part(pgd, n) for n in (1000, len(labels))}, "broken_certified": broken,
-            "certify_seconds": seconds, "train_seconds": float(sum(r["epoch_seconds"] for r in history)),
+            "certify_seconds": seconds, "train_seconds": float(sum(r["train_seconds"] for r in history)),
+            "epoch_seconds": float(sum(r["epoch_seconds"] for r in history)),
             "epochs": len(history), "command": command_of(run)}
 
 
