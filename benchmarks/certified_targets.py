@@ -84,6 +84,33 @@ def evaluate_run(run, data, eps, pgd_steps):
             "epochs": len(history), "command": command_of(run)}
 
 
+def plot_curves(rows, path, title):
+    """Certified accuracy (interval, the runs' per-epoch test subset) and clean test accuracy against the
+    cumulative training seconds of every run: the compute-matched comparison as a picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, color in (("nemon", "C0"), ("explicit", "C1")):
+        for r in rows[kind]:
+            history = json.loads((pathlib.Path(r["run"]) / "metrics.json").read_text())["epochs"]
+            t = np.cumsum([h["train_seconds"] for h in history])
+            label = f"{kind} ({pathlib.Path(r['run']).name})"
+            ax[0].plot(t, [100 * h.get("test_certified_acc", np.nan) for h in history], color=color, label=label,
+                       ls="-" if "_s0" in r["run"] else "--")
+            ax[1].plot(t, [100 * h["test_acc"] for h in history], color=color, label=label,
+                       ls="-" if "_s0" in r["run"] else "--")
+    ax[0].set(xlabel="training seconds", ylabel="certified accuracy (%), interval, per-epoch test subset",
+              title=title, ylim=(0, 100))
+    ax[1].set(xlabel="training seconds", ylabel="clean test accuracy (%)", title="clean accuracy")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def best_certificate(rows):
     """The certificate with the highest mean certified accuracy on the first 1,000 images."""
     return max(CERTIFICATES, key=lambda c: np.mean([r["certified"][c][1000] for r in rows]))
@@ -142,7 +169,9 @@ def main(argv=None):
     existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
                                                                   and t["eps"] == args.eps)] + [target]
     out.write_text(json.dumps(existing, indent=2))
-    print(f"wrote {out}")
+    figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
+    plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
+    print(f"wrote {out} and {figure}")
     mean = lambda v: f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")  # noqa: E731
     print(f"\n| model | seeds | clean | interval | crown | PGD | certified, all {n_all} | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
