@@ -643,6 +643,7 @@ class ImplicitDense(DenseImplicitMap, _ImplicitLayer):
     :class:`nemon_np.NEMON` initializes A, B and b; its constraint modes are the dense model's."""
     kind = "nemon"
     constraint_kind = "nemon"
+    crown_steps = 8
 
     def __init__(self, units):
         self.units = int(units)
@@ -680,6 +681,7 @@ class ImplicitConv(ConvImplicitMap, _ImplicitLayer):
     kind = "cnemon"
     spatial_input = True
     constraint_kind = "conv"
+    crown_steps = 2
 
     def __init__(self, channels, kernel=3, padding="circular"):
         self._channels, self.kernel, self.padding = int(channels), int(kernel), padding

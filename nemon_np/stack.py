@@ -143,7 +143,12 @@ class StackedClassifier:
     metadata : dict saved with the model (dataset, normalization, ...)
     """
 
-    crown_steps = 8
+    @property
+    def crown_steps(self):
+        """The crown certificate's default copies of the fixed-point map: the implicit layer's model's
+        (8 dense, 2 conv: nemon_np.certificates.CrownCertificate)."""
+        layer = self.implicit_layer
+        return 8 if layer is None else layer.crown_steps
 
     def __init__(self, arch, input_shape, n_out, gamma=0.5, seed=0, dtype=np.float32, weight_init="default"):
         self.gamma, self.seed, self.dtype = check_gamma(gamma), int(seed), as_float_dtype(dtype)
@@ -500,6 +505,30 @@ class StackedClassifier:
             if rows is not None:
                 factors["C" if i == len(self.layers) - 1 else str(i)] = (rows, lambda G: G)
         return factors
+
+    @classmethod
+    def from_model(cls, model):
+        """The stack form of a :class:`nemon_np.NEMON` or :class:`nemon_np.ConvNEMON` (a copy of its
+        parameters, weights and metadata): ``nemon<n>`` or ``cnemon<C>k<k>[z],pool<s>``, with
+        ``dense<p>,relu`` for a hidden read-out layer. The same logits, gradients and certificates
+        (bit for bit for the dense model, within float rounding for the conv one)."""
+        readout = f",dense{model.readout_hidden},relu" if model.readout_hidden else ""
+        if model.implicit == "A":
+            arch, shape, names = f"nemon{model.n_hidden}{readout}", (model.n_in,), {"0.A": "A"}
+        else:
+            arch = f"cnemon{model.channels}k{model.kernel}{'z' if model.padding == 'zero' else ''},pool{model.pool}"
+            arch, shape, names = arch + readout, (model.in_channels,) + tuple(model.image_size), {"0.K": "K"}
+        stack = cls(arch, shape, model.n_out, gamma=model.gamma, seed=model.seed, dtype=model.dtype)
+        head = len(stack.layers) - 1
+        names.update({"0.B": "B", "0.b": "b", f"{head}.W": "C", f"{head}.b": "c"})
+        if model.readout_hidden:
+            names.update({f"{head - 2}.W": "H", f"{head - 2}.b": "h"})
+        for key, name in names.items():
+            i, k = key.split(".")
+            setattr(stack.layers[int(i)], k, np.array(getattr(model, name), dtype=stack.dtype))
+        stack.layers[0].weights = None if model.weights is None else np.array(model.weights)
+        stack.metadata = dict(model.metadata)
+        return stack
 
     # -- copies and files -------------------------------------------------------------------------
     def astype(self, dtype):

@@ -374,3 +374,25 @@ def test_the_stack_form_of_a_conv_nemon_equals_it(rng):
     _assert_stack_equals_model(stack, conv, names, U, y, exact=False)
     np.testing.assert_allclose(stack.interval_margins(U - 0.05, U + 0.05, y)[0],
                                conv.interval_margins(U - 0.05, U + 0.05, y)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense-hidden", "dense-weighted", "conv", "conv-hidden"])
+def test_from_model_gives_the_stack_form_of_a_saved_model(tmp_path, kind, rng):
+    """A saved NEMON or ConvNEMON, read back and turned into a stack: the same logits and certificates."""
+    if kind.startswith("dense"):
+        weights = rng.uniform(0.5, 2.0, 8) if kind == "dense-weighted" else None
+        model = random_model(5, 8, 4, 0.7, seed=9, weights=weights, readout_hidden=6 if "hidden" in kind else 0)
+        U = rng.normal(size=(6, 5))
+    else:
+        model = nemon_np.ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=4, pool=2, gamma=0.6, seed=9,
+                                   dtype=np.float64, readout_hidden=5 if "hidden" in kind else 0)
+        U = rng.normal(size=(6, 16))
+    model.save(tmp_path / "model.npz")
+    model = load_model(tmp_path / "model.npz")
+    stack = StackedClassifier.from_model(model)
+    y = rng.integers(0, 4, 6)
+    assert np.array_equal(stack.logits(U, tol=1e-10), model.logits(U, tol=1e-10))
+    for name in ("interval", "crown", "lipschitz"):
+        pixels = 1 / (1 + np.exp(-U))   # in [0, 1]; no normalization in the metadata
+        np.testing.assert_allclose(certify(stack, pixels, y, 0.05, name).margins,
+                                   certify(model, pixels, y, 0.05, name).margins, rtol=0, atol=1e-9, err_msg=name)
