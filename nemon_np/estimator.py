@@ -24,10 +24,12 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
     model's certified defaults), and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
-    eps_ramp. ``n_jobs`` is a conv model's threads (TrainConfig's ``threads``: the same model, faster
-    on idle cores). ``image_shape`` (C, H, W) says how a conv model reads each row of X (channel-major, as
-    the data loaders flatten images); None reads it as one channel of 1 x n_features (pair it with
-    padding="zero" and pool=1, which work on any size).
+    eps_ramp. ``arch`` (a preset or comma-separated layers of :mod:`nemon_np.stack`) selects a stacked
+    model, with ``weight_init`` "default" or "ibp". ``n_jobs`` is a conv model's threads (TrainConfig's
+    ``threads``: the same model, faster on idle cores). ``image_shape`` (C, H, W) says how a conv model
+    (or a stack's first conv layer) reads each row of X (channel-major, as the data loaders flatten
+    images); None reads it as one channel of 1 x n_features for a conv model (pair it with
+    padding="zero" and pool=1, which work on any size) and as flat features for a stack.
 
     Attributes
     ----------
@@ -39,8 +41,10 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
                  gamma=0.95, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
                  solver=None, alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0,
                  certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
-                 padding="circular", image_shape=None, n_jobs=1, readout_hidden=0):
+                 padding="circular", image_shape=None, n_jobs=1, readout_hidden=0, arch=None, weight_init="default"):
         self.model = model
+        self.arch = arch
+        self.weight_init = weight_init
         self.hidden = hidden
         self.channels = channels
         self.kernel = kernel
@@ -77,6 +81,8 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         return TrainConfig(**params).validate()
 
     def _image_shape(self, n_features):
+        if self.arch is not None:   # a stack reads images when image_shape is given, flat rows otherwise
+            return None if self.image_shape is None else tuple(int(v) for v in self.image_shape)
         if self.model != "conv":
             return None
         shape = (1, 1, n_features) if self.image_shape is None else tuple(int(v) for v in self.image_shape)

@@ -67,3 +67,17 @@ def test_conv_estimator_with_two_threads_trains_the_same_model():
     np.testing.assert_allclose(two.decision_function(X), one.decision_function(X), rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="threads must be a positive whole number"):
         NEMONClassifier(n_jobs=0).fit(X, y)
+
+
+def test_the_estimator_fits_a_stacked_model():
+    """arch selects a stack; image_shape makes its first conv layer read each row as an image."""
+    from sklearn.datasets import load_digits
+
+    from nemon_np.stack import StackedClassifier
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    clf = NEMONClassifier(arch="conv4k3s1p1,relu,nemon20", image_shape=(1, 8, 8), epochs=8, lr=5e-3, gamma=0.5,
+                          weight_init="ibp").fit(X[:1200], y[:1200])
+    assert isinstance(clf.model_, StackedClassifier) and clf.model_.arch == "conv4k3s1p1,relu,flatten,nemon20"
+    assert clf.score(X[1200:], y[1200:]) > 0.85
+    assert np.array_equal(clf.predict(X[1200:]), clf.model_.predict(X[1200:].astype(np.float32), tol=1e-4))
