@@ -157,6 +157,16 @@ class ConvImplicitMap:
         _warn_unconverged(info, tol, "forward fixed point")
         return X, info
 
+    def _init_map(self, rng, C, C_in):
+        """K, B, b of C channels on C_in input channels from ``rng``, in the attributes kernel, gamma
+        and dtype: K normal with scale 0.1 / sqrt(C k^2), projected per output channel onto
+        mu_inf(K) <= gamma; B uniform(-1, 1) / sqrt(C_in k^2) (PyTorch Conv2d's scale); b zero."""
+        k = self.kernel
+        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(self.dtype)
+        self.K = project_conv_mu_inf(K0, self.gamma)
+        self.B = (rng.uniform(-1, 1, size=(C, C_in, k, k)) / np.sqrt(C_in * k * k)).astype(self.dtype)
+        self.b = np.zeros(C, self.dtype)
+
     def _state_adjoint(self, finfo, G, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
         """(delta, binfo): delta = D w / m from the adjoint w = G + K^T * (D w) at the forward solve
         ``finfo`` (D = 1[z > 0]), G = m dL/dx* (the per-sample scale, so that tol means the same at any
@@ -220,11 +230,8 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         readout_hidden = check_readout_hidden(readout_hidden)
         self.metadata = {}
         rng = np.random.default_rng(self.seed)
-        C, k = int(channels), int(kernel)
-        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(self.dtype)
-        self.K = project_conv_mu_inf(K0, self.gamma)
-        self.B = (rng.uniform(-1, 1, size=(C, in_channels, k, k)) / np.sqrt(in_channels * k * k)).astype(self.dtype)
-        self.b = np.zeros(C, self.dtype)
+        C = int(channels)
+        self._init_map(rng, C, int(in_channels))
         n_pooled = C * (H // pool) * (W // pool)
         if readout_hidden:
             self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n_pooled, n_out, self.dtype)

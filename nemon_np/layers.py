@@ -36,10 +36,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from .base import EmbeddedNetwork
 from .interval import UNIT_ROUNDOFF, enclosing_center_radius
-from .conv import PADDINGS, project_conv_mu_inf
+from .conv import PADDINGS
 from .conv_model import ConvImplicitMap
 from .models import DenseImplicitMap
-from .projection import project_mu_inf
 from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
 
 __all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "BatchNorm", "ImplicitDense",
@@ -660,10 +659,7 @@ class ImplicitDense(DenseImplicitMap, _ImplicitLayer):
             raise ValueError(f"a dense implicit layer reads flat states, got shape {in_shape}")
         n, n_in = self.units, in_shape[0]
         self.gamma, self.dtype = float(gamma), dtype
-        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
-        self.A = project_mu_inf(A0.astype(dtype), self.gamma, self.weights)
-        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(dtype) / np.sqrt(n_in).astype(dtype)
-        self.b = np.zeros(n, dtype)
+        self._init_map(rng, n, n_in)
         self._terms = n_in
         return (n,)
 
@@ -699,10 +695,7 @@ class ImplicitConv(ConvImplicitMap, _ImplicitLayer):
         H, W, C_in = in_shape
         C, k = self._channels, self.kernel
         self.gamma, self.dtype, self.image_size, self.in_channels = float(gamma), dtype, (H, W), C_in
-        K0 = rng.normal(scale=0.1 / np.sqrt(C * k * k), size=(C, C, k, k)).astype(dtype)
-        self.K = project_conv_mu_inf(K0, self.gamma)
-        self.B = (rng.uniform(-1, 1, size=(C, C_in, k, k)) / np.sqrt(C_in * k * k)).astype(dtype)
-        self.b = np.zeros(C, dtype)
+        self._init_map(rng, C, C_in)
         self._terms = C_in * k * k
         return (H, W, C)
 

@@ -125,6 +125,15 @@ class DenseImplicitMap:
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 
+    def _init_map(self, rng, n, n_in):
+        """A, B, b of n units on n_in inputs from ``rng``, in the attributes gamma, weights and dtype:
+        A normal with scale 0.1 / sqrt(n), projected into P(gamma) (it starts small and well-posed), B
+        PyTorch Linear's uniform(-1, 1) / sqrt(n_in), b zero."""
+        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
+        self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
+        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
+        self.b = np.zeros(n, self.dtype)
+
     def _state_adjoint(self, finfo, G, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation):
         """(delta, binfo): delta = D w / m from the adjoint w = G + A^T D w at the forward solve
         ``finfo`` (D = 1[z > 0]), G = m dL/dx* (m, n_hidden): the per-sample loss's gradient (g of order
@@ -184,11 +193,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         self.metadata = {}
         rng = np.random.default_rng(self.seed)
         n, n_in, n_out = int(n_hidden), int(n_in), int(n_out)
-        # PyTorch-Linear-like scales; A starts small and inside P(gamma).
-        A0 = rng.normal(scale=0.1 / np.sqrt(n), size=(n, n))
-        self.A = project_mu_inf(A0.astype(self.dtype), self.gamma, self.weights)
-        self.B = rng.uniform(-1, 1, size=(n, n_in)).astype(self.dtype) / np.sqrt(n_in).astype(self.dtype)
-        self.b = np.zeros(n, self.dtype)
+        self._init_map(rng, n, n_in)
         if readout_hidden:
             self.H, self.h, self.C = init_hidden_layer(rng, readout_hidden, n, n_out, self.dtype)
         else:
