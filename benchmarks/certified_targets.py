@@ -36,6 +36,11 @@ from nemon_np.training import TrainConfig
 CERTIFICATES = ("interval", "crown")
 
 
+def _int_keys(d):
+    """JSON object keys back to the image counts they were (1000, 10000)."""
+    return {int(k) if k.isdigit() else k: v for k, v in d.items()}
+
+
 def command_of(run):
     """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings."""
     payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
@@ -133,8 +138,16 @@ def main(argv=None):
     for kind in ("nemon", "explicit"):
         rows[kind] = []
         for run in getattr(args, kind):
-            print(f"{kind} {run} ...", flush=True)
-            rows[kind].append(evaluate_run(run, data, args.eps, args.pgd_steps))
+            # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
+            cache = pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"
+            model_time = (pathlib.Path(run) / "model.npz").stat().st_mtime
+            if cache.is_file() and cache.stat().st_mtime > model_time:
+                print(f"{kind} {run}: evaluated before ({cache})", flush=True)
+                rows[kind].append(json.loads(cache.read_text(), object_hook=_int_keys))
+            else:
+                print(f"{kind} {run} ...", flush=True)
+                rows[kind].append(evaluate_run(run, data, args.eps, args.pgd_steps))
+                cache.write_text(json.dumps(rows[kind][-1], indent=2))
             r = rows[kind][-1]
             print(f"  clean {r['clean'][1000]:.2f}%, interval {r['certified']['interval'][1000]:.2f}%, crown "
                   f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000); broken "
