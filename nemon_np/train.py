@@ -30,7 +30,8 @@ HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
              "A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma, Peaceman-Rachford and direct adjoint) "
              "or conv (convolutional NEMON: x = relu(K * x + B * u + b), pooling, read-out; "
-             "mu_inf(K) <= gamma exact per output channel)",
+             "mu_inf(K) <= gamma exact per output channel), or stack (explicit layers around an implicit one; "
+             "selected by --arch, which gives its layers)",
     "arch": ("a stacked model (selects --model stack): a preset, "
              + "; ".join(f"{name} = {spec}" for name, spec in PRESETS.items())
              + "; or comma-separated layers: conv<C>[k<k>][s<s>][p<p>] (C channels, k x k taps, default 3, stride "
