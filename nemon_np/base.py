@@ -12,7 +12,7 @@ import numpy as np
 from .readout import (enclosing_hidden_box, hidden_backward, hidden_box, hidden_box_grad, hidden_forward,
                       readout_affine_lower_bounds)
 from .relaxation import unrolled_lower_bounds
-from .interval import (UNIT_ROUNDOFF, center_radius, embed, enclosing_center_radius, enclosure_radius,
+from .interval import (UNIT_ROUNDOFF, affine_enclosure, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
 from .losses import softmax_cross_entropy
 from .solvers import ConvergenceWarning, WellPosednessError
@@ -130,10 +130,10 @@ class EmbeddedNetwork:
         ``rounding`` each side is moved outward by the rounding allowance of its float64 evaluation.
         B may also be the implicit matrix or kernel (the two maps share one hook) with U_c, U_r a box
         of states: the box of A x over it."""
-        Q_c = self._inject(B, U_c) + b
-        Q_r = self._inject(np.abs(B), U_r)
         if rounding:
-            Q_r = Q_r + (_terms(B) + 4) * UNIT_ROUNDOFF * (self._inject(np.abs(B), np.abs(U_c) + U_r) + np.abs(b))
+            Q_c, Q_r = affine_enclosure(self._inject, B, b, U_c, U_r, _terms(B))
+        else:
+            Q_c, Q_r = self._inject(B, U_c) + b, self._inject(np.abs(B), U_r)
         return np.concatenate([Q_c - Q_r, Q_c + Q_r], axis=-1)
 
     def mu_inf_upper(self):

@@ -22,7 +22,8 @@ from ._threads import gemm_into, map_ranges
 from .projection import (_project_rows, _round_inside, diagonal_floor, parametrize_rows, parametrize_rows_grad,
                          parametrize_rows_inverse)
 
-__all__ = ["PADDINGS", "conv_apply", "conv_transpose", "conv_weight_grad", "conv_matrix", "mu_inf_conv",
+__all__ = ["PADDINGS", "average_pool", "average_pool_transpose", "conv_apply", "conv_transpose", "conv_weight_grad",
+           "conv_matrix", "mu_inf_conv",
            "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded",
            "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "parametrize_conv_mu_inf",
            "parametrize_conv_mu_inf_grad",
@@ -283,3 +284,19 @@ def conv_input_norm(B):
     channel's taps (exact for circular padding, an upper bound for zero)."""
     B = _check_kernel(B, square=False)
     return float(np.abs(B.astype(np.float64)).reshape(B.shape[0], -1).sum(axis=1).max())
+
+
+def average_pool(X, s):
+    """s x s average pooling of channel-last images X (m, H, W, C), s dividing H and W: (m, H/s, W/s, C)."""
+    m, H, W, C = X.shape
+    return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4))
+
+
+def average_pool_transpose(G, s, size):
+    """The transpose of :func:`average_pool`: G (m, H/s, W/s, C), in any layout of that many entries,
+    spread over each s x s window with weight 1 / s^2, (m, H, W, C) for ``size`` = (H, W)."""
+    H, W = size
+    m = len(G)
+    C = G.size // m * s * s // (H * W)
+    G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
+    return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))

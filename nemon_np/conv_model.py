@@ -20,8 +20,8 @@ from scipy.optimize import OptimizeResult
 
 from ._threads import check_n_jobs
 from ._validation import as_float_dtype, check_gamma, check_readout_hidden
-from .conv import (PADDINGS, conv_apply_channel_last, mu_inf_conv, project_conv_mu_inf, transpose_kernel,
-                   weight_grad_channel_last)
+from .conv import (PADDINGS, average_pool, average_pool_transpose, conv_apply_channel_last, mu_inf_conv,
+                   project_conv_mu_inf, transpose_kernel, weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
@@ -289,18 +289,12 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         return self._equilibrium(self._images(U), tol, max_iter, method, alpha, X0, on_violation, tol_mode)
 
     def _pool(self, X):
-        m, H, W, C = X.shape
-        s = self.pool
-        return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4)).reshape(m, -1)
+        return average_pool(X, self.pool).reshape(len(X), -1)
 
     def _pool_transpose(self, G):
         """The transpose of :meth:`_pool`: pooled gradients G (m, (H/s)(W/s)C) spread over each s x s
         window with weight 1 / s^2, (m, H, W, C)."""
-        H, W = self.image_size
-        s, m = self.pool, len(G)
-        C = G.shape[1] * s * s // (H * W)
-        G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
-        return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
+        return average_pool_transpose(G, self.pool, self.image_size)
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,

@@ -34,9 +34,9 @@ bound |fl(x . y) - x . y| <= gamma_n |x| . |y|, Higham 2002, eq. (3.5)).
 import numpy as np
 
 
-__all__ = ["UNIT_ROUNDOFF", "metzler_split", "embed", "fold_embedded_grad", "center_radius", "enclosing_center_radius",
-           "margin_lower_bounds", "margin_rounding", "margin_lower_bounds_grad",
-           "enclosure_radius", "diagonal_mask"]
+__all__ = ["UNIT_ROUNDOFF", "relu_box", "relu_box_grad", "affine_enclosure", "metzler_split", "embed",
+           "fold_embedded_grad", "center_radius", "enclosing_center_radius", "margin_lower_bounds", "margin_rounding",
+           "margin_lower_bounds_grad", "enclosure_radius", "diagonal_mask"]
 
 UNIT_ROUNDOFF = 2.0 ** -53
 
@@ -156,3 +156,29 @@ def enclosure_radius(residual, slack, mu, weights=None):
     # The quotients round to nearest: 8 u relative covers the two divisions (and the product by eta
     # that the caller forms).
     return err.reshape(m, -1).max(axis=1) / (1.0 - max(mu, 0.0)) * (1 + 8 * UNIT_ROUNDOFF)
+
+
+def relu_box(lo, hi):
+    """(centre, radius) of the box [relu(lo), relu(hi)] of relu over [lo, hi] (relu is monotone), in the
+    arrays' dtype (for training)."""
+    G_lo, G_hi = np.maximum(lo, 0), np.maximum(hi, 0)
+    return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2
+
+
+def relu_box_grad(dG_c, dG_r, lo, hi):
+    """(dL/dc, dL/dr) of the input box [c - r, c + r] = [lo, hi] from the gradients of
+    :func:`relu_box`'s centre and radius."""
+    d_lo = (dG_c - dG_r) / 2 * (lo > 0)
+    d_hi = (dG_c + dG_r) / 2 * (hi > 0)
+    return d_lo + d_hi, d_hi - d_lo
+
+
+def affine_enclosure(apply, W, b, x_c, x_r, terms):
+    """(y_c, y_r) with [y_c - y_r, y_c + y_r] containing W x + b for every x in [x_c - x_r, x_c + x_r]
+    in exact arithmetic, up to the rounding of y_c - y_r and y_c + y_r themselves (one ulp outward
+    covers it): y_c = apply(W, x_c) + b, y_r = apply(|W|, x_r) + (terms + 4) u (apply(|W|, |x_c| + x_r)
+    + |b|), float64 arrays, ``apply`` the linear map (a matrix product or a convolution) with at most
+    ``terms`` products summed per output (Higham 2002, eq. (3.5))."""
+    absW = np.abs(W)
+    y_c, y_r = apply(W, x_c) + b, apply(absW, x_r)
+    return y_c, y_r + (terms + 4) * UNIT_ROUNDOFF * (apply(absW, np.abs(x_c) + x_r) + np.abs(b))

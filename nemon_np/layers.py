@@ -35,8 +35,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .base import EmbeddedNetwork
-from .interval import UNIT_ROUNDOFF, enclosing_center_radius
-from .conv import PADDINGS
+from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, relu_box, relu_box_grad
+from .conv import PADDINGS, average_pool, average_pool_transpose
 from .conv_model import ConvImplicitMap
 from .models import DenseImplicitMap
 from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
@@ -57,7 +57,7 @@ def _rho(*sizes):
     return 2 * (max(int(np.prod(v)) for v in sizes) + 10) * UNIT_ROUNDOFF
 
 
-def _magnitude(box):
+def box_magnitude(box):
     """|x_c| + x_r >= |x| over a float64 box (lo, hi), from its enclosing centre and radius."""
     c, r = enclosing_center_radius(*box)
     return np.abs(c) + r
@@ -141,7 +141,7 @@ class _Affine(Layer):
         # gamma_n |W|^T |Lam| of it, whose product with x is within |Lam| . (|W| |x|).
         m, r = beta.shape
         W, b = self.W.astype(np.float64), self.b.astype(np.float64)
-        s_in = _magnitude(box_in)
+        s_in = box_magnitude(box_in)
         absW_s = self._map(np.abs(W), self._lift(s_in))[:, None]
         beta = beta + Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ b
         rho = _rho(box_in[0].shape[1:], box_out[0].shape[1:], (self._terms,))
@@ -152,10 +152,7 @@ class _Affine(Layer):
     def enclosing_box(self, X_lo, X_hi, options):
         c, r = enclosing_center_radius(X_lo, X_hi)
         W, b = self.W.astype(np.float64), self.b.astype(np.float64)
-        absW = np.abs(W)
-        Y_c = self._map(W, self._lift(c)) + b
-        Y_r = self._map(absW, self._lift(r))
-        Y_r = Y_r + (self._terms + 4) * UNIT_ROUNDOFF * (self._map(absW, self._lift(np.abs(c) + r)) + np.abs(b))
+        Y_c, Y_r = affine_enclosure(lambda M, X: self._map(M, self._lift(X)), W, b, c, r, self._terms)
         return _outward(Y_c - Y_r, Y_c + Y_r)
 
 
@@ -310,14 +307,10 @@ class ReLU(Layer):
 
     def box(self, X_c, X_r, options):
         lo, hi = X_c - X_r, X_c + X_r
-        G_lo, G_hi = np.maximum(lo, 0), np.maximum(hi, 0)
-        return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2, (lo, hi)
+        return relu_box(lo, hi) + ((lo, hi),)
 
     def box_backward(self, dY_c, dY_r, cache, options):
-        lo, hi = cache
-        d_lo = (dY_c - dY_r) / 2 * (lo > 0)
-        d_hi = (dY_c + dY_r) / 2 * (hi > 0)
-        return d_lo + d_hi, d_hi - d_lo, {}
+        return relu_box_grad(dY_c, dY_r, *cache) + ({},)
 
     def enclosing_box(self, X_lo, X_hi, options):
         return np.maximum(X_lo, 0.0), np.maximum(X_hi, 0.0)
@@ -388,15 +381,10 @@ class AvgPool2d(Layer):
         return (H // self.size, W // self.size, C)
 
     def _pool(self, X):
-        m, H, W, C = X.shape
-        s = self.size
-        return X.reshape(m, H // s, s, W // s, s, C).mean(axis=(2, 4))
+        return average_pool(X, self.size)
 
     def _pool_transpose(self, G):
-        H, W, C = self._in_shape
-        s, m = self.size, len(G)
-        G = G.reshape(m, H // s, 1, W // s, 1, C) / (s * s)
-        return np.ascontiguousarray(np.broadcast_to(G, (m, H // s, s, W // s, s, C)).reshape(m, H, W, C))
+        return average_pool_transpose(G, self.size, self._in_shape[:2])
 
     def forward(self, X, options):
         return self._pool(X), None
@@ -421,7 +409,7 @@ class AvgPool2d(Layer):
         # The transpose divides by s^2: within u of exact, entrywise.
         m, r = beta.shape
         Lam_in = self._pool_transpose(_rows(Lam)).reshape((m, r) + self._in_shape)
-        s_in = _magnitude(box_in)[:, None]
+        s_in = box_magnitude(box_in)[:, None]
         allowance = allowance + _rho(self._in_shape) * batched_dot(np.abs(Lam_in), s_in)
         return Lam_in, beta, allowance
 
@@ -528,7 +516,7 @@ class BatchNorm(Layer):
         a, shift = self._affine()
         beta = beta + Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ shift
         rho = _rho(box_in[0].shape[1:])
-        s_in = _magnitude(box_in)[:, None]
+        s_in = box_magnitude(box_in)[:, None]
         allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(Lam), np.abs(a) * s_in + np.abs(shift)))
         return Lam * a, beta, allowance
 

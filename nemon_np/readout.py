@@ -33,7 +33,7 @@ or carries back through the implicit layer.
 """
 import numpy as np
 
-from .interval import UNIT_ROUNDOFF, enclosing_center_radius
+from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, relu_box, relu_box_grad
 from .relaxation import crown_multipliers, relu_offsets
 
 __all__ = ["init_hidden_layer", "hidden_forward", "hidden_backward", "hidden_box", "hidden_box_grad",
@@ -65,15 +65,12 @@ def hidden_box(F_c, F_r, H, h):
     training): (G_c, G_r, P_lo, P_hi), G's centre and radius and P's box ends."""
     P_c, P_r = F_c @ H.T + h, F_r @ np.abs(H).T
     P_lo, P_hi = P_c - P_r, P_c + P_r
-    G_lo, G_hi = np.maximum(P_lo, 0), np.maximum(P_hi, 0)
-    return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2, P_lo, P_hi
+    return relu_box(P_lo, P_hi) + (P_lo, P_hi)
 
 
 def hidden_box_grad(dG_c, dG_r, F_c, F_r, H, P_lo, P_hi):
     """(dF_c, dF_r, dH, dh) from the gradients of :func:`hidden_box`'s G_c and G_r."""
-    dP_lo = (dG_c - dG_r) / 2 * (P_lo > 0)
-    dP_hi = (dG_c + dG_r) / 2 * (P_hi > 0)
-    dP_c, dP_r = dP_lo + dP_hi, dP_hi - dP_lo
+    dP_c, dP_r = relu_box_grad(dG_c, dG_r, P_lo, P_hi)
     return dP_c @ H, dP_r @ np.abs(H), dP_c.T @ F_c + np.sign(H) * (dP_r.T @ F_r), dP_c.sum(axis=0)
 
 
@@ -84,9 +81,7 @@ def enclosing_hidden_box(F_c, F_r, H, h):
     ulp outward."""
     F_c, F_r = np.asarray(F_c, np.float64), np.asarray(F_r, np.float64)
     H, h = np.asarray(H, np.float64), np.asarray(h, np.float64)
-    absH = np.abs(H)
-    P_c, P_r = F_c @ H.T + h, F_r @ absH.T
-    P_r = P_r + (H.shape[1] + 4) * UNIT_ROUNDOFF * ((np.abs(F_c) + F_r) @ absH.T + np.abs(h))
+    P_c, P_r = affine_enclosure(lambda M, F: F @ M.T, H, h, F_c, F_r, H.shape[1])
     P_lo, P_hi = np.nextafter(P_c - P_r, -np.inf), np.nextafter(P_c + P_r, np.inf)
     return enclosing_center_radius(np.maximum(P_lo, 0), np.maximum(P_hi, 0)) + (P_lo, P_hi)
 

@@ -35,7 +35,7 @@ from ._validation import as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
-from .layers import AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU
+from .layers import AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU, box_magnitude
 from .losses import softmax_cross_entropy
 from .relaxation import batched_dot, concretize
 from .warmup import WARMUP_TOL, warmup_regularizer
@@ -475,7 +475,7 @@ class StackedClassifier:
             Lam = W[k][:, None, :] - W[None, :, :]
             beta = b[k][:, None] - b[None, :]
             # The rounding of W_k - W_j and b_k - b_j, against the logits layer's input box.
-            s_g = np.abs(enclosing_center_radius(*part[-1])[0]) + enclosing_center_radius(*part[-1])[1]
+            s_g = box_magnitude(part[-1])
             rho = 2 * (W.shape[1] + 10) * UNIT_ROUNDOFF
             allowance = rho * (np.abs(beta) + batched_dot(np.abs(Lam), s_g[:, None]))
             for i in range(len(self.layers) - 2, -1, -1):
