@@ -252,6 +252,15 @@ class ImplicitClassifier(EmbeddedNetwork):
     H = h = None   # a linear read-out
 
     @property
+    def n_out(self):
+        return self.C.shape[0]
+
+    def params(self):
+        """The parameters as a dict keyed by the implicit matrix's name ("A" or "K"), "B", "b", "C", "c"
+        (and "H", "h" with a hidden read-out layer): the arrays themselves."""
+        return {self.implicit: getattr(self, self.implicit), "B": self.B, "b": self.b, **self.readout_params()}
+
+    @property
     def readout_hidden(self):
         """The width p of the read-out's hidden layer, 0 for a linear read-out."""
         return 0 if self.H is None else len(self.H)

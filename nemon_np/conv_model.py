@@ -244,15 +244,6 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
     def n_in(self):
         return self.in_channels * self.image_size[0] * self.image_size[1]
 
-    @property
-    def n_out(self):
-        return self.C.shape[0]
-
-    def params(self):
-        """The parameters as a dict keyed ``"K","B","b","C","c"`` (and ``"H","h"`` with a hidden
-        read-out layer): the arrays themselves."""
-        return {"K": self.K, "B": self.B, "b": self.b, **self.readout_params()}
-
     def _images(self, U, dtype=None):
         """U as a channel-last batch (m, H, W, C_in) of ``dtype`` (default the model's)."""
         U = np.asarray(U)

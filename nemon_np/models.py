@@ -200,16 +200,6 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
             self.C = rng.uniform(-1, 1, size=(n_out, n)).astype(self.dtype) / np.sqrt(n).astype(self.dtype)
         self.c = np.zeros(n_out, self.dtype)
 
-    # -- shapes -----------------------------------------------------------
-    @property
-    def n_out(self):
-        return self.C.shape[0]
-
-    def params(self):
-        """The parameters as a dict keyed ``"A","B","b","C","c"`` (and ``"H","h"`` with a hidden
-        read-out layer): the arrays themselves."""
-        return {"A": self.A, "B": self.B, "b": self.b, **self.readout_params()}
-
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
                   tol_mode="absolute"):
