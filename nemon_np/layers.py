@@ -18,6 +18,12 @@ and has
   m_r >= Lam_r . y + beta_r - allowance_r on the layer's output y (Lam (m, r, *out)), a bound of the
   same form on its input x, valid over the float64 boxes of x and y that ``enclosing_box`` gave and
   in exact arithmetic (the allowance grows by the rounding of the step);
+* ``relax(Lam, box_in, box_out, options)`` -> (Lam', beta, cache) and ``relax_backward(dLam', dbeta,
+  cache, options)`` -> (dLam, d_box_in, d_box_out, grads): the same relaxation for training (the
+  CROWN-IBP loss, Zhang et al. 2020): in the model's dtype, over the training boxes (centre, radius)
+  that ``box`` gave, without rounding allowances; ``beta`` (m, r) is what the step adds to the rows'
+  constants, and its gradient: d_box_in and d_box_out are (d centre, d radius) of the boxes the step
+  read, or None;
 * ``lipschitz_rows()``: a matrix whose ||.||_inf (largest absolute row sum) bounds the layer's
   l_inf -> l_inf gain, None for a gain of at most 1;
 * ``token``: the layer in the architecture string (:func:`nemon_np.stack.parse_architecture`).
@@ -39,7 +45,8 @@ from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, 
 from .conv import PADDINGS, average_pool, average_pool_transpose
 from .conv_model import ConvImplicitMap
 from .models import DenseImplicitMap
-from .relaxation import batched_dot, concretize, crown_multipliers, relu_offsets, unrolled_bounds
+from .relaxation import (batched_dot, concretize, crown_multipliers, relu_offsets, relu_relaxation,
+                         relu_relaxation_grad, unrolled_bounds)
 
 __all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "BatchNorm", "ImplicitDense",
            "ImplicitConv", "LAYERS"]
@@ -66,6 +73,17 @@ def box_magnitude(box):
 def _rows(Lam):
     """Rows (m, r, *shape) as (m r, *shape) states, for a layer's maps."""
     return Lam.reshape((-1,) + Lam.shape[2:])
+
+
+def _row_constants(Lam, b):
+    """sum over positions of Lam . b, per row: Lam (m, r, *positions, C) against a bias b (C,); (m, r)."""
+    m, r = Lam.shape[:2]
+    return Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ b
+
+
+def _per_row(dbeta, like):
+    """dbeta (m, r) broadcast against rows ``like`` (m, r, ...)."""
+    return dbeta.reshape(dbeta.shape + (1,) * (like.ndim - 2))
 
 
 def _outward(lo, hi):
@@ -135,6 +153,18 @@ class _Affine(Layer):
         grads = {"W": self._weight_grad(dY_c, L_c) + np.sign(self.W) * self._weight_grad(dY_r, L_r),
                  "b": self._bias_grad(dY_c)}
         return self._transpose(self.W, dY_c), self._transpose(np.abs(self.W), dY_r), grads
+
+    def relax(self, Lam, box_in, box_out, options):
+        # Lam . (W x + b) = (W^T Lam) . x + Lam . b
+        m, r = Lam.shape[:2]
+        Lam_in = self._transpose(self.W, _rows(Lam))
+        return Lam_in.reshape((m, r) + Lam_in.shape[1:]), _row_constants(Lam, self.b), Lam
+
+    def relax_backward(self, dLam_in, dbeta, Lam, options):
+        L = self._lift(_rows(dLam_in))
+        dLam = self._map(self.W, L).reshape(Lam.shape) + _per_row(dbeta, Lam) * self.b
+        grads = {"W": self._weight_grad(_rows(Lam), L), "b": self._bias_grad(_per_row(dbeta, Lam) * Lam)}
+        return dLam, None, None, grads
 
     def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
         # Lam . (W x + b) = (W^T Lam) . x + Lam . b in exact arithmetic; the computed W^T Lam is within
@@ -327,6 +357,18 @@ class ReLU(Layer):
                                                                                  np.abs(lo) + np.abs(hi)))
         return lam, beta, allowance
 
+    def relax(self, Lam, box_in, box_out, options):
+        m, r = Lam.shape[:2]
+        lo, hi = (box_in[0] - box_in[1])[:, None], (box_in[0] + box_in[1])[:, None]
+        lam, kappa = relu_relaxation(Lam, lo, hi)
+        return lam, kappa.reshape(m, r, -1).sum(axis=2), (Lam, lo, hi)
+
+    def relax_backward(self, dLam_in, dbeta, cache, options):
+        Lam, lo, hi = cache
+        dLam, dlo, dhi = relu_relaxation_grad(Lam, lo, hi, dLam_in, _per_row(dbeta, Lam))
+        dlo, dhi = dlo[:, 0], dhi[:, 0]
+        return dLam, (dlo + dhi, dhi - dlo), None, {}
+
 
 @_register
 class Flatten(Layer):
@@ -355,6 +397,12 @@ class Flatten(Layer):
 
     def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
         return Lam.reshape(Lam.shape[:2] + self._in_shape), beta, allowance
+
+    def relax(self, Lam, box_in, box_out, options):
+        return Lam.reshape(Lam.shape[:2] + self._in_shape), np.zeros(Lam.shape[:2], Lam.dtype), Lam.shape
+
+    def relax_backward(self, dLam_in, dbeta, shape, options):
+        return dLam_in.reshape(shape), None, None, {}
 
 
 @_register
@@ -412,6 +460,14 @@ class AvgPool2d(Layer):
         s_in = box_magnitude(box_in)[:, None]
         allowance = allowance + _rho(self._in_shape) * batched_dot(np.abs(Lam_in), s_in)
         return Lam_in, beta, allowance
+
+    def relax(self, Lam, box_in, box_out, options):
+        m, r = Lam.shape[:2]
+        return (self._pool_transpose(_rows(Lam)).reshape((m, r) + self._in_shape), np.zeros((m, r), Lam.dtype),
+                Lam.shape)
+
+    def relax_backward(self, dLam_in, dbeta, shape, options):
+        return self._pool(_rows(dLam_in)).reshape(shape), None, None, {}
 
 
 @_register
@@ -520,6 +576,35 @@ class BatchNorm(Layer):
         allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(Lam), np.abs(a) * s_in + np.abs(shift)))
         return Lam * a, beta, allowance
 
+    def relax(self, Lam, box_in, box_out, options):
+        # y = a x + shift: with the box centres' statistics in training (as ``box``), a = gamma / s and
+        # shift = beta - a mu, differentiated through mu and s; the running statistics' otherwise.
+        if options.get("train"):
+            mu, var, _ = self._stats(box_in[0])
+            s = np.sqrt(var + box_in[0].dtype.type(self.eps))
+            a = self.weight / s
+            shift, stats = self.bias - a * mu, (mu, s, box_in[0])
+        else:
+            (a, shift), stats = (v.astype(Lam.dtype) for v in self._affine()), None
+        return Lam * a, _row_constants(Lam, shift), (Lam, a, shift, stats)
+
+    def relax_backward(self, dLam_in, dbeta, cache, options):
+        Lam, a, shift, stats = cache
+        dLam = dLam_in * a + _per_row(dbeta, Lam) * shift
+        if stats is None:
+            return dLam, None, None, {"weight": np.zeros_like(self.weight), "bias": np.zeros_like(self.bias)}
+        mu, s, X_c = stats
+        C = Lam.shape[-1]
+        da = (dLam_in * Lam).reshape(-1, C).sum(axis=0)
+        dshift = (_per_row(dbeta, Lam) * Lam).reshape(-1, C).sum(axis=0)
+        # a = gamma / s, shift = beta - gamma mu / s; mu and s are the centres' mean and deviation.
+        ds = (-da + dshift * mu) * self.weight / (s * s)
+        dmu = -dshift * a
+        n = X_c.size // C
+        dX_c = (dmu + ds * (X_c - mu) / s) / n
+        grads = {"weight": (da - dshift * mu) / s, "bias": dshift}
+        return dLam, (dX_c, None), None, grads
+
     def lipschitz_rows(self):
         a, _ = self._affine()
         return np.array([[np.abs(a).max()]])
@@ -617,6 +702,71 @@ class _ImplicitLayer(EmbeddedNetwork, Layer):
             rest = concretize(Lam, beta, x_c[:, None], x_r[:, None], rho)
             return np.zeros((m, r) + box_in[0].shape[1:]), rest, allowance
         return best[1], best[2], allowance
+
+    def relax(self, Lam, box_in, box_out, options):
+        """The training twin of :meth:`relax_back`: :attr:`crown_steps` copies of the fixed-point map over
+        the box of z* = P x* + B u + b that the training boxes of x* (``box_out``, the embedded
+        network's) and of u (``box_in``) give, narrowed by x* = relu(z*) as there; the last step's bound
+        (not the best step's, which keeps the gradient smooth), its x* part over x*'s box."""
+        m, r = Lam.shape[:2]
+        (u_c, u_r), (x_c, x_r) = box_in, box_out
+        P = getattr(self, self.implicit)
+        Z_c = self._apply_implicit(P, x_c) + self._inject(self.B, u_c) + self.b
+        Z_r = self._apply_implicit(np.abs(P), x_r) + self._inject(np.abs(self.B), u_r)
+        X_lo, X_hi = x_c - x_r, x_c + x_r
+        lo_z, hi_z = Z_c - Z_r, Z_c + Z_r
+        raise_lo, cut_hi = (X_lo > 0) & (X_lo > lo_z), hi_z > X_hi
+        lo, hi = np.where(raise_lo, X_lo, lo_z)[:, None], np.where(cut_hi, X_hi, hi_z)[:, None]
+        PT = self._transposed(P)
+        nu, lam_sum, beta, steps = Lam, np.zeros_like(Lam), np.zeros((m, r), Lam.dtype), []
+        for _ in range(self.crown_steps):
+            lam, kappa = relu_relaxation(nu, lo, hi)
+            beta = beta + kappa.reshape(m, r, -1).sum(axis=2) + _row_constants(lam, self.b)
+            steps.append((nu, lam))
+            lam_sum = lam_sum + lam
+            nu = self._apply_implicit(PT, _rows(lam)).reshape(lam.shape)
+        g = self._input_vjp(_rows(lam_sum))
+        beta = beta + batched_dot(nu, x_c[:, None]) - batched_dot(np.abs(nu), x_r[:, None])
+        cache = dict(steps=steps, nu=nu, lam_sum=lam_sum, lo=lo, hi=hi, raise_lo=raise_lo, cut_hi=cut_hi,
+                     box_in=box_in, box_out=box_out)
+        return g.reshape((m, r) + g.shape[1:]), beta, cache
+
+    def relax_backward(self, dg, dbeta, cache, options):
+        (u_c, u_r), (x_c, x_r) = cache["box_in"], cache["box_out"]
+        P, lo, hi, nu = getattr(self, self.implicit), cache["lo"], cache["hi"], cache["nu"]
+        m, r = dbeta.shape
+        dbeta_rows = _per_row(dbeta, nu)
+        dx_c, dx_r = (dbeta_rows * nu).sum(axis=1), -(dbeta_rows * np.abs(nu)).sum(axis=1)
+        d_nu = dbeta_rows * (x_c[:, None] - np.sign(nu) * x_r[:, None])
+        dlam_sum = self._inject(self.B, _rows(dg)).reshape(nu.shape)
+        dP = np.zeros_like(P)
+        dB = self._inject_grad(_rows(cache["lam_sum"]), _rows(dg))
+        db = np.zeros_like(self.b)
+        dlo = dhi = 0
+        for nu_in, lam in reversed(cache["steps"]):
+            # nu_out = P^T lam; beta += sum kappa + lam . b; lam_sum += lam
+            dP = dP + self._implicit_grad(_rows(lam), _rows(d_nu))
+            dlam = self._apply_implicit(P, _rows(d_nu)).reshape(lam.shape) + dlam_sum + dbeta_rows * self.b
+            db = db + (dbeta_rows * lam).reshape(-1, lam.shape[-1]).sum(axis=0)
+            d_nu, dlo_t, dhi_t = relu_relaxation_grad(nu_in, lo, hi, dlam, dbeta_rows)
+            dlo, dhi = dlo + dlo_t[:, 0], dhi + dhi_t[:, 0]
+        if not cache["steps"]:
+            return d_nu, None, (dx_c, dx_r), {self.implicit: dP, "B": dB, "b": db}
+        # The narrowed box: lo = max(lo_z, x_lo) where x_lo > 0, hi = min(hi_z, x_hi).
+        raise_lo, cut_hi = cache["raise_lo"], cache["cut_hi"]
+        dlo_z, dhi_z = np.where(raise_lo, 0, dlo), np.where(cut_hi, 0, dhi)
+        dX_lo, dX_hi = dlo - dlo_z, dhi - dhi_z
+        dx_c, dx_r = dx_c + dX_lo + dX_hi, dx_r + dX_hi - dX_lo
+        dZ_c, dZ_r = dlo_z + dhi_z, dhi_z - dlo_z
+        # Z_c = P x_c + B u_c + b, Z_r = |P| x_r + |B| u_r
+        dP = dP + self._implicit_grad(dZ_c, x_c) + np.sign(P) * self._implicit_grad(dZ_r, x_r)
+        dB = dB + self._inject_grad(dZ_c, u_c) + np.sign(self.B) * self._inject_grad(dZ_r, u_r)
+        db = db + dZ_c.reshape(-1, dZ_c.shape[-1]).sum(axis=0)
+        dx_c = dx_c + self._apply_implicit(self._transposed(P), dZ_c)
+        dx_r = dx_r + self._apply_implicit(self._transposed(np.abs(P)), dZ_r)
+        du_c = self._input_vjp(dZ_c)
+        du_r = self._inject(self._transposed(np.abs(self.B)), dZ_r)
+        return d_nu, (du_c, du_r), (dx_c, dx_r), {self.implicit: dP, "B": dB, "b": db}
 
     def lipschitz_rows(self):
         B = np.asarray(self.B, np.float64).reshape(len(self.B), -1)

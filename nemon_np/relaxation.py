@@ -36,8 +36,8 @@ import numpy as np
 
 from .interval import UNIT_ROUNDOFF
 
-__all__ = ["crown_multipliers", "relu_offsets", "batched_dot", "concretize", "unrolled_bounds",
-           "unrolled_lower_bounds"]
+__all__ = ["crown_multipliers", "relu_offsets", "relu_relaxation", "relu_relaxation_grad", "batched_dot",
+           "concretize", "unrolled_bounds", "unrolled_lower_bounds"]
 
 
 def crown_multipliers(V, lo, hi):
@@ -54,6 +54,48 @@ def relu_offsets(V, lam, lo, hi):
     of the values at lo_i, at hi_i and, where lo_i < 0 < hi_i, at 0 (where it is 0)."""
     kappa = np.minimum(V * np.maximum(lo, 0) - lam * lo, V * np.maximum(hi, 0) - lam * hi)
     return np.where((lo < 0) & (hi > 0), np.minimum(kappa, 0.0), kappa)
+
+
+def _chord(lo, hi):
+    """(unstable, s, width) per unit: lo < 0 < hi, the chord slope hi / (hi - lo) there (else 0), and
+    hi - lo there (else 1)."""
+    unstable = (lo < 0) & (hi > 0)
+    width = np.where(unstable, hi - lo, 1).astype(lo.dtype)
+    return unstable, np.where(unstable, hi / width, 0).astype(lo.dtype), width
+
+
+def _sum_to(X, shape):
+    """X summed over the axes where ``shape`` broadcast against it (size 1 there), to ``shape``."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(X.shape, shape)) if b == 1 and a != 1)
+    return X.sum(axis=axes, keepdims=True) if axes else X
+
+
+def relu_relaxation(V, lo, hi):
+    """(lam, kappa) of :func:`crown_multipliers` and :func:`relu_offsets` in closed form and in V's
+    dtype, for training (CROWN-IBP, Zhang et al. 2020): with s = hi / (hi - lo) on units that change
+    sign, lam = V s and kappa = -V s lo where V < 0 (relu's upper chord), lam = V and kappa = 0 on
+    active units, lam = kappa = 0 elsewhere. Piecewise smooth in (V, lo, hi); :func:`relu_relaxation_grad`
+    is its gradient. lo, hi (broadcast against V) are per unit."""
+    unstable, s, _ = _chord(lo, hi)
+    active = (lo >= 0).astype(V.dtype)
+    lam = V * np.where(V < 0, np.where(unstable, s, active), active)
+    return lam, -np.minimum(V, 0) * (s * lo)
+
+
+def relu_relaxation_grad(V, lo, hi, dlam, dkappa):
+    """The gradient of :func:`relu_relaxation`: (dV, dlo, dhi) of sum(dlam lam + dkappa kappa), dlo
+    and dhi in the shapes of lo and hi (summed over the axes they broadcast along). On the chord units,
+    with w = min(V, 0): d/ds = w (dlam - lo dkappa), d/dlo directly -w s dkappa, ds/dlo = s / (hi - lo)
+    and ds/dhi = (1 - s) / (hi - lo)."""
+    unstable, s, width = _chord(lo, hi)
+    active = (lo >= 0).astype(V.dtype)
+    neg = V < 0
+    dV = dlam * np.where(neg, np.where(unstable, s, active), active) - (dkappa * (s * lo)) * neg
+    w = np.minimum(V, 0)
+    w_dlam, w_dkappa = _sum_to(w * dlam, lo.shape), _sum_to(w * dkappa, lo.shape)
+    ds = np.where(unstable, w_dlam - lo * w_dkappa, 0)
+    dlo = -s * w_dkappa + ds * s / width
+    return dV, dlo, ds * (1 - s) / width
 
 
 def batched_dot(A, B):

@@ -77,6 +77,15 @@ _TOKEN = re.compile(r"^(?:(?P<conv>conv)(?P<c>\d+)(?:k(?P<k>\d+))?(?:s(?P<s>\d+)
                     r"|(?P<relu>relu)|(?P<flatten>flatten)|(?P<bn>bn))$")
 
 
+def _add_box_grad(grad, extra):
+    """(d centre, d radius) plus another such pair; None entries are zero."""
+    if extra is None:
+        return grad
+    if grad is None:
+        return tuple(extra)
+    return tuple(a if b is None else (b if a is None else a + b) for a, b in zip(grad, extra))
+
+
 def parse_architecture(arch):
     """The layers (unbuilt) that an architecture string or preset name describes (module docstring),
     with a ``flatten`` put in where a flat layer follows a spatial one; a one-line ``ValueError``
@@ -360,11 +369,17 @@ class StackedClassifier:
 
     # -- interval bounds ------------------------------------------------------------------------
     def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, return_info=False, warmup_weight=0.0,
-                                warmup_tol=WARMUP_TOL, **solver_options):
+                                warmup_tol=WARMUP_TOL, crown_weight=0.0, **solver_options):
         """The IBP-style loss ``kappa CE(y(U)) + (1 - kappa) CE(-m_lo)`` (Gowal et al. 2018) and its
         gradients (keyed as :meth:`params`); m_lo (m, n_out) the lower bounds of y_k - y_j over the
         boxes [U_lo, U_hi], passed through every layer's ``box`` in the model's dtype (for training, not
         for certificates) and read by the relative classifier of the logits layer.
+
+        ``crown_weight`` = beta > 0 is CROWN-IBP (Zhang et al. 2020, "Towards stable and efficient
+        training of verifiably robust neural networks", eq. (8)): m_lo = (1 - beta) m_IBP + beta m_CROWN,
+        m_CROWN the margin rows carried back through every layer's ``relax`` (CROWN over the interval
+        boxes of the relus' inputs) and bounded over the input box; the gradient passes through the
+        relaxation and the boxes it reads.
 
         ``warmup_weight`` > 0 adds that times the warm-up regularizers of Shi et al. 2021 on the boxes of
         every relu layer's input (:func:`nemon_np.warmup.warmup_regularizer`, tolerance ``warmup_tol``).
@@ -380,28 +395,40 @@ class StackedClassifier:
         X_c, X_r = center_radius(lo, hi)
         if len(X_c) != len(y) or np.any(X_r < 0):
             raise ValueError(f"U_lo and U_hi must hold {len(y)} boxes with U_lo <= U_hi")
-        caches, relu_boxes, t0 = [], {}, float(np.mean(X_r))
-        for i, layer in enumerate(self.layers[:-1]):
-            if warmup_weight and isinstance(layer, ReLU):
-                relu_boxes[i] = (X_c, X_r)
+        if not 0 <= crown_weight <= 1:
+            raise ValueError(f"crown_weight must lie in [0, 1], got {crown_weight!r}")
+        caches, boxes, t0 = [], [(X_c, X_r)], float(np.mean(X_r))
+        for layer in self.layers[:-1]:
             X_c, X_r, cache = layer.box(X_c, X_r, options)
             caches.append(cache)
-        warmup, warmup_grads = warmup_regularizer(t0, list(relu_boxes.values()), warmup_tol)
-        warmup_grads = dict(zip(relu_boxes, warmup_grads))
-        head = self.layers[-1]
-        M = margin_lower_bounds(head.W, head.b, X_c, X_r, y)
-        robust, d_neg = softmax_cross_entropy(-M, y)
-        dX_c, dX_r, dW, db = margin_lower_bounds_grad(head.W, X_c, X_r, y, -d_neg)
+            boxes.append((X_c, X_r))
         last = len(self.layers) - 1
+        relu_at = [i for i in range(last) if isinstance(self.layers[i], ReLU)] if warmup_weight else []
+        warmup, warmup_grads = warmup_regularizer(t0, [boxes[i] for i in relu_at], warmup_tol)
+        # Extra gradients of the boxes' (centre, radius), by position in ``boxes``: the warm-up
+        # regularizers' at the relus' inputs, ((1 - kappa) is undone below) and the crown bound's.
+        box_grads = {i: [warmup_weight / (1 - kappa) * g.astype(self.dtype) for g in dg]
+                     for i, dg in zip(relu_at, warmup_grads)}
+        head = self.layers[-1]
+        M = M_ibp = margin_lower_bounds(head.W, head.b, X_c, X_r, y)
+        if crown_weight > 0:
+            M_crown, crown_caches = self._training_crown(boxes, y, options)
+            M = (1 - crown_weight) * M_ibp + crown_weight * M_crown
+        robust, d_neg = softmax_cross_entropy(-M, y)
+        dM = -d_neg
+        dX_c, dX_r, dW, db = margin_lower_bounds_grad(head.W, X_c, X_r, y, (1 - crown_weight) * dM)
         robust_grads = {f"{last}.W": dW, f"{last}.b": db}
+        if crown_weight > 0:
+            crown_grads = self._training_crown_backward(crown_weight * dM, y, boxes, crown_caches, box_grads,
+                                                        options)
+            for k, g in crown_grads.items():
+                robust_grads[k] = robust_grads[k] + g if k in robust_grads else g
         for i in range(last - 1, -1, -1):
+            dX_c, dX_r = _add_box_grad((dX_c, dX_r), box_grads.get(i + 1))
             dX_c, dX_r, g = self.layers[i].box_backward(dX_c, dX_r, caches[i], options)
-            if i in warmup_grads:
-                # The regularizer's gradient enters at the relu's input; (1 - kappa) is undone below.
-                dc, dr = warmup_grads[i]
-                dX_c = dX_c + warmup_weight / (1 - kappa) * dc.astype(self.dtype)
-                dX_r = dX_r + warmup_weight / (1 - kappa) * dr.astype(self.dtype)
-            robust_grads.update({f"{i}.{k}": v for k, v in g.items()})
+            for k, v in g.items():
+                k = f"{i}.{k}"
+                robust_grads[k] = robust_grads[k] + v if k in robust_grads else v
         total = kappa * loss + (1 - kappa) * robust + warmup_weight * warmup
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:
@@ -409,8 +436,45 @@ class StackedClassifier:
         i = self.implicit_index
         if i is not None:
             info.update(embedded=caches[i]["forward"], embedded_backward=caches[i]["backward"])
-        info.update(margins=M, robust_loss=robust, warmup_loss=warmup)
+        info.update(margins=M, interval_margins=M_ibp, robust_loss=robust, warmup_loss=warmup)
+        if crown_weight > 0:
+            info["crown_margins"] = M_crown
         return total, grads, info
+
+    def _training_crown(self, boxes, y, options):
+        """CROWN's margin lower bounds over the training boxes (``boxes[i]`` the box of layer i's input
+        in the model's dtype, entry 0 the input box): the rows W_y - W_j, b_y - b_j of the logits layer
+        through every layer's ``relax``, bounded over the input box; (M (m, n_out), the layers' caches)."""
+        head, last = self.layers[-1], len(self.layers) - 1
+        Lam = head.W[y][:, None, :] - head.W[None, :, :]
+        beta = head.b[y][:, None] - head.b[None, :]
+        caches = {}
+        for i in range(last - 1, -1, -1):
+            Lam, add, caches[i] = self.layers[i].relax(Lam, boxes[i], boxes[i + 1], options)
+            beta = beta + add
+        u_c, u_r = (v[:, None] for v in boxes[0])
+        caches["input"] = Lam
+        return beta + batched_dot(Lam, u_c) - batched_dot(np.abs(Lam), u_r), caches
+
+    def _training_crown_backward(self, dM, y, boxes, caches, box_grads, options):
+        """The gradient of sum(dM M) for :meth:`_training_crown`'s M: the parameters' (returned, keyed
+        as :meth:`params`) and the boxes' (added to ``box_grads``, by position in ``boxes``)."""
+        Lam, last = caches["input"], len(self.layers) - 1
+        u_c, u_r = (v[:, None] for v in boxes[0])
+        dLam = dM.reshape(dM.shape + (1,) * (Lam.ndim - 2)) * (u_c - np.sign(Lam) * u_r)
+        grads = {}
+        for i in range(last):
+            dLam, d_in, d_out, g = self.layers[i].relax_backward(dLam, dM, caches[i], options)
+            for j, d in ((i, d_in), (i + 1, d_out)):
+                if d is not None and j > 0:
+                    box_grads[j] = list(_add_box_grad(box_grads.get(j), d))
+            grads.update({f"{i}.{k}": v for k, v in g.items()})
+        # Lam = W_y - W_j and beta = b_y - b_j, row j of sample s.
+        dW, db = -dLam.sum(axis=0), -dM.sum(axis=0)
+        np.add.at(dW, y, dLam.sum(axis=1))
+        np.add.at(db, y, dM.sum(axis=1))
+        grads[f"{last}.W"], grads[f"{last}.b"] = dW, db
+        return grads
 
     def _check_interval(self):
         layer = self.implicit_layer

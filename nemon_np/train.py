@@ -120,6 +120,10 @@ HELP = {
                   "lambda (1 - eps/eps_max) while eps ramps up; 0 = off, their value 0.5",
     "grad_clip": "scale each step's gradient down to this Euclidean norm when it is larger; 0 = off (Shi et al. "
                  "2021 use 10)",
+    "crown_ibp": "certified training of stacked models: CROWN-IBP (Zhang et al. 2020): the margins' lower bound "
+                 "is (1 - beta) interval + beta crown, beta falling linearly from this value to 0 over the eps "
+                 "ramp (their 1 -> 0 schedule at 1), then the interval bound alone; while beta > 0 a step costs "
+                 "about 6x an interval step (ibp-small on MNIST, docs/benchmarks.md); 0 = off",
     "certify_samples": "certified training: test images (the first N) whose certified accuracy each epoch reports",
 }
 CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAINTS, "solver": FORWARD_METHODS,

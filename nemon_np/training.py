@@ -109,6 +109,9 @@ class TrainConfig:
     models) adds Shi et al. 2021's warm-up regularizers with weight warmup_reg (1 - eps / eps_max) while
     eps ramps up (:mod:`nemon_np.warmup`; their value 0.5); ``grad_clip`` > 0 scales each step's
     gradient down to that Euclidean norm when it is larger (their value 10); 0 turns either off.
+    ``crown_ibp`` = beta_0 > 0 (stacked models) trains on CROWN-IBP's margins (Zhang et al. 2020)
+    (1 - beta) m_IBP + beta m_CROWN, beta falling linearly from beta_0 to 0 over the eps ramp (their
+    "1 -> 0" schedule at beta_0 = 1; :meth:`crown_ibp_weight`), after which the loss is IBP's.
     """
     model: str = "nemon"
     arch: str = None
@@ -148,6 +151,7 @@ class TrainConfig:
     certify_samples: int = 1000
     warmup_reg: float = 0.0
     grad_clip: float = 0.0
+    crown_ibp: float = 0.0
     blas_threads: int = 1
     threads: int = 1
 
@@ -244,6 +248,11 @@ class TrainConfig:
                              f"{self.certified_eps:g}")
         if not 0 <= self.kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {self.kappa!r}")
+        if not 0 <= self.crown_ibp <= 1:
+            raise ValueError(f"crown_ibp must lie in [0, 1], got {self.crown_ibp!r}")
+        if self.crown_ibp > 0 and (self.model != "stack" or self.certified_eps == 0):
+            raise ValueError("crown_ibp mixes crown margins into a stack's certified loss: it needs model stack and "
+                             f"certified_eps > 0, got model {self.model} and certified_eps {self.certified_eps:g}")
         if self.blas_threads is not None and (int(self.blas_threads) != self.blas_threads or self.blas_threads < 1):
             raise ValueError(f"blas_threads must be a positive whole number or None, got {self.blas_threads!r}")
         if check_n_jobs(self.threads, "threads") > 1 and self.model != "conv":
@@ -282,9 +291,19 @@ class TrainConfig:
         then constant."""
         if self.certified_eps == 0:
             return 0.0, 1.0
-        t = min(max((progress - self.eps_warmup) / self.eps_ramp, 0.0), 1.0) if self.eps_ramp > 0 else float(
-            progress >= self.eps_warmup)
+        t = self._ramp_fraction(progress)
         return t * self.certified_eps * self.train_eps_factor, 1.0 - t * (1.0 - self.kappa)
+
+    def crown_ibp_weight(self, progress):
+        """CROWN-IBP's beta after ``progress`` epochs: crown_ibp until the ramp starts, then falling
+        linearly to 0 at its end, and 0 after."""
+        return 0.0 if self.crown_ibp == 0 else self.crown_ibp * (1.0 - self._ramp_fraction(progress))
+
+    def _ramp_fraction(self, progress):
+        """How far the eps ramp has gone after ``progress`` epochs, in [0, 1]."""
+        if self.eps_ramp == 0:
+            return float(progress >= self.eps_warmup)
+        return min(max((progress - self.eps_warmup) / self.eps_ramp, 0.0), 1.0)
 
     def solver_options(self):
         """Forward solver settings (as :meth:`nemon_np.NEMON.equilibrium` takes them)."""
@@ -393,7 +412,7 @@ class Trainer:
         """Whether the constraint mode gives no certificate (its solver warnings are counted, not printed)."""
         return self.constraint is not None and self.constraint.certificate is None
 
-    def step(self, U, y, lr, eps=0.0, kappa=1.0):
+    def step(self, U, y, lr, eps=0.0, kappa=1.0, crown_weight=0.0):
         """One optimizer step on a batch, on the certified loss when eps > 0 and kappa < 1 (boxes of
         radius eps in pixel units, :meth:`input_ball`); returns a dict of the batch's loss, correct
         predictions, forward and adjoint iterations, converged samples, and with the certified loss
@@ -408,6 +427,8 @@ class Trainer:
                 if cfg.warmup_reg > 0:   # while eps ramps up, fading to 0 at its full value
                     eps_max = cfg.certified_eps * cfg.train_eps_factor
                     options["warmup_weight"] = cfg.warmup_reg * max(0.0, 1.0 - eps / eps_max)
+                if crown_weight > 0:
+                    options["crown_weight"] = crown_weight
                 loss, grads, info = m.certified_loss_and_grad(U, y, U_lo, U_hi, kappa, **options)
             else:
                 loss, grads, info = m.loss_and_grad(U, y, **options)
@@ -487,7 +508,7 @@ class Trainer:
                 eps, kappa = cfg.certified_schedule(done)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
                 batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, *pad_args)
-                out = self.step(batch, y[idx], lr, eps, kappa)
+                out = self.step(batch, y[idx], lr, eps, kappa, cfg.crown_ibp_weight(done))
                 converged += int(np.count_nonzero(out["converged"]))
                 total_loss += out["loss"] * len(idx)
                 total_correct += out["correct"]
@@ -510,6 +531,8 @@ class Trainer:
             if cfg.certified_eps > 0:
                 row.update(eps=eps, kappa=kappa, train_robust_loss=robust_loss / robust_seen if robust_seen else None,
                            embedded_fwd_iter_mean=float(np.concatenate(emb).mean()) if emb else None)
+                if cfg.crown_ibp > 0:
+                    row["crown_ibp_weight"] = cfg.crown_ibp_weight(done)
             if X_test is not None:
                 with warnings.catch_warnings():
                     if self.uncertified:

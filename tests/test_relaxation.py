@@ -8,8 +8,8 @@ from nemon_np import ConvNEMON, NEMON
 from nemon_np.certificates import certify
 from nemon_np.conv import conv_matrix, mu_inf_conv
 from nemon_np.pixels import to_inputs
-from nemon_np.relaxation import crown_multipliers, relu_offsets
-from conftest import box_samples, random_model
+from nemon_np.relaxation import crown_multipliers, relu_offsets, relu_relaxation, relu_relaxation_grad
+from conftest import box_samples, finite_difference, random_model
 
 EXACT = dict(tol=1e-12, max_iter=20_000)
 
@@ -27,6 +27,34 @@ def test_the_relu_bound_holds_for_any_multipliers_and_zero_gives_intervals(rng):
                                                 axis=1), axis=1))
     interval = np.minimum(V * np.maximum(lo, 0), V * np.maximum(hi, 0)).sum(axis=1)
     np.testing.assert_allclose(relu_offsets(V, 0 * V, lo, hi).sum(axis=1), interval)
+
+
+def test_the_training_relu_relaxation_is_crowns_and_its_gradient_matches_finite_differences(rng):
+    """relu_relaxation's closed form equals crown_multipliers and relu_offsets; its gradient (away from
+    the kinks at lo = 0, hi = 0 and V = 0, which random draws avoid) matches central differences."""
+    V = rng.normal(size=(3, 4, 25))
+    lo = rng.normal(size=(3, 1, 25))
+    hi = lo + rng.uniform(0.1, 2, size=(3, 1, 25))
+    lam, kappa = relu_relaxation(V, lo, hi)
+    np.testing.assert_allclose(lam, crown_multipliers(V, lo, hi), rtol=1e-15)
+    np.testing.assert_allclose(kappa, relu_offsets(V, crown_multipliers(V, lo, hi), lo, hi), rtol=1e-12, atol=1e-15)
+    assert np.any(kappa < 0) and np.any((lam != 0) & (lam != V))   # chord units are in the draw
+    dlam, dkappa = rng.normal(size=V.shape), rng.normal(size=V.shape)
+
+    def objective():
+        lam, kappa = relu_relaxation(V, lo, hi)
+        return np.sum(dlam * lam + dkappa * kappa)
+    dV, dlo, dhi = relu_relaxation_grad(V, lo, hi, dlam, dkappa)
+    np.testing.assert_allclose(dV, finite_difference(objective, V), atol=1e-7)
+    np.testing.assert_allclose(dlo, finite_difference(objective, lo), atol=1e-7)
+    np.testing.assert_allclose(dhi, finite_difference(objective, hi), atol=1e-7)
+    # dkappa broadcast along the rows, as the layers pass it, gives the same gradient
+    dkappa_rows = rng.normal(size=(3, 4, 1))
+    full = relu_relaxation_grad(V, lo, hi, dlam, np.broadcast_to(dkappa_rows, V.shape).copy())
+    for a, b in zip(relu_relaxation_grad(V, lo, hi, dlam, dkappa_rows), full):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    lam32, kappa32 = relu_relaxation(V.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32))
+    assert lam32.dtype == kappa32.dtype == np.float32   # training stays in the model's dtype
 
 
 def _dense(rng, kind, readout_hidden):

@@ -7,6 +7,7 @@ import pytest
 import nemon_np
 from nemon_np.certificates import certify
 from nemon_np.conv import project_conv_mu_inf
+from nemon_np.interval import enclosing_center_radius
 from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
@@ -150,6 +151,63 @@ def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
     _assert_gradients(model, grads, _params_fd(model, loss))
 
 
+@pytest.mark.parametrize("arch,shape", ARCHS)
+def test_crown_ibp_loss_gradient_matches_finite_differences(arch, shape, rng):
+    """CROWN-IBP's loss, through every layer's relaxation and the boxes it reads (the implicit layer's
+    unrolled copies and embedded network, batch normalization's centre statistics)."""
+    model = random_stack(arch, shape, 5)
+    U = rng.normal(size=(3, model.n_in))
+    y = rng.integers(0, model.n_out, 3)
+    lo, hi = U - 0.1, U + 0.15
+    opts = dict(crown_weight=0.6, **EXACT)
+    total, grads, info = model.certified_loss_and_grad(U, y, lo, hi, 0.3, return_info=True, **opts)
+    assert np.any(info["crown_margins"] > info["interval_margins"] + 1e-6)   # the crown part is not vacuous
+    fd = _params_fd(model, lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.3, **opts)[0])
+    _assert_gradients(model, grads, fd)
+
+
+@pytest.mark.parametrize("arch,shape", [a for a in ARCHS if "bn" not in a[0]])
+def test_training_crown_margins_are_sound_and_at_most_the_certificates(arch, shape, rng):
+    """The training relaxation (float64 here) bounds sampled margins. Over the certificate's boxes the
+    crown certificate equals it on explicit stacks (up to its rounding allowance); where the implicit
+    layer reads the input, the certificate, which takes each row's best unrolled step where training
+    takes the last, is never below it. (With layers before the implicit layer the certificate picks its
+    step by the bound over the layer's input box, greedily, and the last step can end better. Over the
+    training boxes, equal to those to 1e-12, crown can differ more: its multiplier jumps from 0 to the
+    unit's row where a box's lower end crosses 0.)"""
+    model = random_stack(arch, shape, 6)
+    U = rng.normal(size=(6, model.n_in))
+    y = rng.integers(0, model.n_out, 6)
+    options = model._options(train=True, **EXACT)
+    for eps in (0.02, 0.2):
+        info = model.certified_loss_and_grad(U, y, U - eps, U + eps, 0.5, crown_weight=1.0, return_info=True,
+                                             **EXACT)[2]
+        assert np.all(info["crown_margins"] <= sampled_margins(model, U - eps, U + eps, y, rng) + 1e-12)
+        boxes = [enclosing_center_radius(*box) for box in model.enclosing_boxes(U - eps, U + eps, **EXACT)]
+        trained = model._training_crown(boxes, y, options)[0]
+        certified = model.relaxed_margins(U - eps, U + eps, y, **EXACT)[0]
+        if model.implicit_index in (None, 0):
+            assert np.all(certified >= trained - 1e-9)
+        if model.implicit_layer is None:
+            np.testing.assert_allclose(certified, np.maximum(trained, info["interval_margins"]), atol=1e-9)
+
+
+def test_crown_ibp_schedule_and_its_errors():
+    cfg = TrainConfig(arch="dense8,relu", certified_eps=0.1, epochs=6, eps_warmup=1, eps_ramp=4,
+                      crown_ibp=1.0).validate()
+    assert cfg.eps_ramp == 4
+    assert [cfg.crown_ibp_weight(p) for p in (0, 1, 3, 5, 6)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert TrainConfig(arch="dense8,relu", certified_eps=0.1, epochs=12).validate().crown_ibp_weight(2) == 0.0
+    with pytest.raises(ValueError, match="crown_ibp must lie in"):
+        TrainConfig(arch="dense8,relu", certified_eps=0.1, crown_ibp=1.5).validate()
+    with pytest.raises(ValueError, match="needs model stack and certified_eps > 0"):
+        TrainConfig(certified_eps=0.1, crown_ibp=0.5).validate()
+    with pytest.raises(ValueError, match="crown_weight must lie in"):
+        model = StackedClassifier("dense4,relu", (3,), 2)
+        U = np.zeros((1, 3))
+        model.certified_loss_and_grad(U, [0], U, U + 0.1, 0.5, crown_weight=-0.1)
+
+
 def _assert_stack_equals_model(stack, model, names, U, y, exact):
     """Copy the model's parameters into the stack (``names``: stack key -> model name), then compare
     logits (bit for bit), the loss and certified loss and their gradients (bit for bit when ``exact``,
@@ -254,6 +312,24 @@ def _tiny_data(rng, n=60):
     X = rng.normal(size=(n, 16)).astype(np.float32)
     y = (X[:, :4].sum(axis=1) > 0).astype(np.int64) + 2 * (X[:, 4] > 0)
     return X, y
+
+
+def test_crown_ibp_training_follows_its_schedule_and_changes_the_model(rng):
+    """A CROWN-IBP run logs beta per epoch (1 -> 0 over the ramp, at each epoch's end) and trains a
+    different model than the interval loss alone, from the same start; after the ramp both losses
+    are IBP's."""
+    X, y = _tiny_data(rng)
+    cfg = dict(arch="conv3k3s2p1,relu,nemon6", epochs=3, batch_size=20, dtype="float64", tol=1e-8, eps_warmup=0,
+               eps_ramp=2, certified_eps=0.1, certify_samples=20)
+    crown = Trainer(TrainConfig(crown_ibp=1.0, **cfg), 16, 4, image_shape=(1, 4, 4))
+    crown.fit(X, y, X_test=X[:20], y_test=y[:20], progress=False)
+    plain = Trainer(TrainConfig(**cfg), 16, 4, image_shape=(1, 4, 4))
+    plain.fit(X, y, X_test=X[:20], y_test=y[:20], progress=False)
+    # Three batches an epoch: the last one of epoch e is at e + 2/3 epochs, t = (e + 2/3) / 2 of the ramp.
+    assert [r["crown_ibp_weight"] for r in crown.history] == pytest.approx([2 / 3, 1 / 6, 0.0], abs=1e-12)
+    assert "crown_ibp_weight" not in plain.history[0]
+    assert not np.array_equal(crown.model.params()["0.W"], plain.model.params()["0.W"])
+    assert all(np.isfinite(r["train_loss"]) for r in crown.history)
 
 
 @pytest.mark.parametrize("config", [dict(arch="conv3k3s2p1,relu,nemon6", certified_eps=0.1, eps_ramp=1),
