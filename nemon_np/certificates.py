@@ -17,6 +17,13 @@ allowed for (see :meth:`nemon_np.base.ImplicitClassifier.interval_bounds`).
   box of x* and the input box; never below ``interval``.
 * ``combined``: the larger of the Lipschitz and the interval lower bound, pair by pair (both are
   lower bounds), so it certifies every point that either certifies, and possibly more.
+* ``exact`` (:mod:`nemon_np.exact`, dense NEMONs): complete verification by mixed-integer linear
+  programming on the pairs that crown leaves open; each image ends "certified", "falsified" (with a
+  counterexample re-solved in float64) or "unknown" (its time limit ran out). ``lp``: the same
+  program's linear relaxation (the triangle relaxation of every relu), never below crown.
+
+Every certificate reports a status per image: "certified" or, where it proves nothing, "unknown";
+only ``exact`` also says "falsified".
 
 Every certificate needs mu_inf < 1 and raises :class:`nemon_np.WellPosednessError` otherwise (a
 monDEQ model is certified by mu_2 alone, which gives neither bound).
@@ -47,7 +54,8 @@ def get_certificate(name):
 
 
 class Certificate:
-    """One way of bounding margins over pixel balls. Subclasses define :meth:`margins`."""
+    """One way of bounding margins over pixel balls. Subclasses define :meth:`margins`; a certificate
+    that can also falsify overrides :meth:`run`."""
     name = None
 
     def margins(self, model, pixels, labels, eps, **options):
@@ -55,6 +63,11 @@ class Certificate:
         (pixels (m, features) in [0, 1]), k = labels, 0 at j = k; ``options`` (tol, max_iter) go to
         the fixed-point solves."""
         raise NotImplementedError
+
+    def run(self, model, pixels, labels, eps, **options):
+        """{"margins": :meth:`margins`, "status": (m,) "certified" or "unknown"} for a batch of images."""
+        M = self.margins(model, pixels, labels, eps, **options)
+        return {"margins": M, "status": np.where(certified_rows(M, labels), "certified", "unknown")}
 
 
 @_register
@@ -117,6 +130,35 @@ class CombinedCertificate(Certificate):
                           IntervalCertificate().margins(model, pixels, labels, eps, **options))
 
 
+@_register
+class ExactCertificate(Certificate):
+    """Complete verification of dense NEMONs (:func:`nemon_np.exact.verify_exact`): crown first, then a
+    mixed-integer program for each pair it leaves open; ``time_limit`` seconds an image."""
+    name = "exact"
+    relaxed = False
+
+    def __init__(self, time_limit=60.0):
+        self.time_limit = time_limit
+
+    def run(self, model, pixels, labels, eps, **options):
+        from .exact import verify_exact
+        crown = CrownCertificate().margins(model, pixels, labels, eps, **options)
+        res = verify_exact(model, pixels, labels, eps, time_limit=self.time_limit, relaxed=self.relaxed,
+                           lower_bounds=crown, **options)
+        return {k: res[k] for k in ("margins", "status", "counterexamples", "counterexample_margins", "seconds")}
+
+    def margins(self, model, pixels, labels, eps, **options):
+        return self.run(model, pixels, labels, eps, **options)["margins"]
+
+
+@_register
+class LPCertificate(ExactCertificate):
+    """The exact program's linear relaxation (the triangle relaxation of every relu, over the same
+    boxes): between crown and exact."""
+    name = "lp"
+    relaxed = True
+
+
 def certified_rows(margins, labels):
     """True where every margin lower bound but the true class's is > 0."""
     M = np.array(margins, np.float64)
@@ -133,7 +175,8 @@ def certify(model, pixels, labels, eps, certificate="interval", *, batch_size=No
     pixels : (m, features) array in [0, 1], channel-major as the data loaders flatten images
     labels : (m,) integer true classes
     eps : float >= 0, the radius in pixel units (boxes are clipped to [0, 1])
-    certificate : a name of :data:`CERTIFICATES`: "interval" (default), "lipschitz", "crown" or "combined"
+    certificate : a name of :data:`CERTIFICATES`: "interval" (default), "lipschitz", "crown", "combined",
+        "lp" or "exact"; or a :class:`Certificate` (``ExactCertificate(time_limit=10)``)
     batch_size : images per solve (default 2000 for dense models, 100 for conv models)
     progress : callable, optional, called with the number of images done after each batch
     options : tol, max_iter of the fixed-point solves (:meth:`interval_bounds`)
@@ -141,22 +184,25 @@ def certify(model, pixels, labels, eps, certificate="interval", *, batch_size=No
     Returns
     -------
     OptimizeResult with ``certified`` (m,) bool (correct and provably constant over the ball),
-    ``margins`` (m, n_out) float64 lower bounds of y_k - y_j, ``certified_accuracy`` (their mean),
-    ``certificate`` and ``eps``.
+    ``margins`` (m, n_out) float64 lower bounds of y_k - y_j, ``status`` (m,) "certified", "unknown"
+    or (exact) "falsified", ``certified_accuracy`` (the mean of certified), ``certificate`` and ``eps``;
+    exact adds ``counterexamples``, ``counterexample_margins`` and ``seconds`` (:func:`nemon_np.exact.verify_exact`).
     """
-    method = get_certificate(certificate)
+    method = certificate if isinstance(certificate, Certificate) else get_certificate(certificate)
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
     if P.ndim != 2 or labels.shape != (len(P),):
         raise ValueError(f"pixels must be (m, features) and labels (m,), got {P.shape} and {labels.shape}")
     batch_size = batch_size or (100 if isinstance(model, ConvNEMON) else 2000)
-    margins = []
+    parts = []
     for start in range(0, len(P), batch_size):
-        margins.append(method.margins(model, P[start:start + batch_size], labels[start:start + batch_size], eps,
-                                      **options))
+        parts.append(method.run(model, P[start:start + batch_size], labels[start:start + batch_size], eps, **options))
         if progress is not None:
             progress(min(start + batch_size, len(P)))
-    M = np.concatenate(margins) if margins else np.zeros((0, model.n_out))
-    certified = certified_rows(M, labels)
-    return OptimizeResult(certified=certified, margins=M, certified_accuracy=float(certified.mean()) if len(P) else 0.0,
-                          certificate=certificate, eps=float(eps))
+    if not parts:
+        parts = [{"margins": np.zeros((0, model.n_out)), "status": np.zeros(0, str)}]
+    res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # certified means proved: a margin bound > 0 for every other class, and not falsified
+    certified = certified_rows(res["margins"], labels) & (res["status"] == "certified")
+    return OptimizeResult(certified=certified, certified_accuracy=float(certified.mean()) if len(P) else 0.0,
+                          certificate=method.name, eps=float(eps), **res)

@@ -1,0 +1,206 @@
+"""Complete verification of dense NEMONs by mixed-integer linear programming (cvxpy, solved by HiGHS).
+
+Over the input box [u_lo, u_hi] of an image's eps-ball, the fixed point x* = relu(z), z = A x* + B u + b,
+is unique (mu_inf(A) < 1), so the set {(u, x*(u))} is exactly the set of (u, x) that satisfy, unit by
+unit, the relu equations written with the big-M encoding of Tjeng, Xiao & Tedrake 2019 ("Evaluating
+robustness of neural networks with mixed integer programming"): for z_i in [l_i, h_i] with l_i < 0 < h_i,
+a binary d_i and
+
+    x_i >= 0,  x_i >= z_i,  x_i <= z_i - l_i (1 - d_i),  x_i <= h_i d_i;
+
+x_i = z_i where l_i >= 0 and x_i = 0 where h_i <= 0 (units that cannot change sign need no binary).
+The boxes are sound: x*'s is the embedded network's (:meth:`nemon_np.base.EmbeddedNetwork.interval_bounds`),
+z's its image under A x + B u + b by interval arithmetic, narrowed by z <= x*_hi and, where x*_lo > 0,
+z >= x*_lo (x* = relu(z)); the same holds for a hidden read-out layer g = relu(H x* + h). Minimizing a
+margin y_k - y_j = (C_k - C_j) g + c_k - c_j over these constraints is its exact minimum over the ball.
+
+Relaxing every d_i to [0, 1] gives the ``lp`` bound: the triangle relaxation of each relu (eliminating
+d_i leaves x_i <= h_i (z_i - l_i) / (h_i - l_i)), a linear program over the same boxes. CROWN's
+inequalities hold on its feasible set, so it is never below crown's bound over the same boxes.
+
+Solver tolerances. HiGHS works in floating point with feasibility tolerances of 1e-7 (primal) and
+1e-6 (integrality); violations enlarge the feasible set and so lower the computed minimum. A pair
+(image, class) is proved only when the solver's dual bound on the minimum (for a MILP the branch-
+and-bound bound, for an LP its optimum) exceeds tau = DECISION_TOL (1 + ||C_k - C_j||_1 max|g|), which
+allows for the tolerances at the problem's scale. This is a numerical proof, not a floating-point one
+(the interval and crown bounds are the latter). A counterexample is never taken from the solver
+as is: its input is clipped to the ball, mapped back to pixels and the fixed point solved again in
+float64; the image is falsified only when that margin is <= 0.
+"""
+import time
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from .pixels import channel_stats, input_box, to_inputs
+
+__all__ = ["DECISION_TOL", "relu_constraints", "fixed_point_program", "verify_exact"]
+
+DECISION_TOL = 1e-6
+
+STATUSES = ("certified", "falsified", "unknown")
+
+
+def relu_constraints(out, z, lo, hi, relaxed=False):
+    """(constraints, binaries): ``out = relu(z)`` for z in [lo, hi] by the big-M encoding (module
+    docstring), cvxpy expressions ``out`` and ``z`` of one length, float64 bounds; ``relaxed`` makes the
+    binaries continuous in [0, 1] (the triangle relaxation)."""
+    import cvxpy as cp
+    active, dead = lo >= 0, hi <= 0
+    changes = np.flatnonzero(~active & ~dead)
+    cons = [out >= 0, out >= z, out <= np.maximum(hi, 0)]
+    if active.any():
+        cons.append(out[np.flatnonzero(active)] == z[np.flatnonzero(active)])
+    if dead.any():
+        cons.append(out[np.flatnonzero(dead)] == 0)
+    if len(changes):
+        d = cp.Variable(len(changes), boolean=not relaxed)
+        cons += [out[changes] <= z[changes] - cp.multiply(lo[changes], 1 - d),
+                 out[changes] <= cp.multiply(hi[changes], d)]
+        if relaxed:
+            cons += [d >= 0, d <= 1]
+    return cons, 0 if relaxed else len(changes)
+
+
+def _affine_box(W, b, c, r):
+    """The box of W v + b over [c - r, c + r] in float64, widened by 1e-12 of its terms' magnitude
+    (far above the rounding of the products; the encoding needs bounds that hold, not tight ones)."""
+    center, radius = W @ c + b, np.abs(W) @ r
+    radius = radius + 1e-12 * (np.abs(W) @ (np.abs(c) + r) + np.abs(b)) + 1e-300
+    return center - radius, center + radius
+
+
+def fixed_point_program(model, u_lo, u_hi, x_lo, x_hi, relaxed=False):
+    """The constraints of one image (module docstring) for a dense NEMON with float64 parameters:
+    (u, features, constraints, binaries, feature_bound): cvxpy variables of the input (n_in,) and of
+    the read-out's features g (x*, or the hidden layer's relu(H x* + h)), the constraints, the number
+    of binaries and max |g| over the boxes."""
+    import cvxpy as cp
+    A, B, b = (np.asarray(p, np.float64) for p in (model.A, model.B, model.b))
+    u, x = cp.Variable(len(u_lo)), cp.Variable(len(x_lo))
+    x_c, x_r = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
+    u_c, u_r = (u_lo + u_hi) / 2, (u_hi - u_lo) / 2
+    z_lo, z_hi = _affine_box(np.hstack([A, B]), b, np.concatenate([x_c, u_c]), np.concatenate([x_r, u_r]))
+    z_hi = np.minimum(z_hi, x_hi)
+    z_lo = np.where(x_lo > 0, np.maximum(z_lo, x_lo), z_lo)
+    cons, binaries = relu_constraints(x, A @ x + B @ u + b, z_lo, z_hi, relaxed)
+    cons += [u >= u_lo, u <= u_hi, x >= x_lo, x <= x_hi]
+    features, bound = x, float(np.max(np.abs([x_lo, x_hi])))
+    if model.H is not None:
+        H, h = np.asarray(model.H, np.float64), np.asarray(model.h, np.float64)
+        p_lo, p_hi = _affine_box(H, h, x_c, x_r)
+        g = cp.Variable(len(h))
+        more, extra = relu_constraints(g, H @ x + h, p_lo, p_hi, relaxed)
+        cons, binaries, features = cons + more, binaries + extra, g
+        bound = float(np.max(np.maximum(p_hi, 0)))
+    return u, features, cons, binaries, bound
+
+
+def _check_model(model):
+    from .models import NEMON
+    if not isinstance(model, NEMON):
+        raise ValueError(f"exact verification handles dense NEMONs, got {type(model).__name__}")
+    model._check_interval()
+
+
+def _verified_margins(model64, pixels, label, options):
+    """The margins y_k - y_j of the float64 model at ``pixels`` (one image), its fixed point solved to 1e-12."""
+    U = to_inputs(model64, pixels[None, :], np.float64)
+    Y = model64.logits(U, tol=1e-12, max_iter=options.get("max_iter", 10_000))
+    return Y[0, label] - Y[0]
+
+
+def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, lower_bounds=None, progress=None,
+                 **options):
+    """Complete verification of each image's eps-ball (pixel units, clipped to [0, 1]).
+
+    Parameters
+    ----------
+    model : dense NEMON (weighted or not, with or without a hidden read-out layer), mu_inf < 1
+    pixels : (m, features) in [0, 1]; labels : (m,) true classes; eps : float >= 0
+    time_limit : seconds per image over all its open classes; what runs out is "unknown"
+    relaxed : True solves the LP relaxation (the ``lp`` bound): an image is then "certified" or "unknown"
+    lower_bounds : (m, n_out) sound margin lower bounds already known (crown's); the pairs they
+        prove (> 0) skip the solver, and the others go to it smallest first
+    progress : callable, called with the number of images done
+    options : tol, max_iter of the interval bounds' solves
+
+    Returns
+    -------
+    OptimizeResult with ``status`` (m,) of "certified", "falsified", "unknown"; ``certified`` (m,) bool;
+    ``margins`` (m, n_out) float64 lower bounds (the solver's dual bound minus tau where it ran, else
+    ``lower_bounds``; 0 at the label); ``counterexamples`` (m, features) pixels in the ball, NaN where
+    none; ``counterexample_margins`` (m,) the re-solved margin there (<= 0), NaN where none;
+    ``seconds`` (m,) solver time per image; ``binaries`` (m,) binaries per program.
+    """
+    import cvxpy as cp
+    _check_model(model)
+    P = np.asarray(pixels, np.float64)
+    labels = np.asarray(labels)
+    if P.ndim != 2 or labels.shape != (len(P),):
+        raise ValueError(f"pixels must be (m, features) and labels (m,), got {P.shape} and {labels.shape}")
+    if not (np.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    m, n_out = len(P), model.n_out
+    U_lo, U_hi = input_box(model, P, eps)
+    X_lo, X_hi, _ = model.interval_bounds(U_lo, U_hi, **options)
+    model64 = model.astype(np.float64)
+    C, c = np.asarray(model.C, np.float64), np.asarray(model.c, np.float64)
+    mean, std = channel_stats(model, P.shape[1])
+    known = np.full((m, n_out), -np.inf) if lower_bounds is None else np.array(lower_bounds, np.float64)
+    status = np.full(m, "unknown", dtype=object)
+    margins = known.copy()
+    counterexamples = np.full(P.shape, np.nan)
+    cx_margins, seconds, binaries = np.full(m, np.nan), np.zeros(m), np.zeros(m, np.int64)
+    for i in range(m):
+        k = int(labels[i])
+        margins[i, k] = 0.0
+        at_image = _verified_margins(model64, P[i], k, options)
+        if np.any(np.delete(at_image, k) <= 0):   # misclassified (or tied) at the image itself
+            status[i], counterexamples[i], cx_margins[i] = "falsified", P[i], np.delete(at_image, k).min()
+            continue
+        open_j = [j for j in np.argsort(known[i]) if j != k and not known[i, j] > 0]
+        start = time.perf_counter()
+        if open_j:
+            u, g, cons, binaries[i], bound = fixed_point_program(model, U_lo[i], U_hi[i], X_lo[i], X_hi[i], relaxed)
+            w = cp.Parameter(g.shape[0])
+            problem = cp.Problem(cp.Minimize(w @ g), cons)
+        decided = True
+        for j in open_j:
+            w.value = C[k] - C[j]
+            left = time_limit - (time.perf_counter() - start)
+            if left <= 0:
+                decided = False
+                break
+            tau = DECISION_TOL * (1 + np.abs(w.value).sum() * bound)
+            try:
+                problem.solve(solver=cp.HIGHS, time_limit=left, mip_rel_gap=1e-9, mip_abs_gap=tau / 10,
+                              output_flag=False)
+            except cp.error.SolverError:
+                decided = False
+                continue
+            info = problem.solver_stats.extra_stats if problem.solver_stats is not None else None
+            dual = getattr(info, "mip_dual_bound", None) if binaries[i] else problem.value
+            solved = problem.status in ("optimal", "optimal_inaccurate", "user_limit")
+            if dual is not None and np.isfinite(dual) and solved:
+                margins[i, j] = max(margins[i, j], dual + c[k] - c[j] - tau)
+            if margins[i, j] > 0:
+                continue
+            decided = False
+            if not relaxed and u.value is not None and problem.value is not None and problem.value + c[k] - c[j] < tau:
+                # The solver's input, clipped into the ball, as pixels; re-solved in float64.
+                u_in = np.clip(u.value, U_lo[i], U_hi[i])
+                cand = np.clip(u_in * std + mean, np.maximum(P[i] - eps, 0), np.minimum(P[i] + eps, 1))
+                found = _verified_margins(model64, cand, k, options)
+                if np.any(np.delete(found, k) <= 0):
+                    status[i], counterexamples[i], cx_margins[i] = "falsified", cand, np.delete(found, k).min()
+                    break
+        seconds[i] = time.perf_counter() - start
+        if status[i] != "falsified" and decided:
+            status[i] = "certified"
+        if progress is not None:
+            progress(i + 1)
+    certified = status == "certified"
+    return OptimizeResult(status=status.astype(str), certified=certified, margins=margins,
+                          counterexamples=counterexamples, counterexample_margins=cx_margins, seconds=seconds,
+                          binaries=binaries, certified_accuracy=float(certified.mean()) if m else 0.0)

@@ -1,0 +1,119 @@
+"""Exact verification (nemon_np.exact) against a dense grid search of two-input models, the lp bound
+between crown and exact, and exact as the soundness oracle of every other certificate."""
+import numpy as np
+import pytest
+
+from nemon_np import ConvNEMON
+from nemon_np.certificates import ExactCertificate, certify
+from nemon_np.pixels import to_inputs
+
+from conftest import random_model
+
+TOL = dict(tol=1e-10)
+
+
+def _model(seed, readout_hidden=0, dtype=np.float64, weights=None):
+    """Two inputs, 6 units, 3 classes; inputs (and a hidden read-out layer) scaled up so that at eps
+    0.1 some balls are robust and some are not (seeds 2, 4; 3 with the hidden layer)."""
+    model = random_model(2, 6, 3, 0.7, seed=seed, readout_hidden=readout_hidden, dtype=dtype, weights=weights)
+    model.B = (3 * model.B).astype(dtype)
+    if readout_hidden:
+        model.H = (3 * model.H).astype(dtype)
+    return model
+
+
+def _images(model, seed, m=12):
+    """m images and the labels the model predicts for them (the fixed point solved in float64)."""
+    P = np.random.default_rng(seed).uniform(0.2, 0.8, size=(m, 2))
+    return P, model.astype(np.float64).predict(to_inputs(model, P, np.float64), tol=1e-12)
+
+
+def _grid_robust(model, P, y, eps, n=151):
+    """Whether every point of an n x n grid over each ball (clipped to [0, 1]) keeps the label."""
+    g = np.linspace(-eps, eps, n)
+    G = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    return np.array([np.all(model.predict(to_inputs(model, np.clip(p + G, 0, 1)), tol=1e-12) == k)
+                     for p, k in zip(P, y)])
+
+
+def _margin_at(model, pixels, k):
+    Y = model.astype(np.float64).logits(to_inputs(model, pixels[None], np.float64), tol=1e-12)[0]
+    return np.delete(Y[k] - Y, k).min()
+
+
+@pytest.mark.parametrize("seed,readout_hidden", [(2, 0), (3, 4)])
+def test_exact_decides_every_image_and_agrees_with_a_grid_search(seed, readout_hidden):
+    model = _model(seed, readout_hidden)
+    P, y = _images(model, seed)
+    eps = 0.08
+    res = certify(model, P, y, eps, "exact", **TOL)
+    robust = _grid_robust(model, P, y, eps)
+    assert set(res.status) <= {"certified", "falsified"}   # complete: nothing left unknown
+    assert np.all(res.certified <= robust)                 # a certified ball has no grid point that flips
+    assert np.any(res.status == "certified") and np.any(res.status == "falsified")
+    for i in np.flatnonzero(res.status == "falsified"):   # counterexamples lie in the ball and flip the label
+        cx = res.counterexamples[i]
+        assert np.all(np.abs(cx - P[i]) <= eps + 1e-12) and np.all((cx >= 0) & (cx <= 1))
+        assert _margin_at(model, cx, y[i]) <= 0 and res.counterexample_margins[i] <= 0
+    assert np.all(np.isnan(res.counterexamples[res.status == "certified"]))
+
+
+def test_a_misclassified_image_is_falsified_by_itself():
+    model = _model(2)
+    P, y = _images(model, 2, m=3)
+    wrong = (y + 1) % model.n_out
+    res = certify(model, P, wrong, 0.01, "exact", **TOL)
+    assert list(res.status) == ["falsified"] * 3 and np.array_equal(res.counterexamples, P)
+
+
+@pytest.mark.parametrize("seed", [2, 4])
+def test_lp_lies_between_crown_and_exact(seed):
+    model = _model(seed)
+    P, y = _images(model, seed)
+    for eps in (0.03, 0.08):
+        crown = certify(model, P, y, eps, "crown", **TOL)
+        lp = certify(model, P, y, eps, "lp", **TOL)
+        exact = certify(model, P, y, eps, "exact", **TOL)
+        assert np.all(lp.margins >= crown.margins - 1e-7)
+        assert np.all(crown.certified <= lp.certified) and np.all(lp.certified <= exact.certified)
+        assert "falsified" not in set(lp.status)   # a relaxation proves or says nothing
+        done = exact.status == "certified"
+        assert np.all(exact.margins[done] >= lp.margins[done] - 1e-7)
+    assert np.any(lp.margins > crown.margins + 1e-6)   # the triangle relaxation is tighter somewhere
+
+
+@pytest.mark.parametrize("kind", ["float64", "float32", "weighted", "hidden"])
+def test_no_certificate_certifies_an_image_that_exact_falsifies(kind):
+    """Exact as the oracle: every image that lipschitz, interval, crown or combined certifies is not
+    falsified (in float32 the counterexample is re-solved for the stored parameters in float64)."""
+    dtype = np.float32 if kind == "float32" else np.float64
+    weights = np.random.default_rng(0).uniform(0.5, 2.0, 6) if kind == "weighted" else None
+    seed = 3 if kind == "hidden" else 2
+    model = _model(seed, readout_hidden=4 if kind == "hidden" else 0, dtype=dtype, weights=weights)
+    P, y = _images(model, seed, m=16)
+    for eps in (0.03, 0.1):
+        exact = certify(model, P, y, eps, "exact", **TOL)
+        assert np.any(exact.status == "falsified") or eps < 0.1   # the check is not vacuous
+        for name in ("lipschitz", "interval", "crown", "combined", "lp"):
+            res = certify(model, P, y, eps, name, **TOL)
+            assert not np.any(res.certified & (exact.status == "falsified")), name
+
+
+def test_an_image_out_of_time_is_unknown_never_certified():
+    model = _model(2)
+    P, y = _images(model, 2)
+    crown = certify(model, P, y, 0.08, "crown", **TOL)
+    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9), **TOL)
+    left = ~crown.certified & (res.status != "falsified")
+    assert np.any(left) and np.all(res.status[left] == "unknown") and not np.any(res.certified[left])
+    assert np.array_equal(res.certified[crown.certified], crown.certified[crown.certified])
+
+
+def test_bad_inputs_are_one_line_errors():
+    model = _model(2)
+    P, y = _images(model, 2, m=2)
+    with pytest.raises(ValueError, match="time_limit must be a positive number"):
+        certify(model, P, y, 0.1, ExactCertificate(time_limit=0), **TOL)
+    conv = ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.5)
+    with pytest.raises(ValueError, match="exact verification handles dense NEMONs, got ConvNEMON"):
+        certify(conv, np.full((1, 16), 0.5), [0], 0.1, "exact")
