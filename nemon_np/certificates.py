@@ -145,7 +145,8 @@ class ExactCertificate(Certificate):
         crown = CrownCertificate().margins(model, pixels, labels, eps, **options)
         res = verify_exact(model, pixels, labels, eps, time_limit=self.time_limit, relaxed=self.relaxed,
                            lower_bounds=crown, **options)
-        return {k: res[k] for k in ("margins", "status", "counterexamples", "counterexample_margins", "seconds")}
+        return {k: res[k] for k in ("margins", "status", "counterexamples", "counterexample_margins", "seconds",
+                                    "binaries")}
 
     def margins(self, model, pixels, labels, eps, **options):
         return self.run(model, pixels, labels, eps, **options)["margins"]
@@ -186,7 +187,8 @@ def certify(model, pixels, labels, eps, certificate="interval", *, batch_size=No
     OptimizeResult with ``certified`` (m,) bool (correct and provably constant over the ball),
     ``margins`` (m, n_out) float64 lower bounds of y_k - y_j, ``status`` (m,) "certified", "unknown"
     or (exact) "falsified", ``certified_accuracy`` (the mean of certified), ``certificate`` and ``eps``;
-    exact adds ``counterexamples``, ``counterexample_margins`` and ``seconds`` (:func:`nemon_np.exact.verify_exact`).
+    exact adds ``counterexamples``, ``counterexample_margins``, ``seconds`` and ``binaries``
+    (:func:`nemon_np.exact.verify_exact`).
     """
     method = certificate if isinstance(certificate, Certificate) else get_certificate(certificate)
     P = np.asarray(pixels, np.float64)

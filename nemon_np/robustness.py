@@ -198,8 +198,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
     add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.samples < 1 or args.pgd_steps < 1 or min(args.eps) < 0:
-        p.error("--samples and --pgd-steps must be >= 1 and every --eps >= 0")
+    if args.samples < 1 or args.pgd_steps < 1:
+        p.error("--samples and --pgd-steps must be >= 1")
+    if not all(0 <= e <= 1 for e in args.eps):
+        p.error(f"every --eps is a radius in pixel units, in [0, 1]; got {' '.join(f'{e:g}' for e in args.eps)}")
     limit_blas_threads()
     model, data, model_path = load_run(p, args.run_dir, args.data_dir, args.threads)
     images = data.test_images[:args.samples]

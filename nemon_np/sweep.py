@@ -99,6 +99,17 @@ def _last_line(path):
     return lines[-1] if lines else ""
 
 
+def _rerun_argv(argv, folder):
+    """The training argv for a folder the sweep runs in: a run stopped after a complete epoch (its
+    training state saved) is resumed from it; an empty folder or one whose run never finished an
+    epoch is trained from scratch (--overwrite, since a failed start may have left files)."""
+    from .training import TRAINING_STATE
+    if (folder / TRAINING_STATE).is_file() and (folder / "model.npz").is_file():
+        keep = [a for i, a in enumerate(argv) if a == "--data-dir" or (i > 0 and argv[i - 1] == "--data-dir")]
+        return ["--resume", str(folder), "--no-progress"] + keep
+    return list(argv) + ["--overwrite"]
+
+
 def run_training(argv, folder):
     """One run of ``nemon_np.train.main(argv)`` with its output streamed to ``folder/log.txt``; returns
     (status, message): "done", "skipped" if the run is complete by the time it starts (another sweep
@@ -108,6 +119,7 @@ def run_training(argv, folder):
     folder = pathlib.Path(folder)
     if is_complete(folder):
         return "skipped", ""
+    argv = _rerun_argv(argv, folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
     log_path = folder / "log.txt"
@@ -289,7 +301,14 @@ def main(argv=None):
                         "Its workers must see --out and the data folder at the same paths")
     p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes (default: the cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is one on a terminal only)")
-    args = p.parse_args(own)
+    args, unknown = p.parse_known_args(own)
+    train_flags = {o for a in build_parser()._actions for o in a.option_strings}
+    misplaced = [a for a in unknown if a.split("=")[0] in train_flags]
+    if misplaced:
+        p.error(f"{misplaced[0]} is a training flag: training flags go after --, as in python -m nemon_np.sweep "
+                f"--grid ... --out DIR -- {misplaced[0]} ...")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     flags = {a.dest for a in build_parser()._actions if a.option_strings}
     try:
         grid = parse_grid(args.grid, flags)

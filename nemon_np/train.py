@@ -139,6 +139,10 @@ TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "e
 BARE = {"augment": "crop-flip"}
 
 
+# The files whose presence marks a folder as holding a run (what --out would overwrite).
+RUN_FILES = ("model.npz", "metrics.json")
+
+
 def build_parser():
     p = OneLineErrorParser(prog="python -m nemon_np.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -146,7 +150,10 @@ def build_parser():
     p.add_argument("--data-dir", default=None,
                    help="folder with the official files (else $NEMON_DATA, else ~/.cache/nemon_np; "
                         "downloaded there when absent)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<timestamp>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<timestamp>); a folder that "
+                                               "already holds a run is an error, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out name a folder that holds a run, and replace its model, metrics and figures")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is one on a terminal only: a log file gets the per-epoch lines)")
     p.add_argument("--limit-train", type=int, default=None,
@@ -173,6 +180,8 @@ def _resumed_run(parser, args):
     """(config, metrics history, out folder) of the run that ``--resume`` names, with its dataset and
     --limit-train put back into ``args``; a flag that would change the run is a one-line error."""
     ignored = {"resume", "data_dir", "no_progress"}
+    if args.overwrite:
+        parser.error("--resume continues a run and --overwrite replaces one: give one of them")
     changed = [k for k, v in vars(args).items() if k not in ignored and v != parser.get_default(k)]
     if changed:
         parser.error(f"--resume continues a run with its own settings; drop --{changed[0].replace('_', '-')}")
@@ -200,10 +209,17 @@ def main(argv=None):
         config.validate()
         if args.limit_train is not None and args.limit_train < 1:
             raise ValueError(f"--limit-train must be >= 1, got {args.limit_train}")
+        if not 0 <= config.certified_eps <= 1:
+            raise ValueError(f"--certified-eps is a radius in pixel units, in [0, 1] (0: no certified training), "
+                             f"got {config.certified_eps:g}")
     except ValueError as e:
         parser.error(str(e))
     if args.resume is None:
         out = pathlib.Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not args.overwrite:
+            parser.error(f"--out {out} already holds a run ({', '.join(held)}): pass --overwrite to replace it, "
+                         f"--resume {out} to continue it, or another --out")
     run = {"dataset": args.dataset, "limit_train": args.limit_train}
     try:
         data = load_dataset(args.dataset, args.data_dir)

@@ -118,3 +118,58 @@ def test_resume_with_a_training_flag_names_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path)])
     assert "holds no resumable run" in _error_line(capsys)
+
+
+def test_out_naming_a_run_is_an_error_unless_overwrite(tmp_path, shared_data, capsys):
+    """A second run into a folder that holds one stops before touching it; --overwrite replaces it."""
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(shared_data), "--epochs", "1", "--limit-train", "500", "--hidden", "10",
+             "--no-progress", "--out", str(run)]
+    assert train.main(flags) == 0
+    before = (run / "model.npz").read_bytes()
+    with pytest.raises(SystemExit):
+        train.main(flags + ["--hidden", "20"])
+    line = _error_line(capsys)
+    assert str(run) in line and "already holds a run" in line and "--overwrite" in line and "--resume" in line
+    assert (run / "model.npz").read_bytes() == before
+    assert train.main(flags + ["--hidden", "20", "--overwrite"]) == 0
+    assert load_model(run / "model.npz").n_hidden == 20
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run), "--overwrite"])
+    assert "give one of them" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [(["--certified-eps", "2"], "pixel units, in [0, 1]"),
+                                          (["--certified-eps", "-0.1"], "must be a finite number >= 0")])
+def test_eps_outside_the_pixel_range_is_an_error(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out", str(tmp_path / "o")])
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_robustness_eps_outside_the_pixel_range_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        robustness.main([str(tmp_path), "--eps", "0.1", "1.5"])
+    assert "in [0, 1]; got 0.1 1.5" in _error_line(capsys)
+
+
+def test_a_sweep_given_training_flags_before_the_separator_says_where_they_go(tmp_path, capsys):
+    from nemon_np import sweep
+    with pytest.raises(SystemExit):
+        sweep.main(["--dataset", "mnist", "--grid", "gamma=0.5,0.9", "--out", str(tmp_path)])
+    line = _error_line(capsys)
+    assert "--dataset is a training flag: training flags go after --" in line
+    with pytest.raises(SystemExit):
+        sweep.main(["--bogus", "--out", str(tmp_path)])
+    assert "unrecognized arguments: --bogus" in _error_line(capsys)
+
+
+def test_a_sweep_resumes_a_stopped_run_and_restarts_one_that_never_finished_an_epoch(tmp_path):
+    from nemon_np.sweep import _rerun_argv
+    from nemon_np.training import TRAINING_STATE
+    argv = ["--epochs", "3", "--data-dir", "/d", "--seed", "0", "--out", str(tmp_path), "--no-progress"]
+    assert _rerun_argv(argv, tmp_path) == argv + ["--overwrite"]
+    (tmp_path / "model.npz").write_bytes(b"")
+    (tmp_path / TRAINING_STATE).write_bytes(b"")
+    assert _rerun_argv(argv, tmp_path) == ["--resume", str(tmp_path), "--no-progress", "--data-dir", "/d"]
