@@ -117,3 +117,28 @@ def test_bad_inputs_are_one_line_errors():
     conv = ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.5)
     with pytest.raises(ValueError, match="exact verification handles dense NEMONs, got ConvNEMON"):
         certify(conv, np.full((1, 16), 0.5), [0], 0.1, "exact")
+
+
+def test_radii_bracket_the_exact_radius():
+    """crown's radius <= exact's lower end <= PGD's radius; exact's bracket is tol wide where decided, a
+    grid over the ball of the lower radius keeps the label and exact's upper end is a real
+    counterexample's distance."""
+    from nemon_np.radius import attack_radius, certified_radius, exact_radius
+    model = _model(2)
+    P, y = _images(model, 2, m=6)
+    tol = 0.004
+    crown = certified_radius(model, P, y, "crown", eps_max=0.3, resolution=tol, **TOL)
+    lower, upper = exact_radius(model, P, y, eps_max=0.3, resolution=tol, **TOL)
+    pgd = attack_radius(model, P, y, eps_max=0.3, resolution=tol)
+    assert np.all(crown <= lower + 1e-12) and np.all(lower <= upper) and np.all(lower <= pgd + tol)
+    assert np.all(upper - lower <= 2 * tol) and np.any(lower > crown)
+    for i in range(len(P)):
+        if lower[i] > 0:
+            assert _grid_robust(model, P[i:i + 1], y[i:i + 1], lower[i], n=41)[0]
+
+
+def test_radius_arguments_are_checked():
+    from nemon_np.radius import certified_radius
+    model = _model(2)
+    with pytest.raises(ValueError, match="eps_max must lie in"):
+        certified_radius(model, np.full((1, 2), 0.5), [0], eps_max=2.0)
