@@ -1,7 +1,7 @@
 """How much robustness the certificates leave unproven (issue 26): exact verification of a dense NEMON
 beside the interval, crown and lp certificates and PGD, on the first test images.
 
-Run:  python benchmarks/exact_verification.py RUN --data-dir DIR --eps 0.02 --images 200 [--time-limit 60]
+Run:  python benchmarks/exact_verification.py RUN --data-dir DIR --eps 0.02 --images 200 [--time-limit 60] [--jobs 2]
           [--out docs/figures/exact_verification_0.02.json]
 
 RUN is a folder written by ``python -m nemon_np.train`` with a dense NEMON (``make run`` trains the
@@ -36,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--eps", type=float, default=0.02, help="radius in pixel units")
     parser.add_argument("--images", type=int, default=200, help="the first N test images")
     parser.add_argument("--time-limit", type=float, default=60.0, help="exact's seconds per image")
+    parser.add_argument("--jobs", type=int, default=2, help="processes sharing exact's images")
     parser.add_argument("--out", default=None, help="JSON file (default docs/figures/exact_verification_<eps>.json)")
     args = parser.parse_args(argv)
     path = pathlib.Path(args.run)
@@ -51,8 +52,8 @@ def main(argv=None):
         seconds[name] = (time.perf_counter() - t0) / args.images
     t0 = time.perf_counter()
     bar = tqdm(total=args.images, desc="exact", unit="image")
-    exact = certify(model, pixels, labels, args.eps, ExactCertificate(args.time_limit), batch_size=1,
-                    progress=lambda n: bar.update(n - bar.n))
+    exact = certify(model, pixels, labels, args.eps, ExactCertificate(args.time_limit, args.jobs),
+                    batch_size=10 * args.jobs, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     seconds["exact"] = (time.perf_counter() - t0) / args.images
     adversarial = attack(model, pixels, labels, args.eps, "pgd", steps=20, seed=0)

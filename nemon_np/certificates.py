@@ -133,20 +133,41 @@ class CombinedCertificate(Certificate):
 @_register
 class ExactCertificate(Certificate):
     """Complete verification of dense NEMONs (:func:`nemon_np.exact.verify_exact`): crown first, then a
-    mixed-integer program for each pair it leaves open; ``time_limit`` seconds an image."""
+    mixed-integer program for each pair it leaves open; ``time_limit`` seconds an image; ``n_jobs``
+    processes share the images (the same statuses as one, up to what a time limit cuts off)."""
     name = "exact"
     relaxed = False
+    KEYS = ("margins", "status", "counterexamples", "counterexample_margins", "seconds", "binaries")
 
-    def __init__(self, time_limit=60.0):
-        self.time_limit = time_limit
+    def __init__(self, time_limit=60.0, n_jobs=1):
+        self.time_limit, self.n_jobs = time_limit, int(n_jobs)
+        if self.n_jobs < 1:
+            raise ValueError(f"n_jobs must be >= 1, got {n_jobs!r}")
 
     def run(self, model, pixels, labels, eps, **options):
         from .exact import verify_exact
         crown = CrownCertificate().margins(model, pixels, labels, eps, **options)
-        res = verify_exact(model, pixels, labels, eps, time_limit=self.time_limit, relaxed=self.relaxed,
-                           lower_bounds=crown, **options)
-        return {k: res[k] for k in ("margins", "status", "counterexamples", "counterexample_margins", "seconds",
-                                    "binaries")}
+        args = dict(time_limit=self.time_limit, relaxed=self.relaxed, **options)
+        labels = np.asarray(labels)
+        if self.n_jobs == 1 or len(labels) < 2:
+            res = verify_exact(model, pixels, labels, eps, lower_bounds=crown, **args)
+            return {k: res[k] for k in self.KEYS}
+        from concurrent.futures import ProcessPoolExecutor
+        parts = [np.arange(s, len(labels), self.n_jobs) for s in range(self.n_jobs)]
+        import multiprocessing
+        # spawn, not fork: forked children of a process with BLAS and numba threads can hang
+        with ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(verify_exact, model, pixels[p], labels[p], eps, lower_bounds=crown[p], **args)
+                       for p in parts]
+            results = [f.result() for f in futures]
+        out = {}
+        for k in self.KEYS:
+            first = results[0][k]
+            out[k] = np.empty((len(labels),) + first.shape[1:], first.dtype if k != "status" else object)
+            for p, res in zip(parts, results):
+                out[k][p] = res[k]
+        out["status"] = out["status"].astype(str)
+        return out
 
     def margins(self, model, pixels, labels, eps, **options):
         return self.run(model, pixels, labels, eps, **options)["margins"]

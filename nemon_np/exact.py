@@ -21,13 +21,16 @@ inequalities hold on its feasible set, so it is never below crown's bound over t
 Solver tolerances. HiGHS works in floating point with feasibility tolerances of 1e-7 (primal) and
 1e-6 (integrality); violations enlarge the feasible set and so lower the computed minimum. A pair
 (image, class) is proved only when the solver's dual bound on the minimum (for a MILP the branch-
-and-bound bound, for an LP its optimum) exceeds tau = DECISION_TOL (1 + ||C_k - C_j||_1 max|g|), which
-allows for the tolerances at the problem's scale. This is a numerical proof, not a floating-point one
-(the interval and crown bounds are the latter). A counterexample is never taken from the solver
-as is: its input is clipped to the ball, mapped back to pixels and the fixed point solved again in
-float64; the image is falsified only when that margin is <= 0.
+and-bound bound, for an LP its optimum) exceeds tau = DECISION_TOL (1 + ||C_k - C_j||_1 max|g|
++ |c_k - c_j|), which allows for the tolerances at the problem's scale. This is a numerical proof,
+not a floating-point one (the interval and crown bounds are the latter). The search asks only for the
+margin's sign: it stops once the dual bound is positive (a relative gap of 0.99) or an incumbent is
+below -tau. A counterexample is never taken from the solver as is: its input is clipped to the ball,
+mapped back to pixels and the fixed point solved again in float64; the image is falsified only when
+that margin is <= 0.
 """
 import time
+import warnings
 
 import numpy as np
 from scipy.optimize import OptimizeResult
@@ -163,19 +166,26 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
         start = time.perf_counter()
         if open_j:
             u, g, cons, binaries[i], bound = fixed_point_program(model, U_lo[i], U_hi[i], X_lo[i], X_hi[i], relaxed)
-            w = cp.Parameter(g.shape[0])
-            problem = cp.Problem(cp.Minimize(w @ g), cons)
+            # The margin itself is the objective (its constant times a variable fixed at 1), so that
+            # the solver's gap and dual bound are the margin's.
+            w, offset, one = cp.Parameter(g.shape[0]), cp.Parameter(), cp.Variable()
+            problem = cp.Problem(cp.Minimize(w @ g + offset * one), cons + [one == 1])
         decided = True
         for j in open_j:
-            w.value = C[k] - C[j]
+            w.value, offset.value = C[k] - C[j], c[k] - c[j]
             left = time_limit - (time.perf_counter() - start)
             if left <= 0:
                 decided = False
                 break
-            tau = DECISION_TOL * (1 + np.abs(w.value).sum() * bound)
+            tau = DECISION_TOL * (1 + np.abs(w.value).sum() * bound + abs(offset.value))
             try:
-                problem.solve(solver=cp.HIGHS, time_limit=left, mip_rel_gap=1e-9, mip_abs_gap=tau / 10,
-                              output_flag=False)
+                # Only the margin's sign is asked: a relative gap of 0.99 ends the search once the dual
+                # bound is above 1% of a positive incumbent, and the target once an incumbent is below
+                # -tau. cvxpy warns of "inaccurate" solutions at these stops; the dual bound is read.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+                    problem.solve(solver=cp.HIGHS, time_limit=left, mip_rel_gap=0.99, mip_abs_gap=tau / 10,
+                                  objective_target=-tau, output_flag=False)
             except cp.error.SolverError:
                 decided = False
                 continue
@@ -183,11 +193,11 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
             dual = getattr(info, "mip_dual_bound", None) if binaries[i] else problem.value
             solved = problem.status in ("optimal", "optimal_inaccurate", "user_limit")
             if dual is not None and np.isfinite(dual) and solved:
-                margins[i, j] = max(margins[i, j], dual + c[k] - c[j] - tau)
+                margins[i, j] = max(margins[i, j], dual - tau)
             if margins[i, j] > 0:
                 continue
             decided = False
-            if not relaxed and u.value is not None and problem.value is not None and problem.value + c[k] - c[j] < tau:
+            if not relaxed and u.value is not None and problem.value is not None and problem.value < tau:
                 # The solver's input, clipped into the ball, as pixels; re-solved in float64.
                 u_in = np.clip(u.value, U_lo[i], U_hi[i])
                 cand = np.clip(u_in * std + mean, np.maximum(P[i] - eps, 0), np.minimum(P[i] + eps, 1))

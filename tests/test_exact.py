@@ -109,9 +109,21 @@ def test_an_image_out_of_time_is_unknown_never_certified():
     assert np.array_equal(res.certified[crown.certified], crown.certified[crown.certified])
 
 
+def test_processes_share_the_images_with_the_same_results():
+    model = _model(4)
+    P, y = _images(model, 4)
+    one = certify(model, P, y, 0.1, "exact", **TOL)
+    two = certify(model, P, y, 0.1, ExactCertificate(n_jobs=2), **TOL)
+    assert np.array_equal(one.status, two.status) and np.array_equal(one.certified, two.certified)
+    assert np.array_equal(np.isnan(one.counterexamples), np.isnan(two.counterexamples))
+    np.testing.assert_allclose(one.margins, two.margins, rtol=1e-9, atol=1e-9)
+
+
 def test_bad_inputs_are_one_line_errors():
     model = _model(2)
     P, y = _images(model, 2, m=2)
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        ExactCertificate(n_jobs=0)
     with pytest.raises(ValueError, match="time_limit must be a positive number"):
         certify(model, P, y, 0.1, ExactCertificate(time_limit=0), **TOL)
     conv = ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.5)
