@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test docs bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+## docs: the documentation site (Sphinx: API reference, user guide, benchmarks) in docs/_build/html,
+## warnings as errors
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/generated
+	$(PY) -m sphinx -q -W -b html docs docs/_build/html
+	@echo "wrote docs/_build/html/index.html"
+
 ## bench: the benchmarks whose output is recorded in docs/benchmarks.md
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
@@ -31,5 +43,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_conv.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build docs/generated
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

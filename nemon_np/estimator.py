@@ -128,3 +128,8 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
         """The class of the largest logit, among ``classes_``."""
         index = np.argmax(self._logits(X), axis=1)   # first: it checks that the model is fitted
         return self.classes_[index]
+
+    def score(self, X, y, sample_weight=None):
+        """Mean accuracy of :meth:`predict` on (X, y), weighted by ``sample_weight`` if given
+        (scikit-learn's ClassifierMixin.score, which is what runs)."""
+        return super().score(X, y, sample_weight)

@@ -93,8 +93,8 @@ def enclosing_center_radius(lo, hi):
 
 
 def margin_lower_bounds(C, c, X_c, X_r, labels):
-    """Lower bounds of y_k - y_j over the box [X_c - X_r, X_c + X_r] of features, k = labels:
-    ``(C_k - C_j) . x_c - |C_k - C_j| . x_r + c_k - c_j``, shape (m, n_out), 0 at j = k.
+    """Lower bounds of y_k - y_j over the box [X_c - X_r, X_c + X_r] of features, k = labels, shape
+    (m, n_out), 0 at j = k: ``(C_k - C_j) x_c - |C_k - C_j| x_r + c_k - c_j``.
 
     C (n_out, n), c (n_out,), X_c and X_r (m, n), labels (m,) integers.
     """
