@@ -6,6 +6,7 @@ import pytest
 from hypothesis import settings
 
 import nemon_np
+import nemon_np.conv
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,3 +62,23 @@ def shared_data():
 settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def conv_as_dense(conv):
+    """The conv model as a dense NEMON on the channel-first flattened state, from conv_matrix."""
+    (Hh, Ww), C, s = conv.image_size, conv.channels, conv.pool
+    n = C * Hh * Ww
+    dense = nemon_np.NEMON(conv.n_in, n, conv.n_out, gamma=conv.gamma, readout_hidden=conv.readout_hidden)
+    dense.A = nemon_np.conv.conv_matrix(conv.K, Hh, Ww, conv.padding)
+    dense.B = nemon_np.conv.conv_matrix(conv.B, Hh, Ww, conv.padding)
+    dense.b = np.repeat(conv.b, Hh * Ww)
+    pool = np.zeros(((Hh // s) * (Ww // s) * C, n))   # features in the conv model's (i, j, channel) order
+    for c in range(C):
+        for i in range(Hh):
+            for j in range(Ww):
+                pool[((i // s) * (Ww // s) + j // s) * C + c, (c * Hh + i) * Ww + j] = 1.0 / (s * s)
+    if conv.H is None:
+        dense.C, dense.c = conv.C @ pool, conv.c
+    else:
+        dense.H, dense.h, dense.C, dense.c = conv.H @ pool, conv.h, conv.C, conv.c
+    return dense

@@ -7,7 +7,7 @@ from nemon_np import ConvNEMON
 from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.pixels import to_inputs
 
-from conftest import random_model
+from conftest import conv_as_dense, random_model
 
 TOL = dict(tol=1e-10)
 
@@ -97,6 +97,29 @@ def test_no_certificate_certifies_an_image_that_exact_falsifies(kind):
         for name in ("lipschitz", "interval", "crown", "combined", "lp"):
             res = certify(model, P, y, eps, name, **TOL)
             assert not np.any(res.certified & (exact.status == "falsified")), name
+
+
+def test_no_certificate_of_a_conv_model_certifies_what_exact_falsifies_on_it_written_densely():
+    """A conv NEMON (2 x 4 x 4 inputs, 3 channels) is a dense NEMON through conv_matrix: exact on the
+    dense form is the oracle of every certificate of the conv form."""
+    from nemon_np.conv import mu_inf_conv
+    rng = np.random.default_rng(1)
+    conv = ConvNEMON(2, (4, 4), channels=3, kernel=3, n_out=3, pool=2, gamma=0.9, seed=1, dtype=np.float64)
+    K = rng.normal(size=conv.K.shape)
+    conv.K, conv.b = K * 0.6 / mu_inf_conv(np.abs(K)), 0.3 * rng.normal(size=3)
+    conv.B = 3 * conv.B
+    dense = conv_as_dense(conv)
+    P = rng.uniform(0.2, 0.8, size=(12, conv.n_in))
+    y = dense.predict(to_inputs(dense, P), tol=1e-12)
+    np.testing.assert_array_equal(conv.predict(to_inputs(conv, P), tol=1e-12), y)
+    falsified = 0
+    for eps in (0.03, 0.1):
+        exact = certify(dense, P, y, eps, "exact", **TOL)
+        falsified += np.sum(exact.status == "falsified")
+        for name in ("lipschitz", "interval", "crown", "combined"):
+            res = certify(conv, P, y, eps, name, **TOL)
+            assert not np.any(res.certified & (exact.status == "falsified")), name
+    assert falsified > 0   # the check is not vacuous
 
 
 def test_an_image_out_of_time_is_unknown_never_certified():

@@ -4,12 +4,12 @@ margins, and the conv path equal to the same model written as a dense NEMON."""
 import numpy as np
 import pytest
 
-from nemon_np import ConvNEMON, NEMON
+from nemon_np import ConvNEMON
 from nemon_np.certificates import certify
-from nemon_np.conv import conv_matrix, mu_inf_conv
+from nemon_np.conv import mu_inf_conv
 from nemon_np.pixels import to_inputs
 from nemon_np.relaxation import crown_multipliers, relu_offsets, relu_relaxation, relu_relaxation_grad
-from conftest import box_samples, finite_difference, random_model
+from conftest import box_samples, conv_as_dense, finite_difference, random_model
 
 EXACT = dict(tol=1e-12, max_iter=20_000)
 
@@ -109,29 +109,10 @@ def test_more_steps_never_lower_the_bound_and_steps_are_checked(rng):
         model.relaxed_margins(U, U, labels, steps=-1)
 
 
-def _as_dense(conv):
-    """The conv model as a dense NEMON on the channel-first flattened state, from conv_matrix."""
-    (Hh, Ww), C, s = conv.image_size, conv.channels, conv.pool
-    n = C * Hh * Ww
-    dense = NEMON(conv.n_in, n, conv.n_out, gamma=conv.gamma, readout_hidden=conv.readout_hidden)
-    dense.A, dense.B = conv_matrix(conv.K, Hh, Ww, conv.padding), conv_matrix(conv.B, Hh, Ww, conv.padding)
-    dense.b = np.repeat(conv.b, Hh * Ww)
-    pool = np.zeros(((Hh // s) * (Ww // s) * C, n))   # features in the conv model's (i, j, channel) order
-    for c in range(C):
-        for i in range(Hh):
-            for j in range(Ww):
-                pool[((i // s) * (Ww // s) + j // s) * C + c, (c * Hh + i) * Ww + j] = 1.0 / (s * s)
-    if conv.H is None:
-        dense.C, dense.c = conv.C @ pool, conv.c
-    else:
-        dense.H, dense.h, dense.C, dense.c = conv.H @ pool, conv.h, conv.C, conv.c
-    return dense
-
-
 @pytest.mark.parametrize("readout_hidden", [0, 5])
 def test_conv_relaxed_margins_equal_the_same_model_written_densely(rng, readout_hidden):
     conv = _conv(rng, readout_hidden)
-    dense = _as_dense(conv)
+    dense = conv_as_dense(conv)
     U = rng.normal(size=(6, conv.n_in))
     np.testing.assert_allclose(conv.logits(U, **EXACT), dense.logits(U, **EXACT), atol=1e-9)
     labels = conv.predict(U)
