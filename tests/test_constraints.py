@@ -106,4 +106,10 @@ def test_every_mode_starts_from_any_float32_model(key):
     for seed in range(60):
         model = (ConvNEMON(1, (8, 8), channels=6, pool=2, gamma=0.9, seed=seed, dtype=np.float32) if key[0] == "conv"
                  else NEMON(784, 100, 10, gamma=0.95, seed=seed, dtype=np.float32))
-        cls(model)
+        mode = cls(model)
+        P = getattr(model, mode.parameter).copy()
+        assert all(np.all(np.isfinite(v)) for v in mode.free.values()), seed
+        if cls.certificate == "mu_inf":   # inside its set, in float32 itself
+            assert model.mu_inf() <= model.gamma, seed
+        mode.apply(model)   # the free parameters found reproduce the matrix they were found from
+        np.testing.assert_allclose(getattr(model, mode.parameter), P, rtol=0, atol=1e-6, err_msg=str(seed))

@@ -326,10 +326,13 @@ def test_cli_trains_a_conv_model_and_evaluates_it(shared_data, tmp_path, capsys)
                             "--eps", "0", "0.01"]) == 0
     report = json.loads((out / "robustness.json").read_text())
     assert report["lipschitz_bound"] >= report["lipschitz_empirical"] > 0
+    pgd = report["attacks"]["pgd"]
     for row in ("certified-lipschitz", "certified-interval"):
-        assert all(a >= c for a, c in zip(report["attacks"]["pgd"], report["certified"][row]))
-    # The interval bounds certify no fewer points than the Lipschitz bound on this model at these radii.
-    assert report["certified"]["certified-interval"] >= report["certified"]["certified-lipschitz"]
+        assert len(report["certified"][row]) == len(pgd) == 2
+        assert all(a >= c for a, c in zip(pgd, report["certified"][row])), row
+    # The interval bounds certify no fewer points than the Lipschitz bound on this model, at each radius.
+    assert all(i >= lip for i, lip in zip(report["certified"]["certified-interval"],
+                                          report["certified"]["certified-lipschitz"]))
     assert (out / "robustness.png").stat().st_size > 1000
 
 

@@ -194,6 +194,9 @@ def test_kappa_one_is_the_clean_loss(rng):
     loss, grads = model.certified_loss_and_grad(U, y, U - 0.1, U + 0.1, 1.0, tol=1e-10)
     clean, clean_grads = model.loss_and_grad(U, y, tol=1e-10)
     assert loss == clean
+    assert grads.keys() == clean_grads.keys()
+    for name, g in clean_grads.items():
+        np.testing.assert_array_equal(grads[name], g, err_msg=name)
     with pytest.raises(ValueError, match="kappa"):
         model.certified_loss_and_grad(U, y, U - 0.1, U + 0.1, 1.5)
 
