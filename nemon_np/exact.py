@@ -1,4 +1,5 @@
-"""Complete verification of dense NEMONs by mixed-integer linear programming (cvxpy, solved by HiGHS).
+"""Complete verification of dense NEMONs, and of stacks of dense layers around one, by mixed-integer
+linear programming (cvxpy, solved by HiGHS).
 
 Over the input box [u_lo, u_hi] of an image's eps-ball, the fixed point x* = relu(z), z = A x* + B u + b,
 is unique (mu_inf(A) < 1), so the set {(u, x*(u))} is exactly the set of (u, x) that satisfy, unit by
@@ -13,6 +14,9 @@ The boxes are sound: x*'s is the embedded network's (:meth:`nemon_np.base.Embedd
 z's its image under A x + B u + b by interval arithmetic, narrowed by z <= x*_hi and, where x*_lo > 0,
 z >= x*_lo (x* = relu(z)); the same holds for a hidden read-out layer g = relu(H x* + h). Minimizing a
 margin y_k - y_j = (C_k - C_j) g + c_k - c_j over these constraints is its exact minimum over the ball.
+The same holds layer by layer in a stack (:func:`stack_program`): each dense layer kind has ``milp``,
+its constraints between the expressions of its input and output over their boxes (an affine map for
+dense and batch normalization at evaluation, the encoding above for relu and the implicit layer).
 
 Relaxing every d_i to [0, 1] gives the ``lp`` bound: the triangle relaxation of each relu (eliminating
 d_i leaves x_i <= h_i (z_i - l_i) / (h_i - l_i)), a linear program over the same boxes. CROWN's
@@ -37,7 +41,7 @@ from scipy.optimize import OptimizeResult
 
 from .pixels import channel_stats, input_box, to_inputs
 
-__all__ = ["DECISION_TOL", "relu_constraints", "fixed_point_program", "verify_exact"]
+__all__ = ["DECISION_TOL", "relu_constraints", "affine_box", "as_dense_stack", "stack_program", "verify_exact"]
 
 DECISION_TOL = 1e-6
 
@@ -65,7 +69,7 @@ def relu_constraints(out, z, lo, hi, relaxed=False):
     return cons, 0 if relaxed else len(changes)
 
 
-def _affine_box(W, b, c, r):
+def affine_box(W, b, c, r):
     """The box of W v + b over [c - r, c + r] in float64, widened by 1e-12 of its terms' magnitude
     (far above the rounding of the products; the encoding needs bounds that hold, not tight ones)."""
     center, radius = W @ c + b, np.abs(W) @ r
@@ -73,37 +77,36 @@ def _affine_box(W, b, c, r):
     return center - radius, center + radius
 
 
-def fixed_point_program(model, u_lo, u_hi, x_lo, x_hi, relaxed=False):
-    """The constraints of one image (module docstring) for a dense NEMON with float64 parameters:
-    (u, features, constraints, binaries, feature_bound): cvxpy variables of the input (n_in,) and of
-    the read-out's features g (x*, or the hidden layer's relu(H x* + h)), the constraints, the number
-    of binaries and max |g| over the boxes."""
-    import cvxpy as cp
-    A, B, b = (np.asarray(p, np.float64) for p in (model.A, model.B, model.b))
-    u, x = cp.Variable(len(u_lo)), cp.Variable(len(x_lo))
-    x_c, x_r = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
-    u_c, u_r = (u_lo + u_hi) / 2, (u_hi - u_lo) / 2
-    z_lo, z_hi = _affine_box(np.hstack([A, B]), b, np.concatenate([x_c, u_c]), np.concatenate([x_r, u_r]))
-    z_hi = np.minimum(z_hi, x_hi)
-    z_lo = np.where(x_lo > 0, np.maximum(z_lo, x_lo), z_lo)
-    cons, binaries = relu_constraints(x, A @ x + B @ u + b, z_lo, z_hi, relaxed)
-    cons += [u >= u_lo, u <= u_hi, x >= x_lo, x <= x_hi]
-    features, bound = x, float(np.max(np.abs([x_lo, x_hi])))
-    if model.H is not None:
-        H, h = np.asarray(model.H, np.float64), np.asarray(model.h, np.float64)
-        p_lo, p_hi = _affine_box(H, h, x_c, x_r)
-        g = cp.Variable(len(h))
-        more, extra = relu_constraints(g, H @ x + h, p_lo, p_hi, relaxed)
-        cons, binaries, features = cons + more, binaries + extra, g
-        bound = float(np.max(np.maximum(p_hi, 0)))
-    return u, features, cons, binaries, bound
-
-
-def _check_model(model):
+def as_dense_stack(model):
+    """The model as a :class:`nemon_np.stack.StackedClassifier` (a NEMON through ``from_model``, the
+    same certificates), every layer of which has a mixed-integer form; a one-line error otherwise."""
     from .models import NEMON
-    if not isinstance(model, NEMON):
-        raise ValueError(f"exact verification handles dense NEMONs, got {type(model).__name__}")
-    model._check_interval()
+    from .stack import StackedClassifier
+    if isinstance(model, NEMON):
+        model = StackedClassifier.from_model(model)
+    if not isinstance(model, StackedClassifier):
+        raise ValueError(f"exact verification handles dense NEMONs and stacks of dense layers, got "
+                         f"{type(model).__name__}")
+    for layer in model.layers[:-1]:
+        if not hasattr(layer, "milp"):
+            raise ValueError(f"exact verification handles dense layers; {layer.token} has no mixed-integer form")
+    return model
+
+
+def stack_program(stack, boxes, relaxed=False):
+    """The constraints of one image (module docstring) through every layer's ``milp``: ``boxes`` the
+    float64 boxes (lo, hi) of :meth:`nemon_np.stack.StackedClassifier.enclosing_boxes` for this image
+    (entry 0 the input's). Returns (u, features, constraints, binaries, feature_bound): the input
+    variable, the logits layer's input as an expression, the constraints, the number of binaries and
+    max |features| over its box."""
+    import cvxpy as cp
+    lo, hi = boxes[0]
+    u = cp.Variable(len(lo))
+    expr, cons, binaries = u, [u >= lo, u <= hi], 0
+    for i, layer in enumerate(stack.layers[:-1]):
+        expr, more, extra = layer.milp(expr, boxes[i], boxes[i + 1], relaxed)
+        cons, binaries = cons + more, binaries + extra
+    return u, expr, cons, binaries, float(np.max(np.abs(boxes[-1])))
 
 
 def _verified_margins(model64, pixels, label, options):
@@ -119,7 +122,8 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
 
     Parameters
     ----------
-    model : dense NEMON (weighted or not, with or without a hidden read-out layer), mu_inf < 1
+    model : dense NEMON (weighted or not, with or without a hidden read-out layer), or a stack of dense
+        layers (dense, relu, bn, flatten, nemon), mu_inf < 1
     pixels : (m, features) in [0, 1]; labels : (m,) true classes; eps : float >= 0
     time_limit : seconds per image over all its open classes; what runs out is "unknown"
     relaxed : True solves the LP relaxation (the ``lp`` bound): an image is then "certified" or "unknown"
@@ -137,7 +141,7 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
     ``seconds`` (m,) solver time per image; ``binaries`` (m,) binaries per program.
     """
     import cvxpy as cp
-    _check_model(model)
+    model = as_dense_stack(model)
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
     if P.ndim != 2 or labels.shape != (len(P),):
@@ -146,9 +150,9 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     m, n_out = len(P), model.n_out
     U_lo, U_hi = input_box(model, P, eps)
-    X_lo, X_hi, _ = model.interval_bounds(U_lo, U_hi, **options)
+    boxes = model.enclosing_boxes(U_lo, U_hi, **options)
     model64 = model.astype(np.float64)
-    C, c = np.asarray(model.C, np.float64), np.asarray(model.c, np.float64)
+    C, c = (np.asarray(p, np.float64) for p in (model.layers[-1].W, model.layers[-1].b))
     mean, std = channel_stats(model, P.shape[1])
     known = np.full((m, n_out), -np.inf) if lower_bounds is None else np.array(lower_bounds, np.float64)
     status = np.full(m, "unknown", dtype=object)
@@ -165,7 +169,7 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
         open_j = [j for j in np.argsort(known[i]) if j != k and not known[i, j] > 0]
         start = time.perf_counter()
         if open_j:
-            u, g, cons, binaries[i], bound = fixed_point_program(model, U_lo[i], U_hi[i], X_lo[i], X_hi[i], relaxed)
+            u, g, cons, binaries[i], bound = stack_program(model, [(lo[i], hi[i]) for lo, hi in boxes], relaxed)
             # The margin itself is the objective (its constant times a variable fixed at 1), so that
             # the solver's gap and dual bound are the margin's.
             w, offset, one = cp.Parameter(g.shape[0]), cp.Parameter(), cp.Variable()
@@ -199,7 +203,7 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
             decided = False
             if not relaxed and u.value is not None and problem.value is not None and problem.value < tau:
                 # The solver's input, clipped into the ball, as pixels; re-solved in float64.
-                u_in = np.clip(u.value, U_lo[i], U_hi[i])
+                u_in = np.clip(u.value, boxes[0][0][i], boxes[0][1][i])
                 cand = np.clip(u_in * std + mean, np.maximum(P[i] - eps, 0), np.minimum(P[i] + eps, 1))
                 found = _verified_margins(model64, cand, k, options)
                 if np.any(np.delete(found, k) <= 0):

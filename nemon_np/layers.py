@@ -24,6 +24,9 @@ and has
   that ``box`` gave, without rounding allowances; ``beta`` (m, r) is what the step adds to the rows'
   constants, and its gradient: d_box_in and d_box_out are (d centre, d radius) of the boxes the step
   read, or None;
+* ``milp(expr, box_in, box_out, relaxed)`` -> (expr', constraints, binaries), dense layer kinds only:
+  the layer as mixed-integer linear constraints in cvxpy between the expression of its input and
+  that of its output, over the float64 boxes of one image (:mod:`nemon_np.exact`);
 * ``lipschitz_rows()``: a matrix whose ||.||_inf (largest absolute row sum) bounds the layer's
   l_inf -> l_inf gain, None for a gain of at most 1;
 * ``token``: the layer in the architecture string (:func:`nemon_np.stack.parse_architecture`).
@@ -44,6 +47,7 @@ from .base import EmbeddedNetwork
 from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, relu_box, relu_box_grad
 from .conv import PADDINGS, average_pool, average_pool_transpose
 from .conv_model import ConvImplicitMap
+from .exact import affine_box, relu_constraints
 from .models import DenseImplicitMap
 from .relaxation import (batched_dot, concretize, crown_multipliers, relu_offsets, relu_relaxation,
                          relu_relaxation_grad, unrolled_bounds)
@@ -223,6 +227,9 @@ class Dense(_Affine):
     def lipschitz_rows(self):
         return np.asarray(self.W, np.float64)
 
+    def milp(self, expr, box_in, box_out, relaxed):
+        return np.asarray(self.W, np.float64) @ expr + np.asarray(self.b, np.float64), [], 0
+
 
 def conv_output_size(size, kernel, stride, padding):
     """(size + 2 padding - kernel) // stride + 1: the output length of a strided convolution."""
@@ -369,6 +376,12 @@ class ReLU(Layer):
         dlo, dhi = dlo[:, 0], dhi[:, 0]
         return dLam, (dlo + dhi, dhi - dlo), None, {}
 
+    def milp(self, expr, box_in, box_out, relaxed):
+        import cvxpy as cp
+        out = cp.Variable(len(box_in[0]))
+        cons, binaries = relu_constraints(out, expr, box_in[0], box_in[1], relaxed)
+        return out, cons + [out >= box_out[0], out <= box_out[1]], binaries
+
 
 @_register
 class Flatten(Layer):
@@ -403,6 +416,11 @@ class Flatten(Layer):
 
     def relax_backward(self, dLam_in, dbeta, shape, options):
         return dLam_in.reshape(shape), None, None, {}
+
+    def milp(self, expr, box_in, box_out, relaxed):
+        if len(self._in_shape) != 1:
+            raise ValueError("exact verification handles dense layers; flatten follows a spatial layer here")
+        return expr, [], 0
 
 
 @_register
@@ -605,6 +623,12 @@ class BatchNorm(Layer):
         grads = {"weight": (da - dshift * mu) / s, "bias": dshift}
         return dLam, (dX_c, None), None, grads
 
+    def milp(self, expr, box_in, box_out, relaxed):
+        import cvxpy as cp
+        a, shift = self._affine()   # evaluation: the affine map of the running statistics
+        n = len(box_in[0])
+        return cp.multiply(np.resize(a, n), expr) + np.resize(shift, n), [], 0
+
     def lipschitz_rows(self):
         a, _ = self._affine()
         return np.array([[np.abs(a).max()]])
@@ -803,6 +827,20 @@ class ImplicitDense(DenseImplicitMap, _ImplicitLayer):
 
     def _state_equilibrium(self, X, options):
         return self.equilibrium(X, **options)
+
+    def milp(self, expr, box_in, box_out, relaxed):
+        """x* = relu(z), z = A x* + B u + b, by the big-M encoding over the box of z that the boxes of x*
+        (``box_out``, the embedded network's) and of u give, narrowed by x* = relu(z) (:mod:`nemon_np.exact`)."""
+        import cvxpy as cp
+        A, B, b = (np.asarray(p, np.float64) for p in (self.A, self.B, self.b))
+        (u_lo, u_hi), (x_lo, x_hi) = box_in, box_out
+        x = cp.Variable(len(x_lo))
+        z_lo, z_hi = affine_box(np.hstack([A, B]), b, np.concatenate([x_lo + x_hi, u_lo + u_hi]) / 2,
+                                np.concatenate([x_hi - x_lo, u_hi - u_lo]) / 2)
+        z_hi = np.minimum(z_hi, x_hi)
+        z_lo = np.where(x_lo > 0, np.maximum(z_lo, x_lo), z_lo)
+        cons, binaries = relu_constraints(x, A @ x + B @ expr + b, z_lo, z_hi, relaxed)
+        return x, cons + [x >= x_lo, x <= x_hi], binaries
 
 
 @_register

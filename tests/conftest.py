@@ -57,6 +57,18 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def mnist_data(shared_data):
+    """The real MNIST of ../shared/data, loaded once (skips with the reason when it is absent)."""
+    from nemon_np.data import load_mnist
+    return load_mnist(shared_data, download=False)
+
+
+# Solver settings for comparisons with exact references: fixed points to 1e-12 (TIGHT: adjoints too).
+EXACT = dict(tol=1e-12, max_iter=20_000)
+TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
+
+
 # Property-based tests (tests/test_properties.py): a fixed example budget, derandomized, so that the
 # suite is deterministic and within its time budget; HYPOTHESIS_PROFILE=dev explores further.
 settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, print_blob=True)

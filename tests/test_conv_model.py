@@ -11,7 +11,7 @@ from nemon_np import ConvNEMON, load_model
 from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv, parametrize_conv_mu_inf,
                            parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
 from nemon_np.conv_solvers import conv_fixed_point
-from nemon_np.data import augment_crop_flip, augment_flip, augment_shift, load_mnist, normalize
+from nemon_np.data import augment_crop_flip, augment_flip, augment_shift, normalize
 from nemon_np.measures import norm_inf
 from nemon_np.certificates import certify
 from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
@@ -193,11 +193,8 @@ def test_flip_augmentation_mirrors_some_images_and_moves_none(rng):
 
 
 @pytest.fixture(scope="module")
-def mnist_images():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
-    d = load_mnist(SHARED_DATA, download=False)
+def mnist_images(mnist_data):
+    d = mnist_data
     return (normalize(d.train_images[:1500], d.mean, d.std), d.train_labels[:1500],
             normalize(d.test_images[:300], d.mean, d.std), d.test_labels[:300])
 

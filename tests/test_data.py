@@ -11,11 +11,8 @@ from nemon_np.data import (MNIST_FILES, DataError, data_dirs, load_cifar10, load
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
-    return load_mnist(SHARED_DATA, download=False)
+def mnist(mnist_data):
+    return mnist_data
 
 
 def test_real_mnist_loads_verified(mnist):

@@ -6,6 +6,7 @@ import pytest
 from nemon_np import ConvNEMON
 from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.pixels import to_inputs
+from nemon_np.stack import StackedClassifier
 
 from conftest import conv_as_dense, random_model
 
@@ -56,6 +57,32 @@ def test_exact_decides_every_image_and_agrees_with_a_grid_search(seed, readout_h
         assert np.all(np.abs(cx - P[i]) <= eps + 1e-12) and np.all((cx >= 0) & (cx <= 1))
         assert _margin_at(model, cx, y[i]) <= 0 and res.counterexample_margins[i] <= 0
     assert np.all(np.isnan(res.counterexamples[res.status == "certified"]))
+
+
+@pytest.mark.parametrize("arch,seed,scale", [("dense6,relu,nemon5,dense4,relu", 4, 10),
+                                             ("dense6,bn,relu,nemon5", 4, 4)])
+def test_exact_on_a_stack_of_dense_layers_agrees_with_a_grid_search(arch, seed, scale):
+    """Dense layers before and after the implicit layer (batch normalization at evaluation too); the
+    weights scaled up so that at eps 0.1 some balls are robust and some are not."""
+    rng = np.random.default_rng(7)
+    model = StackedClassifier(arch, (2,), 3, gamma=0.7, seed=seed, dtype=np.float64)
+    for layer in model.layers:
+        if "b" in layer.params():
+            layer.b[...] = 0.3 * rng.normal(size=layer.b.shape)
+        if "W" in layer.params():
+            layer.W *= scale if layer is model.layers[0] else 2
+        if "running_var" in layer.buffers():
+            layer.running_mean, layer.running_var = rng.normal(size=6) * 0.3, rng.uniform(0.5, 2.0, 6)
+    P = rng.uniform(0.2, 0.8, size=(12, 2))
+    y = model.predict(to_inputs(model, P, np.float64), tol=1e-12)
+    res = certify(model, P, y, 0.1, "exact", **TOL)
+    robust = _grid_robust(model, P, y, 0.1)
+    assert set(res.status) <= {"certified", "falsified"} and np.all(res.certified <= robust)
+    assert np.any(res.status == "certified") and np.any(res.status == "falsified")
+    for i in np.flatnonzero(res.status == "falsified"):
+        assert _margin_at(model, res.counterexamples[i], y[i]) <= 0
+    crown = certify(model, P, y, 0.1, "crown", **TOL)
+    assert np.all(crown.certified <= res.certified)
 
 
 def test_a_misclassified_image_is_falsified_by_itself():
@@ -150,8 +177,11 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="time_limit must be a positive number"):
         certify(model, P, y, 0.1, ExactCertificate(time_limit=0), **TOL)
     conv = ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.5)
-    with pytest.raises(ValueError, match="exact verification handles dense NEMONs, got ConvNEMON"):
+    with pytest.raises(ValueError, match="handles dense NEMONs and stacks of dense layers, got ConvNEMON"):
         certify(conv, np.full((1, 16), 0.5), [0], 0.1, "exact")
+    stack = StackedClassifier("conv2k3s1p1,relu,nemon4", (1, 4, 4), 3)
+    with pytest.raises(ValueError, match="conv2k3s1p1 has no mixed-integer form"):
+        certify(stack, np.full((1, 16), 0.5), [0], 0.1, "exact")
 
 
 def test_radii_bracket_the_exact_radius():

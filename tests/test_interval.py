@@ -9,9 +9,7 @@ from nemon_np.conv import mu_inf_conv
 from nemon_np.interval import embed, fold_embedded_grad, margin_lower_bounds, metzler_split
 from nemon_np.pixels import input_box, to_inputs
 from nemon_np.projection import parametrize_mondeq
-from conftest import box_samples, finite_difference, random_model
-
-EXACT = dict(tol=1e-12, max_iter=20_000)
+from conftest import EXACT, box_samples, finite_difference, random_model
 
 
 def _conv_model(rng, padding, mu=0.7, channels=3, dtype=np.float64):

@@ -3,9 +3,7 @@ import pytest
 
 import nemon_np
 from nemon_np import NEMON, lipschitz_bound, mu_inf, norm_inf
-from conftest import finite_difference, random_model
-
-TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
+from conftest import TIGHT, finite_difference, random_model
 
 
 def rel_err(a, b):

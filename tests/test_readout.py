@@ -14,10 +14,7 @@ from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth
 from nemon_np.pixels import to_inputs
 from nemon_np.readout import enclosing_hidden_box, hidden_box, hidden_box_grad, readout_affine_lower_bounds
 from nemon_np.train import main as train_main
-from conftest import box_samples, finite_difference, random_model
-
-EXACT = dict(tol=1e-12, max_iter=20_000)
-TIGHT = dict(tol=1e-13, adjoint_tol=1e-13, max_iter=20_000)
+from conftest import EXACT, TIGHT, box_samples, finite_difference, random_model
 
 
 def _dense(rng, weighted=False, n=7, p=5, mu=0.6, dtype=np.float64):

@@ -9,9 +9,7 @@ from nemon_np.certificates import certify
 from nemon_np.conv import mu_inf_conv
 from nemon_np.pixels import to_inputs
 from nemon_np.relaxation import crown_multipliers, relu_offsets, relu_relaxation, relu_relaxation_grad
-from conftest import box_samples, conv_as_dense, finite_difference, random_model
-
-EXACT = dict(tol=1e-12, max_iter=20_000)
+from conftest import EXACT, box_samples, conv_as_dense, finite_difference, random_model
 
 
 def test_the_relu_bound_holds_for_any_multipliers_and_zero_gives_intervals(rng):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from nemon_np.data import load_mnist, normalize
+from nemon_np.data import normalize
 from nemon_np.projection import parametrize_mondeq, parametrize_mondeq_grad
 from nemon_np.certificates import certify
 from nemon_np.lipschitz import lipschitz_bound, smooth_lipschitz_bound_and_grad
@@ -20,12 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(mnist_data):
     """A small float64 NEMON trained with Lipschitz regularization on real MNIST, and test pixels."""
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
-    d = load_mnist(SHARED_DATA, download=False)
+    d = mnist_data
     X = normalize(d.train_images[:3000], d.mean, d.std, np.float64)
     config = TrainConfig(hidden=30, epochs=2, gamma=0.5, lipschitz_reg=3e-2, dtype="float64", lr=3e-3, seed=4)
     model = Trainer(config, 784, 10).fit(X, d.train_labels[:3000], progress=False).model

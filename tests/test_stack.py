@@ -14,9 +14,8 @@ from nemon_np.losses import softmax_cross_entropy
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
 from nemon_np.training import TrainConfig, Trainer, restore_training_state, save_checkpoint, save_training_state
 
-from conftest import box_samples, finite_difference, random_model
+from conftest import EXACT, box_samples, finite_difference, random_model
 
-EXACT = dict(tol=1e-12, max_iter=5000)
 # Random stacks that between them hold every layer kind: strided and padded convolutions, pooling,
 # flatten (put in by the stack), dense, relu and the implicit layer before, between and after them.
 ARCHS = [("conv3k3s2p1,relu,conv4k3s1p1,relu,nemon7,dense5,relu", (2, 6, 6)),

@@ -5,7 +5,7 @@ import pytest
 
 import nemon_np
 from nemon_np import mu_inf
-from nemon_np.data import load_mnist, normalize
+from nemon_np.data import normalize
 from nemon_np.models import NEMON
 from nemon_np.optim import Adam, _adam_update, adam_update_reference, learning_rate
 from nemon_np.lipschitz import lipschitz_bound, lipschitz_bound_and_grad
@@ -14,11 +14,8 @@ from conftest import finite_difference, random_model
 
 
 @pytest.fixture(scope="module")
-def mnist_arrays():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
-    d = load_mnist(SHARED_DATA, download=False)
+def mnist_arrays(mnist_data):
+    d = mnist_data
     return (normalize(d.train_images[:4000], d.mean, d.std), d.train_labels[:4000],
             normalize(d.test_images[:2000], d.mean, d.std), d.test_labels[:2000])
 
