@@ -49,7 +49,7 @@ def command_of(run):
     for f in fields(TrainConfig):
         value = config.get(f.name)
         if value != defaults[f.name] and f.name not in ("solver", "adjoint", "augment_pad") and value is not None:
-            flags.append(f"--{f.name.replace('_', '-')} {value:g}" if isinstance(value, float)
+            flags.append(f"--{f.name.replace('_', '-')} {value:.10g}" if isinstance(value, float)
                          else f"--{f.name.replace('_', '-')} {value}")
     return "python -m nemon_np.train " + " ".join(flags)
 
