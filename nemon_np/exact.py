@@ -40,48 +40,19 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .pixels import channel_stats, input_box, to_inputs
+from .stack import StackedClassifier
 
-__all__ = ["DECISION_TOL", "relu_constraints", "affine_box", "as_dense_stack", "stack_program", "verify_exact"]
+__all__ = ["DECISION_TOL", "as_dense_stack", "stack_program", "verify_exact"]
 
 DECISION_TOL = 1e-6
 
 STATUSES = ("certified", "falsified", "unknown")
 
 
-def relu_constraints(out, z, lo, hi, relaxed=False):
-    """(constraints, binaries): ``out = relu(z)`` for z in [lo, hi] by the big-M encoding (module
-    docstring), cvxpy expressions ``out`` and ``z`` of one length, float64 bounds; ``relaxed`` makes the
-    binaries continuous in [0, 1] (the triangle relaxation)."""
-    import cvxpy as cp
-    active, dead = lo >= 0, hi <= 0
-    changes = np.flatnonzero(~active & ~dead)
-    cons = [out >= 0, out >= z, out <= np.maximum(hi, 0)]
-    if active.any():
-        cons.append(out[np.flatnonzero(active)] == z[np.flatnonzero(active)])
-    if dead.any():
-        cons.append(out[np.flatnonzero(dead)] == 0)
-    if len(changes):
-        d = cp.Variable(len(changes), boolean=not relaxed)
-        cons += [out[changes] <= z[changes] - cp.multiply(lo[changes], 1 - d),
-                 out[changes] <= cp.multiply(hi[changes], d)]
-        if relaxed:
-            cons += [d >= 0, d <= 1]
-    return cons, 0 if relaxed else len(changes)
-
-
-def affine_box(W, b, c, r):
-    """The box of W v + b over [c - r, c + r] in float64, widened by 1e-12 of its terms' magnitude
-    (far above the rounding of the products; the encoding needs bounds that hold, not tight ones)."""
-    center, radius = W @ c + b, np.abs(W) @ r
-    radius = radius + 1e-12 * (np.abs(W) @ (np.abs(c) + r) + np.abs(b)) + 1e-300
-    return center - radius, center + radius
-
-
 def as_dense_stack(model):
     """The model as a :class:`nemon_np.stack.StackedClassifier` (a NEMON through ``from_model``, the
     same certificates), every layer of which has a mixed-integer form; a one-line error otherwise."""
     from .models import NEMON
-    from .stack import StackedClassifier
     if isinstance(model, NEMON):
         model = StackedClassifier.from_model(model)
     if not isinstance(model, StackedClassifier):

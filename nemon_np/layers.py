@@ -25,8 +25,8 @@ and has
   constants, and its gradient: d_box_in and d_box_out are (d centre, d radius) of the boxes the step
   read, or None;
 * ``milp(expr, box_in, box_out, relaxed)`` -> (expr', constraints, binaries), dense layer kinds only:
-  the layer as mixed-integer linear constraints in cvxpy between the expression of its input and
-  that of its output, over the float64 boxes of one image (:mod:`nemon_np.exact`);
+  the layer as mixed-integer linear constraints in cvxpy (:mod:`nemon_np.milp`) between the
+  expression of its input and that of its output, over the float64 boxes of one image (:mod:`nemon_np.exact`);
 * ``lipschitz_rows()``: a matrix whose ||.||_inf (largest absolute row sum) bounds the layer's
   l_inf -> l_inf gain, None for a gain of at most 1;
 * ``token``: the layer in the architecture string (:func:`nemon_np.stack.parse_architecture`).
@@ -47,7 +47,7 @@ from .base import EmbeddedNetwork
 from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, relu_box, relu_box_grad
 from .conv import PADDINGS, average_pool, average_pool_transpose
 from .conv_model import ConvImplicitMap
-from .exact import affine_box, relu_constraints
+from .milp import affine_box, relu_constraints
 from .models import DenseImplicitMap
 from .relaxation import (batched_dot, concretize, crown_multipliers, relu_offsets, relu_relaxation,
                          relu_relaxation_grad, unrolled_bounds)
