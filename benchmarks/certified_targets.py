@@ -144,6 +144,7 @@ def main(argv=None):
             if cache.is_file() and cache.stat().st_mtime > model_time:
                 print(f"{kind} {run}: evaluated before ({cache})", flush=True)
                 rows[kind].append(json.loads(cache.read_text(), object_hook=_int_keys))
+                rows[kind][-1]["command"] = command_of(run)   # as this version writes it
             else:
                 print(f"{kind} {run} ...", flush=True)
                 rows[kind].append(evaluate_run(run, data, args.eps, args.pgd_steps))

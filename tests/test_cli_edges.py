@@ -95,8 +95,11 @@ def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tm
              "--weight-init", "ibp", "--limit-train", "4000", "--epochs", "3", "--eps-warmup", "0", "--eps-ramp", "2",
              "--certified-eps", "0.1", "--certify-samples", "50", "--no-progress"]
     assert train.main(flags + ["--out", str(tmp_path / "through")]) == 0
+    # A shell that runs the suite in the background starts it with SIGINT ignored, which children
+    # inherit; the child gets the default back, as a user's Ctrl-C would find it.
     proc = subprocess.Popen([sys.executable, "-m", "nemon_np.train"] + flags + ["--out", str(tmp_path / "stopped")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("epoch   1"):
             proc.send_signal(signal.SIGINT)
