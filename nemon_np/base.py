@@ -13,7 +13,8 @@ from .readout import (enclosing_hidden_box, hidden_backward, hidden_box, hidden_
                       readout_affine_lower_bounds)
 from .relaxation import unrolled_lower_bounds
 from .interval import (UNIT_ROUNDOFF, affine_enclosure, center_radius, embed, enclosing_center_radius, enclosure_radius,
-                       fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding)
+                       fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding,
+                       narrow_preactivation_box)
 from .losses import softmax_cross_entropy
 from .solvers import ConvergenceWarning, WellPosednessError
 
@@ -408,7 +409,7 @@ class ImplicitClassifier(EmbeddedNetwork):
         # models' one linear-map hook); each sum with [q_lo, q_hi] rounds by at most half an ulp.
         AX = self._embedded_injection(x_c, x_r, P64, 0.0, rounding=True)
         Z_lo, Z_hi = np.nextafter(AX[..., :n] + Q[..., :n], -np.inf), np.nextafter(AX[..., n:] + Q[..., n:], np.inf)
-        Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
+        Z_lo, Z_hi = narrow_preactivation_box(Z_lo, Z_hi, X_lo, X_hi)[:2]
         KT, BT, b64 = self._transposed(P64), self._transposed(B64), self.b.astype(np.float64)
         step = max(1, 2_000_000 // (n_out * x_c[0].size))   # bounds each (step, n_out, *state) array to 16 MB
         for s in range(0, m, step):

@@ -152,22 +152,16 @@ class ExactCertificate(Certificate):
         if self.n_jobs == 1 or len(labels) < 2:
             res = verify_exact(model, pixels, labels, eps, lower_bounds=crown, **args)
             return {k: res[k] for k in self.KEYS}
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         parts = [np.arange(s, len(labels), self.n_jobs) for s in range(self.n_jobs)]
-        import multiprocessing
         # spawn, not fork: forked children of a process with BLAS and numba threads can hang
         with ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(verify_exact, model, pixels[p], labels[p], eps, lower_bounds=crown[p], **args)
                        for p in parts]
             results = [f.result() for f in futures]
-        out = {}
-        for k in self.KEYS:
-            first = results[0][k]
-            out[k] = np.empty((len(labels),) + first.shape[1:], first.dtype if k != "status" else object)
-            for p, res in zip(parts, results):
-                out[k][p] = res[k]
-        out["status"] = out["status"].astype(str)
-        return out
+        back = np.argsort(np.concatenate(parts))   # the parts' rows back in the images' order
+        return {k: np.concatenate([res[k] for res in results])[back] for k in self.KEYS}
 
     def margins(self, model, pixels, labels, eps, **options):
         return self.run(model, pixels, labels, eps, **options)["margins"]

@@ -46,8 +46,6 @@ __all__ = ["DECISION_TOL", "as_dense_stack", "stack_program", "verify_exact"]
 
 DECISION_TOL = 1e-6
 
-STATUSES = ("certified", "falsified", "unknown")
-
 
 def as_dense_stack(model):
     """The model as a :class:`nemon_np.stack.StackedClassifier` (a NEMON through ``from_model``, the

@@ -34,9 +34,9 @@ bound |fl(x . y) - x . y| <= gamma_n |x| . |y|, Higham 2002, eq. (3.5)).
 import numpy as np
 
 
-__all__ = ["UNIT_ROUNDOFF", "relu_box", "relu_box_grad", "affine_enclosure", "metzler_split", "embed",
-           "fold_embedded_grad", "center_radius", "enclosing_center_radius", "margin_lower_bounds", "margin_rounding",
-           "margin_lower_bounds_grad", "enclosure_radius", "diagonal_mask"]
+__all__ = ["UNIT_ROUNDOFF", "narrow_preactivation_box", "relu_box", "relu_box_grad", "affine_enclosure",
+           "metzler_split", "embed", "fold_embedded_grad", "center_radius", "enclosing_center_radius",
+           "margin_lower_bounds", "margin_rounding", "margin_lower_bounds_grad", "enclosure_radius", "diagonal_mask"]
 
 UNIT_ROUNDOFF = 2.0 ** -53
 
@@ -156,6 +156,14 @@ def enclosure_radius(residual, slack, mu, weights=None):
     # The quotients round to nearest: 8 u relative covers the two divisions (and the product by eta
     # that the caller forms).
     return err.reshape(m, -1).max(axis=1) / (1.0 - max(mu, 0.0)) * (1 + 8 * UNIT_ROUNDOFF)
+
+
+def narrow_preactivation_box(z_lo, z_hi, x_lo, x_hi):
+    """The box [z_lo, z_hi] of a pre-activation z narrowed by the box [x_lo, x_hi] of x = relu(z):
+    z <= x_hi always, and z = x >= x_lo where x_lo > 0. Returns (lo, hi, raised, cut), the masks
+    where x's box replaced z's bound (for gradients through the narrowing)."""
+    raised, cut = (x_lo > 0) & (x_lo > z_lo), z_hi > x_hi
+    return np.where(raised, x_lo, z_lo), np.where(cut, x_hi, z_hi), raised, cut
 
 
 def relu_box(lo, hi):

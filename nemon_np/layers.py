@@ -44,7 +44,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .base import EmbeddedNetwork
-from .interval import UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, relu_box, relu_box_grad
+from .interval import (UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, narrow_preactivation_box, relu_box,
+                       relu_box_grad)
 from .conv import PADDINGS, average_pool, average_pool_transpose
 from .conv_model import ConvImplicitMap
 from .milp import affine_box, relu_constraints
@@ -700,8 +701,7 @@ class _ImplicitLayer(EmbeddedNetwork, Layer):
         Q = self._embedded_injection(u_c, u_r, B64, b64, rounding=True)
         n = PX.shape[-1] // 2
         Z_lo, Z_hi = _outward(PX[..., :n] + Q[..., :n], PX[..., n:] + Q[..., n:])
-        X_lo, X_hi = box_out
-        Z_lo, Z_hi = np.where(X_lo > 0, np.maximum(Z_lo, X_lo), Z_lo), np.minimum(Z_hi, X_hi)
+        Z_lo, Z_hi = narrow_preactivation_box(Z_lo, Z_hi, *box_out)[:2]
         box = dict(x_c=x_c, x_r=x_r, u_c=u_c, u_r=u_r, z_lo=Z_lo, z_hi=Z_hi, b=b64,
                    K_s=self._apply_implicit(np.abs(P64), np.abs(x_c) + x_r),
                    B_s=self._inject(np.abs(B64), np.abs(u_c) + u_r))
@@ -737,10 +737,8 @@ class _ImplicitLayer(EmbeddedNetwork, Layer):
         P = getattr(self, self.implicit)
         Z_c = self._apply_implicit(P, x_c) + self._inject(self.B, u_c) + self.b
         Z_r = self._apply_implicit(np.abs(P), x_r) + self._inject(np.abs(self.B), u_r)
-        X_lo, X_hi = x_c - x_r, x_c + x_r
-        lo_z, hi_z = Z_c - Z_r, Z_c + Z_r
-        raise_lo, cut_hi = (X_lo > 0) & (X_lo > lo_z), hi_z > X_hi
-        lo, hi = np.where(raise_lo, X_lo, lo_z)[:, None], np.where(cut_hi, X_hi, hi_z)[:, None]
+        lo, hi, raise_lo, cut_hi = narrow_preactivation_box(Z_c - Z_r, Z_c + Z_r, x_c - x_r, x_c + x_r)
+        lo, hi = lo[:, None], hi[:, None]
         PT = self._transposed(P)
         nu, lam_sum, beta, steps = Lam, np.zeros_like(Lam), np.zeros((m, r), Lam.dtype), []
         for _ in range(self.crown_steps):
@@ -837,8 +835,7 @@ class ImplicitDense(DenseImplicitMap, _ImplicitLayer):
         x = cp.Variable(len(x_lo))
         z_lo, z_hi = affine_box(np.hstack([A, B]), b, np.concatenate([x_lo + x_hi, u_lo + u_hi]) / 2,
                                 np.concatenate([x_hi - x_lo, u_hi - u_lo]) / 2)
-        z_hi = np.minimum(z_hi, x_hi)
-        z_lo = np.where(x_lo > 0, np.maximum(z_lo, x_lo), z_lo)
+        z_lo, z_hi = narrow_preactivation_box(z_lo, z_hi, x_lo, x_hi)[:2]
         cons, binaries = relu_constraints(x, A @ x + B @ expr + b, z_lo, z_hi, relaxed)
         return x, cons + [x >= x_lo, x <= x_hi], binaries
 

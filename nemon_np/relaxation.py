@@ -56,12 +56,15 @@ def relu_offsets(V, lam, lo, hi):
     return np.where((lo < 0) & (hi > 0), np.minimum(kappa, 0.0), kappa)
 
 
-def _chord(lo, hi):
-    """(unstable, s, width) per unit: lo < 0 < hi, the chord slope hi / (hi - lo) there (else 0), and
-    hi - lo there (else 1)."""
+def _chord(V, lo, hi):
+    """(slope, unstable, s, width): the multipliers' slope lam / V (s on chord units, 1 on active ones,
+    else 0), and per unit lo < 0 < hi, the chord slope hi / (hi - lo) there (else 0) and hi - lo there
+    (else 1)."""
     unstable = (lo < 0) & (hi > 0)
     width = np.where(unstable, hi - lo, 1).astype(lo.dtype)
-    return unstable, np.where(unstable, hi / width, 0).astype(lo.dtype), width
+    s = np.where(unstable, hi / width, 0).astype(lo.dtype)
+    active = (lo >= 0).astype(V.dtype)
+    return np.where(V < 0, np.where(unstable, s, active), active), unstable, s, width
 
 
 def _sum_to(X, shape):
@@ -76,10 +79,8 @@ def relu_relaxation(V, lo, hi):
     sign, lam = V s and kappa = -V s lo where V < 0 (relu's upper chord), lam = V and kappa = 0 on
     active units, lam = kappa = 0 elsewhere. Piecewise smooth in (V, lo, hi); :func:`relu_relaxation_grad`
     is its gradient. lo, hi (broadcast against V) are per unit."""
-    unstable, s, _ = _chord(lo, hi)
-    active = (lo >= 0).astype(V.dtype)
-    lam = V * np.where(V < 0, np.where(unstable, s, active), active)
-    return lam, -np.minimum(V, 0) * (s * lo)
+    slope, _, s, _ = _chord(V, lo, hi)
+    return V * slope, -np.minimum(V, 0) * (s * lo)
 
 
 def relu_relaxation_grad(V, lo, hi, dlam, dkappa):
@@ -87,10 +88,8 @@ def relu_relaxation_grad(V, lo, hi, dlam, dkappa):
     and dhi in the shapes of lo and hi (summed over the axes they broadcast along). On the chord units,
     with w = min(V, 0): d/ds = w (dlam - lo dkappa), d/dlo directly -w s dkappa, ds/dlo = s / (hi - lo)
     and ds/dhi = (1 - s) / (hi - lo)."""
-    unstable, s, width = _chord(lo, hi)
-    active = (lo >= 0).astype(V.dtype)
-    neg = V < 0
-    dV = dlam * np.where(neg, np.where(unstable, s, active), active) - (dkappa * (s * lo)) * neg
+    slope, unstable, s, width = _chord(V, lo, hi)
+    dV = dlam * slope - (dkappa * (s * lo)) * (V < 0)
     w = np.minimum(V, 0)
     w_dlam, w_dkappa = _sum_to(w * dlam, lo.shape), _sum_to(w * dkappa, lo.shape)
     ds = np.where(unstable, w_dlam - lo * w_dkappa, 0)

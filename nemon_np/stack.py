@@ -407,7 +407,7 @@ class StackedClassifier:
         warmup, warmup_grads = warmup_regularizer(t0, [boxes[i] for i in relu_at], warmup_tol)
         # Extra gradients of the boxes' (centre, radius), by position in ``boxes``: the warm-up
         # regularizers' at the relus' inputs, ((1 - kappa) is undone below) and the crown bound's.
-        box_grads = {i: [warmup_weight / (1 - kappa) * g.astype(self.dtype) for g in dg]
+        box_grads = {i: tuple(warmup_weight / (1 - kappa) * g.astype(self.dtype) for g in dg)
                      for i, dg in zip(relu_at, warmup_grads)}
         head = self.layers[-1]
         M = M_ibp = margin_lower_bounds(head.W, head.b, X_c, X_r, y)
@@ -467,7 +467,7 @@ class StackedClassifier:
             dLam, d_in, d_out, g = self.layers[i].relax_backward(dLam, dM, caches[i], options)
             for j, d in ((i, d_in), (i + 1, d_out)):
                 if d is not None and j > 0:
-                    box_grads[j] = list(_add_box_grad(box_grads.get(j), d))
+                    box_grads[j] = _add_box_grad(box_grads.get(j), d)
             grads.update({f"{i}.{k}": v for k, v in g.items()})
         # Lam = W_y - W_j and beta = b_y - b_j, row j of sample s.
         dW, db = -dLam.sum(axis=0), -dM.sum(axis=0)
