@@ -85,12 +85,16 @@ def read_model_file(path, format_name, version, required):
 
 
 def write_model_file(path, format_name, version, params, metadata, **settings):
-    """One ``.npz`` (no pickled objects): the parameter arrays, the settings, a format marker and
-    version, and each metadata entry under ``meta.<key>``; the inverse of :func:`read_model_file`."""
+    """One ``.npz`` (no pickled objects) at ``path`` (or into an open binary file): the parameter arrays,
+    the settings, a format marker and version, and each metadata entry under ``meta.<key>``; the inverse
+    of :func:`read_model_file`."""
     state = {k: np.asarray(v) for k, v in {**params, **settings}.items()}
     state.update(format=np.array(format_name), version=np.array(version))
     for k, v in metadata.items():
         state["meta." + k] = np.asarray(v)
+    if hasattr(path, "write"):   # an open binary file (a buffer to fingerprint the model)
+        np.savez(path, **state)
+        return
     with open(path, "wb") as f:
         np.savez(f, **state)
 

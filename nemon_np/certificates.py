@@ -28,6 +28,9 @@ only ``exact`` also says "falsified".
 Every certificate needs mu_inf < 1 and raises :class:`nemon_np.WellPosednessError` otherwise (a
 monDEQ model is certified by mu_2 alone, which gives neither bound).
 """
+import os
+import pathlib
+
 import numpy as np
 from scipy.optimize import OptimizeResult
 
@@ -55,8 +58,10 @@ def get_certificate(name):
 
 class Certificate:
     """One way of bounding margins over pixel balls. Subclasses define :meth:`margins`; a certificate
-    that can also falsify overrides :meth:`run`."""
+    that can also falsify overrides :meth:`run` and is ``complete`` when it decides every image it is
+    given the time for (certified or falsified)."""
     name = None
+    complete = False
 
     def margins(self, model, pixels, labels, eps, **options):
         """Sound lower bounds (m, n_out), float64, of y_k - y_j over the eps-ball of each image
@@ -130,38 +135,90 @@ class CombinedCertificate(Certificate):
                           IntervalCertificate().margins(model, pixels, labels, eps, **options))
 
 
+def _verify_image(item, shared):
+    """One image's row of :func:`nemon_np.exact.verify_exact` (a task that Dask can run anywhere)."""
+    from .exact import verify_exact
+    _, pixels, label, crown = item
+    model, eps, args = shared
+    res = verify_exact(model, pixels[None, :], np.array([label]), eps, lower_bounds=crown[None, :], **args)
+    return {k: res[k][0] for k in ExactCertificate.KEYS}
+
+
+def _read_row(path):
+    """A cached image's row, or None when there is none."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k][()] if f[k].ndim == 0 else f[k] for k in ExactCertificate.KEYS}
+    except (FileNotFoundError, ValueError, KeyError, OSError):
+        return None   # absent, or cut short by an interruption: solved again
+
+
+def _write_row(path, row):
+    """Write a row atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
 @_register
 class ExactCertificate(Certificate):
     """Complete verification of dense NEMONs (:func:`nemon_np.exact.verify_exact`): crown first, then a
-    mixed-integer program for each pair it leaves open; ``time_limit`` seconds an image; ``n_jobs``
-    processes share the images (the same statuses as one, up to what a time limit cuts off)."""
+    mixed-integer program for each pair it leaves open; ``time_limit`` seconds an image.
+
+    Images are independent work: with ``n_jobs`` > 1 they go to a local Dask cluster of that many
+    processes, with ``scheduler`` (``tcp://HOST:PORT``) to a running one (:mod:`nemon_np.cluster`); the
+    statuses are those of one process, up to what a time limit cuts off. With ``cache`` (a folder),
+    every decided image (certified or falsified) is kept there as it finishes, under a name derived from
+    the model's arrays, the image, its label, eps and the solver options, so that an interrupted
+    verification resumes without solving it again and a changed model never reads a stale answer;
+    "unknown" images are solved again (perhaps with a longer time limit). ``progress``: a progress bar
+    over the images."""
     name = "exact"
     relaxed = False
+    complete = True
     KEYS = ("margins", "status", "counterexamples", "counterexample_margins", "seconds", "binaries")
 
-    def __init__(self, time_limit=60.0, n_jobs=1):
+    def __init__(self, time_limit=60.0, n_jobs=1, scheduler=None, cache=None, progress=False):
         self.time_limit, self.n_jobs = time_limit, int(n_jobs)
         if self.n_jobs < 1:
             raise ValueError(f"n_jobs must be >= 1, got {n_jobs!r}")
+        self.scheduler, self.cache, self.progress = scheduler, cache, progress
 
     def run(self, model, pixels, labels, eps, **options):
-        from .exact import verify_exact
-        crown = CrownCertificate().margins(model, pixels, labels, eps, **options)
-        args = dict(time_limit=self.time_limit, relaxed=self.relaxed, **options)
-        labels = np.asarray(labels)
-        if self.n_jobs == 1 or len(labels) < 2:
-            res = verify_exact(model, pixels, labels, eps, lower_bounds=crown, **args)
-            return {k: res[k] for k in self.KEYS}
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        parts = [np.arange(s, len(labels), self.n_jobs) for s in range(self.n_jobs)]
-        # spawn, not fork: forked children of a process with BLAS and numba threads can hang
-        with ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(verify_exact, model, pixels[p], labels[p], eps, lower_bounds=crown[p], **args)
-                       for p in parts]
-            results = [f.result() for f in futures]
-        back = np.argsort(np.concatenate(parts))   # the parts' rows back in the images' order
-        return {k: np.concatenate([res[k] for res in results])[back] for k in self.KEYS}
+        from .exact import image_cache_key, model_fingerprint
+        P, labels = np.asarray(pixels, np.float64), np.asarray(labels)
+        crown = CrownCertificate().margins(model, P, labels, eps, **options)
+        rows = [None] * len(labels)
+        names = [None] * len(labels)
+        if self.cache is not None:
+            folder = pathlib.Path(self.cache)
+            folder.mkdir(parents=True, exist_ok=True)
+            fingerprint = model_fingerprint(model)
+            names = [folder / f"{image_cache_key(fingerprint, P[i], labels[i], eps, self.name, options)}.npz"
+                     for i in range(len(labels))]
+            rows = [_read_row(path) for path in names]
+        todo = [(i, P[i], labels[i], crown[i]) for i in range(len(labels)) if rows[i] is None]
+        shared = (model, eps, dict(time_limit=self.time_limit, relaxed=self.relaxed, **options))
+        for (i, *_), row in self._map(todo, shared):
+            rows[i] = row
+            if names[i] is not None and row["status"] != "unknown":
+                _write_row(names[i], row)
+        return {k: np.stack([row[k] for row in rows]) if rows else np.zeros(0) for k in self.KEYS}
+
+    def _map(self, todo, shared):
+        """(item, row) for each image of ``todo``, here or on Dask, as each finishes."""
+        if not todo:
+            return
+        if self.n_jobs == 1 and self.scheduler is None:
+            from tqdm.auto import tqdm
+            for item in tqdm(todo, desc=self.name, unit="image", disable=None if self.progress else True):
+                yield item, _verify_image(item, shared)
+            return
+        from .cluster import dask_client, map_unordered
+        with dask_client(self.scheduler, self.n_jobs) as client:
+            yield from map_unordered(client, _verify_image, todo, key=lambda item: f"nemon-{self.name}-{item[0]}",
+                                     desc=self.name, unit="image", progress=self.progress, shared=shared)
 
     def margins(self, model, pixels, labels, eps, **options):
         return self.run(model, pixels, labels, eps, **options)["margins"]
@@ -173,6 +230,7 @@ class LPCertificate(ExactCertificate):
     boxes): between crown and exact."""
     name = "lp"
     relaxed = True
+    complete = False
 
 
 def certified_rows(margins, labels):

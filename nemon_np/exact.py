@@ -42,7 +42,7 @@ from scipy.optimize import OptimizeResult
 from .pixels import channel_stats, input_box, to_inputs
 from .stack import StackedClassifier
 
-__all__ = ["DECISION_TOL", "as_dense_stack", "stack_program", "verify_exact"]
+__all__ = ["DECISION_TOL", "as_dense_stack", "stack_program", "verify_exact", "model_fingerprint", "image_cache_key"]
 
 DECISION_TOL = 1e-6
 
@@ -76,6 +76,33 @@ def stack_program(stack, boxes, relaxed=False):
         expr, more, extra = layer.milp(expr, boxes[i], boxes[i + 1], relaxed)
         cons, binaries = cons + more, binaries + extra
     return u, expr, cons, binaries, float(np.max(np.abs(boxes[-1])))
+
+
+def model_fingerprint(model):
+    """A digest of every array and setting the model saves (parameters, weights, statistics, gamma,
+    metadata): two models share it only when their files would hold the same arrays."""
+    import hashlib
+    import io
+    buffer = io.BytesIO()
+    model.save(buffer)
+    buffer.seek(0)
+    digest = hashlib.sha256()
+    with np.load(buffer, allow_pickle=False) as arrays:
+        for key in sorted(arrays.files):
+            value = arrays[key]
+            digest.update(key.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
+    return digest.hexdigest()
+
+
+def image_cache_key(fingerprint, pixels, label, eps, certificate, options):
+    """A file name for one image's verification: it changes with the model (its :func:`model_fingerprint`),
+    the image's pixels, its label, eps, the certificate and the solver options, so that a cached answer is
+    read back only for the same question."""
+    import hashlib
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(np.ascontiguousarray(pixels, np.float64).tobytes())
+    digest.update(repr((int(label), float(eps), certificate, sorted(options.items()))).encode())
+    return digest.hexdigest()[:32]
 
 
 def _verified_margins(model64, pixels, label, options):

@@ -11,8 +11,8 @@ solves:
   the image; every certificate's bound loosens as the ball grows, so this is a lower bound of r*.
 * :func:`exact_radius`: (lower, upper) with lower <= r* <= upper: lower the largest eps exact
   certifies, upper the distance ||u' - u||_inf of the nearest counterexample it found (a verified
-  input that changes the class), or eps_max when none was found. A time-limited "unknown" stops the
-  bisection where it is, with the bracket that holds.
+  input that changes the class), or eps_max when none was found. A time-limited "unknown" is searched
+  below, as a failure is, so that the lower end remains a proof.
 * :func:`attack_radius`: the smallest eps at which PGD (20 steps, a random start) changes the
   class: an upper bound of r*, which an attack that misses overestimates.
 """
@@ -38,16 +38,15 @@ def _check(pixels, labels, eps_max, resolution):
 
 def _bisect(proved, eps_max, resolution):
     """(largest eps proved, smallest eps not proved) by bisection; proved(eps) -> True, False or None
-    (undecided: stop). 0 is taken as proved."""
+    (undecided, searched below like False). 0 is taken as proved."""
     lo, hi = 0.0, eps_max
     if proved(eps_max):
         return eps_max, eps_max
     while hi - lo > resolution:
         mid = (lo + hi) / 2
-        answer = proved(mid)
-        if answer is None:
-            break
-        lo, hi = (mid, hi) if answer else (lo, mid)
+        # Undecided (None) is searched below, as a failure is: the lower end stays a proof, and
+        # the upper end of r*'s bracket comes from counterexamples only.
+        lo, hi = (mid, hi) if proved(mid) else (lo, mid)
     return lo, hi
 
 

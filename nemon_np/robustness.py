@@ -7,7 +7,7 @@ constant: ``python -m nemon_np.robustness RUN_DIR``.
 """
 import numpy as np
 
-from .certificates import certify
+from .certificates import certify, get_certificate
 from .lipschitz import lipschitz_bound
 from .pixels import channel_stats, solver_options_for, to_inputs
 from .solvers import WellPosednessError
@@ -87,27 +87,34 @@ def empirical_lipschitz(model, pixels, radius=1e-3, steps=3, options=None):
 
 
 def certified_flags(model, pixels, labels, eps_list, certificates=REPORT_CERTIFICATES, progress=None):
-    """{"certified-<name>": [(m,) bool certified flags at each eps]} for each certificate; None for
-    every row when the model has no l_inf certificate (mu_inf >= 1: monDEQ), with the reason under
-    "note"."""
-    rows = {}
+    """{"certified-<name>": [(m,) bool certified flags at each eps]} for each certificate (a name or a
+    :class:`nemon_np.certificates.Certificate`, such as ``ExactCertificate(time_limit=10)``), and under
+    "unknown" {"certified-<name>": [images left undecided at each eps]} for those that can also falsify
+    (exact: its time limit ran out); None for every row when the model has no l_inf certificate
+    (mu_inf >= 1: monDEQ), with the reason under "note"."""
+    rows, unknown = {}, {}
+    methods = [get_certificate(c) if isinstance(c, str) else c for c in certificates]
     try:
-        for name in certificates:
-            rows[f"certified-{name}"] = []
+        for method in methods:
+            row = f"certified-{method.name}"
+            rows[row] = []
             for eps in eps_list:
-                rows[f"certified-{name}"].append(certify(model, pixels, labels, eps, name).certified)
+                res = certify(model, pixels, labels, eps, method)
+                rows[row].append(res.certified)
+                if method.complete:
+                    unknown.setdefault(row, []).append(int(np.sum(res.status == "unknown")))
                 if progress:
                     progress()
     except WellPosednessError as e:
-        return {f"certified-{name}": None for name in certificates} | {"note": str(e)}
-    return rows
+        return {f"certified-{method.name}": None for method in methods} | {"note": str(e)}
+    return rows | ({"unknown": unknown} if unknown else {})
 
 
 def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.1), pgd_steps=10, seed=0,
-                      lipschitz_samples=50, progress=None):
+                      lipschitz_samples=50, progress=None, certificates=REPORT_CERTIFICATES):
     """Accuracy under each attack at each eps (pixel units), certified accuracy by each certificate
-    (:func:`certified_flags`), the Lipschitz bound and an empirical lower bound of the Lipschitz
-    constant, as one dict.
+    (:func:`certified_flags`; ``report["unknown"]`` counts what exact left undecided), the Lipschitz
+    bound and an empirical lower bound of the Lipschitz constant, as one dict.
 
     ``"broken_certified"`` holds, per certificate and eps, how many certified images some attack
     misclassifies. A certificate is a proof, so every count must be 0; anything else is a bug
@@ -127,7 +134,8 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
             survived[i] &= ok
             if progress:
                 progress()
-    flags = certified_flags(model, P, labels, eps_list, progress=progress)
+    flags = certified_flags(model, P, labels, eps_list, certificates, progress=progress)
+    report["unknown"] = flags.pop("unknown", {})
     report["certified"] = {row: v if row == "note" or v is None else [float(np.mean(f)) for f in v]
                            for row, v in flags.items()}
     report["broken_certified"] = {row: [int(np.sum(f & ~ok)) for f, ok in zip(v, survived)]
@@ -142,7 +150,9 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
 
 CERTIFIED_STYLE = {"certified-lipschitz": dict(marker="s", color="k", ls="--", label="certified (Lipschitz bound)"),
                    "certified-interval": dict(marker="D", color="C3", ls="--", label="certified (interval bounds)"),
-                   "certified-crown": dict(marker="^", color="C4", ls=":", label="certified (linear relaxation)")}
+                   "certified-crown": dict(marker="^", color="C4", ls=":", label="certified (linear relaxation)"),
+                   "certified-lp": dict(marker="v", color="C5", ls=":", label="certified (LP relaxation)"),
+                   "certified-exact": dict(marker="*", color="C6", ls="-", label="certified (exact, MILP)")}
 
 
 def plot_report(report, path, title=""):
@@ -196,8 +206,20 @@ def main(argv=None):
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and noise")
     p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
+    p.add_argument("--exact", action="store_true",
+                   help="dense models (and stacks of dense layers): add the rows certified-lp (the LP relaxation) "
+                        "and certified-exact (complete verification by mixed-integer programming; images whose "
+                        "time limit runs out are counted as unknown, never as certified)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="with --exact: solver seconds an image")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --exact: processes of a local Dask cluster sharing the images")
+    p.add_argument("--scheduler", default=None,
+                   help="with --exact: address of a running Dask scheduler (tcp://HOST:PORT) instead")
     add_threads_argument(p)
     args = p.parse_args(argv)
+    if not (0 < args.time_limit < float("inf")) or args.jobs < 1:
+        p.error(f"--time-limit must be a positive number of seconds and --jobs >= 1, got {args.time_limit:g} "
+                f"and {args.jobs}")
     if args.samples < 1 or args.pgd_steps < 1:
         p.error("--samples and --pgd-steps must be >= 1")
     if not all(0 <= e <= 1 for e in args.eps):
@@ -206,10 +228,21 @@ def main(argv=None):
     model, data, model_path = load_run(p, args.run_dir, args.data_dir, args.threads)
     images = data.test_images[:args.samples]
     pixels = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    bar = tqdm(total=(len(ATTACKS) + len(REPORT_CERTIFICATES)) * len(args.eps), desc="attacks and certificates",
+    certificates = REPORT_CERTIFICATES
+    if args.exact:
+        from .certificates import ExactCertificate, LPCertificate
+        from .exact import as_dense_stack
+        try:
+            as_dense_stack(model)
+        except ValueError as e:
+            p.error(f"--exact: {e}")
+        cache = model_path.parent / "exact_cache"   # decided images are not solved again on a rerun
+        certificates += (LPCertificate(args.time_limit, args.jobs, args.scheduler, cache=cache),
+                         ExactCertificate(args.time_limit, args.jobs, args.scheduler, cache=cache, progress=True))
+    bar = tqdm(total=(len(ATTACKS) + len(certificates)) * len(args.eps), desc="attacks and certificates",
                unit="step", disable=None)
     report = robustness_report(model, pixels, data.test_labels[:args.samples], tuple(args.eps), args.pgd_steps,
-                               args.seed, progress=bar.update)
+                               args.seed, progress=bar.update, certificates=certificates)
     bar.close()
     print(f"{model}, {len(pixels)} test images, clean accuracy {100 * report['clean_acc']:.2f}%")
     print(f"{'eps (pixels)':>19s} " + " ".join(f"{e:>7g}" for e in args.eps))
@@ -219,6 +252,9 @@ def main(argv=None):
         if row != "note":
             print(f"{row:>19s} " + (" ".join(f"{100 * a:6.2f}%" for a in values) if values is not None
                                     else "none: " + report["certified"]["note"]))
+    for row, counts in report["unknown"].items():
+        print(f"{'unknown (' + row.split('-')[1] + ')':>19s} " + " ".join(f"{n:7d}" for n in counts)
+              + "   images left undecided (time limit), not counted as certified")
     broken = sum(sum(v) for v in report["broken_certified"].values())
     if report["broken_certified"]:
         print(f"certified images an attack misclassifies: {broken}" + (

@@ -28,7 +28,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import pathlib
 import sys
 import traceback
@@ -238,47 +237,28 @@ def _plot(rows, grid, path):
     plt.close(fig)
 
 
-def _local_cluster(workers):
-    import dask
-    from distributed import LocalCluster
-    # One BLAS thread a worker (Dask's pre-spawn default too): the products here are small and the
-    # workers fill the cores. Dask also sets MALLOC_TRIM_THRESHOLD_ = 65536 in its workers, which
-    # turns off glibc's adaptive mmap threshold: every large temporary is then mapped and unmapped
-    # again, and a dense training ran 1.3x slower in a worker (6x the system time) than in a shell.
-    # A value the user exported is kept (Dask lets the environment override its configuration).
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+def _run_planned(run):
+    folder, argv = run
+    return run_training(argv, str(folder))
 
 
 def run_sweep(runs, scheduler=None, workers=None, progress=True, cluster=None):
     """Run the incomplete ``runs`` (from :func:`plan_runs`) on Dask: on ``cluster`` or the scheduler at
     address ``scheduler`` if given, else on a new local cluster of ``workers`` processes (default: the
     cores). Returns {run folder: (status, message)}, status "done", "failed" or "skipped" (complete)."""
-    from distributed import Client, as_completed
-    from tqdm.auto import tqdm
+    from .cluster import dask_client, map_unordered
 
     results = {str(folder): ("skipped", "") for _, _, folder, _ in runs if is_complete(folder)}
     todo = [(folder, argv) for _, _, folder, argv in runs if str(folder) not in results]
     if not todo:
         return results
-    own = None
-    if cluster is None and scheduler is None:
-        own = cluster = _local_cluster(workers or os.cpu_count() or 1)
-    try:
-        with Client(scheduler if scheduler is not None else cluster) as client:
-            futures = {client.submit(run_training, argv, str(folder), key=f"nemon-train-{folder}", pure=False):
-                       str(folder) for folder, argv in todo}
-            bar = tqdm(total=len(futures), desc="sweep", unit="run", disable=None if progress else True)
-            for future, (status, message) in as_completed(futures, with_results=True):
-                results[futures[future]] = (status, message)
-                bar.update()
-                if status == "failed":
-                    bar.write(f"failed: {futures[future]}: {message}")
-            bar.close()
-    finally:
-        if own is not None:
-            own.close()
+    with dask_client(scheduler, workers, cluster) as client:
+        for (folder, _), (status, message) in map_unordered(
+                client, _run_planned, todo, key=lambda run: f"nemon-train-{run[0]}", desc="sweep", unit="run",
+                progress=progress):
+            results[str(folder)] = (status, message)
+            if status == "failed":
+                print(f"failed: {folder}: {message}", file=sys.stderr)
     return results
 
 

@@ -172,6 +172,39 @@ def test_processes_share_the_images_with_the_same_results():
     np.testing.assert_allclose(one.margins, two.margins, rtol=1e-9, atol=1e-9)
 
 
+def test_a_cached_verification_resumes_without_solving_decided_images_again(tmp_path, monkeypatch):
+    """Every decided image is kept as it finishes; a rerun reads those back (the solver is not called
+    for them: here it would raise), solves only the unknown ones, and a changed model reads nothing."""
+    import nemon_np.exact as exact_module
+    model = _model(4)
+    P, y = _images(model, 4)
+    first = certify(model, P, y, 0.1, ExactCertificate(cache=tmp_path / "cache"), **TOL)
+    decided = first.status != "unknown"
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == decided.sum() > 0
+
+    def no_solver(*args, **kwargs):
+        raise AssertionError("a cached image was solved again")
+    monkeypatch.setattr(exact_module, "verify_exact", no_solver)
+    again = certify(model, P, y, 0.1, ExactCertificate(cache=tmp_path / "cache"), **TOL)
+    for key in ("status", "certified", "counterexample_margins"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(first, key))
+    np.testing.assert_array_equal(again.margins, first.margins)
+    changed = _model(4)
+    changed.A = (0.9 * changed.A).astype(changed.A.dtype)
+    with pytest.raises(AssertionError, match="solved again"):
+        certify(changed, P, y, 0.1, ExactCertificate(cache=tmp_path / "cache"), **TOL)
+    with pytest.raises(AssertionError, match="solved again"):
+        certify(model, P, y, 0.09, ExactCertificate(cache=tmp_path / "cache"), **TOL)
+
+
+def test_an_unknown_image_is_not_cached(tmp_path):
+    model = _model(2)
+    P, y = _images(model, 2)
+    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, cache=tmp_path), **TOL)
+    assert np.any(res.status == "unknown")
+    assert len(list(tmp_path.glob("*.npz"))) == np.sum(res.status != "unknown")
+
+
 def test_bad_inputs_are_one_line_errors():
     model = _model(2)
     P, y = _images(model, 2, m=2)

@@ -167,3 +167,50 @@ def test_report_counts_certified_images_an_attack_breaks(monkeypatch):
             survivors &= model.predict(to_inputs(model, X)) == labels
         expected.append(int(np.sum(~survivors)))
     assert broken["broken_certified"]["certified-interval"] == expected and expected[2] > 0
+
+
+def test_report_exact_and_lp_rows_lie_between_crown_and_the_attacks():
+    """On a small dense model: crown <= lp <= exact <= PGD's accuracy at every eps, image by image where
+    it can be (no certified image broken), nothing left unknown, and exact's unknown counts reported."""
+    import nemon_np.robustness as robustness
+    from nemon_np.certificates import ExactCertificate, LPCertificate
+    from conftest import random_model
+    model = random_model(4, 8, 3, 0.6, seed=5)
+    model.B *= 3
+    model.metadata.update(mean=0.5, std=0.5)
+    pixels = np.random.default_rng(1).random((25, 4))
+    labels = model.predict(to_inputs(model, pixels))
+    eps = (0.02, 0.1)
+    certificates = robustness.REPORT_CERTIFICATES + (LPCertificate(), ExactCertificate(time_limit=30))
+    report = robustness.robustness_report(model, pixels, labels, eps, pgd_steps=10, lipschitz_samples=5,
+                                          certificates=certificates)
+    c = report["certified"]
+    for i in range(len(eps)):
+        assert c["certified-crown"][i] <= c["certified-lp"][i] <= c["certified-exact"][i] <= report["attacks"]["pgd"][i]
+    assert report["unknown"] == {"certified-exact": [0, 0]}
+    assert all(v == [0, 0] for v in report["broken_certified"].values())
+    assert 0 < c["certified-exact"][1] < 1.0   # not vacuous: some balls are robust, some are not
+
+
+def test_robustness_cli_exact_rows_on_a_dense_run_and_an_error_for_conv(tmp_path, shared_data, capsys):
+    from nemon_np import robustness, train
+    run = tmp_path / "run"
+    assert train.main(["--data-dir", str(shared_data), "--epochs", "1", "--limit-train", "1000", "--hidden", "12",
+                       "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = [str(run), "--data-dir", str(shared_data), "--samples", "15", "--pgd-steps", "2", "--eps", "0.01",
+            "--exact", "--time-limit", "20"]
+    assert robustness.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "certified-exact" in out and "certified-lp" in out and "unknown (exact)" in out
+    report = json.loads((run / "robustness.json").read_text())
+    assert report["certified"]["certified-exact"][0] >= report["certified"]["certified-crown"][0]
+    assert len(list((run / "exact_cache").glob("*.npz"))) >= 1   # decided images kept for a rerun
+    conv = tmp_path / "conv"
+    assert train.main(["--data-dir", str(shared_data), "--model", "conv", "--channels", "2", "--epochs", "1",
+                       "--limit-train", "200", "--out", str(conv), "--no-progress"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        robustness.main([str(conv), "--data-dir", str(shared_data), "--samples", "5", "--exact"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--exact: exact verification handles dense NEMONs" in err[0]

@@ -125,8 +125,9 @@ def _worker_environment():
 def test_local_cluster_workers_have_one_blas_thread_and_glibc_default_trimming(monkeypatch):
     # Dask's own default (MALLOC_TRIM_THRESHOLD_ = 65536) made a training 1.3x slower in a worker.
     from distributed import Client
+    from nemon_np.cluster import local_cluster
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    with sweep._local_cluster(1) as cluster, Client(cluster) as client:
+    with local_cluster(1) as cluster, Client(cluster) as client:
         (trim, blas), = client.run(_worker_environment).values()
     assert trim is None
     assert blas and all(n == 1 for n in blas)
