@@ -27,6 +27,8 @@ def main(argv=None):
                    help="fixed-point tolerance for evaluation (default 1e-4 for float32 models, 1e-8 for float64)")
     add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.tol is not None and not (0 < args.tol < float("inf")):
+        p.error(f"--tol must be a positive number, got {args.tol:g}")
     limit_blas_threads()
     model, data, _ = load_run(p, args.run_dir, args.data_dir, args.threads)
     mean, std = model.metadata["mean"], model.metadata["std"]

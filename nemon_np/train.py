@@ -5,10 +5,12 @@ normalization; rewritten after every epoch, so Ctrl-C keeps the last complete on
 metrics.json and metrics.csv (one row per epoch) and training_curves.png.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import pathlib
 import sys
+import threading
 import time
 from dataclasses import fields
 
@@ -197,6 +199,29 @@ def _resumed_run(parser, args):
     return config_from_dict(payload["config"]), payload["epochs"], out
 
 
+@contextlib.contextmanager
+def _ctrl_c_between_batches():
+    """While training, Ctrl-C is recorded and the loop stops before its next batch: Python ignores an
+    interrupt that lands in a destructor (a progress bar's, say), so one raised wherever it arrives
+    can be lost. A second Ctrl-C stops at once. Yields the question the loop asks."""
+    import signal
+    requested = []
+
+    def record(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, record) if ours else None
+    try:
+        yield lambda: bool(requested)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,7 +293,9 @@ def main(argv=None):
               + f"{row['epoch_seconds']:.1f}s", flush=True)
 
     try:
-        trainer.fit(X, y, X_test, data.test_labels, on_epoch=on_epoch, progress=not args.no_progress)
+        with _ctrl_c_between_batches() as stop:
+            trainer.fit(X, y, X_test, data.test_labels, on_epoch=on_epoch, progress=not args.no_progress,
+                        should_stop=stop)
     except KeyboardInterrupt:
         done = len(trainer.history)
         print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done}); continue with "

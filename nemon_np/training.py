@@ -196,7 +196,7 @@ class TrainConfig:
             self.adjoint = "direct" if (mondeq_like or self.solver in MONDEQ_METHODS) else "iterative"
         for name in ("hidden", "epochs", "batch_size", "max_iter", "channels", "kernel", "pool"):
             v = getattr(self, name)
-            if int(v) != v or v < (0 if name == "max_iter" else 1):
+            if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         check_gamma(self.gamma)
         check_readout_hidden(self.readout_hidden)
@@ -477,13 +477,15 @@ class Trainer:
             certified += int(np.count_nonzero(certified_rows(M, t)))
         return certified / max(len(X), 1)
 
-    def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True):
+    def fit(self, X, y, X_test=None, y_test=None, on_epoch=None, progress=True, should_stop=None):
         """Train for the config's epochs (those not yet in ``history``) on (X, y); evaluate on (X_test,
-        y_test) after each epoch when given; ``on_epoch(row)`` after each. Returns self."""
+        y_test) after each epoch when given; ``on_epoch(row)`` after each. ``should_stop()``, asked before
+        every batch, ends training there with ``KeyboardInterrupt`` when true (a Ctrl-C that the caller
+        recorded). Returns self."""
         with threadpool_limits(self.config.blas_threads, user_api="blas"):
-            return self._fit(X, y, X_test, y_test, on_epoch, progress)
+            return self._fit(X, y, X_test, y_test, on_epoch, progress, should_stop or (lambda: False))
 
-    def _fit(self, X, y, X_test, y_test, on_epoch, progress):
+    def _fit(self, X, y, X_test, y_test, on_epoch, progress, should_stop):
         cfg = self.config
         dtype = as_float_dtype(cfg.dtype)
         X = np.ascontiguousarray(X, dtype=dtype)
@@ -503,6 +505,8 @@ class Trainer:
             bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=None if progress else True, unit="batch")
             for k in bar:
+                if should_stop():
+                    raise KeyboardInterrupt
                 done = epoch + k / n_batches
                 lr = learning_rate(cfg.schedule, cfg.lr, done / cfg.epochs)
                 eps, kappa = cfg.certified_schedule(done)

@@ -151,6 +151,33 @@ def test_eps_outside_the_pixel_range_is_an_error(tmp_path, argv, message, capsys
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "epochs must be a positive whole number"),
+    (["--max-iter", "0"], "max_iter must be a positive whole number"),
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--gamma", "1"], "gamma must be finite and < 1"),
+    (["--tol", "0"], "tol must be a positive number"),
+    (["--kappa", "2"], "kappa must lie in [0, 1]"),
+    (["--alpha", "5"], "alpha must lie in (0, 1]"),
+    (["--crown-ibp", "2"], "crown_ibp must lie in [0, 1]"),
+    (["--grad-clip", "-1"], "grad_clip must be a finite number >= 0"),
+    (["--limit-train", "0"], "--limit-train must be >= 1"),
+    (["--min-diagonal", "1"], "min_diagonal must be <= 0"),
+    (["--model", "conv", "--kernel", "2"], "kernel must be odd")])
+def test_numeric_training_flags_are_checked_against_their_meaning(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out", str(tmp_path / "o")])
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("tol", ["0", "-1", "nan"])
+def test_evaluate_tolerance_must_be_positive(tmp_path, tol, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path), "--tol", tol])
+    assert "--tol must be a positive number" in _error_line(capsys)
+
+
 def test_robustness_eps_outside_the_pixel_range_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         robustness.main([str(tmp_path), "--eps", "0.1", "1.5"])
@@ -176,3 +203,30 @@ def test_a_sweep_resumes_a_stopped_run_and_restarts_one_that_never_finished_an_e
     (tmp_path / "model.npz").write_bytes(b"")
     (tmp_path / TRAINING_STATE).write_bytes(b"")
     assert _rerun_argv(argv, tmp_path) == ["--resume", str(tmp_path), "--no-progress", "--data-dir", "/d"]
+
+
+def test_ctrl_c_while_training_is_kept_until_the_next_batch_and_a_second_stops_at_once():
+    """The first SIGINT is recorded, not raised where it lands (Python drops an interrupt that lands in
+    a destructor, and the run went on); a second one raises at once; the handler is restored after."""
+    import os
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    with train._ctrl_c_between_batches() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.getsignal(signal.SIGINT)   # the handler runs between bytecodes, by here at the latest
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_requested_stop_ends_training_before_the_next_batch_with_the_epochs_done_kept():
+    from nemon_np.training import TrainConfig, Trainer
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 5)).astype(np.float32), rng.integers(0, 3, 60)
+    trainer = Trainer(TrainConfig(hidden=4, epochs=3, batch_size=20), n_in=5, n_out=3)
+    asked = []
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(X, y, progress=False, should_stop=lambda: asked.append(1) or len(asked) > 4)
+    assert len(asked) == 5 and len(trainer.history) == 1   # 3 batches of epoch 1, then 1 of epoch 2
