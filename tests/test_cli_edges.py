@@ -210,15 +210,20 @@ def test_ctrl_c_while_training_is_kept_until_the_next_batch_and_a_second_stops_a
     a destructor, and the run went on); a second one raises at once; the handler is restored after."""
     import os
     import signal
-    before = signal.getsignal(signal.SIGINT)
-    with train._ctrl_c_between_batches() as stop:
-        assert not stop()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop()
-        with pytest.raises(KeyboardInterrupt):
+    # A shell that starts the suite in the background has SIGINT ignored; Python's own handler is what
+    # a user's Ctrl-C meets, and what the training replaces (an ignored SIGINT stays ignored).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with train._ctrl_c_between_batches() as stop:
+            assert not stop()
             os.kill(os.getpid(), signal.SIGINT)
-            signal.getsignal(signal.SIGINT)   # the handler runs between bytecodes, by here at the latest
-    assert signal.getsignal(signal.SIGINT) is before
+            assert stop()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.getsignal(signal.SIGINT)   # the handler runs between bytecodes, by here at the latest
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_a_requested_stop_ends_training_before_the_next_batch_with_the_epochs_done_kept():
