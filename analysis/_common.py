@@ -1,6 +1,7 @@
-"""Shared by the analysis scripts: their common command-line arguments, and figures written as
-PNG and PDF side by side."""
+"""Shared by the analysis scripts: their common command-line arguments, a model trained on MNIST in
+process, and figures written as PNG and PDF side by side."""
 import argparse
+import time
 
 import matplotlib
 
@@ -16,6 +17,23 @@ def analysis_parser(doc, default_out, quick_help):
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw and training")
     p.add_argument("--data-dir", default=None, help="MNIST folder (as for nemon_np.train)")
     return p
+
+
+def train_on_mnist(config, data, limit=None):
+    """A model trained by :class:`nemon_np.training.Trainer` with ``config`` on the first ``limit`` MNIST
+    training images of ``data`` (all when None), with the data's normalization in its metadata; and the
+    training seconds."""
+    import numpy as np
+    from nemon_np.data import normalize
+    from nemon_np.training import Trainer
+    X = normalize(data.train_images[:limit], data.mean, data.std)
+    y = data.train_labels[:limit]
+    start = time.perf_counter()
+    trainer = Trainer(config, 784, 10)
+    # The normalization first: certified training draws its pixel balls from it.
+    trainer.model.metadata.update(dataset="mnist", mean=np.array(data.mean), std=np.array(data.std))
+    trainer.fit(X, y, progress=False)
+    return trainer.model, time.perf_counter() - start
 
 
 def save_figure(fig, out, name, dpi=110):
@@ -39,7 +57,6 @@ def finish(out, results, lines=(), traces=(), started=None):
     (the same without the keys in ``traces``: the small file fit to be committed and cited), then
     ``lines`` printed and where everything went. Returns 0, the script's exit status."""
     import json
-    import time
     if started is not None:
         results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -37,14 +37,14 @@ import time
 
 import numpy as np
 
-from _common import analysis_parser, finish, save_figure, plt
+from _common import analysis_parser, finish, plt, save_figure, train_on_mnist
 from nemon_np import load_model
 from nemon_np.certificates import ExactCertificate, LPCertificate, certify
-from nemon_np.data import load_mnist, normalize
+from nemon_np.data import load_mnist
 from nemon_np.pixels import solver_options_for, to_inputs
 from nemon_np.radius import attack_radius, certified_radius, exact_radius
 from nemon_np.robustness import attack
-from nemon_np.training import TrainConfig, Trainer
+from nemon_np.training import TrainConfig
 
 KINDS = {"plain": dict(),
          "lipschitz": dict(lipschitz_reg=1e-3),
@@ -66,16 +66,10 @@ def train_or_load(kind, seed, data, cfg, folder):
     if cfg["epochs"] < 11 and "eps_ramp" in settings:   # the ramp fits in a short (quick) run
         settings.update(eps_warmup=0, eps_ramp=1)
     config = TrainConfig(hidden=cfg["hidden"], epochs=cfg["epochs"], seed=seed, **settings)
-    X = normalize(data.train_images[:cfg["limit"]], data.mean, data.std)
-    trainer = Trainer(config, 784, 10)
-    # The normalization first: certified training draws its pixel balls from it.
-    trainer.model.metadata.update(dataset="mnist", mean=np.array(data.mean), std=np.array(data.std))
-    start = time.perf_counter()
-    trainer.fit(X, data.train_labels[:cfg["limit"]], progress=False)
-    seconds = time.perf_counter() - start
-    trainer.model.metadata.update(train_seconds=seconds)
-    trainer.model.save(path)
-    return trainer.model, seconds
+    model, seconds = train_on_mnist(config, data, cfg["limit"])
+    model.metadata.update(train_seconds=seconds)
+    model.save(path)
+    return model, seconds
 
 
 def ladder(model, pixels, labels, eps, cfg, cache, jobs, scheduler):

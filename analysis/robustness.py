@@ -29,10 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _common import analysis_parser, finish, save_figure  # noqa: E402
-from nemon_np.data import load_mnist, normalize  # noqa: E402
+from _common import analysis_parser, finish, save_figure, train_on_mnist  # noqa: E402
+from nemon_np.data import load_mnist  # noqa: E402
 from nemon_np.robustness import ATTACKS, REPORT_CERTIFICATES, robustness_report  # noqa: E402
-from nemon_np.training import TrainConfig, Trainer  # noqa: E402
+from nemon_np.training import TrainConfig  # noqa: E402
 
 EPS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.3)
 CERTIFIED_ROWS = tuple(f"certified-{name}" for name in REPORT_CERTIFICATES)
@@ -41,17 +41,6 @@ FULL = dict(epochs=10, hidden=100, limit=None, samples=1000, lambdas=(0.0, 1e-3,
             certified=(0.1, 0.3), eps_warmup=1, eps_ramp=5, pgd_steps=10)
 QUICK = dict(epochs=2, hidden=40, limit=4000, samples=150, lambdas=(0.0, 1e-2), certified=(0.1,), eps_warmup=0,
              eps_ramp=1, pgd_steps=4)
-
-
-def train(name, config, data, cfg):
-    X = normalize(data.train_images[:cfg["limit"]], data.mean, data.std)
-    y = data.train_labels[:cfg["limit"]]
-    start = time.perf_counter()
-    trainer = Trainer(config, 784, 10)
-    # The normalization first: certified training draws its pixel balls from it.
-    trainer.model.metadata.update(dataset="mnist", mean=np.array(data.mean), std=np.array(data.std))
-    trainer.fit(X, y, progress=False)
-    return trainer.model, time.perf_counter() - start
 
 
 def _rows(r, kind):
@@ -201,7 +190,7 @@ def main(argv=None):
     work = [(seed, name, config) for seed in range(args.seed, args.seed + args.seeds)
             for name, config in model_configs(cfg, seed)]
     for seed, name, config in tqdm(work, desc="train and attack", unit="model", disable=None):
-        model, seconds = train(name, config, data, cfg)
+        model, seconds = train_on_mnist(config, data, cfg["limit"])
         r = robustness_report(model, pixels, labels, EPS, cfg["pgd_steps"], seed)
         r["train_seconds"] = seconds
         r["config"] = {k: getattr(config, k) for k in ("model", "lipschitz_reg", "certified_eps", "gamma", "hidden",

@@ -186,9 +186,10 @@ class ExactCertificate(Certificate):
         self.scheduler, self.cache, self.progress = scheduler, cache, progress
 
     def run(self, model, pixels, labels, eps, **options):
-        from .exact import image_cache_key, model_fingerprint
+        from .exact import as_dense_stack, image_cache_key, model_fingerprint
         P, labels = np.asarray(pixels, np.float64), np.asarray(labels)
         crown = CrownCertificate().margins(model, P, labels, eps, **options)
+        stack = as_dense_stack(model)   # once here, not once an image in verify_exact
         rows = [None] * len(labels)
         names = [None] * len(labels)
         if self.cache is not None:
@@ -199,7 +200,7 @@ class ExactCertificate(Certificate):
                      for i in range(len(labels))]
             rows = [_read_row(path) for path in names]
         todo = [(i, P[i], labels[i], crown[i]) for i in range(len(labels)) if rows[i] is None]
-        shared = (model, eps, dict(time_limit=self.time_limit, relaxed=self.relaxed, **options))
+        shared = (stack, eps, dict(time_limit=self.time_limit, relaxed=self.relaxed, **options))
         for (i, *_), row in self._map(todo, shared):
             rows[i] = row
             if names[i] is not None and row["status"] != "unknown":

@@ -246,6 +246,8 @@ def run_sweep(runs, scheduler=None, workers=None, progress=True, cluster=None):
     """Run the incomplete ``runs`` (from :func:`plan_runs`) on Dask: on ``cluster`` or the scheduler at
     address ``scheduler`` if given, else on a new local cluster of ``workers`` processes (default: the
     cores). Returns {run folder: (status, message)}, status "done", "failed" or "skipped" (complete)."""
+    from tqdm.auto import tqdm
+
     from .cluster import dask_client, map_unordered
 
     results = {str(folder): ("skipped", "") for _, _, folder, _ in runs if is_complete(folder)}
@@ -258,7 +260,7 @@ def run_sweep(runs, scheduler=None, workers=None, progress=True, cluster=None):
                 progress=progress):
             results[str(folder)] = (status, message)
             if status == "failed":
-                print(f"failed: {folder}: {message}", file=sys.stderr)
+                tqdm.write(f"failed: {folder}: {message}")   # above the progress bar, as before
     return results
 
 
