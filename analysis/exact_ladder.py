@@ -3,7 +3,8 @@
 robustness radii against the certified and attacked ones.
 
     python analysis/exact_ladder.py [--out DIR] [--quick] [--seeds N] [--images M] [--jobs J]
-                                    [--scheduler tcp://HOST:PORT] [--data-dir DIR]
+                                    [--time-limit S] [--radius-images R] [--scheduler tcp://HOST:PORT]
+                                    [--data-dir DIR]
 
 Trains, on real MNIST, three kinds of dense NEMON (n = 100) per seed: "plain" (the defaults of
 ``python -m nemon_np.train``, gamma 0.95), "lipschitz" (the l_inf Lipschitz bound in the loss with
@@ -11,7 +12,8 @@ weight 1e-3) and "certified" (interval training at eps 0.1, gamma 0.5). On the f
 images it certifies every ball of radius eps (pixel units) by each certificate of
 :func:`nemon_np.certify` (lipschitz, interval, crown, lp, and exact: complete verification by
 mixed-integer programming, whose "unknown" images, out of time, are never counted as certified) and
-attacks it by PGD (random start). Every certified image is checked against PGD and against exact:
+attacks it by PGD (random start). Exact tries PGD's points first (20 steps) and solves a program only
+for what neither crown nor the attack settles. Every certified image is checked against PGD and against exact:
 the script fails if one is broken or falsified.
 
 The gap of a certificate c to PGD splits exactly, image by image, because no exactly certified image
@@ -187,12 +189,18 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="seeds of each model kind (default 3; quick 1)")
     p.add_argument("--images", type=int, default=None, help="the first M test images (default 100; quick 10)")
     p.add_argument("--jobs", type=int, default=1, help="processes of a local Dask cluster sharing exact's images")
+    p.add_argument("--time-limit", type=float, default=None, help="exact's seconds an image (default 60; quick 3)")
+    p.add_argument("--radius-images", type=int, default=None, help="images whose radii are bracketed (default 20; "
+                   "quick 2)")
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler instead (tcp://HOST:PORT)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    cfg.update({k: v for k, v in (("seeds", args.seeds), ("images", args.images)) if v is not None})
-    if cfg["seeds"] < 1 or cfg["images"] < 1 or args.jobs < 1:
-        p.error("--seeds, --images and --jobs must be >= 1")
+    given = (("seeds", args.seeds), ("images", args.images), ("time_limit", args.time_limit),
+             ("radius_images", args.radius_images))
+    cfg.update({k: v for k, v in given if v is not None})
+    cfg["radius_time_limit"] = min(cfg["radius_time_limit"], cfg["time_limit"])   # one bisection step an exact run
+    if min(cfg["seeds"], cfg["images"], cfg["radius_images"], args.jobs) < 1 or not cfg["time_limit"] > 0:
+        p.error("--seeds, --images, --radius-images and --jobs must be >= 1, --time-limit > 0")
     out = pathlib.Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -1,19 +1,27 @@
 """Input checks shared by every public function: one-line ``ValueError`` messages."""
 import numpy as np
 
-__all__ = ["as_square_matrix", "as_weights", "as_float_dtype", "check_gamma", "check_readout_hidden"]
+__all__ = ["as_square_matrix", "as_weights", "as_float_dtype", "check_gamma", "check_readout_hidden", "all_finite"]
 
 _FLOAT_DTYPES = (np.float32, np.float64)
 
 
 def _as_real_array(a, name):
     arr = np.asarray(a)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
-                                 or np.issubdtype(arr.dtype, np.integer)):
+    if arr.dtype not in _FLOAT_DTYPES and (arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
+                                                                     or np.issubdtype(arr.dtype, np.integer))):
         raise ValueError(f"{name} must hold real numbers (integer or floating), got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
+    if not all_finite(arr):
         raise ValueError(f"{name} has non-finite entries (NaN or inf)")
     return arr
+
+
+def all_finite(arr):
+    """Whether every entry of a numeric array is finite. A finite sum settles it in one pass without a
+    temporary (a NaN or an infinity makes the sum NaN or infinite); an infinite sum of finite entries
+    (an overflow) is told apart by the entry-wise check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(arr.sum())) or bool(np.all(np.isfinite(arr)))
 
 
 def as_square_matrix(A, name="A"):

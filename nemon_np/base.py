@@ -117,9 +117,10 @@ class EmbeddedNetwork:
     ``_implicit_grad(delta, X)`` (the same for the implicit map), ``_transposed(P)`` (the matrix or
     kernel of P's transpose, for either map), ``_state_weights()`` (eta or None),
     ``_adjoint_tolerance(tol, units)`` and ``_solve_embedded`` / ``_adjoint_embedded`` (the average
-    iteration and its adjoint for the embedded network, whose state is [x_lo, x_hi] stacked on the
-    last axis). Both the classifiers (:class:`ImplicitClassifier`) and the implicit layers of a
-    stack (:mod:`nemon_np.layers`) mix it in.
+    iteration and its adjoint for the embedded network of the implicit matrix or kernel they are given,
+    whose state is [x_lo, x_hi] stacked on the last axis; they never need the embedded matrix itself,
+    whose products they take in the sum-difference form). Both the classifiers
+    (:class:`ImplicitClassifier`) and the implicit layers of a stack (:mod:`nemon_np.layers`) mix it in.
     """
 
     def _check_interval(self):
@@ -185,7 +186,7 @@ class EmbeddedNetwork:
         info_inputs = dict(input_center=U_c, input_radius=U_r, injection=Q)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)   # the enclosure below covers it
-            X, info = self._solve_embedded(embed(P), Q.astype(self.dtype), tol, max_iter, method)
+            X, info = self._solve_embedded(P, Q.astype(self.dtype), tol, max_iter, method)
         E64, X64 = embed(P64), X.astype(np.float64)
         Z = self._apply_implicit(E64, X64) + Q
         slack = (_terms(E64) + 4) * UNIT_ROUNDOFF * (self._apply_implicit(np.abs(E64), np.abs(X64)) + np.abs(Q))
@@ -205,11 +206,11 @@ class EmbeddedNetwork:
         """The embedded network's fixed point over the boxes [U_c - U_r, U_c + U_r] (the state's
         layout, the model's dtype), as the solver leaves it (for training, not for certificates):
         (X, info), X = [x_lo, x_hi] stacked on the last axis, info the solver's OptimizeResult with
-        the embedded matrix under ``"embedded_matrix"``."""
-        E = embed(getattr(self, self.implicit))
-        X, finfo = self._solve_embedded(E, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
+        the implicit matrix it used under ``"implicit_matrix"``."""
+        P = getattr(self, self.implicit)
+        X, finfo = self._solve_embedded(P, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
                                         method, alpha, tol_mode)
-        finfo["embedded_matrix"] = E
+        finfo["implicit_matrix"] = P
         return X, finfo
 
     def embedded_box_backward(self, G, X, finfo, U_c, U_r, tol, max_iter, adjoint="iterative", adjoint_tol=None,
@@ -221,15 +222,15 @@ class EmbeddedNetwork:
         ``with_input`` also dL/du_c = B^T (delta_lo + delta_hi) and dL/du_r = |B|^T (delta_hi - delta_lo)
         (the state's layout). Returns (grads keyed by the implicit matrix's name, "B", "b"; binfo[,
         dU_c, dU_r])."""
-        E, n = finfo["embedded_matrix"], X.shape[-1] // 2
+        P, n = finfo["implicit_matrix"], X.shape[-1] // 2
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = len(X)
         # Per-sample scale (m G), so that the adjoint tolerance means the same at any batch size.
         adjoint_tol = self._adjoint_tolerance(tol, 2 * self.n_hidden) if adjoint_tol is None else adjoint_tol
-        W, binfo = self._adjoint_embedded(E, mask, m * G, finfo.alpha, adjoint_tol, max_iter, adjoint)
+        W, binfo = self._adjoint_embedded(P, mask, m * G, finfo.alpha, adjoint_tol, max_iter, adjoint)
         delta = mask * W / m
         d_lo, d_hi = delta[..., :n], delta[..., n:]
-        grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), getattr(self, self.implicit)),
+        grads = {self.implicit: fold_embedded_grad(self._implicit_grad(delta, X), P),
                  "B": (self._inject_grad(d_lo + d_hi, U_c) + np.sign(self.B) * self._inject_grad(d_hi - d_lo, U_r)),
                  "b": (d_lo + d_hi).reshape(-1, n).sum(axis=0)}
         if not with_input:

@@ -145,10 +145,12 @@ def _verify_image(item, shared):
 
 
 def _read_row(path):
-    """A cached image's row, or None when there is none."""
+    """A cached image's row (with the effort it was solved with, where the file has it), or None when
+    there is none."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: f[k][()] if f[k].ndim == 0 else f[k] for k in ExactCertificate.KEYS}
+            keys = ExactCertificate.KEYS + tuple(k for k in ("time_limit", "attack_steps") if k in f.files)
+            return {k: f[k][()] if f[k].ndim == 0 else f[k] for k in keys}
     except (FileNotFoundError, ValueError, KeyError, OSError):
         return None   # absent, or cut short by an interruption: solved again
 
@@ -169,21 +171,27 @@ class ExactCertificate(Certificate):
     Images are independent work: with ``n_jobs`` > 1 they go to a local Dask cluster of that many
     processes, with ``scheduler`` (``tcp://HOST:PORT``) to a running one (:mod:`nemon_np.cluster`); the
     statuses are those of one process, up to what a time limit cuts off. With ``cache`` (a folder),
-    every decided image (certified or falsified) is kept there as it finishes, under a name derived from
-    the model's arrays, the image, its label, eps and the solver options, so that an interrupted
-    verification resumes without solving it again and a changed model never reads a stale answer;
-    "unknown" images are solved again (perhaps with a longer time limit). ``progress``: a progress bar
-    over the images."""
+    every image is kept there as it finishes, under a name derived from the model's arrays, the image,
+    its label, eps and the solver options, so that an interrupted verification resumes without solving
+    it again and a changed model never reads a stale answer. A decided image (certified or falsified)
+    is read back as it is; an "unknown" one only by a run that would not try harder (a time limit and
+    attack steps no larger than those it was left unknown with), and is solved again otherwise.
+    ``attack_steps``: PGD steps on each image crown leaves open, before any program (an image it breaks
+    is falsified at once; :func:`nemon_np.exact.verify_exact`); 0 for none. ``progress``: a progress
+    bar over the images."""
     name = "exact"
     relaxed = False
     complete = True
     KEYS = ("margins", "status", "counterexamples", "counterexample_margins", "seconds", "binaries")
 
-    def __init__(self, time_limit=60.0, n_jobs=1, scheduler=None, cache=None, progress=False):
+    def __init__(self, time_limit=60.0, n_jobs=1, scheduler=None, cache=None, progress=False, attack_steps=20):
         self.time_limit, self.n_jobs = time_limit, int(n_jobs)
         if self.n_jobs < 1:
             raise ValueError(f"n_jobs must be >= 1, got {n_jobs!r}")
+        if int(attack_steps) != attack_steps or attack_steps < 0:
+            raise ValueError(f"attack_steps must be a whole number >= 0, got {attack_steps!r}")
         self.scheduler, self.cache, self.progress = scheduler, cache, progress
+        self.attack_steps = 0 if self.relaxed else int(attack_steps)
 
     def run(self, model, pixels, labels, eps, **options):
         from .exact import as_dense_stack, image_cache_key, model_fingerprint
@@ -198,14 +206,23 @@ class ExactCertificate(Certificate):
             fingerprint = model_fingerprint(model)
             names = [folder / f"{image_cache_key(fingerprint, P[i], labels[i], eps, self.name, options)}.npz"
                      for i in range(len(labels))]
-            rows = [_read_row(path) for path in names]
+            rows = [self._reusable(_read_row(path)) for path in names]
         todo = [(i, P[i], labels[i], crown[i]) for i in range(len(labels)) if rows[i] is None]
-        shared = (stack, eps, dict(time_limit=self.time_limit, relaxed=self.relaxed, **options))
+        effort = dict(time_limit=self.time_limit, attack_steps=self.attack_steps)
+        shared = (stack, eps, dict(relaxed=self.relaxed, **effort, **options))
         for (i, *_), row in self._map(todo, shared):
             rows[i] = row
-            if names[i] is not None and row["status"] != "unknown":
-                _write_row(names[i], row)
+            if names[i] is not None:
+                _write_row(names[i], {**row, **effort})
         return {k: np.stack([row[k] for row in rows]) if rows else np.zeros(0) for k in self.KEYS}
+
+    def _reusable(self, row):
+        """A cached row, unless it is "unknown" from a smaller effort than this run's (then None)."""
+        if row is None or str(row["status"]) != "unknown":
+            return row
+        if row.get("time_limit", 0.0) >= self.time_limit and row.get("attack_steps", 0) >= self.attack_steps:
+            return row
+        return None
 
     def _map(self, todo, shared):
         """(item, row) for each image of ``todo``, here or on Dask, as each finishes."""

@@ -19,10 +19,11 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from ._threads import check_n_jobs
-from ._validation import as_float_dtype, check_gamma, check_readout_hidden
+from ._validation import all_finite, as_float_dtype, check_gamma, check_readout_hidden
 from .conv import (PADDINGS, average_pool, average_pool_transpose, conv_apply_channel_last, mu_inf_conv,
                    project_conv_mu_inf, transpose_kernel, weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
+from .interval import metzler_split
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
 from .readout import init_hidden_layer
@@ -102,15 +103,15 @@ class ConvImplicitMap:
         return tol * units / 100
 
     @staticmethod
-    def _sum_and_difference(E):
-        """(K_M + K_N, K_M - K_N) from the embedded kernel E = [[K_M, K_N], [K_N, K_M]]."""
-        C = len(E) // 2
-        return E[:C, :C] + E[:C, C:], E[:C, :C] - E[:C, C:]
+    def _sum_and_difference(K):
+        """(K_M + K_N, K_M - K_N) = (K, K_M - K_N) of the embedded kernel [[K_M, K_N], [K_N, K_M]]."""
+        KM, KN = metzler_split(K)
+        return K, KM - KN
 
-    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
+    def _solve_embedded(self, K, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
         check_conv_solver(method)
-        alpha, mu = self._alpha(alpha, "raise")   # E has K's centre taps: the same alpha*
-        K_sum, K_diff = self._sum_and_difference(E)
+        alpha, mu = self._alpha(alpha, "raise")   # the embedded kernel has K's centre taps: the same alpha*
+        K_sum, K_diff = self._sum_and_difference(K)
         X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
                                           relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
@@ -118,9 +119,9 @@ class ConvImplicitMap:
         _warn_unconverged(info, tol, "embedded forward")
         return X, info
 
-    def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
+    def _adjoint_embedded(self, K, mask, G, alpha, tol, max_iter, method):
         check_conv_solver("average", method)
-        K_sum, K_diff = self._sum_and_difference(E)
+        K_sum, K_diff = self._sum_and_difference(K)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
                                           l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
                                           **self._solver(method, alpha, self.mu_inf()))
@@ -255,7 +256,7 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         if U.ndim != 4 or U.shape[1:] != (self.in_channels, H, W):
             raise ValueError(f"U must have shape (batch, {self.in_channels}, {H}, {W}) or (batch, {self.n_in}), "
                              f"got {U.shape}")
-        if not np.all(np.isfinite(U)):
+        if not all_finite(U):
             raise ValueError("U has non-finite entries (NaN or inf)")
         return np.ascontiguousarray(U.transpose(0, 2, 3, 1), dtype=self.dtype if dtype is None else dtype)
 

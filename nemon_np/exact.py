@@ -32,6 +32,12 @@ margin's sign: it stops once the dual bound is positive (a relative gap of 0.99)
 below -tau. A counterexample is never taken from the solver as is: its input is clipped to the ball,
 mapped back to pixels and the fixed point solved again in float64; the image is falsified only when
 that margin is <= 0.
+
+An attack first (``attack_steps`` > 0: PGD with that many steps, :func:`nemon_np.attacks.attack`), as
+complete verifiers do (alpha,beta-CROWN runs PGD before branch and bound): a point of the ball that the
+float64 model misclassifies, checked as above, falsifies the image without a program. Where a model is
+not robust this replaces the costliest solves (a program that finds no counterexample before its time
+limit leaves "unknown"), and it changes no answer: the attack's points are in the ball.
 """
 import time
 import warnings
@@ -39,6 +45,7 @@ import warnings
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from .attacks import attack
 from .pixels import channel_stats, input_box, to_inputs
 from .stack import StackedClassifier
 
@@ -113,7 +120,7 @@ def _verified_margins(model64, pixels, label, options):
 
 
 def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, lower_bounds=None, progress=None,
-                 **options):
+                 attack_steps=0, **options):
     """Complete verification of each image's eps-ball (pixel units, clipped to [0, 1]).
 
     Parameters
@@ -126,6 +133,8 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
     lower_bounds : (m, n_out) sound margin lower bounds already known (crown's); the pairs they
         prove (> 0) skip the solver, and the others go to it smallest first
     progress : callable, called with the number of images done
+    attack_steps : PGD steps tried on each image that ``lower_bounds`` leave open, before any program (0:
+        none; not with ``relaxed``): a misclassified point it finds falsifies the image (module docstring)
     options : tol, max_iter of the interval bounds' solves
 
     Returns
@@ -155,15 +164,27 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
     margins = known.copy()
     counterexamples = np.full(P.shape, np.nan)
     cx_margins, seconds, binaries = np.full(m, np.nan), np.zeros(m), np.zeros(m, np.int64)
+    known[np.arange(m), labels] = np.inf
+    attacked = np.full(P.shape, np.nan)
+    tried = ~np.all(known > 0, axis=1)
+    if attack_steps > 0 and not relaxed and np.any(tried):
+        attacked[tried] = attack(model, P[tried], labels[tried], eps, "pgd", steps=int(attack_steps), seed=0)
     for i in range(m):
         k = int(labels[i])
         margins[i, k] = 0.0
-        at_image = _verified_margins(model64, P[i], k, options)
-        if np.any(np.delete(at_image, k) <= 0):   # misclassified (or tied) at the image itself
-            status[i], counterexamples[i], cx_margins[i] = "falsified", P[i], np.delete(at_image, k).min()
+        start = time.perf_counter()
+        for point in (P[i], attacked[i]):   # the image itself (misclassified or tied?), then the attack's
+            if np.all(np.isfinite(point)):
+                at_point = np.delete(_verified_margins(model64, point, k, options), k)
+                if np.any(at_point <= 0):
+                    status[i], counterexamples[i], cx_margins[i] = "falsified", point, at_point.min()
+                    break
+        if status[i] == "falsified":
+            seconds[i] = time.perf_counter() - start
+            if progress is not None:
+                progress(i + 1)
             continue
         open_j = [j for j in np.argsort(known[i]) if j != k and not known[i, j] > 0]
-        start = time.perf_counter()
         if open_j:
             u, g, cons, binaries[i], bound = stack_program(model, [(lo[i], hi[i]) for lo, hi in boxes], relaxed)
             # The margin itself is the objective (its constant times a variable fixed at 1), so that

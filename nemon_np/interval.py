@@ -122,19 +122,27 @@ def margin_lower_bounds_grad(C, X_c, X_r, labels, dM):
 
     With d_j = C_k - C_j: dX_c = sum_j dM_j d_j, dX_r = -sum_j dM_j |d_j|, and for every j
     dC_k += dM_j (x_c - sign(d_j) x_r), dC_j -= the same; dc_k += dM_j, dc_j -= dM_j.
+
+    Taken one label k at a time, over the samples of that label, as products with the (n_out, n) tables
+    d, |d| and sign(d) of class k: no (m, n_out, n) array is formed.
     """
     m, n_out = dM.shape
     rows = np.arange(m)
     dM = dM.copy()
     dM[rows, labels] = 0.0
-    D = C[labels][:, None, :] - C[None, :, :]                       # (m, n_out, n)
-    dX_c = np.einsum("mj,mjn->mn", dM, D)
-    dX_r = -np.einsum("mj,mjn->mn", dM, np.abs(D))
-    V = dM[:, :, None] * (X_c[:, None, :] - np.sign(D) * X_r[:, None, :])   # dL/dC_k contribution of pair j
-    onehot = np.zeros((m, n_out), dM.dtype)
-    onehot[rows, labels] = 1.0
-    dC = np.einsum("mk,mn->kn", onehot, V.sum(axis=1)) - V.sum(axis=0)
-    dc = onehot.T @ dM.sum(axis=1) - dM.sum(axis=0)
+    dX_c = dM.sum(axis=1, keepdims=True) * C[labels] - dM @ C
+    dX_r = np.empty_like(dX_c)
+    dC = np.zeros(C.shape, np.result_type(dM, X_c))
+    for k in np.unique(labels):
+        at = labels == k
+        D = C[k] - C                                   # (n_out, n): d_j for label k
+        w = dM[at]                                     # (m_k, n_out)
+        dX_r[at] = -(w @ np.abs(D))
+        T_c, T_r = w.T @ X_c[at], w.T @ X_r[at]        # (n_out, n): sum over the samples of dM_j x
+        V = T_c - np.sign(D) * T_r                     # row j: sum of dM_j (x_c - sign(d_j) x_r)
+        dC[k] += V.sum(axis=0)
+        dC -= V
+    dc = np.bincount(labels, weights=dM.sum(axis=1), minlength=n_out) - dM.sum(axis=0)
     return dX_c, dX_r, dC.astype(C.dtype), dc.astype(C.dtype)
 
 

@@ -15,7 +15,7 @@ w = g + A^T D w and put delta = D w; then
 """
 import numpy as np
 
-from ._validation import as_float_dtype, as_weights, check_gamma, check_readout_hidden
+from ._validation import all_finite, as_float_dtype, as_weights, check_gamma, check_readout_hidden
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
 from .measures import mu_inf
@@ -63,7 +63,7 @@ class DenseImplicitMap:
             U = U[None, :]
         if U.ndim != 2 or U.shape[1] != self.n_in:
             raise ValueError(f"U must have shape (batch, {self.n_in}), got {np.shape(U)}")
-        if not np.all(np.isfinite(U)):
+        if not all_finite(U):
             raise ValueError("U has non-finite entries (NaN or inf)")
         return np.ascontiguousarray(U, dtype=self.dtype if dtype is None else dtype)
 
@@ -101,16 +101,14 @@ class DenseImplicitMap:
     def _adjoint_tolerance(tol, units):
         return tol
 
-    def _embedded_weights(self):
-        return None if self.weights is None else np.concatenate([self.weights, self.weights])
+    def _solve_embedded(self, A, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
+        return solve_equilibrium(A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
+                                 weights=self.weights, tol_mode=tol_mode, embedded=True)
 
-    def _solve_embedded(self, E, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
-        return solve_equilibrium(E, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
-                                 weights=self._embedded_weights(), tol_mode=tol_mode)
-
-    def _adjoint_embedded(self, E, mask, G, alpha, tol, max_iter, method):
-        return solve_adjoint(E, mask, G, method=method, alpha=alpha if method == "iterative" else None,
-                             tol=tol, max_iter=max_iter, weights=self._embedded_weights())
+    def _adjoint_embedded(self, A, mask, G, alpha, tol, max_iter, method):
+        return solve_adjoint(A, mask, G, method=method,
+                             alpha=alpha if method == "iterative" else None, tol=tol, max_iter=max_iter,
+                             weights=self.weights, embedded=True)
 
     # -- forward ----------------------------------------------------------
     def equilibrium(self, U, tol=1e-6, max_iter=500, method="average", alpha=None, X0=None,

@@ -153,6 +153,30 @@ def _round_inside(P64, dtype, diag, signed_diagonal=True):
     if dtype == np.float64:
         return P64
     P = P64.astype(dtype)
+    _round_toward_set(P64, P, diag, signed_diagonal)
+    return P
+
+
+@njit(cache=True)
+def _round_toward_set(P64, P, diag, signed_diagonal):
+    """In place: P = P64 rounded to nearest in P's dtype becomes P64 rounded toward zero, and, with a
+    signed diagonal, column diag[i] of row i rounded downward (:func:`_round_inside`)."""
+    zero, down = P.dtype.type(0), P.dtype.type(-np.inf)   # nextafter in P's dtype, not float64
+    for i in range(P.shape[0]):
+        for j in range(P.shape[1]):
+            x = P[i, j]
+            if signed_diagonal and j == diag[i]:
+                if np.float64(x) > P64[i, j]:
+                    P[i, j] = np.nextafter(x, down)
+            elif abs(np.float64(x)) > abs(P64[i, j]):
+                P[i, j] = np.nextafter(x, zero)
+
+
+def round_inside_reference(P64, dtype, diag, signed_diagonal=True):
+    """NumPy reference of :func:`_round_inside` (same contract)."""
+    if dtype == np.float64:
+        return P64
+    P = P64.astype(dtype)
     rows = np.arange(len(P))
     up = np.abs(P.astype(np.float64)) > np.abs(P64)
     if signed_diagonal:

@@ -18,9 +18,9 @@ solves:
 """
 import numpy as np
 
+from .attacks import attack
 from .certificates import ExactCertificate, certify
 from .pixels import solver_options_for, to_inputs
-from .robustness import attack
 
 __all__ = ["certified_radius", "exact_radius", "attack_radius"]
 

@@ -31,7 +31,7 @@ import re
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._validation import as_float_dtype, check_gamma
+from ._validation import all_finite, as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
@@ -279,7 +279,7 @@ class StackedClassifier:
             U = U.reshape(len(U), -1)
         if U.ndim != 2 or U.shape[1] != self.n_in:
             raise ValueError(f"U must have shape (batch, {self.n_in}), got {np.shape(U)}")
-        if not np.all(np.isfinite(U)):
+        if not all_finite(U):
             raise ValueError("U has non-finite entries (NaN or inf)")
         U = np.ascontiguousarray(U, dtype=self.dtype if dtype is None else dtype)
         if self.layers[0].spatial_input is True and len(self.input_shape) == 3:

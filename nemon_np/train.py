@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import pathlib
 import sys
 import threading
@@ -44,7 +45,7 @@ HELP = {
     "weight_init": "stacked models: default (uniform(-1, 1)/sqrt(fan-in), PyTorch's scale) or ibp (Shi et al. "
                    "2021's IBP initialization, N(0, 2 pi/fan_in^2) for every weight but the logits', which keeps an "
                    "interval box's radius from growing layer after layer at initialization)",
-    "hidden": "hidden units n (size of the implicit state x; dense models)",
+    "hidden": "hidden units n (size of the implicit state x; dense models); default: 100, 200 with --certified-eps",
     "channels": "conv model: channels C of the implicit convolutional layer",
     "kernel": "conv model: odd kernel size k of the k x k convolutions K (implicit) and B (input)",
     "pool": "conv model: s x s average pooling before the read-out (s divides the image size)",
@@ -73,7 +74,7 @@ HELP = {
                     "K[c, c, centre]) >= this value m <= 0, so that the average iteration's step alpha* = "
                     "1/(1 - min(min_i a_ii, 0)) stays >= 1/(1 - m) and its contraction factor "
                     "<= 1 - (1 - gamma)/(1 - m) during training (negative diagonals shrink alpha* as training "
-                    "goes on, and the iterations grow); default: no floor",
+                    "goes on, and the iterations grow); default: no floor, 0 with --certified-eps (dense models)",
     "lipschitz_reg": "weight of the l_inf Lipschitz bound ||C|| ||B|| / (1 - mu_inf(A)) added to the loss "
                      "(conv: ||B|| of the input convolution, mu_inf of K)",
     "lipschitz_form": "exact (the product bound above, with its subgradient) or smooth (the paper code's "
@@ -87,7 +88,8 @@ HELP = {
     "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual "
            "<= adjoint-tol; default: 1e-4 (nemon, mondeq) or 1e-3 (conv)",
     "tol_mode": "absolute (stop at ||F(x) - x||_inf <= tol) or relative (<= tol max(1, ||F(x)||_inf): the tolerance "
-                "follows the state's scale, which grows with the Lipschitz bound during training)",
+                "follows the state's scale, which grows with the Lipschitz bound during training); default: "
+                "absolute, relative with --certified-eps (dense models; the certificates keep their own tolerance)",
     "adjoint_tol": "l_1 residual tolerance of the adjoint solve; default: tol for dense models, "
                    "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
@@ -133,7 +135,8 @@ CHOICES = {"tol_mode": TOL_MODES, "schedule": SCHEDULES, "constraint": CONSTRAIN
            "adjoint": ADJOINT_METHODS, "dtype": ("float32", "float64"), "lipschitz_form": LIPSCHITZ_FORMS,
            "padding": PADDINGS, "augment": tuple(AUGMENTATIONS),
            "weight_init": ("default", "ibp")}
-TYPES = {"alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float, "epochs": int, "lr": float,
+TYPES = {"hidden": int, "tol_mode": str, "alpha": float, "solver": str, "adjoint": str, "adjoint_tol": float,
+         "epochs": int, "lr": float,
          "gamma": float, "tol": float, "init": str, "arch": str, "augment_pad": int, "eps_warmup": float,
          "eps_ramp": float,
          "train_eps_factor": float, "min_diagonal": float}
@@ -196,7 +199,12 @@ def _resumed_run(parser, args):
     if not (out / "model.npz").is_file():
         parser.error(f"--resume: {out / 'model.npz'} not found")
     args.dataset, args.limit_train = run["dataset"], run["limit_train"]
-    return config_from_dict(payload["config"]), payload["epochs"], out
+    config = config_from_dict(payload["config"])
+    if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
+        # The run's settings were resolved when it started: no floor then is no floor now, whatever
+        # today's defaults (certified dense runs have one by default now: it must not appear on resuming).
+        config.min_diagonal = -math.inf
+    return config, payload["epochs"], out
 
 
 @contextlib.contextmanager

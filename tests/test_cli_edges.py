@@ -123,6 +123,23 @@ def test_resume_with_a_training_flag_names_it(tmp_path, capsys):
     assert "holds no resumable run" in _error_line(capsys)
 
 
+def test_resume_keeps_a_run_without_its_floor_where_todays_defaults_have_one(tmp_path):
+    """A certified dense run whose settings (resolved when it started) had no diagonal floor resumes
+    without one, though --certified-eps now brings min_diagonal 0 by default; a run with one keeps it."""
+    import json
+    from dataclasses import asdict
+    from nemon_np.training import TrainConfig
+    for floor, expected in ((None, -np.inf), (-0.5, -0.5)):
+        config = asdict(TrainConfig(certified_eps=0.1, hidden=10, min_diagonal=floor).validate())
+        config["min_diagonal"] = floor   # as a run written before the default was there stored it
+        (tmp_path / "metrics.json").write_text(json.dumps({"config": config, "epochs": [],
+                                                           "run": {"dataset": "mnist", "limit_train": 100}}))
+        (tmp_path / "model.npz").write_bytes(b"")
+        parser = train.build_parser()
+        resumed, _, _ = train._resumed_run(parser, parser.parse_args(["--resume", str(tmp_path)]))
+        assert resumed.validate().min_diagonal == expected
+
+
 def test_out_naming_a_run_is_an_error_unless_overwrite(tmp_path, shared_data, capsys):
     """A second run into a folder that holds one stops before touching it; --overwrite replaces it."""
     run = tmp_path / "run"

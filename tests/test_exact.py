@@ -197,12 +197,43 @@ def test_a_cached_verification_resumes_without_solving_decided_images_again(tmp_
         certify(model, P, y, 0.09, ExactCertificate(cache=tmp_path / "cache"), **TOL)
 
 
-def test_an_unknown_image_is_not_cached(tmp_path):
+def test_an_unknown_image_is_read_back_only_by_a_run_that_tries_no_harder(tmp_path, monkeypatch):
+    import nemon_np.exact as exact_module
     model = _model(2)
     P, y = _images(model, 2)
-    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, cache=tmp_path), **TOL)
+    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, attack_steps=0, cache=tmp_path), **TOL)
     assert np.any(res.status == "unknown")
-    assert len(list(tmp_path.glob("*.npz"))) == np.sum(res.status != "unknown")
+    assert len(list(tmp_path.glob("*.npz"))) == len(y)
+
+    def no_solver(*args, **kwargs):
+        raise AssertionError("solved again")
+    monkeypatch.setattr(exact_module, "verify_exact", no_solver)
+    again = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, attack_steps=0, cache=tmp_path), **TOL)
+    np.testing.assert_array_equal(again.status, res.status)
+    for harder in (dict(time_limit=1.0, attack_steps=0), dict(time_limit=1e-9, attack_steps=5)):
+        with pytest.raises(AssertionError, match="solved again"):
+            certify(model, P, y, 0.08, ExactCertificate(cache=tmp_path, **harder), **TOL)
+
+
+def test_the_attack_falsifies_before_any_program_and_changes_no_answer():
+    """With no time for a program, PGD's points alone falsify the images it breaks (each counterexample
+    re-solved and in the ball); with time, the statuses are those without the attack."""
+    model = _model(4)
+    P, y = _images(model, 4)
+    eps = 0.1
+    quick = certify(model, P, y, eps, ExactCertificate(time_limit=1e-9, attack_steps=20), **TOL)
+    none = certify(model, P, y, eps, ExactCertificate(time_limit=1e-9, attack_steps=0), **TOL)
+    attacked = (quick.status == "falsified") & (none.status != "falsified")
+    assert np.any(attacked)
+    for i in np.flatnonzero(attacked):
+        cx = quick.counterexamples[i]
+        assert np.all(np.abs(cx - P[i]) <= eps + 1e-12) and np.all((cx >= 0) & (cx <= 1))
+        assert _margin_at(model, cx, y[i]) <= 0 and quick.counterexample_margins[i] <= 0
+    full = certify(model, P, y, eps, ExactCertificate(attack_steps=20), **TOL)
+    plain = certify(model, P, y, eps, ExactCertificate(attack_steps=0), **TOL)
+    np.testing.assert_array_equal(full.status, plain.status)
+    with pytest.raises(ValueError, match="attack_steps must be a whole number"):
+        ExactCertificate(attack_steps=-1)
 
 
 def test_bad_inputs_are_one_line_errors():

@@ -245,3 +245,55 @@ def test_embedded_convolution_by_centre_and_radius_is_the_2c_convolution(rng, pa
     full = conv_fixed_point(embed(K), Q, 0.8, 1e-12, 2000, padding)
     split = conv_fixed_point(KM + KN, Q, 0.8, 1e-12, 2000, padding, K_diff=KM - KN)
     np.testing.assert_allclose(split[0], full[0], atol=1e-11)
+
+
+@pytest.mark.parametrize("method", ["average", "anderson"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedded_solve_by_sum_and_difference_is_the_2n_solve(rng, method, dtype):
+    """solve_equilibrium / solve_adjoint with embedded=True (two n x n products a step) give the fixed
+    points and adjoints of the formed 2n x 2n embedded matrix, weighted or not, to the solve's accuracy."""
+    from nemon_np import solve_adjoint, solve_equilibrium
+    n, m = 12, 7
+    A = rng.normal(size=(n, n))
+    A = (A * 0.5 / mu_inf(np.abs(A))).astype(dtype)   # contractive with room to spare
+    eta = rng.uniform(0.8, 1.25, size=n)               # weighted measure <= 0.5 * 1.25 / 0.8 < 1
+    E = embed(A)
+    Q = rng.normal(size=(m, 2 * n)).astype(dtype)
+    G = rng.normal(size=(m, 2 * n)).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for weights in (None, eta):
+        eta2 = None if weights is None else np.concatenate([weights, weights])
+        X, info = solve_equilibrium(A, Q, method=method, tol=tol, max_iter=2000, weights=weights, embedded=True)
+        X_ref, info_ref = solve_equilibrium(E, Q, method=method, tol=tol, max_iter=2000, weights=eta2)
+        assert X.shape == (m, 2 * n) and info.mu_inf == pytest.approx(info_ref.mu_inf, abs=1e-12)
+        np.testing.assert_allclose(X, X_ref, atol=20 * tol)
+        mask = (info.preactivation > 0).astype(dtype)
+        for adjoint in ("iterative", "direct"):
+            W, _ = solve_adjoint(A, mask, G, method=adjoint, tol=tol, max_iter=2000, weights=weights, embedded=True)
+            W_ref, _ = solve_adjoint(E, mask, G, method=adjoint, tol=tol, max_iter=2000, weights=eta2)
+            np.testing.assert_allclose(W, W_ref, atol=50 * tol * (1 if dtype == np.float64 else 10))
+    with pytest.raises(ValueError, match="embedded networks are solved by"):
+        solve_equilibrium(A, Q, method="peaceman-rachford", embedded=True)
+
+
+def test_margin_bound_gradient_by_label_equals_the_pairwise_formula(rng):
+    """The per-label products of margin_lower_bounds_grad against the formula written over every
+    (sample, class) pair, and against finite differences of margin_lower_bounds."""
+    from nemon_np.interval import margin_lower_bounds_grad
+    m, n_out, n = 40, 6, 9
+    C, c = rng.normal(size=(n_out, n)), rng.normal(size=n_out)
+    X_c, X_r = rng.normal(size=(m, n)), np.abs(rng.normal(size=(m, n)))
+    labels, dM = rng.integers(0, n_out, m), rng.normal(size=(m, n_out))
+    dM_off = dM.copy()
+    dM_off[np.arange(m), labels] = 0.0
+    D = C[labels][:, None, :] - C[None, :, :]
+    V = dM_off[:, :, None] * (X_c[:, None, :] - np.sign(D) * X_r[:, None, :])
+    onehot = np.eye(n_out)[labels]
+    expected = (np.einsum("mj,mjn->mn", dM_off, D), -np.einsum("mj,mjn->mn", dM_off, np.abs(D)),
+                onehot.T @ V.sum(axis=1) - V.sum(axis=0), onehot.T @ dM_off.sum(axis=1) - dM_off.sum(axis=0))
+    got = margin_lower_bounds_grad(C, X_c, X_r, labels, dM)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-12)
+    f = lambda: np.sum(dM * margin_lower_bounds(C, c, X_c, X_r, labels))  # noqa: E731
+    np.testing.assert_allclose(got[0], finite_difference(f, X_c), atol=1e-6)
+    np.testing.assert_allclose(got[2], finite_difference(f, C), atol=1e-6)

@@ -93,3 +93,16 @@ def test_bad_weights_are_rejected():
 def test_integer_matrices_are_accepted():
     assert mu_inf(np.array([[1, -2], [3, 0]])) == 3.0
     assert norm_inf([[1, -2], [3, 0]]) == 3.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_row_measures_kernel_matches_its_numpy_reference(rng, dtype, weighted):
+    from nemon_np.measures import row_measures_reference
+    A = rng.normal(size=(60, 60)).astype(dtype)
+    eta = rng.uniform(0.1, 10.0, size=60) if weighted else None
+    got = row_measures(A, eta)
+    assert got.dtype == np.float64
+    # the same float64 terms, summed in order rather than pairwise
+    np.testing.assert_allclose(got, row_measures_reference(A, eta), rtol=1e-13, atol=1e-13)
+    assert mu_inf(A, eta) == got.max()

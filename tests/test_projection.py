@@ -3,7 +3,7 @@ import pytest
 
 from nemon_np import (mu_inf, parametrize_mu_inf, parametrize_mu_inf_grad, parametrize_mu_inf_inverse,
                       project_mu_inf, row_measures)
-from nemon_np.projection import project_mu_inf_reference
+from nemon_np.projection import _round_inside, project_mu_inf_reference, round_inside_reference
 from nemon_np.regions import project_mu_inf_cvxpy
 from conftest import finite_difference
 
@@ -61,6 +61,21 @@ def test_float32_stays_inside_and_keeps_its_dtype(rng):
         assert mu_inf(P) <= gamma + 1e-12
         np.testing.assert_allclose(P, project_mu_inf(A.astype(np.float64), gamma), atol=1e-6)
         np.testing.assert_array_equal(project_mu_inf(P, gamma), P)
+
+
+@pytest.mark.parametrize("shape, signed", [((50, 50), True), ((50, 50), False), ((8, 72), True)])
+def test_rounding_into_float32_matches_its_numpy_reference(rng, shape, signed):
+    # Entries a hair off float32 values, so that rounding to nearest goes both ways.
+    P64 = rng.normal(size=shape).astype(np.float32).astype(np.float64) * (1 + rng.normal(size=shape) * 1e-7)
+    diag = np.arange(shape[0]) if shape[0] == shape[1] else np.full(shape[0], 4)
+    got = _round_inside(P64, np.float32, diag, signed)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, round_inside_reference(P64, np.float32, diag, signed))
+    off = np.ones(shape, bool)
+    if signed:
+        off[np.arange(shape[0]), diag] = False
+        assert np.all(got[~off].astype(np.float64) <= P64[~off])
+    assert np.all(np.abs(got[off].astype(np.float64)) <= np.abs(P64[off]))
 
 
 def test_projection_rejects_bad_input():

@@ -1,0 +1,88 @@
+"""The dense certified recipe as a user gets it (issue #27): ``python -m nemon_np.train --dataset mnist
+--certified-eps 0.1`` with nothing else, timed as a whole process, then certified on the saved model.
+
+Run:  python benchmarks/certified_default.py --data-dir DIR [--seeds 0 1] [--old CHECKOUT] [--out runs/cert_default]
+          [--samples 1000] [-- extra nemon_np.train flags]
+
+For each seed it runs the command in a process of its own (one thread: OMP, OpenBLAS, numba) and takes
+its wall time, the whole run (data loading, training, the per-epoch test evaluation and certification,
+saving); with ``--old CHECKOUT`` (another checkout of nemon_np) the same command runs on that code too,
+each seed old then new, so that both are timed in one run. Each saved model then goes through
+``python -m nemon_np.robustness`` at eps 0.1 (crown and interval certificates, PGD, FGSM, noise; it fails
+if a certified image is broken). Prints seconds, clean accuracy, certified accuracies and PGD's, and the
+targets: certified >= 85%, clean >= 95%, whole run <= 300 s.
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+
+
+def train(code, seed, out, data_dir, extra):
+    """Seconds of the whole training process on the checkout ``code`` (None: this one)."""
+    cmd = [sys.executable, "-m", "nemon_np.train", "--dataset", "mnist", "--certified-eps", "0.1", "--seed", str(seed),
+           "--out", str(out), "--overwrite", "--no-progress"] + (["--data-dir", data_dir] if data_dir else []) + extra
+    env = {**os.environ, **ONE_THREAD}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def evaluate(run, data_dir, samples):
+    """The robustness report of the saved model at eps 0.1 (this checkout's code)."""
+    from nemon_np import robustness
+    args = [str(run), "--samples", str(samples), "--eps", "0.1", "--pgd-steps", "20"]
+    if robustness.main(args + (["--data-dir", data_dir] if data_dir else [])) != 0:
+        raise SystemExit(f"robustness failed on {run}")
+    return json.loads((pathlib.Path(run) / "robustness.json").read_text())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--old", default=None, help="another checkout of nemon_np, timed on the same command first")
+    p.add_argument("--out", default="runs/cert_default")
+    p.add_argument("--samples", type=int, default=1000, help="test images certified and attacked (the first N)")
+    args = p.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        for label, code in ([("old", args.old)] if args.old else []) + [("new", None)]:
+            run = pathlib.Path(args.out) / f"{label}_s{seed}"
+            seconds = train(code, seed, run, args.data_dir, extra)
+            report = evaluate(run, args.data_dir, args.samples)
+            row = {"code": label, "seed": seed, "seconds": seconds, "report": report}
+            rows.append(row)
+            print(f"{label} seed {seed}: whole run {seconds:.0f} s; {json.dumps(_summary(report))}", flush=True)
+    for r in rows:
+        s = _summary(r["report"])
+        met = s["certified-crown"] >= 85 and s["clean"] >= 95 and r["seconds"] <= 300
+        print(f"{r['code']} seed {r['seed']}: {r['seconds']:.0f} s, clean {s['clean']:.2f}%, certified crown "
+              f"{s['certified-crown']:.2f}% (interval {s['certified-interval']:.2f}%), PGD {s['pgd']:.2f}%: targets "
+              f"(>= 85%, >= 95%, <= 300 s) {'met' if met else 'NOT met'}")
+    return 0
+
+
+def _summary(report):
+    """Clean accuracy, the certified accuracies and PGD's at eps 0.1 (the report's only radius), in %, and
+    the certified images an attack broke (0: the robustness CLI fails otherwise)."""
+    return {"clean": 100 * report["clean_acc"], "pgd": 100 * report["attacks"]["pgd"][0],
+            **{k: 100 * v[0] for k, v in report["certified"].items()},
+            "broken": sum(v[0] for v in report["broken_certified"].values())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Our training epoch against the paper's own PyTorch code, in one run, A B A B (issue #27).
+
+Run:  python benchmarks/vs_paper.py --paper-code DIR --paper-python PY [--model dense|conv] [--images N]
+          [--epochs E] [--repeats R] [--data-dir DIR] [-- extra nemon_np.train flags for our side]
+
+DIR is a checkout of the paper's repository (github.com/davydovalexander/Non-Euclidean_Mon_Op_Net; it is
+not part of this project and nothing of it is copied here); PY a Python with torch (``pip install
+torch==2.13.0`` in a venv of its own). Both sides train on the same first N MNIST training images
+(normalized once, here, and handed over as arrays), batch 100, from a fresh model, with one thread each
+(BLAS, numba, torch), in separate processes taken in turn, R times; each then tests on the 10,000 test
+images. The paper's side is its ``experiments.py`` MNIST model (dense: n = 100, alpha 1, tol 1e-2;
+conv: 5 x 5 kernels, --channels) in its own training loop (``paper_worker.py``). Ours is
+``python -m nemon_np.train --dataset mnist`` with its defaults (conv: ``--model conv --kernel 5``), plus
+whatever follows ``--``. Prints each run, the medians and the ratios paper / ours (above 1: ours is faster).
+
+The dense part also prints the BLAS floor of our epoch: the time numpy's matmul takes for the products
+an epoch cannot avoid at the iteration counts our run measured (input product and its gradient, and one
+n x n product per forward and adjoint iteration of every sample), in the training dtype, one thread.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def our_config(model, epochs, extra):
+    """The TrainConfig that ``python -m nemon_np.train`` builds from these flags (fails as it does)."""
+    from dataclasses import fields
+    from nemon_np.train import build_parser
+    from nemon_np.training import TrainConfig
+    flags = ["--dataset", "mnist", "--epochs", str(epochs)]
+    flags += ["--model", "conv", "--kernel", "5"] if model == "conv" else []
+    args = build_parser().parse_args(flags + list(extra))
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    config.validate()
+    return config
+
+
+def run_ours(arrays, model, epochs, extra):
+    """Our side, in its own process: one JSON line like the paper worker's."""
+    from nemon_np.training import Trainer, evaluate
+    data = np.load(arrays)
+    X, y, Xt, yt = data["X"], data["y"], data["X_test"], data["y_test"]
+    config = our_config(model, epochs, extra)
+    shape = (1, 28, 28) if config.model != "nemon" else None
+    warm = Trainer(dataclasses.replace(config, epochs=1), 784, 10, image_shape=shape)
+    warm.fit(X[:200], y[:200], progress=False)   # compiled kernels load outside the timing
+    cpu0 = time.process_time()
+    trainer = Trainer(config, 784, 10, image_shape=shape)
+    cpu = []
+    trainer.fit(X, y, progress=False, on_epoch=lambda row: cpu.append(time.process_time()))
+    start = time.perf_counter()
+    _, acc, _ = evaluate(trainer.model, Xt, yt, **config.solver_options())
+    test = time.perf_counter() - start
+    h = trainer.history
+    # CPU seconds of each epoch's training part: the epoch's CPU time less that of its closing evaluation
+    # (there is none: X_test is not passed), so the difference of consecutive on_epoch stamps
+    cpu_epochs = np.diff([cpu0] + cpu).tolist()
+    return {"train_seconds": [r["train_seconds"] for r in h], "train_cpu_seconds": cpu_epochs,
+            "test_seconds": [test], "test_acc": [acc],
+            "fwd_iters": [r["fwd_iter_mean"] for r in h], "bwd_iters": [r["bwd_iter_mean"] for r in h],
+            "hidden": config.hidden, "dtype": config.dtype, "batch_size": config.batch_size}
+
+
+def blas_floor(images, hidden, fwd_iters, bwd_iters, dtype, batch=100, repeats=3):
+    """CPU seconds numpy's matmul takes for one epoch's unavoidable products (module docstring), best of
+    ``repeats``: per batch of m, U B (m x 784 x n) and U^T G (784 x m x n), and (fwd + bwd) products
+    of m x n x n."""
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((batch, 784)).astype(dtype)
+    B = rng.standard_normal((784, hidden)).astype(dtype)
+    G = rng.standard_normal((batch, hidden)).astype(dtype)
+    A = rng.standard_normal((hidden, hidden)).astype(dtype)
+    n_batches = images // batch
+    products = int(round((fwd_iters + bwd_iters) * n_batches))
+    with threadpool_limits(1, user_api="blas"):
+        best = min(_time_products(U, B, G, A, n_batches, products) for _ in range(repeats))
+    return best
+
+
+def _time_products(U, B, G, A, n_batches, products):
+    start = time.process_time()
+    for _ in range(n_batches):
+        U @ B
+        U.T @ G
+    for _ in range(products):
+        G @ A
+    return time.process_time() - start
+
+
+def run_side(cmd):
+    out = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paper-code", help="a checkout of the paper's repository (omit to time our side alone)")
+    p.add_argument("--paper-python", default=None, help="a Python that has torch, for the paper's side")
+    p.add_argument("--model", choices=("dense", "conv"), default="dense")
+    p.add_argument("--channels", type=int, default=32, help="conv channels on the paper's side (ours: --channels "
+                   "after --, default 32)")
+    p.add_argument("--images", type=int, default=60000, help="the first N training images (default all 60,000)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
+    p.add_argument("--arrays", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.side == "ours":
+        print(json.dumps(run_ours(args.arrays, args.model, args.epochs, extra)))
+        return 0
+    if args.paper_code and not args.paper_python:
+        p.error("--paper-code needs --paper-python (a Python with torch)")
+    if args.images < 100 or args.epochs < 1 or args.repeats < 1:
+        p.error("--images must be >= 100, --epochs and --repeats >= 1")
+    our_config(args.model, args.epochs, extra)   # a bad flag fails here, not after the paper's run
+    from nemon_np.data import load_mnist, normalize
+    d = load_mnist(args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = pathlib.Path(tmp) / "mnist.npz"
+        np.savez(arrays, X=normalize(d.train_images[:args.images], d.mean, d.std), y=d.train_labels[:args.images],
+                 X_test=normalize(d.test_images, d.mean, d.std), y_test=d.test_labels)
+        sides = {"ours": [sys.executable, __file__, "--side", "ours", "--arrays", str(arrays), "--model", args.model,
+                          "--epochs", str(args.epochs), "--", *extra]}
+        if args.paper_code:
+            sides = {"paper": [args.paper_python, str(HERE / "paper_worker.py"), "--paper-code", args.paper_code,
+                               "--arrays", str(arrays), "--model", args.model, "--channels", str(args.channels),
+                               "--epochs", str(args.epochs)], **sides}
+        runs = {name: [] for name in sides}
+        for rep in range(args.repeats):
+            for name, cmd in sides.items():
+                r = run_side(cmd)
+                runs[name].append(r)
+                print(f"[{rep + 1}/{args.repeats}] {name:5s}: train {sum(r['train_seconds']):7.2f} s "
+                      f"(CPU {sum(r['train_cpu_seconds']):.2f} s) "
+                      f"({', '.join(f'{s:.2f}' for s in r['train_seconds'])} an epoch), "
+                      f"test {r['test_seconds'][-1]:6.2f} s, "
+                      f"accuracy {100 * r['test_acc'][-1]:.2f}%, iterations forward "
+                      f"{np.mean(r['fwd_iters']):.1f} / adjoint {np.mean(r['bwd_iters']):.1f}", flush=True)
+    med = {name: {k: float(np.median([sum(r[k]) if k.startswith("train") else r[k][-1] for r in rs]))
+                  for k in ("train_seconds", "train_cpu_seconds", "test_seconds", "test_acc")}
+           for name, rs in runs.items()}
+    print(f"{args.model}, {args.images} images, {args.epochs} epoch(s), medians of {args.repeats}:")
+    for name, m in med.items():
+        print(f"  {name:5s} train {m['train_seconds']:.2f} s (CPU {m['train_cpu_seconds']:.2f} s), "
+              f"test {m['test_seconds']:.2f} s, "
+              f"accuracy {100 * m['test_acc']:.2f}%")
+    if "paper" in med:
+        print(f"  paper / ours: training {med['paper']['train_seconds'] / med['ours']['train_seconds']:.2f}x "
+              f"(CPU seconds: {med['paper']['train_cpu_seconds'] / med['ours']['train_cpu_seconds']:.2f}x), "
+              f"test {med['paper']['test_seconds'] / med['ours']['test_seconds']:.2f}x")
+    if args.model == "dense":
+        r = runs["ours"][0]
+        floor = blas_floor(args.images, r["hidden"], np.mean(r["fwd_iters"]), np.mean(r["bwd_iters"]),
+                           np.dtype(r["dtype"]), r["batch_size"]) * args.epochs
+        print(f"  BLAS floor of our epochs (matmul only, {r['dtype']}, one thread): {floor:.2f} CPU s; ours is "
+              f"{med['ours']['train_cpu_seconds'] / floor:.2f}x the floor (CPU seconds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
