@@ -236,8 +236,8 @@ def test_bad_widths_are_one_line_errors(width):
 def test_cli_trains_a_model_with_a_hidden_read_out_layer(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = train_main(["--dataset", "mnist", "--data-dir", str(shared_data), "--readout-hidden", "32",
-                       "--epochs", "4", "--limit-train", "10000", "--certify-samples", "300", "--certified-eps", "0.05",
-                       "--eps-ramp", "2", "--no-progress", "--out", str(out)])
+                       "--hidden", "100", "--epochs", "4", "--limit-train", "10000", "--certify-samples", "300",
+                       "--certified-eps", "0.05", "--eps-ramp", "2", "--no-progress", "--out", str(out)])
     assert code == 0
     model = load_model(out / "model.npz")
     assert model.readout_hidden == 32 and model.H.shape == (32, 100) and model.C.shape == (10, 32)
