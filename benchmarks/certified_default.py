@@ -20,14 +20,14 @@ import subprocess
 import sys
 import time
 
-ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+from nemon_np._threads import ONE_THREAD_ENV
 
 
 def train(code, seed, out, data_dir, extra):
     """Seconds of the whole training process on the checkout ``code`` (None: this one)."""
     cmd = [sys.executable, "-m", "nemon_np.train", "--dataset", "mnist", "--certified-eps", "0.1", "--seed", str(seed),
            "--out", str(out), "--overwrite", "--no-progress"] + (["--data-dir", data_dir] if data_dir else []) + extra
-    env = {**os.environ, **ONE_THREAD}
+    env = {**os.environ, **ONE_THREAD_ENV}
     if code is not None:
         env["PYTHONPATH"] = str(code)
     start = time.perf_counter()

@@ -29,18 +29,17 @@ def import_paper(code_dir):
     return splitting, train
 
 
-def build(kind, splitting, train):
+def build(kind, channels, splitting, train):
     """experiments.py's MNIST models: the dense one (n = 100, alpha 1, tol 1e-2) and the single-conv one
     (here with ``channels`` output channels, 5 x 5 kernels, alpha 0.5, tol 1e-2)."""
     if kind == "dense":
         return train.NESingleFcNet(splitting.NEmonForwardStep, in_dim=28 ** 2, out_dim=100, alpha=1.0, max_iter=300,
                                    tol=1e-2, m=0.0)
-    return train.NESingleConvNet(splitting.NEmonForwardStep, in_dim=28, in_channels=1, out_channels=ARGS.channels,
+    return train.NESingleConvNet(splitting.NEmonForwardStep, in_dim=28, in_channels=1, out_channels=channels,
                                  alpha=0.5, max_iter=300, tol=1e-2, m=0)
 
 
 def main(argv=None):
-    global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper-code", required=True, help="a checkout of the paper's repository")
     p.add_argument("--arrays", required=True, help="the .npz that vs_paper.py wrote (X, y, X_test, y_test)")
@@ -50,7 +49,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--test-batch-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    ARGS = args = p.parse_args(argv)
+    args = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
@@ -60,7 +59,7 @@ def main(argv=None):
     shape = (-1, 1, 28, 28)
     X, y = torch.from_numpy(data["X"].reshape(shape)), torch.from_numpy(data["y"].astype(np.int64))
     Xt, yt = torch.from_numpy(data["X_test"].reshape(shape)), torch.from_numpy(data["y_test"].astype(np.int64))
-    model = build(args.model, splitting, train)
+    model = build(args.model, args.channels, splitting, train)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(args.seed)
     out = {"train_seconds": [], "train_cpu_seconds": [], "test_seconds": [], "test_acc": [], "fwd_iters": [],

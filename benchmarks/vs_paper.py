@@ -30,7 +30,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+from nemon_np._threads import ONE_THREAD_ENV
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -100,7 +101,7 @@ def _time_products(U, B, G, A, n_batches, products):
 
 
 def run_side(cmd):
-    out = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
+    out = subprocess.run(cmd, env={**os.environ, **ONE_THREAD_ENV}, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,7 +14,10 @@ from functools import lru_cache
 import numpy as np
 from numba.extending import get_cython_function_address
 
-__all__ = ["check_n_jobs", "gemm_into", "map_ranges", "split_ranges"]
+__all__ = ["check_n_jobs", "gemm_into", "map_ranges", "split_ranges", "ONE_THREAD_ENV"]
+
+# The environment of a process that should compute on one thread: BLAS (OpenBLAS, MKL, OpenMP) and numba.
+ONE_THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
 
 _INT = ctypes.POINTER(ctypes.c_int)
 

@@ -9,11 +9,13 @@ next arrives: an interruption loses only the tasks still running.
 import contextlib
 import os
 
+from ._threads import ONE_THREAD_ENV
+
 __all__ = ["local_cluster", "dask_client", "map_unordered"]
 
 
 def local_cluster(workers):
-    """A ``distributed.LocalCluster`` of ``workers`` processes, one thread and one BLAS thread each."""
+    """A ``distributed.LocalCluster`` of ``workers`` processes, one thread and one BLAS (and numba) thread each."""
     import dask
     from distributed import LocalCluster
     # One BLAS thread a worker (Dask's pre-spawn default too): the products here are small and the
@@ -23,7 +25,7 @@ def local_cluster(workers):
     # A value the user exported is kept (Dask lets the environment override its configuration).
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                            env=dict(ONE_THREAD_ENV))
 
 
 @contextlib.contextmanager

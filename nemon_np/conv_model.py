@@ -23,7 +23,7 @@ from ._validation import all_finite, as_float_dtype, check_gamma, check_readout_
 from .conv import (PADDINGS, average_pool, average_pool_transpose, conv_apply_channel_last, mu_inf_conv,
                    project_conv_mu_inf, transpose_kernel, weight_grad_channel_last)
 from .conv_solvers import conv_fixed_point
-from .interval import metzler_split
+from .interval import sum_and_difference
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
 from .readout import init_hidden_layer
@@ -102,16 +102,10 @@ class ConvImplicitMap:
         # dense model of 100 units at tol.
         return tol * units / 100
 
-    @staticmethod
-    def _sum_and_difference(K):
-        """(K_M + K_N, K_M - K_N) = (K, K_M - K_N) of the embedded kernel [[K_M, K_N], [K_N, K_M]]."""
-        KM, KN = metzler_split(K)
-        return K, KM - KN
-
     def _solve_embedded(self, K, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
         check_conv_solver(method)
         alpha, mu = self._alpha(alpha, "raise")   # the embedded kernel has K's centre taps: the same alpha*
-        K_sum, K_diff = self._sum_and_difference(K)
+        K_sum, K_diff = sum_and_difference(K)
         X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
                                           relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
@@ -121,7 +115,7 @@ class ConvImplicitMap:
 
     def _adjoint_embedded(self, K, mask, G, alpha, tol, max_iter, method):
         check_conv_solver("average", method)
-        K_sum, K_diff = self._sum_and_difference(K)
+        K_sum, K_diff = sum_and_difference(K)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
                                           l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
                                           **self._solver(method, alpha, self.mu_inf()))

@@ -62,6 +62,14 @@ def metzler_split(P):
     return np.where(diag, P, np.maximum(P, zero)), np.where(diag, zero, np.minimum(P, zero))
 
 
+def sum_and_difference(P):
+    """(P_M + P_N, P_M - P_N) = (P, P_M - P_N) of :func:`metzler_split`: the two factors of the embedded
+    matrix's products in sum-difference form (for a matrix, P_M - P_N is |P| off the diagonal and P on it),
+    which the solvers use instead of :func:`embed`."""
+    PM, PN = metzler_split(P)
+    return P, PM - PN
+
+
 def embed(P):
     """The embedded matrix [[P_M, P_N], [P_N, P_M]] of :func:`metzler_split`: (2n, 2n) for a matrix,
     (2C, 2C, k, k) for a kernel (acting on the state [x_lo, x_hi] stacked along the last axis)."""

@@ -28,7 +28,7 @@ from numba import njit
 from scipy.optimize import OptimizeResult
 
 from ._validation import all_finite, as_square_matrix, as_weights
-from .interval import embed
+from .interval import embed, sum_and_difference
 from .measures import mu_inf
 
 __all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference", "anderson_fixed_point_reference",
@@ -602,13 +602,12 @@ def _iterate(method, M, Q, S, X0, alpha, tol, max_iter, relu, l1, rho, record, r
 
 
 def _embedded_factors(P, transpose):
-    """(M, M2) of :func:`_product` for the embedded matrix of P (:func:`nemon_np.interval.embed`): the sum
-    P and the difference |P| off the diagonal, p_ii on it, transposed for the forward (row) form."""
-    D = np.abs(P)
-    np.fill_diagonal(D, np.diag(P))
+    """(M, M2) of :func:`_product` for the embedded matrix of P: :func:`nemon_np.interval.sum_and_difference`,
+    transposed for the forward (row) form."""
+    S, D = sum_and_difference(P)
     if transpose:
-        P, D = P.T, D.T
-    return np.ascontiguousarray(P), np.ascontiguousarray(D)
+        S, D = S.T, D.T
+    return np.ascontiguousarray(S), np.ascontiguousarray(D)
 
 
 TOL_MODES = ("absolute", "relative")

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import pathlib
 import sys
 import threading
@@ -199,12 +198,7 @@ def _resumed_run(parser, args):
     if not (out / "model.npz").is_file():
         parser.error(f"--resume: {out / 'model.npz'} not found")
     args.dataset, args.limit_train = run["dataset"], run["limit_train"]
-    config = config_from_dict(payload["config"])
-    if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
-        # The run's settings were resolved when it started: no floor then is no floor now, whatever
-        # today's defaults (certified dense runs have one by default now: it must not appear on resuming).
-        config.min_diagonal = -math.inf
-    return config, payload["epochs"], out
+    return config_from_dict(payload["config"]), payload["epochs"], out
 
 
 @contextlib.contextmanager

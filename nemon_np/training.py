@@ -708,6 +708,11 @@ def plot_history(history, path, title="", gamma=None):
 
 
 def config_from_dict(d):
-    """A TrainConfig from a dict, ignoring unknown keys (as written to metrics.json)."""
+    """A TrainConfig from a dict, ignoring unknown keys (as written to metrics.json: resolved when its run
+    started). A resolved "no floor" (None) becomes -inf, which means the same, so that validating it again
+    does not give it today's default floor (certified dense runs have one by default since it was written)."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+    config = TrainConfig(**{k: v for k, v in d.items() if k in names})
+    if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
+        config.min_diagonal = -math.inf
+    return config
