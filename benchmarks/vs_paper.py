@@ -30,7 +30,9 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from nemon_np._threads import ONE_THREAD_ENV
+# As nemon_np._threads.ONE_THREAD_ENV, written here because this script also times other checkouts of
+# nemon_np (PYTHONPATH=/path/to/old python benchmarks/vs_paper.py), which may not have it.
+ONE_THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
 
 HERE = pathlib.Path(__file__).resolve().parent
 
