@@ -5,9 +5,10 @@ Run:  python benchmarks/certified_default.py --data-dir DIR [--seeds 0 1] [--old
           [--samples 1000] [-- extra nemon_np.train flags]
 
 For each seed it runs the command in a process of its own (one thread: OMP, OpenBLAS, numba) and takes
-its wall time, the whole run (data loading, training, the per-epoch test evaluation and certification,
-saving); with ``--old CHECKOUT`` (another checkout of nemon_np) the same command runs on that code too,
-each seed old then new, so that both are timed in one run. Each saved model then goes through
+its wall time and its CPU time (user + system, which a machine shared with other jobs inflates less) over
+the whole run (data loading, training, the per-epoch test evaluation and certification, saving); with
+``--old CHECKOUT`` (another checkout of nemon_np) the same command runs on that code too, each seed old
+then new, so that both are timed in one run, and the new / old ratios are printed. Each saved model then goes through
 ``python -m nemon_np.robustness`` at eps 0.1 (crown and interval certificates, PGD, FGSM, noise; it fails
 if a certified image is broken). Prints seconds, clean accuracy, certified accuracies and PGD's, and the
 targets: certified >= 85%, clean >= 95%, whole run <= 300 s.
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import time
@@ -23,19 +25,24 @@ import time
 from nemon_np._threads import ONE_THREAD_ENV
 
 
+def _children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def train(code, seed, out, data_dir, extra):
-    """Seconds of the whole training process on the checkout ``code`` (None: this one)."""
+    """(wall, CPU) seconds of the whole training process on the checkout ``code`` (None: this one)."""
     cmd = [sys.executable, "-m", "nemon_np.train", "--dataset", "mnist", "--certified-eps", "0.1", "--seed", str(seed),
            "--out", str(out), "--overwrite", "--no-progress"] + (["--data-dir", data_dir] if data_dir else []) + extra
     env = {**os.environ, **ONE_THREAD_ENV}
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def evaluate(run, data_dir, samples):
@@ -62,17 +69,24 @@ def main(argv=None):
     for seed in args.seeds:
         for label, code in ([("old", args.old)] if args.old else []) + [("new", None)]:
             run = pathlib.Path(args.out) / f"{label}_s{seed}"
-            seconds = train(code, seed, run, args.data_dir, extra)
+            seconds, cpu = train(code, seed, run, args.data_dir, extra)
             report = evaluate(run, args.data_dir, args.samples)
-            row = {"code": label, "seed": seed, "seconds": seconds, "report": report}
+            row = {"code": label, "seed": seed, "seconds": seconds, "cpu_seconds": cpu, "report": report}
             rows.append(row)
-            print(f"{label} seed {seed}: whole run {seconds:.0f} s; {json.dumps(_summary(report))}", flush=True)
+            print(f"{label} seed {seed}: whole run {seconds:.0f} s ({cpu:.0f} CPU s); {json.dumps(_summary(report))}",
+                  flush=True)
     for r in rows:
         s = _summary(r["report"])
         met = s["certified-crown"] >= 85 and s["clean"] >= 95 and r["seconds"] <= 300
-        print(f"{r['code']} seed {r['seed']}: {r['seconds']:.0f} s, clean {s['clean']:.2f}%, certified crown "
-              f"{s['certified-crown']:.2f}% (interval {s['certified-interval']:.2f}%), PGD {s['pgd']:.2f}%: targets "
-              f"(>= 85%, >= 95%, <= 300 s) {'met' if met else 'NOT met'}")
+        print(f"{r['code']} seed {r['seed']}: {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s), clean "
+              f"{s['clean']:.2f}%, certified crown {s['certified-crown']:.2f}% (interval "
+              f"{s['certified-interval']:.2f}%), PGD {s['pgd']:.2f}%: targets (>= 85%, >= 95%, <= 300 s) "
+              f"{'met' if met else 'NOT met'}")
+    if args.old:
+        for seed in args.seeds:
+            old, new = ([r for r in rows if r["seed"] == seed and r["code"] == c][0] for c in ("old", "new"))
+            print(f"seed {seed}: new / old = {new['seconds'] / old['seconds']:.3f} wall, "
+                  f"{new['cpu_seconds'] / old['cpu_seconds']:.3f} CPU")
     return 0
 
 

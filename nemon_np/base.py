@@ -202,14 +202,16 @@ class EmbeddedNetwork:
         info.update(radius=radius, **info_inputs)
         return X_lo, X_hi, info
 
-    def embedded_box(self, U_c, U_r, tol, max_iter, method, alpha=None, tol_mode="absolute"):
+    def embedded_box(self, U_c, U_r, tol, max_iter, method, alpha=None, tol_mode="absolute", X0=None):
         """The embedded network's fixed point over the boxes [U_c - U_r, U_c + U_r] (the state's
         layout, the model's dtype), as the solver leaves it (for training, not for certificates):
         (X, info), X = [x_lo, x_hi] stacked on the last axis, info the solver's OptimizeResult with
-        the implicit matrix it used under ``"implicit_matrix"``."""
+        the implicit matrix it used under ``"implicit_matrix"``. The solve starts from X0 (the layout
+        of X; default zeros): the embedded network is contractive like the model, so any start gives
+        the same box."""
         P = getattr(self, self.implicit)
         X, finfo = self._solve_embedded(P, self._embedded_injection(U_c, U_r, self.B, self.b), tol, max_iter,
-                                        method, alpha, tol_mode)
+                                        method, alpha, tol_mode, X0)
         finfo["implicit_matrix"] = P
         return X, finfo
 
@@ -431,7 +433,7 @@ class ImplicitClassifier(EmbeddedNetwork):
 
     def certified_loss_and_grad(self, U, y, U_lo, U_hi, kappa, *, tol=1e-6, max_iter=500, method="average",
                                 alpha=None, adjoint="iterative", adjoint_tol=None, on_violation="raise",
-                                return_info=False, tol_mode="absolute"):
+                                return_info=False, tol_mode="absolute", X0=None, box0=None):
         """The IBP-style loss ``kappa CE(y(U)) + (1 - kappa) CE(-m_lo)`` (Gowal et al. 2018) and its
         gradients (keyed as :meth:`loss_and_grad`'s); m_lo (m, n_out) are the lower bounds of
         y_k - y_j over the boxes [U_lo, U_hi] (DESIGN.md, "Certified training").
@@ -442,14 +444,16 @@ class ImplicitClassifier(EmbeddedNetwork):
         delta = D w, dL/dE = delta [x_lo, x_hi]^T folded onto A by :func:`fold_embedded_grad`, and
         dL/dB = (delta_lo + delta_hi) u_c^T + sign(B) (delta_hi - delta_lo) u_r^T. Solver options as
         for :meth:`loss_and_grad`; the bounds here are the solver's, not widened (for training, not
-        for certificates). ``return_info`` adds {"forward", "backward", "embedded", "embedded_backward",
-        "margins"}.
+        for certificates). ``X0`` and ``box0`` start the forward and the embedded solves (default
+        zeros; :class:`nemon_np.warm_starts.WarmStarts` keeps each training sample's last ones).
+        ``return_info`` adds {"forward", "backward", "state", "embedded", "embedded_backward", "box",
+        "margins"}: "state" and "box" are the fixed points and the embedded network's [x_lo, x_hi].
         """
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
         solver = dict(tol=tol, max_iter=max_iter, method=method, alpha=alpha, tol_mode=tol_mode)
         loss, grads, info = self.loss_and_grad(U, y, adjoint=adjoint, adjoint_tol=adjoint_tol, return_info=True,
-                                               on_violation=on_violation, **solver)
+                                               on_violation=on_violation, X0=X0, **solver)
         if kappa == 1:
             return (loss, grads, info) if return_info else (loss, grads)
         self._check_interval()
@@ -457,7 +461,7 @@ class ImplicitClassifier(EmbeddedNetwork):
         U_c, U_r = center_radius(lo, hi)
         if U_c.shape[0] != len(y) or np.any(U_r < 0):
             raise ValueError(f"U_lo and U_hi must hold {len(y)} boxes with U_lo <= U_hi")
-        X, finfo = self.embedded_box(U_c, U_r, tol, max_iter, method, alpha, tol_mode)
+        X, finfo = self.embedded_box(U_c, U_r, tol, max_iter, method, alpha, tol_mode, box0)
         n = X.shape[-1] // 2
         F_c, F_r = center_radius(self._features(X[..., :n]), self._features(X[..., n:]))
         robust, M, dF_c, dF_r, readout_grads = self._robust_readout_loss(F_c, F_r, y)
@@ -468,5 +472,5 @@ class ImplicitClassifier(EmbeddedNetwork):
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:
             return total, grads
-        info.update(embedded=finfo, embedded_backward=binfo, margins=M, robust_loss=robust)
+        info.update(embedded=finfo, embedded_backward=binfo, box=X, margins=M, robust_loss=robust)
         return total, grads, info

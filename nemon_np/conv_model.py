@@ -102,11 +102,11 @@ class ConvImplicitMap:
         # dense model of 100 units at tol.
         return tol * units / 100
 
-    def _solve_embedded(self, K, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
+    def _solve_embedded(self, K, Q, tol, max_iter, method, alpha=None, tol_mode="absolute", X0=None):
         check_conv_solver(method)
         alpha, mu = self._alpha(alpha, "raise")   # the embedded kernel has K's centre taps: the same alpha*
         K_sum, K_diff = sum_and_difference(K)
-        X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, K_diff=K_diff,
+        X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, X0=X0, K_diff=K_diff,
                                           relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
@@ -284,12 +284,13 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
-                  tol_mode="absolute"):
-        """Forward solve, then the adjoint for dL/dY (the cross-entropy's, or ``dY``'s); returns the
-        channel-last input and fixed points, loss, the read-out's gradients, delta and solver info."""
+                  tol_mode="absolute", X0=None):
+        """Forward solve (from X0, default zeros), then the adjoint for dL/dY (the cross-entropy's, or
+        ``dY``'s); returns the channel-last input and fixed points, loss, the read-out's gradients,
+        delta and solver info."""
         check_conv_solver(method, adjoint)
         Ucl = self._images(U)
-        X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, None, on_violation, tol_mode)
+        X, finfo = self._equilibrium(Ucl, tol, max_iter, method, alpha, X0, on_violation, tol_mode)
         pooled = self._pool(X)
         finfo["logits"], G, P = self._readout_forward(pooled)
         m = len(X)
@@ -303,7 +304,7 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         # Per-sample scale (m dF), so that tol means the same at any batch size.
         g = self._pool_transpose(m * dF)
         delta, binfo = self._state_adjoint(finfo, g, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation)
-        return Ucl, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
+        return Ucl, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo, "state": X}
 
     def _input_gradient(self, U, delta):
         """B^T * delta (m, H, W, C_in), in U's layout: flat or (m, C_in, H, W)."""
@@ -311,13 +312,16 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         return G.reshape(len(G), -1) if np.ndim(U) <= 2 else G
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None, adjoint="iterative",
-                      adjoint_tol=None, return_info=False, on_violation="raise", with_input=False, tol_mode="absolute"):
+                      adjoint_tol=None, return_info=False, on_violation="raise", with_input=False, tol_mode="absolute",
+                      X0=None):
         """Mean softmax cross-entropy and its gradients {"K","B","b","C","c"} (and "U" if with_input),
-        plus ``{"forward", "backward"}`` solver info if return_info (forward info holds the logits).
+        plus ``{"forward", "backward", "state"}`` solver info and fixed points if return_info (forward
+        info holds the logits).
 
-        ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``."""
+        ``adjoint_tol`` bounds the adjoint's l_1 residual; default ``tol * n_hidden / 100``. ``X0``
+        (m, H, W, C) starts the forward solve (default zeros), as in :meth:`nemon_np.NEMON.loss_and_grad`."""
         Ucl, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
-                                                                  adjoint_tol, on_violation, tol_mode=tol_mode)
+                                                                  adjoint_tol, on_violation, tol_mode=tol_mode, X0=X0)
         grads = {"K": self._inject_grad(delta, X), "B": self._inject_grad(delta, Ucl),
                  "b": delta.sum(axis=(0, 1, 2)), **readout_grads}
         if with_input:

@@ -21,8 +21,12 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     model ("nemon", "mondeq" or "conv"), hidden, channels, kernel, pool, padding (conv), readout_hidden
     (the width of a hidden ReLU layer in the read-out, 0: linear; :mod:`nemon_np.readout`), epochs,
     batch_size, lr, schedule, gamma, constraint, min_diagonal, lipschitz_reg,
-    lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (solver and adjoint None: the
-    model's certified defaults), and certified training: certified_eps (the radius of the l_inf
+    lipschitz_form, solver, alpha, tol, max_iter, adjoint, dtype, seed (hidden, epochs, lr, gamma, tol,
+    min_diagonal, solver and adjoint None: the command line's defaults for the model, and for certified
+    training when certified_eps > 0, as :data:`nemon_np.training.MODEL_DEFAULTS` and ``CERTIFIED_DEFAULTS``
+    give them: a dense model trains 40 epochs at lr 1e-3 with 100 units and gamma 0.95, or with
+    certified_eps 200 units, gamma 0.5, the diagonal floor 0, the relative tolerance and warm starts),
+    and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
     eps_ramp. ``arch`` (a preset or comma-separated layers of :mod:`nemon_np.stack`) selects a stacked
     model, with ``weight_init`` "default" or "ibp", and its certified training's recipes warmup_reg,
@@ -38,9 +42,9 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     config_ : the resolved TrainConfig; n_features_in_ : int; n_iter_ : int, the epochs run
     """
 
-    def __init__(self, model="nemon", hidden=100, epochs=10, batch_size=100, lr=1e-3, schedule="cosine",
-                 gamma=0.95, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
-                 solver=None, alpha=None, tol=1e-4, max_iter=300, adjoint=None, dtype="float32", seed=0,
+    def __init__(self, model="nemon", hidden=None, epochs=None, batch_size=100, lr=None, schedule="cosine",
+                 gamma=None, constraint="projection", min_diagonal=None, lipschitz_reg=0.0, lipschitz_form="exact",
+                 solver=None, alpha=None, tol=None, max_iter=300, adjoint=None, dtype="float32", seed=0,
                  certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
                  padding="circular", image_shape=None, n_jobs=1, readout_hidden=0, arch=None, weight_init="default",
                  warmup_reg=0.0, grad_clip=0.0, crown_ibp=0.0):

@@ -32,6 +32,7 @@ product sum (u = 2^-53, the unit roundoff of the float64 they are computed in; t
 bound |fl(x . y) - x . y| <= gamma_n |x| . |y|, Higham 2002, eq. (3.5)).
 """
 import numpy as np
+from numba import njit
 
 
 __all__ = ["UNIT_ROUNDOFF", "narrow_preactivation_box", "relu_box", "relu_box_grad", "affine_enclosure",
@@ -184,14 +185,68 @@ def narrow_preactivation_box(z_lo, z_hi, x_lo, x_hi):
 
 def relu_box(lo, hi):
     """(centre, radius) of the box [relu(lo), relu(hi)] of relu over [lo, hi] (relu is monotone), in the
-    arrays' dtype (for training)."""
-    G_lo, G_hi = np.maximum(lo, 0), np.maximum(hi, 0)
-    return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2
+    arrays' dtype (for training): ((relu(lo) + relu(hi)) / 2, (relu(hi) - relu(lo)) / 2), in one pass
+    (:func:`relu_box_reference` is the NumPy form, equal bit for bit)."""
+    same = _same_layout(lo, hi)
+    if same[0] is None:
+        return relu_box_reference(lo, hi)
+    lo, hi = same
+    G_c, G_r = np.empty_like(lo), np.empty_like(lo)
+    _relu_box(lo.ravel(), hi.ravel(), G_c.ravel(), G_r.ravel())
+    return G_c, G_r
 
 
 def relu_box_grad(dG_c, dG_r, lo, hi):
     """(dL/dc, dL/dr) of the input box [c - r, c + r] = [lo, hi] from the gradients of
-    :func:`relu_box`'s centre and radius."""
+    :func:`relu_box`'s centre and radius: d_lo = (dG_c - dG_r) / 2 [lo > 0], d_hi = (dG_c + dG_r) / 2
+    [hi > 0], (d_lo + d_hi, d_hi - d_lo), in one pass (:func:`relu_box_grad_reference`, bit for bit)."""
+    arrays = _same_layout(dG_c, dG_r, lo, hi)
+    if arrays[0] is None:
+        return relu_box_grad_reference(dG_c, dG_r, lo, hi)
+    dG_c, dG_r, lo, hi = arrays
+    d_c, d_r = np.empty_like(lo), np.empty_like(lo)
+    _relu_box_grad(dG_c.ravel(), dG_r.ravel(), lo.ravel(), hi.ravel(), d_c.ravel(), d_r.ravel())
+    return d_c, d_r
+
+
+def _same_layout(*arrays):
+    """The arrays as C-contiguous ones of one shape and float dtype, or Nones where they differ (the
+    NumPy forms then broadcast and promote)."""
+    first = arrays[0]
+    if (not isinstance(first, np.ndarray) or first.dtype.kind != "f"
+            or any(not isinstance(a, np.ndarray) or a.shape != first.shape or a.dtype != first.dtype for a in arrays)):
+        return (None,) * len(arrays)
+    return tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+# Constants in the arrays' dtype, so that float32 stays float32 (x / 2 and x * 0.5 round alike).
+@njit(cache=True)
+def _relu_box(lo, hi, G_c, G_r):
+    zero, half = lo.dtype.type(0), lo.dtype.type(0.5)
+    for i in range(lo.size):
+        g_lo, g_hi = max(lo[i], zero), max(hi[i], zero)
+        G_c[i] = (g_lo + g_hi) * half
+        G_r[i] = (g_hi - g_lo) * half
+
+
+@njit(cache=True)
+def _relu_box_grad(dG_c, dG_r, lo, hi, d_c, d_r):
+    zero, half = lo.dtype.type(0), lo.dtype.type(0.5)
+    for i in range(lo.size):
+        d_lo = (dG_c[i] - dG_r[i]) * half if lo[i] > 0 else zero
+        d_hi = (dG_c[i] + dG_r[i]) * half if hi[i] > 0 else zero
+        d_c[i] = d_lo + d_hi
+        d_r[i] = d_hi - d_lo
+
+
+def relu_box_reference(lo, hi):
+    """:func:`relu_box` in NumPy."""
+    G_lo, G_hi = np.maximum(lo, 0), np.maximum(hi, 0)
+    return (G_lo + G_hi) / 2, (G_hi - G_lo) / 2
+
+
+def relu_box_grad_reference(dG_c, dG_r, lo, hi):
+    """:func:`relu_box_grad` in NumPy."""
     d_lo = (dG_c - dG_r) / 2 * (lo > 0)
     d_hi = (dG_c + dG_r) / 2 * (hi > 0)
     return d_lo + d_hi, d_hi - d_lo

@@ -41,6 +41,7 @@ dL/dx_r = |W|^T dL/dy_r, dL/dW = dL/dy_c x_c^T + sign(W) (dL/dy_r x_r^T). Relu i
 (:class:`nemon_np.base.EmbeddedNetwork`).
 """
 import numpy as np
+from numba import njit
 from numpy.lib.stride_tricks import as_strided
 
 from .base import EmbeddedNetwork
@@ -251,15 +252,31 @@ def patches(X, kernel, stride, padding):
 
 
 def patches_transpose(D, shape, kernel, stride, padding):
-    """The transpose of :func:`patches`: rows D (m Ho Wo, k k C) added back onto their pixels, (m, H, W, C)."""
+    """The transpose of :func:`patches`: rows D (m Ho Wo, k k C) added back onto their pixels, (m, H, W, C)
+    (col2im: out[i, s p + a - pad, s q + e - pad, c] += D[(i, p, q), (a, e, c)]; the reference is
+    :func:`patches_transpose_reference`)."""
     m, H, W, C = shape
     Ho, Wo = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
-    D = D.reshape(m, Ho, Wo, kernel, kernel, C)
+    D = np.ascontiguousarray(D).reshape(m, Ho, Wo, kernel, kernel, C)
     out = np.zeros((m, H + 2 * padding, W + 2 * padding, C), D.dtype)
-    for a in range(kernel):
-        for e in range(kernel):
-            out[:, a:a + stride * (Ho - 1) + 1:stride, e:e + stride * (Wo - 1) + 1:stride, :] += D[:, :, :, a, e, :]
+    _add_patches(D, out, stride)
     return out[:, padding:padding + H, padding:padding + W, :]
+
+
+@njit(cache=True)
+def _add_patches(D, out, stride):
+    """out[i, s p + a, s q + e, :] += D[i, p, q, a, e, :] for every patch (p, q) and tap (a, e): each
+    image's rows are read once, in order, into its padded image (which stays in cache), where NumPy's
+    k^2 strided slice additions sweep the whole batch k^2 times."""
+    m, Ho, Wo, k, _, C = D.shape
+    for i in range(m):
+        for p in range(Ho):
+            for q in range(Wo):
+                for a in range(k):
+                    for e in range(k):
+                        row, col = stride * p + a, stride * q + e
+                        for c in range(C):
+                            out[i, row, col, c] += D[i, p, q, a, e, c]
 
 
 def patches_transpose_reference(D, shape, kernel, stride, padding):

@@ -101,8 +101,8 @@ class DenseImplicitMap:
     def _adjoint_tolerance(tol, units):
         return tol
 
-    def _solve_embedded(self, A, Q, tol, max_iter, method, alpha=None, tol_mode="absolute"):
-        return solve_equilibrium(A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
+    def _solve_embedded(self, A, Q, tol, max_iter, method, alpha=None, tol_mode="absolute", X0=None):
+        return solve_equilibrium(A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter, X0=X0,
                                  weights=self.weights, tol_mode=tol_mode, embedded=True)
 
     def _adjoint_embedded(self, A, mask, G, alpha, tol, max_iter, method):
@@ -200,10 +200,11 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
 
     # -- backward ---------------------------------------------------------
     def _backward(self, U, y, tol, max_iter, method, alpha, adjoint, adjoint_tol, on_violation, dY=None,
-                  tol_mode="absolute"):
-        """Forward solve, then the adjoint for dL/dY: the cross-entropy's (``y`` given) or ``dY``'s."""
+                  tol_mode="absolute", X0=None):
+        """Forward solve (from X0, default zeros), then the adjoint for dL/dY: the cross-entropy's
+        (``y`` given) or ``dY``'s."""
         U = self._inputs(U)
-        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha,
+        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha, X0=X0,
                                     on_violation=on_violation, tol_mode=tol_mode)
         finfo["logits"], G, P = self._readout_forward(X)
         if dY is None:
@@ -215,7 +216,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         dX, readout_grads = self._readout_backward(dY, X, G, P)
         delta, binfo = self._state_adjoint(finfo, U.shape[0] * dX, tol, max_iter, method, alpha, adjoint, adjoint_tol,
                                            on_violation)
-        return U, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo}
+        return U, X, loss, readout_grads, delta, {"forward": finfo, "backward": binfo, "state": X}
 
     def input_vjp(self, U, dY, *, tol=1e-6, max_iter=500, method="average", alpha=None,
                   adjoint="iterative", adjoint_tol=None, on_violation="raise", tol_mode="absolute"):
@@ -230,7 +231,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
 
     def loss_and_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,
                       adjoint="iterative", adjoint_tol=None, return_info=False, on_violation="raise",
-                      tol_mode="absolute"):
+                      tol_mode="absolute", X0=None):
         """Mean softmax cross-entropy over the batch and its gradients.
 
         Parameters
@@ -242,12 +243,16 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         adjoint_tol : float, optional
             l_1 residual tolerance of the adjoint iteration (default ``tol``).
         return_info : bool
-            Also return ``{"forward": info, "backward": info}`` from the solvers (the forward
-            info also holds the batch's ``logits``).
+            Also return ``{"forward": info, "backward": info, "state": X}`` from the solvers (the
+            forward info also holds the batch's ``logits``; X the fixed points solved).
         on_violation : {"raise", "warn"}
             When the solvers' certificate fails (see :func:`nemon_np.solve_equilibrium`).
         tol_mode : {"absolute", "relative"}
             The forward stopping rule (:func:`nemon_np.solve_equilibrium`).
+        X0 : (m, n_hidden) array, optional
+            The forward solve's start (default zeros), for instance the sample's fixed point under
+            the previous parameters (:class:`nemon_np.warm_starts.WarmStarts`). Any start converges
+            to the same x* (mu_inf(A) < 1); a near one takes fewer iterations.
 
         Returns
         -------
@@ -255,7 +260,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         grads : dict ``"A","B","b","C","c"`` -> arrays shaped like the parameters
         """
         U, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
-                                                                adjoint_tol, on_violation, tol_mode=tol_mode)
+                                                                adjoint_tol, on_violation, tol_mode=tol_mode, X0=X0)
         grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0), **readout_grads}
         return (loss, grads, info) if return_info else (loss, grads)
 

@@ -45,6 +45,7 @@ from .pixels import channel_stats, input_ball
 from .certificates import certified_rows
 from .lipschitz import lipschitz_bound, lipschitz_bound_and_grad, smooth_lipschitz_bound_and_grad
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS, TOL_MODES
+from .warm_starts import WarmStarts
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history",
            "save_training_state", "restore_training_state"]
@@ -60,7 +61,7 @@ CONSTRAINT_KIND = {"stack": "nemon"}
 # pixel, so a looser tolerance and a smaller gamma (faster contraction) keep an epoch to minutes.
 # Certified (IBP-style) training, eps_warmup and eps_ramp: epochs of clean training, then epochs over
 # which eps rises linearly to its training value while kappa falls (Gowal et al. 2018).
-_COMMON = dict(hidden=100, tol_mode="absolute")
+_COMMON = dict(hidden=100, tol_mode="absolute", warm_start=False)
 MODEL_DEFAULTS = {"nemon": dict(_COMMON, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
                   "mondeq": dict(_COMMON, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
                   "conv": dict(_COMMON, epochs=10, lr=5e-3, gamma=0.9, tol=1e-3, eps_warmup=1, eps_ramp=4),
@@ -71,9 +72,10 @@ MODEL_DEFAULTS = {"nemon": dict(_COMMON, epochs=40, lr=1e-3, gamma=0.95, tol=1e-
 # about 1.5 points more than 100 (85.0 against 83.5% by intervals), the diagonal floor 0 keeps alpha* = 1,
 # so that the forward iterations stay near 12-14 a sample where they grew to 40 without it, and the
 # relative tolerance cut them to 9 at the same certified accuracy (docs/benchmarks.md, "Training at the
-# speed limit").
+# speed limit"); warm starts cut its forward and embedded iterations from 9.5 and 10 to 1.3 a sample by the
+# last epoch and its CPU seconds by 10%, at the same certified accuracy (docs/benchmarks.md, "Warm starts").
 CERTIFIED_DEFAULTS = {"nemon": dict(gamma=0.5, train_eps_factor=1.2, hidden=200, min_diagonal=0.0,
-                                    tol_mode="relative"),
+                                    tol_mode="relative", warm_start=True),
                       "conv": dict(gamma=0.5, train_eps_factor=1.2), "stack": dict(train_eps_factor=1.2)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
 
@@ -118,6 +120,9 @@ class TrainConfig:
     ``crown_ibp`` = beta_0 > 0 (stacked models) trains on CROWN-IBP's margins (Zhang et al. 2020)
     (1 - beta) m_IBP + beta m_CROWN, beta falling linearly from beta_0 to 0 over the eps ramp (their
     "1 -> 0" schedule at beta_0 = 1; :meth:`crown_ibp_weight`), after which the loss is IBP's.
+    ``warm_start`` (dense nemon models; on by default with certified training) starts each sample's forward
+    and embedded solves where its solves of the previous epoch ended (:class:`nemon_np.warm_starts.WarmStarts`,
+    kept in the training state so that a resumed run matches one that went through).
     """
     model: str = "nemon"
     arch: str = None
@@ -158,6 +163,7 @@ class TrainConfig:
     warmup_reg: float = 0.0
     grad_clip: float = 0.0
     crown_ibp: float = 0.0
+    warm_start: bool = None
     blas_threads: int = 1
     threads: int = 1
 
@@ -202,6 +208,9 @@ class TrainConfig:
             self.solver = "peaceman-rachford" if mondeq_like else "average"
         if self.adjoint is None:
             self.adjoint = "direct" if (mondeq_like or self.solver in MONDEQ_METHODS) else "iterative"
+        if self.warm_start and (self.model != "nemon" or self.solver == "peaceman-rachford"):
+            raise ValueError("warm_start keeps every training sample's fixed point between epochs: it is for dense "
+                             f"nemon models with an averaged solver, got model {self.model} with solver {self.solver}")
         for name in ("hidden", "epochs", "batch_size", "max_iter", "channels", "kernel", "pool"):
             v = getattr(self, name)
             if int(v) != v or v < 1:
@@ -404,6 +413,7 @@ class Trainer:
                                    certificate="mu_2" if config.solver in MONDEQ_METHODS else "mu_inf")
         self.optimizer = Adam(lr=config.lr)
         self.history = []
+        self.warm_starts = None   # made at the first epoch, or restored with the training state
         # One stream for the whole run (shuffles and augmentations), saved with the training state so
         # that a resumed run draws what the uninterrupted one would have.
         self.rng = np.random.default_rng(config.seed)
@@ -420,17 +430,24 @@ class Trainer:
         """Whether the constraint mode gives no certificate (its solver warnings are counted, not printed)."""
         return self.constraint is not None and self.constraint.certificate is None
 
-    def step(self, U, y, lr, eps=0.0, kappa=1.0, crown_weight=0.0):
+    def step(self, U, y, lr, eps=0.0, kappa=1.0, crown_weight=0.0, starts=None):
         """One optimizer step on a batch, on the certified loss when eps > 0 and kappa < 1 (boxes of
         radius eps in pixel units, :meth:`input_ball`); returns a dict of the batch's loss, correct
-        predictions, forward and adjoint iterations, converged samples, and with the certified loss
-        its robust part and the embedded solve's iterations."""
+        predictions, forward and adjoint iterations, converged samples, the fixed points solved
+        ("state"), and with the certified loss its robust part, the embedded solve's iterations and
+        its box ("box"). ``starts`` = (X0, box0) start the forward and embedded solves (None: zeros;
+        :meth:`nemon_np.warm_starts.WarmStarts.starts`)."""
         cfg, m = self.config, self.model
         with warnings.catch_warnings():
             if self.uncertified:   # uncertified by design: counted, not printed per batch
                 warnings.simplefilter("ignore")
             options = dict(adjoint=cfg.adjoint, adjoint_tol=cfg.adjoint_tol, return_info=True, **cfg.solver_options())
-            if eps > 0 and kappa < 1:
+            certified = eps > 0 and kappa < 1
+            if starts is not None:
+                options["X0"] = starts[0]
+                if certified:
+                    options["box0"] = starts[1]
+            if certified:
                 U_lo, U_hi = self.input_ball(U, eps)
                 if cfg.warmup_reg > 0:   # while eps ramps up, fading to 0 at its full value
                     eps_max = cfg.certified_eps * cfg.train_eps_factor
@@ -458,7 +475,7 @@ class Trainer:
         forward = info["forward"]
         return dict(loss=loss, correct=int(np.count_nonzero(forward.logits.argmax(axis=1) == y)),
                     fwd=forward.iterations, bwd=info["backward"].iterations, converged=forward.converged,
-                    robust_loss=info.get("robust_loss"),
+                    robust_loss=info.get("robust_loss"), state=info.get("state"), box=info.get("box"),
                     emb_fwd=info["embedded"].iterations if "embedded" in info else None)
 
     def normalization(self):
@@ -504,6 +521,10 @@ class Trainer:
             raise ValueError("augment needs the image shape: pass image_shape to Trainer")
         pad_args = () if cfg.augment_pad is None else (cfg.augment_pad,)  # flip takes no padding
         n_batches = math.ceil(len(X) / cfg.batch_size)
+        if cfg.warm_start and self.warm_starts is None:
+            self.warm_starts = WarmStarts(len(X))
+        if self.warm_starts is not None and self.warm_starts.n_samples != len(X):
+            raise ValueError(f"the warm starts are for {self.warm_starts.n_samples} training samples, X has {len(X)}")
         for epoch in range(len(self.history), cfg.epochs):
             t0 = time.perf_counter()
             order = rng.permutation(len(X))
@@ -520,7 +541,11 @@ class Trainer:
                 eps, kappa = cfg.certified_schedule(done)
                 idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
                 batch = X[idx] if augment is None else augment(X[idx], self.image_shape, rng, *pad_args)
-                out = self.step(batch, y[idx], lr, eps, kappa, cfg.crown_ibp_weight(done))
+                warm = self.warm_starts
+                out = self.step(batch, y[idx], lr, eps, kappa, cfg.crown_ibp_weight(done),
+                                starts=None if warm is None else warm.starts(idx))
+                if warm is not None:
+                    warm.update(idx, out["state"], out["box"])
                 converged += int(np.count_nonzero(out["converged"]))
                 total_loss += out["loss"] * len(idx)
                 total_correct += out["correct"]
@@ -607,8 +632,8 @@ TRAINING_STATE = "training_state.npz"
 
 def save_training_state(trainer, out_dir):
     """Write what a resumed run needs beside ``model.npz`` (atomically, as ``training_state.npz``):
-    Adam's step count and moments, the constraint mode's free parameters, the random stream's state
-    and the epochs done. The per-epoch history is in ``metrics.json``."""
+    Adam's step count and moments, the constraint mode's free parameters, the warm starts, the random
+    stream's state and the epochs done. The per-epoch history is in ``metrics.json``."""
     out_dir = pathlib.Path(out_dir)
     opt = trainer.optimizer
     state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
@@ -617,6 +642,8 @@ def save_training_state(trainer, out_dir):
     state.update({"adam_v." + k: v for k, v in opt.v.items()})
     if trainer.constraint is not None:
         state.update({"free." + k: v for k, v in trainer.constraint.free.items()})
+    if trainer.warm_starts is not None:
+        state.update({"warm." + k: v for k, v in trainer.warm_starts.arrays().items()})
     tmp = out_dir / (TRAINING_STATE + ".part")
     with open(tmp, "wb") as f:
         np.savez(f, **state)
@@ -652,6 +679,9 @@ def restore_training_state(trainer, out_dir, history):
         # it again could move a row by an ulp. The others rebuild the matrix from what was restored.
         if trainer.constraint.free.get(param) is not getattr(trainer._constrained, param):
             trainer.constraint.apply(trainer._constrained)
+    warm = {k[5:]: v for k, v in data.items() if k.startswith("warm.")}
+    if warm:
+        trainer.warm_starts = WarmStarts.from_arrays(warm)
     trainer.rng.bit_generator.state = json.loads(str(data["rng_state"]))
     trainer.history = list(history)
     return trainer
@@ -713,6 +743,8 @@ def config_from_dict(d):
     does not give it today's default floor (certified dense runs have one by default since it was written)."""
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in d.items() if k in names})
+    if "warm_start" not in d:   # written before warm starts existed: its run had none
+        config.warm_start = False
     if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
         config.min_diagonal = -math.inf
     return config

@@ -81,3 +81,17 @@ def test_the_estimator_fits_a_stacked_model():
     assert isinstance(clf.model_, StackedClassifier) and clf.model_.arch == "conv4k3s1p1,relu,flatten,nemon20"
     assert clf.score(X[1200:], y[1200:]) > 0.85
     assert np.array_equal(clf.predict(X[1200:]), clf.model_.predict(X[1200:].astype(np.float32), tol=1e-4))
+
+
+def test_the_estimator_takes_the_command_lines_defaults():
+    """Left None, the sizes and solver settings are the CLI's: those of clean training, or with
+    certified_eps the certified recipe's (n = 200, gamma 0.5, floor 0, relative tolerance, warm starts)."""
+    clean = NEMONClassifier()._config()
+    assert (clean.hidden, clean.epochs, clean.lr, clean.gamma, clean.tol, clean.tol_mode,
+            clean.warm_start) == (100, 40, 1e-3, 0.95, 1e-4, "absolute", False)
+    certified = NEMONClassifier(certified_eps=0.1)._config()
+    assert (certified.hidden, certified.gamma, certified.min_diagonal, certified.tol_mode,
+            certified.warm_start) == (200, 0.5, 0.0, "relative", True)
+    conv = NEMONClassifier(model="conv")._config()
+    assert (conv.epochs, conv.lr, conv.gamma, conv.tol) == (10, 5e-3, 0.9, 1e-3)
+    assert NEMONClassifier(certified_eps=0.1, hidden=50)._config().hidden == 50

@@ -67,13 +67,16 @@ def test_every_layer_kind_is_in_some_test_stack():
 
 
 def test_patches_transpose_is_the_transpose_of_patches(rng):
-    for kernel, stride, padding in ((3, 2, 1), (4, 1, 1), (2, 2, 0), (3, 1, 0)):
+    for kernel, stride, padding in ((3, 2, 1), (4, 1, 1), (2, 2, 0), (3, 1, 0), (4, 2, 1), (5, 3, 2)):
         shape = (2, 6, 5, 3)
         X = rng.normal(size=shape)
         rows = patches(X, kernel, stride, padding)
         D = rng.normal(size=rows.shape)
         np.testing.assert_allclose(patches_transpose(D, shape, kernel, stride, padding),
                                    patches_transpose_reference(D, shape, kernel, stride, padding), atol=1e-12)
+        single = patches_transpose(D.astype(np.float32), shape, kernel, stride, padding)
+        assert single.dtype == np.float32
+        np.testing.assert_allclose(single, patches_transpose_reference(D, shape, kernel, stride, padding), atol=1e-5)
         # <D, patches(X)> = <patches^T(D), X>: the two maps are adjoint.
         assert np.sum(D * rows) == pytest.approx(np.sum(patches_transpose(D, shape, kernel, stride, padding) * X))
 
@@ -333,7 +336,8 @@ def test_crown_ibp_training_follows_its_schedule_and_changes_the_model(rng):
 
 @pytest.mark.parametrize("config", [dict(arch="conv3k3s2p1,relu,nemon6", certified_eps=0.1, eps_ramp=1),
                                     dict(arch="dense6,relu,nemon5", constraint="parametrization"),
-                                    dict(model="nemon", hidden=6, constraint="weighted", augment="shift")])
+                                    dict(model="nemon", hidden=6, constraint="weighted", augment="shift"),
+                                    dict(model="nemon", hidden=6, certified_eps=0.1, eps_ramp=1, warm_start=True)])
 def test_a_resumed_run_equals_one_that_went_through(tmp_path, config, rng):
     """Stopped after epoch 2 of 3 and resumed from its files, a run ends with the parameters of the run
     that went through, bit for bit (Adam's state, the constraint's free parameters, the schedules and

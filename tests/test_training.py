@@ -185,11 +185,11 @@ def test_ctrl_c_keeps_the_last_complete_checkpoint(shared_data, tmp_path, monkey
     calls = {"n": 0}
     original = T.step
 
-    def interrupted_step(self, *args):
+    def interrupted_step(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 25:           # in the second epoch (20 batches per epoch)
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(T, "step", interrupted_step)
     out = tmp_path / "run"
