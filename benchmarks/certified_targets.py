@@ -42,12 +42,18 @@ def _int_keys(d):
 
 
 def command_of(run):
-    """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings."""
+    """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings. A setting
+    whose default depends on the model (None in TrainConfig) is left out where the run had the value that
+    its model and radius resolve to (a stack's "--hidden 100" would only mislead: it does not apply)."""
     payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
     config, defaults = payload["config"], asdict(TrainConfig())
+    resolved = asdict(TrainConfig(model=config["model"], arch=config.get("arch"),
+                                  certified_eps=config.get("certified_eps", 0.0)).validate())
     flags = [f"--dataset {payload.get('run', {}).get('dataset', 'mnist')}"]
     for f in fields(TrainConfig):
         value = config.get(f.name)
+        if defaults[f.name] is None and value == resolved[f.name] and f.name != "arch":
+            continue
         if value != defaults[f.name] and f.name not in ("solver", "adjoint", "augment_pad") and value is not None:
             flags.append(f"--{f.name.replace('_', '-')} {value:.10g}" if isinstance(value, float)
                          else f"--{f.name.replace('_', '-')} {value}")
