@@ -20,9 +20,8 @@ import sys
 
 import numpy as np
 
-# Not imported from nemon_np: the old checkout may not have it.
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                  "NUMBA_NUM_THREADS": "1"}
+# This process runs this checkout's code (only its children get the old one on PYTHONPATH).
+from nemon_np._threads import ONE_THREAD_ENV
 
 WORKER = """
 import json, sys, time
