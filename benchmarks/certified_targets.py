@@ -14,7 +14,8 @@ certification), so that "compute-matched" means the same CPU seconds of training
 The row of the target is written into --out (an existing file keeps its other targets), in the form
 ``{"targets": [{"dataset", "eps", "certificate", "certified_per_seed", "clean_per_seed",
 "seconds_per_seed", "images": 1000, "command", "explicit_matched": {...}, ...}]}``, and printed as
-the Markdown table of docs/benchmarks.md.
+the Markdown table of docs/benchmarks.md. A run folder that is not on this machine (a seed trained
+elsewhere) is taken as --out records its evaluation, if it does; its curve is left out of the figure.
 """
 import argparse
 import json
@@ -104,6 +105,9 @@ def plot_curves(rows, path, title):
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for kind, color in (("nemon", "C0"), ("explicit", "C1")):
         for r in rows[kind]:
+            if not (pathlib.Path(r["run"]) / "metrics.json").is_file():
+                print(f"{r['run']}: no metrics.json here, so no curve in {path}")
+                continue
             history = json.loads((pathlib.Path(r["run"]) / "metrics.json").read_text())["epochs"]
             t = np.cumsum([h["train_seconds"] for h in history])
             label = f"{kind} ({pathlib.Path(r['run']).name})"
@@ -140,10 +144,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     threadpool_limits(1, user_api="blas")
     data = load_dataset(args.dataset, args.data_dir)
+    out = pathlib.Path(args.out)
+    existing = json.loads(out.read_text()) if out.is_file() else {"targets": []}
+    recorded = {(kind, r["run"]): r for t in existing["targets"]
+                if t["dataset"] == args.dataset and t["eps"] == args.eps
+                for kind, rs in t.get("runs", {}).items() for r in rs}
     rows = {}
     for kind in ("nemon", "explicit"):
         rows[kind] = []
         for run in getattr(args, kind):
+            if not pathlib.Path(run).is_dir():
+                # A seed trained on another machine: its evaluation of the saved model, as --out recorded it.
+                if (kind, run) not in recorded:
+                    p.error(f"{run}: no such run folder, and {out} records no evaluation of it at eps {args.eps:g}")
+                print(f"{kind} {run}: the run folder is not here; its evaluation as {out} records it", flush=True)
+                rows[kind].append(recorded[(kind, run)])
+                continue
             # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
             cache = pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"
             model_time = (pathlib.Path(run) / "model.npz").stat().st_mtime
@@ -184,8 +200,6 @@ def main(argv=None):
                   "seconds": float(np.mean([r["train_seconds"] for r in explicit])),
                   "seconds_per_seed": [r["train_seconds"] for r in explicit], "command": explicit[0]["command"]},
               "runs": rows}
-    out = pathlib.Path(args.out)
-    existing = json.loads(out.read_text()) if out.is_file() else {"targets": []}
     existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
                                                                   and t["eps"] == args.eps)] + [target]
     out.write_text(json.dumps(existing, indent=2))

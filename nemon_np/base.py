@@ -15,6 +15,7 @@ from .relaxation import unrolled_lower_bounds
 from .interval import (UNIT_ROUNDOFF, affine_enclosure, center_radius, embed, enclosing_center_radius, enclosure_radius,
                        fold_embedded_grad, margin_lower_bounds, margin_lower_bounds_grad, margin_rounding,
                        narrow_preactivation_box)
+from .decided import predict_by_rule
 from .losses import softmax_cross_entropy
 from .solvers import ConvergenceWarning, WellPosednessError
 
@@ -361,9 +362,11 @@ class ImplicitClassifier(EmbeddedNetwork):
             setattr(model, k, np.ascontiguousarray(v, dtype=model.dtype))
         return model
 
-    def predict(self, U, **solver_options):
-        """Predicted class per sample, argmax of the logits."""
-        return np.argmax(self.logits(U, **solver_options), axis=1)
+    def predict(self, U, stop="converged", **solver_options):
+        """Predicted class per sample, argmax of the logits. ``stop="decided"`` stops each sample's
+        solve where its class provably cannot change any more (:func:`nemon_np.decided.decided_labels`):
+        the same classes as the fixed points', in fewer iterations."""
+        return predict_by_rule(self, U, stop, solver_options)
 
     def interval_margins(self, U_lo, U_hi, labels, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes, k = labels, by the relative
@@ -378,6 +381,13 @@ class ImplicitClassifier(EmbeddedNetwork):
         """:meth:`interval_margins` and its parts (labels, X_lo, X_hi, F_c, F_r, P_lo, P_hi)."""
         X_lo, X_hi, info = self.interval_bounds(U_lo, U_hi, **options)
         labels = check_labels(labels, len(X_lo), self.n_out)
+        M, parts = self._state_box_margins(X_lo, X_hi, labels)
+        return M, info, (labels, X_lo, X_hi) + parts
+
+    def _state_box_margins(self, X_lo, X_hi, labels):
+        """Sound float64 lower bounds of the margins y_k - y_j (k = labels) over a box of states
+        [X_lo, X_hi] (float64, the state's layout), through the read-out, minus the rounding allowance
+        of their evaluation: (M (m, n_out), 0 at j = k; (F_c, F_r, P_lo, P_hi))."""
         F_lo, F_hi = self._features(X_lo), self._features(X_hi)
         if self._feature_terms:   # averages of non-negative numbers: rounding within (t + 2) u, relative
             F_lo, F_hi = (F_lo * (1 - (self._feature_terms + 2) * UNIT_ROUNDOFF),
@@ -389,7 +399,12 @@ class ImplicitClassifier(EmbeddedNetwork):
         C, c = self.C.astype(np.float64), self.c.astype(np.float64)
         M = margin_lower_bounds(C, c, G_c, G_r, labels) - margin_rounding(C, c, G_c, G_r, labels)
         M[np.arange(len(labels)), labels] = 0.0
-        return M, info, (labels, X_lo, X_hi, F_c, F_r, P_lo, P_hi)
+        return M, (F_c, F_r, P_lo, P_hi)
+
+    def _decision_parts(self, U, options):
+        """What :func:`nemon_np.decided.decided_labels` needs: (the implicit map, its injection
+        Q = B u + b, logits of states, :meth:`_state_box_margins`)."""
+        return self, self._inject(self.B, self._state_inputs(U)) + self.b, self.readout, self._state_box_margins
 
     def relaxed_margins(self, U_lo, U_hi, labels, steps=2, **options):
         """Sound lower bounds of the margins y_k - y_j over input boxes (as :meth:`interval_margins`,

@@ -17,6 +17,7 @@ applied to the C k^2 taps of each output channel (:func:`project_conv_mu_inf`). 
 code shifts the diagonal by C max|K| only, which does not bound mu_inf for k > 1.)
 """
 import numpy as np
+import scipy.fft
 
 from ._threads import gemm_into, map_ranges
 from .projection import (_project_rows, _round_inside, diagonal_floor, parametrize_rows, parametrize_rows_grad,
@@ -27,7 +28,8 @@ __all__ = ["PADDINGS", "average_pool", "average_pool_transpose", "conv_apply", "
            "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded",
            "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "parametrize_conv_mu_inf",
            "parametrize_conv_mu_inf_grad",
-           "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures"]
+           "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures", "kernel_spectrum",
+           "correlate_circular_fft"]
 
 PADDINGS = ("circular", "zero")
 
@@ -107,6 +109,45 @@ def correlate_padded(taps, Xp, out=None, n_jobs=1):
 
     map_ranges(rows_between, span, n_jobs)
     return Y.reshape(m, Hp, Wp, C_out)
+
+
+def kernel_spectrum(K, H, W):
+    """The circular same-size cross-correlation with K (C_out, C_in, k, k) on H x W images, in the
+    frequency domain: S (H (W // 2 + 1), C_in, C_out), complex in K's precision, such that
+
+        rfft2(y)[f] = rfft2(x)[f] @ S[f]    for every frequency f (channel-last, flattened (i, j)),
+
+    by the convolution theorem: the correlation is a circular convolution with the kernel g whose tap
+    g[(p - a) mod H, (p - e) mod W] is K[:, :, a, e], p = k // 2 (taps that wrap onto one place add)."""
+    K = np.asarray(K)
+    C_out, C_in, k, _ = K.shape
+    p = k // 2
+    g = np.zeros((H, W, C_in, C_out), K.dtype)
+    for a in range(k):
+        for e in range(k):
+            g[(p - a) % H, (p - e) % W] += K[:, :, a, e].T
+    return np.ascontiguousarray(scipy.fft.rfft2(g, axes=(0, 1)).reshape(-1, C_in, C_out))
+
+
+def correlate_circular_fft(spectrum, X, out=None, n_jobs=1):
+    """The circular same-size cross-correlation of a channel-last batch X (m, H, W, C_in) (a view is
+    fine) with the kernel whose :func:`kernel_spectrum` is ``spectrum``: (m, H, W, C_out), written
+    into ``out`` if given. Two real FFTs of the batch and one complex product per frequency:
+    about H W C_in C_out / 2 complex multiply-adds, against k^2 H W C_in C_out for the taps of
+    :func:`correlate_padded` (k = 5: measured 2.3x less CPU on MNIST-size batches of 32 channels,
+    docs/benchmarks.md). Equal to it up to rounding: a few units in the last place of the
+    largest entry, from the transforms. ``n_jobs`` threads share the transforms."""
+    m, H, W, C_in = X.shape
+    F, C_out = spectrum.shape[0], spectrum.shape[2]
+    X_hat = scipy.fft.rfft2(X, axes=(1, 2), workers=n_jobs).reshape(m, F, C_in)
+    # One product per frequency needs the frequency outermost: (F, m, C_in) @ (F, C_in, C_out).
+    Y_hat = np.matmul(np.ascontiguousarray(X_hat.transpose(1, 0, 2)), spectrum)
+    Y_hat = np.ascontiguousarray(Y_hat.transpose(1, 0, 2)).reshape(m, H, F // H, C_out)
+    Y = scipy.fft.irfft2(Y_hat, s=(H, W), axes=(1, 2), workers=n_jobs, overwrite_x=True)
+    if out is None:
+        return Y
+    out[...] = Y
+    return out
 
 
 def correlate_embedded_padded(taps_sum, taps_diff, Xp, out=None, n_jobs=1):

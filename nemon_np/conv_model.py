@@ -60,6 +60,9 @@ class ConvImplicitMap:
 
     weights = None   # the certificate is the unweighted mu_inf of the convolution
     n_jobs = 1       # models read from files start with one thread
+    # How the solvers take K * x (nemon_np.conv_solvers.CONV_PRODUCTS): "auto" is the FFT for
+    # circular padding and k >= 5, the taps otherwise; the same iterates up to rounding.
+    conv_product = "auto"
     implicit = "K"
 
     @property
@@ -107,7 +110,8 @@ class ConvImplicitMap:
         alpha, mu = self._alpha(alpha, "raise")   # the embedded kernel has K's centre taps: the same alpha*
         K_sum, K_diff = sum_and_difference(K)
         X, Z, its, res = conv_fixed_point(K_sum, Q, alpha, tol, max_iter, self.padding, X0=X0, K_diff=K_diff,
-                                          relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
+                                          relative=_check_tol_mode(tol_mode),
+                                          **self._solver(method, alpha, mu, embedded=True))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= Q.dtype.type(tol),
                               preactivation=Z, alpha=alpha, mu_inf=mu, method=method)
         _warn_unconverged(info, tol, "embedded forward")
@@ -118,7 +122,7 @@ class ConvImplicitMap:
         K_sum, K_diff = sum_and_difference(K)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
                                           l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
-                                          **self._solver(method, alpha, self.mu_inf()))
+                                          **self._solver(method, alpha, self.mu_inf(), embedded=True))
         return W, OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= G.dtype.type(tol))
 
     def _alpha(self, alpha, on_violation):
@@ -134,17 +138,22 @@ class ConvImplicitMap:
             raise WellPosednessError(f"alpha = {alpha:.6g} outside (0, alpha* = {alpha_star:.6g}]")
         return alpha, mu
 
-    def _solver(self, method, alpha, mu):
+    def _solver(self, method, alpha, mu, embedded=False):
         """conv_fixed_point's method, the contraction factor rho = 1 - alpha (1 - max(mu, 0)) that
-        Anderson's safeguard enforces, and the threads."""
+        Anderson's safeguard enforces, the threads and the product (``conv_product``; the embedded
+        network's sum-difference form has the taps only)."""
         return dict(method="anderson" if method == "anderson" else "average", rho=_contraction_rate(alpha, mu),
-                    n_jobs=self.n_jobs)
+                    n_jobs=self.n_jobs, product="direct" if embedded else self.conv_product)
 
     def _equilibrium(self, Ucl, tol, max_iter, method, alpha, X0, on_violation, tol_mode="absolute"):
         """:meth:`equilibrium` of a channel-last batch already checked by :meth:`_images`."""
+        return self._solve_injected(self._inject(self.B, Ucl) + self.b, tol, max_iter, method, alpha, X0,
+                                    on_violation, tol_mode)
+
+    def _solve_injected(self, Q, tol, max_iter, method, alpha, X0, on_violation, tol_mode="absolute"):
+        """:meth:`_equilibrium` from the injection Q = B * u + b (m, H, W, C) instead of the inputs."""
         check_conv_solver(method)
         alpha, mu = self._alpha(alpha, on_violation)
-        Q = self._inject(self.B, Ucl) + self.b
         X, Z, its, res = conv_fixed_point(self.K, Q, alpha, tol, max_iter, self.padding, X0=X0,
                                           relative=_check_tol_mode(tol_mode), **self._solver(method, alpha, mu))
         info = OptimizeResult(iterations=its, residual=res.astype(np.float64), converged=res <= self.dtype(tol),

@@ -14,10 +14,18 @@ import numpy as np
 from numba import njit
 
 from ._threads import check_n_jobs, map_ranges
-from .conv import _check_padding, conv_taps, correlate_embedded_padded, correlate_padded, pad_channel_last
+from .conv import (_check_padding, conv_taps, correlate_circular_fft, correlate_embedded_padded, correlate_padded,
+                   kernel_spectrum)
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
-__all__ = ["conv_fixed_point"]
+__all__ = ["conv_fixed_point", "CONV_PRODUCTS"]
+
+CONV_PRODUCTS = ("auto", "direct", "fft")
+
+# The smallest kernel for which "auto" takes the FFT: at k = 5 it cost 2.3x less CPU than the taps
+# on MNIST-size batches of 32 channels; at k = 3 the two were within the noise of a shared machine
+# (docs/benchmarks.md), and the taps need no transform.
+FFT_MIN_KERNEL = 5
 
 # Converged samples leave the working set once they are this fraction of it: compaction copies
 # every working array, so it is batched rather than done at every step.
@@ -34,6 +42,24 @@ def _fill_border(Xp, n, p, H, W):
         for j in range(Wp):
             if border_row or j < p or j >= W + p:
                 Xp[n, i, j, :] = Xp[n, si, p + (j - p) % W, :]
+
+
+@njit(cache=True, nogil=True)
+def _fill_borders(Xp, p, H, W):
+    for n in range(Xp.shape[0]):
+        _fill_border(Xp, n, p, H, W)
+
+
+def _padded(X, p, padding):
+    """X (m, H, W, C) padded by p, as :func:`nemon_np.conv.pad_channel_last` pads it (which is the
+    reference; numpy's pad cost as much as a step of the solver)."""
+    m, H, W, C = X.shape
+    Xp = np.empty((m, H + 2 * p, W + 2 * p, C), X.dtype) if padding == "circular" else \
+        np.zeros((m, H + 2 * p, W + 2 * p, C), X.dtype)
+    Xp[:, p:p + H, p:p + W] = X
+    if padding == "circular" and p > 0:
+        _fill_borders(Xp, p, H, W)
+    return Xp
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -89,8 +115,20 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
     return finished
 
 
+def _conv_product(product, padding, k, embedded):
+    """The product :func:`conv_fixed_point` takes: ``product`` checked, "auto" resolved."""
+    if product not in CONV_PRODUCTS:
+        raise ValueError(f"product must be one of {', '.join(CONV_PRODUCTS)}, got {product!r}")
+    fits = padding == "circular" and not embedded
+    if product == "fft" and not fits:
+        raise ValueError("product 'fft' needs circular padding and a plain (not embedded) kernel")
+    if product == "auto":
+        return "fft" if fits and k >= FFT_MIN_KERNEL else "direct"
+    return product
+
+
 def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
-                     K_diff=None, relative=False, method="average", rho=None, n_jobs=1):
+                     K_diff=None, relative=False, method="average", rho=None, n_jobs=1, product="auto"):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
 
     Parameters
@@ -111,6 +149,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         1 - alpha (1 - max(mu_inf(K), 0))
     n_jobs : threads sharing each convolution's rows and each step's samples
         (:mod:`nemon_np._threads`); the iterates the same up to rounding
+    product : how K * x is taken, a name of :data:`CONV_PRODUCTS`: "direct" (the k^2 tap products of
+        :func:`nemon_np.conv.correlate_padded`), "fft" (:func:`nemon_np.conv.correlate_circular_fft`;
+        circular padding, not the embedded map) or "auto": "fft" where it applies and k >=
+        :data:`FFT_MIN_KERNEL`, else "direct". Both give the same iterates up to rounding.
 
     Returns
     -------
@@ -134,7 +176,14 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     p = taps.shape[0] // 2
     # Checked here because the zero start builds its padded state without pad_channel_last.
     _check_padding(padding, taps.shape[0], H, W)
-    if K_diff is None:
+    product = _conv_product(product, padding, taps.shape[0], K_diff is not None)
+    if product == "fft":
+        spectrum = kernel_spectrum(np.asarray(K, dtype), H, W)
+
+        def apply(Xp, out):   # the interior in, the interior out: the padded border is not read
+            return correlate_circular_fft(spectrum, Xp[:, p:p + H, p:p + W], n_jobs=n_jobs,
+                                          out=None if out is None else out[:, :H, :W])
+    elif K_diff is None:
         apply = lambda Xp, out: correlate_padded(taps, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
     else:
         taps_diff = conv_taps(np.asarray(K_diff, dtype))
@@ -152,7 +201,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         Xp = np.zeros((m, H + 2 * p, W + 2 * p, C), dtype)
     else:
         X = np.array(X0, dtype=dtype)
-        Xp = np.ascontiguousarray(pad_channel_last(X * S if masked else X, taps.shape[0], padding))
+        Xp = _padded(X * S if masked else X, p, padding)
     # The first working arrays are the outputs: a sample that finishes there stays where it is, and
     # compaction copies only the samples still working (at gamma 0.5 most finish at one step).
     X_out, P_out = X, np.empty_like(Q)
@@ -214,7 +263,7 @@ def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relat
             P = np.zeros((n_act, n), dtype)
         else:
             Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
-            Xp = np.ascontiguousarray(pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding))
+            Xp = _padded(Xs.reshape(n_act, H, W, C), k // 2, padding)
             P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
         n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
                                 ANDERSON_REG, _anderson_rho(rho), masked, relative, state, X_out, P_out,

@@ -119,7 +119,11 @@ class DenseImplicitMap:
         per-sample ``iterations`` and ``residual`` (see :func:`nemon_np.solve_equilibrium`).
         """
         U = self._inputs(U)
-        Q = U @ self.B.T + self.b
+        return self._solve_injected(self._inject(self.B, U) + self.b, tol, max_iter, method, alpha, X0, on_violation,
+                                    tol_mode)
+
+    def _solve_injected(self, Q, tol, max_iter, method, alpha, X0, on_violation, tol_mode):
+        """:meth:`equilibrium` from the injection Q = B u + b (m, n_hidden) instead of the inputs."""
         return solve_equilibrium(self.A, Q, method=method, alpha=alpha, tol=tol, max_iter=max_iter,
                                  X0=X0, weights=self.weights, on_violation=on_violation, tol_mode=tol_mode)
 

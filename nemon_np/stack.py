@@ -33,6 +33,7 @@ from scipy.optimize import OptimizeResult
 
 from ._validation import all_finite, as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
+from .decided import predict_by_rule
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
 from .layers import AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU, box_magnitude
@@ -332,8 +333,34 @@ class StackedClassifier:
         """Logits (m, n_out); keyword options go to the implicit layer's solver."""
         return self.logits_and_info(U, **solver_options)[0]
 
-    def predict(self, U, **solver_options):
-        return np.argmax(self.logits(U, **solver_options), axis=1)
+    def predict(self, U, stop="converged", **solver_options):
+        """Predicted class per sample; ``stop`` as :meth:`nemon_np.NEMON.predict`'s."""
+        return predict_by_rule(self, U, stop, solver_options)
+
+    def _decision_parts(self, U, options):
+        """What :func:`nemon_np.decided.decided_labels` needs: (the implicit layer, its injection from
+        the layers before it, logits of its states through the layers after it, sound margins over a
+        box of its states through their enclosing boxes), or None for an explicit stack."""
+        i = self.implicit_index
+        if i is None:
+            return None
+        options = self._options(**options)
+        X = self._inputs(U)
+        for layer in self.layers[:i]:
+            X = layer.forward(X, options)[0]
+        implicit, after = self.layers[i], self.layers[i + 1:]
+
+        def logits(S):
+            for layer in after:
+                S = layer.forward(S, options)[0]
+            return S
+
+        def margins(lo, hi, labels):
+            for layer in after[:-1]:
+                lo, hi = layer.enclosing_box(lo, hi, options)
+            return self._interval_head((lo, hi), labels), None
+
+        return implicit, implicit._inject(implicit.B, X) + implicit.b, logits, margins
 
     def _loss_backward(self, U, y, dY, solver_options, train):
         options = self._options(train=train, **solver_options)

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import finite_difference
 from nemon_np import ConvNEMON, load_model
-from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, mu_inf_conv, parametrize_conv_mu_inf,
-                           parametrize_conv_mu_inf_grad, parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
+from nemon_np.conv import (conv_apply, conv_input_norm, conv_matrix, correlate_circular_fft, kernel_spectrum,
+                           mu_inf_conv, parametrize_conv_mu_inf, parametrize_conv_mu_inf_grad,
+                           parametrize_conv_mu_inf_inverse, project_conv_mu_inf)
 from nemon_np.conv_solvers import conv_fixed_point
 from nemon_np.data import augment_crop_flip, augment_flip, augment_shift, normalize
 from nemon_np.measures import norm_inf
@@ -62,6 +63,80 @@ def test_zero_start_skips_the_first_convolution_with_the_same_result(rng, monkey
     assert n_implicit == len(calls) - 1 > 0
     for a, b in zip(implicit, explicit):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("C_out, C_in, k, H, W", [(2, 3, 5, 6, 7), (4, 1, 3, 5, 4), (3, 3, 5, 5, 5), (2, 2, 1, 4, 6)])
+def test_fft_product_matches_the_dense_matrix(rng, dtype, C_out, C_in, k, H, W):
+    K = rng.normal(size=(C_out, C_in, k, k))
+    X = rng.normal(size=(3, C_in, H, W))
+    expected = (X.reshape(3, -1) @ conv_matrix(K, H, W, "circular").T).reshape(3, C_out, H, W)
+    Y = correlate_circular_fft(kernel_spectrum(K.astype(dtype), H, W), _channel_last(X).astype(dtype))
+    assert Y.dtype == dtype and Y.shape == (3, H, W, C_out)
+    scale = np.abs(expected).max() * (1e-13 if dtype == np.float64 else 1e-5)
+    np.testing.assert_allclose(Y, _channel_last(expected), atol=scale)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("method", ["average", "anderson"])
+def test_fft_solver_matches_the_generic_reference(rng, adjoint, method):
+    C, H, W, m = 3, 7, 6, 5
+    K = project_conv_mu_inf(rng.normal(size=(C, C, 5, 5)), 0.8)
+    alpha = 1.0 / (1.0 - min(np.diag(K[:, :, 2, 2]).min(), 0.0))
+    Q = rng.normal(size=(m, C, H, W)) * rng.uniform(0.01, 3, size=(m, 1, 1, 1))
+    S = (rng.random((m, C, H, W)) > 0.4).astype(float) if adjoint else None
+    X0 = Q.copy() if adjoint else None
+    apply = lambda X: conv_apply(K, X.reshape(-1, C, H, W)).reshape(len(X), -1)  # noqa: E731
+    flat = lambda A: None if A is None else A.reshape(m, -1)  # noqa: E731
+    Xr, Pr, ir, rr = averaged_fixed_point_operator(apply, flat(Q), alpha, 1e-10, 2000, relu=not adjoint, l1=adjoint,
+                                                   S=flat(S), X0=flat(X0))
+    X, P, its, res = conv_fixed_point(K, _channel_last(Q), alpha, 1e-10, 2000, relu=not adjoint, l1=adjoint,
+                                      S=None if S is None else _channel_last(S),
+                                      X0=None if X0 is None else _channel_last(X0), method=method,
+                                      rho=1 - alpha * (1 - max(mu_inf_conv(K), 0)), product="fft")
+    assert np.all(res <= 1e-10)
+    if method == "average":   # the same iteration: the same steps
+        np.testing.assert_array_equal(its, ir)
+    np.testing.assert_allclose(X, _channel_last(Xr.reshape(m, C, H, W)), atol=1e-8)
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_the_solvers_padding_is_numpys(rng, padding, k):
+    from nemon_np.conv import pad_channel_last
+    from nemon_np.conv_solvers import _padded
+    X = rng.normal(size=(3, 6, 5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(_padded(X, k // 2, padding), pad_channel_last(X, k, padding))
+
+
+def test_auto_product_takes_the_fft_for_circular_5x5_and_the_taps_otherwise(rng, monkeypatch):
+    import nemon_np.conv_solvers as cs
+    calls = {"direct": 0, "fft": 0}
+    for name, attr in (("direct", "correlate_padded"), ("fft", "correlate_circular_fft")):
+        real = getattr(cs, attr)
+        monkeypatch.setattr(cs, attr, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **kw))
+    Q = rng.normal(size=(2, 6, 6, 3))
+    for k, padding, expected in ((5, "circular", "fft"), (3, "circular", "direct"), (5, "zero", "direct")):
+        calls.update(direct=0, fft=0)
+        K = project_conv_mu_inf(rng.normal(size=(3, 3, k, k)), 0.5)
+        conv_fixed_point(K, Q, 1.0, 1e-8, 100, padding)
+        assert calls[expected] > 0 and calls[{"fft": "direct", "direct": "fft"}[expected]] == 0
+    with pytest.raises(ValueError, match="product must be one of auto, direct, fft, got 'fast'"):
+        conv_fixed_point(K, Q, 1.0, 1e-8, 100, product="fast")
+    with pytest.raises(ValueError, match="product 'fft' needs circular padding"):
+        conv_fixed_point(K, Q, 1.0, 1e-8, 100, "zero", product="fft")
+
+
+def test_conv_model_predicts_alike_by_either_product(rng, monkeypatch):
+    model = ConvNEMON(1, (8, 8), channels=4, kernel=5, pool=2, gamma=0.8, seed=3)
+    U = rng.normal(size=(6, 64))
+    logits = {}
+    for product in ("direct", "fft"):
+        monkeypatch.setattr(model, "conv_product", product)
+        logits[product] = model.logits(U, tol=1e-6)
+    np.testing.assert_allclose(logits["fft"], logits["direct"], atol=1e-4)
+    np.testing.assert_array_equal(logits["fft"].argmax(1), logits["direct"].argmax(1))
 
 
 def test_channel_last_solver_rejects_mismatched_shapes(rng):
