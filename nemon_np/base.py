@@ -365,7 +365,8 @@ class ImplicitClassifier(EmbeddedNetwork):
     def predict(self, U, stop="converged", **solver_options):
         """Predicted class per sample, argmax of the logits. ``stop="decided"`` stops each sample's
         solve where its class provably cannot change any more (:func:`nemon_np.decided.decided_labels`):
-        the same classes as the fixed points', in fewer iterations."""
+        the same classes as the fixed points', in fewer iterations (but, measured, not less CPU:
+        docs/benchmarks.md)."""
         return predict_by_rule(self, U, stop, solver_options)
 
     def interval_margins(self, U_lo, U_hi, labels, **options):

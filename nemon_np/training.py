@@ -338,7 +338,8 @@ def evaluate(model, X, y, batch_size=None, stop="converged", **solver_options):
 
     With ``stop="decided"`` each sample's solve stops where its class provably cannot change
     (:func:`nemon_np.decided.decided_labels`): the same accuracy as the fixed points', in fewer
-    iterations; the loss, which needs the fixed points' logits, is then NaN."""
+    iterations (not less CPU, measured: docs/benchmarks.md); the loss, which needs the fixed points'
+    logits, is then NaN."""
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
     batch_size = batch_size or (200 if isinstance(model, ConvNEMON) else 1000)
