@@ -74,7 +74,7 @@ def _state_box(X, w, weights):
 
 
 def decided_labels(model, U, *, check_every=1, tol=1e-6, max_iter=500, method="average", alpha=None,
-                   on_violation="raise", tol_mode="absolute", **ignored):
+                   on_violation="raise", tol_mode="absolute"):
     """The predicted class of each input, each sample's solve stopped as soon as its class is decided
     (module docstring) or, if it never is, where :meth:`predict`'s solve stops it (``tol``, ``tol_mode``,
     ``max_iter``; the other solver options as ``equilibrium`` takes them). The classes are those of
@@ -84,7 +84,7 @@ def decided_labels(model, U, *, check_every=1, tol=1e-6, max_iter=500, method="a
     The decision is checked every ``check_every`` iterations; the solves continue from where they
     stopped (one average step at the model's alpha), so a check costs no extra product of A, only the
     read-out's bounds. ``model`` provides ``_decision_parts(U, options)`` (:mod:`nemon_np.base`,
-    :mod:`nemon_np.stack`). Options that concern training only (``adjoint``, ...) are ignored.
+    :mod:`nemon_np.stack`).
 
     Returns (labels (m,), OptimizeResult with per-sample ``iterations`` (as the solver counts them:
     products of A less one), ``decided`` (stopped by the decision) and ``converged`` (reached ``tol``)).
