@@ -158,7 +158,7 @@ def main(argv=None):
                 if (kind, run) not in recorded:
                     p.error(f"{run}: no such run folder, and {out} records no evaluation of it at eps {args.eps:g}")
                 print(f"{kind} {run}: the run folder is not here; its evaluation as {out} records it", flush=True)
-                rows[kind].append(recorded[(kind, run)])
+                rows[kind].append(json.loads(json.dumps(recorded[(kind, run)]), object_hook=_int_keys))
                 continue
             # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
             cache = pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"
