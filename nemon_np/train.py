@@ -25,8 +25,8 @@ from .optim import SCHEDULES
 from .solvers import ADJOINT_METHODS, FORWARD_METHODS, TOL_MODES
 from .constraints import get_constraint
 from .stack import PRESETS
-from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, TrainConfig, Trainer, config_from_dict, plot_history,
-                       restore_training_state, save_checkpoint, save_training_state, write_metrics)
+from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, BackgroundCheckpoints, TrainConfig, Trainer,
+                       config_from_dict, plot_history, restore_training_state, write_metrics)
 
 HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
@@ -292,10 +292,11 @@ def main(argv=None):
           f"{f', resuming after epoch {len(history)}' if history else ''}")
     started = time.perf_counter()
 
+    # The epoch's files are written while the next epoch trains; waited for before anything reads them.
+    checkpoints = BackgroundCheckpoints(out)
+
     def on_epoch(row):
-        save_checkpoint(trainer.model, out)
-        save_training_state(trainer, out)
-        write_metrics(out, config, trainer.history, {"run": run})
+        checkpoints.write(trainer, config, {"run": run})
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
               f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  mu_inf {row['mu_inf']:.4f}  "
               f"iters fwd {row['fwd_iter_mean']:.1f} bwd {row['bwd_iter_mean']:.1f}  "
@@ -304,9 +305,12 @@ def main(argv=None):
               + f"{row['epoch_seconds']:.1f}s", flush=True)
 
     try:
-        with _ctrl_c_between_batches() as stop:
-            trainer.fit(X, y, X_test, data.test_labels, on_epoch=on_epoch, progress=not args.no_progress,
-                        should_stop=stop)
+        try:
+            with _ctrl_c_between_batches() as stop:
+                trainer.fit(X, y, X_test, data.test_labels, on_epoch=on_epoch, progress=not args.no_progress,
+                            should_stop=stop)
+        finally:
+            checkpoints.wait()
     except KeyboardInterrupt:
         done = len(trainer.history)
         print(f"\ninterrupted: {out / 'model.npz'} holds the last complete epoch ({done}); continue with "

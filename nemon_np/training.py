@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -49,7 +50,7 @@ from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS, TOL_MODES
 from .warm_starts import WarmStarts
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history",
-           "save_training_state", "restore_training_state"]
+           "save_training_state", "restore_training_state", "training_state", "BackgroundCheckpoints"]
 
 MODELS = ("nemon", "mondeq", "conv", "stack")
 # The --constraint choices: the modes of the dense model (the conv model's are among them).
@@ -647,7 +648,19 @@ def save_training_state(trainer, out_dir):
     """Write what a resumed run needs beside ``model.npz`` (atomically, as ``training_state.npz``):
     Adam's step count and moments, the constraint mode's free parameters, the warm starts, the random
     stream's state and the epochs done. The per-epoch history is in ``metrics.json``."""
-    out_dir = pathlib.Path(out_dir)
+    _write_training_state(training_state(trainer), out_dir)
+
+
+def _write_training_state(state, out_dir):
+    tmp = pathlib.Path(out_dir) / (TRAINING_STATE + ".part")
+    with open(tmp, "wb") as f:
+        np.savez(f, **state)
+    os.replace(tmp, pathlib.Path(out_dir) / TRAINING_STATE)
+
+
+def training_state(trainer, copy=False):
+    """The arrays :func:`save_training_state` writes, keyed as in the file (copies with ``copy``: the
+    trainer updates Adam's moments and the warm starts in place)."""
     opt = trainer.optimizer
     state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
              "rng_state": np.array(json.dumps(trainer.rng.bit_generator.state))}
@@ -657,10 +670,44 @@ def save_training_state(trainer, out_dir):
         state.update({"free." + k: v for k, v in trainer.constraint.free.items()})
     if trainer.warm_starts is not None:
         state.update({"warm." + k: v for k, v in trainer.warm_starts.arrays().items()})
-    tmp = out_dir / (TRAINING_STATE + ".part")
-    with open(tmp, "wb") as f:
-        np.savez(f, **state)
-    os.replace(tmp, out_dir / TRAINING_STATE)
+    return {k: np.array(v) for k, v in state.items()} if copy else state
+
+
+class BackgroundCheckpoints:
+    """A run's files after each epoch (``model.npz``, ``training_state.npz``, ``metrics.json`` and
+    ``.csv``), written by one background thread from copies taken when :meth:`write` is called, in that
+    order and each atomically, as the synchronous functions write them, so that the next epoch's steps
+    overlap the writing: a certified dense run's training state is 146 MB an epoch (its warm starts).
+    :meth:`write` first waits for the previous write; :meth:`wait` returns when the last one is on
+    disk, and raises what a write raised (a full disk is an error, not a lost epoch)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = pathlib.Path(out_dir)
+        self._thread, self._error = None, None
+
+    def write(self, trainer, config, extra=None):
+        self.wait()
+        import copy
+        files = (copy.deepcopy(trainer.model), training_state(trainer, copy=True), list(trainer.history))
+        self._thread = threading.Thread(target=self._write, args=(files, config, extra), daemon=False)
+        self._thread.start()
+
+    def _write(self, files, config, extra):
+        model, state, history = files
+        try:
+            save_checkpoint(model, self.out_dir)
+            _write_training_state(state, self.out_dir)
+            write_metrics(self.out_dir, config, history, extra)
+        except BaseException as e:   # handed to the main thread by wait()
+            self._error = e
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def restore_training_state(trainer, out_dir, history):

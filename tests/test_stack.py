@@ -12,7 +12,8 @@ from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpos
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
-from nemon_np.training import TrainConfig, Trainer, restore_training_state, save_checkpoint, save_training_state
+from nemon_np.training import (BackgroundCheckpoints, TrainConfig, Trainer, restore_training_state, save_checkpoint,
+                               save_training_state)
 
 from conftest import EXACT, box_samples, finite_difference, random_model
 
@@ -338,30 +339,85 @@ def test_crown_ibp_training_follows_its_schedule_and_changes_the_model(rng):
                                     dict(arch="dense6,relu,nemon5", constraint="parametrization"),
                                     dict(model="nemon", hidden=6, constraint="weighted", augment="shift"),
                                     dict(model="nemon", hidden=6, certified_eps=0.1, eps_ramp=1, warm_start=True)])
-def test_a_resumed_run_equals_one_that_went_through(tmp_path, config, rng):
+@pytest.mark.parametrize("writer", ["synchronous", "background"])
+def test_a_resumed_run_equals_one_that_went_through(tmp_path, config, writer, rng):
     """Stopped after epoch 2 of 3 and resumed from its files, a run ends with the parameters of the run
     that went through, bit for bit (Adam's state, the constraint's free parameters, the schedules and
-    the random stream all come back)."""
+    the random stream all come back). The background writer's files are those of the epoch it was
+    given, though the next epoch changes the trainer's arrays while it writes."""
     X, y = _tiny_data(rng)
     cfg = dict(epochs=3, batch_size=20, dtype="float64", tol=1e-8, eps_warmup=0, **config)
     through = Trainer(TrainConfig(**cfg), 16, 4, image_shape=(1, 4, 4))
     through.fit(X, y, progress=False)
+    checkpoints = BackgroundCheckpoints(tmp_path)
 
     def stop_after_two(row):
-        save_checkpoint(stopped.model, tmp_path)
-        save_training_state(stopped, tmp_path)
+        if writer == "background":
+            checkpoints.write(stopped, TrainConfig(**cfg))
+        else:
+            save_checkpoint(stopped.model, tmp_path)
+            save_training_state(stopped, tmp_path)
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
     stopped = Trainer(TrainConfig(**cfg), 16, 4, image_shape=(1, 4, 4))
     with pytest.raises(KeyboardInterrupt):
         stopped.fit(X, y, on_epoch=stop_after_two, progress=False)
+    checkpoints.wait()
     resumed = Trainer(TrainConfig(**cfg), 16, 4, model=load_model(tmp_path / "model.npz"), image_shape=(1, 4, 4))
     restore_training_state(resumed, tmp_path, stopped.history)
     resumed.fit(X, y, progress=False)
     for k, v in through.model.params().items():
         assert np.array_equal(resumed.model.params()[k], v), k
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in through.history]
+
+
+def test_the_background_writer_writes_the_epoch_it_was_given(tmp_path, rng, monkeypatch):
+    """Held back until the trainer has run another epoch (which changes its parameters, Adam's moments
+    and the warm starts in place), the background writer still writes the files of the epoch it was
+    given: those the synchronous functions write at that moment."""
+    import threading
+    import nemon_np.training as training
+    X, y = _tiny_data(rng)
+    cfg = TrainConfig(model="nemon", hidden=6, epochs=2, batch_size=20, certified_eps=0.1, eps_warmup=0,
+                      eps_ramp=1, warm_start=True)
+    trainer = Trainer(cfg, 16, 4)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(X, y, progress=False, on_epoch=stop)
+    (tmp_path / "sync").mkdir(), (tmp_path / "background").mkdir()
+    save_checkpoint(trainer.model, tmp_path / "sync")
+    save_training_state(trainer, tmp_path / "sync")
+    gate = threading.Event()
+    for name in ("save_checkpoint", "_write_training_state"):
+        real = getattr(training, name)
+        monkeypatch.setattr(training, name, lambda *a, _real=real: gate.wait() and _real(*a))
+    checkpoints = BackgroundCheckpoints(tmp_path / "background")
+    checkpoints.write(trainer, cfg)
+    trainer.fit(X, y, progress=False)
+    gate.set()
+    checkpoints.wait()
+    for name in ("model.npz", "training_state.npz"):
+        with np.load(tmp_path / "sync" / name) as a, np.load(tmp_path / "background" / name) as b:
+            assert a.files == b.files
+            assert all(np.array_equal(a[k], b[k]) for k in a.files), name
+    with np.load(tmp_path / "sync" / "model.npz") as a:
+        assert not np.array_equal(a["A"], trainer.model.A)   # the second epoch did change them
+
+
+def test_a_failed_background_write_is_raised_not_lost(tmp_path, rng):
+    X, y = _tiny_data(rng)
+    cfg = TrainConfig(model="nemon", hidden=6, epochs=1, batch_size=20)
+    trainer = Trainer(cfg, 16, 4)
+    trainer.fit(X, y, progress=False)
+    checkpoints = BackgroundCheckpoints(tmp_path / "no-such-folder")
+    checkpoints.write(trainer, cfg)
+    with pytest.raises(FileNotFoundError):
+        checkpoints.wait()
+    checkpoints.wait()   # reported once
 
 
 def test_a_trained_stack_is_certified_soundly_on_mnist(shared_data):
