@@ -7,8 +7,10 @@ iteration"; the adjoint with ``relu=False, l1=True`` and a mask S):
 
 with the state kept channel-last and padded between iterations, so that each step is the k^2
 BLAS products of :func:`nemon_np.conv.correlate_padded` and one fused pass over memory
-(:func:`_average_step`): pre-activation, residual, update and re-padding together. The generic
-operator version, with NCHW transposes and a pad per step, is the reference tests compare with.
+(:func:`_average_step`): pre-activation, residual, update and re-padding together. With circular
+padding and k >= 5 the product is taken by FFT instead (:func:`nemon_np.conv.correlate_circular_fft`,
+``product``), which reads the padded state's interior. The generic operator version, with NCHW
+transposes and a pad per step, is the reference tests compare with.
 """
 import numpy as np
 from numba import njit
