@@ -143,13 +143,18 @@ class EmbeddedNetwork:
             Q_c, Q_r = self._inject(B, U_c) + b, self._inject(np.abs(B), U_r)
         return np.concatenate([Q_c - Q_r, Q_c + Q_r], axis=-1)
 
+    def _implicit_row_scale(self):
+        """(the largest absolute row sum of the implicit matrix or kernel, in float64; the terms of one of
+        its rows): what the rounding allowances of its products scale with."""
+        P64 = np.asarray(getattr(self, self.implicit), np.float64)
+        return float(np.abs(P64).reshape(len(P64), -1).sum(axis=1).max()), _terms(P64)
+
     def mu_inf_upper(self):
         """An upper bound of the exact mu_inf of the stored parameters: the float64 value plus an
         allowance for the rounding of its sums (below (terms + 4) u times the largest weighted
         absolute row sum; 1e-9 of it is far above)."""
-        P64 = np.asarray(getattr(self, self.implicit), np.float64)
         mu = self.mu_inf()
-        rows = np.abs(P64).reshape(len(P64), -1).sum(axis=1).max()
+        rows = self._implicit_row_scale()[0]
         eta = self._state_weights()
         spread = 1.0 if eta is None else float(eta.max() / eta.min())
         return mu + 1e-9 * (1.0 + abs(mu) + rows * spread)

@@ -17,7 +17,7 @@ from numba import njit
 
 from ._threads import check_n_jobs, map_ranges
 from .conv import (_check_padding, conv_taps, correlate_circular_fft, correlate_embedded_padded, correlate_padded,
-                   kernel_spectrum)
+                   fill_circular_border, kernel_spectrum, pad_channel_last)
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
 __all__ = ["conv_fixed_point", "CONV_PRODUCTS"]
@@ -32,36 +32,6 @@ FFT_MIN_KERNEL = 5
 # Converged samples leave the working set once they are this fraction of it: compaction copies
 # every working array, so it is batched rather than done at every step.
 COMPACT_FRACTION = 0.2
-
-
-@njit(cache=True, nogil=True)
-def _fill_border(Xp, n, p, H, W):
-    """Circular padding of sample n of Xp (m, H + 2p, W + 2p, C) from its interior."""
-    Hp, Wp = H + 2 * p, W + 2 * p
-    for i in range(Hp):
-        si = p + (i - p) % H
-        border_row = i < p or i >= H + p
-        for j in range(Wp):
-            if border_row or j < p or j >= W + p:
-                Xp[n, i, j, :] = Xp[n, si, p + (j - p) % W, :]
-
-
-@njit(cache=True, nogil=True)
-def _fill_borders(Xp, p, H, W):
-    for n in range(Xp.shape[0]):
-        _fill_border(Xp, n, p, H, W)
-
-
-def _padded(X, p, padding):
-    """X (m, H, W, C) padded by p, as :func:`nemon_np.conv.pad_channel_last` pads it (which is the
-    reference; numpy's pad cost as much as a step of the solver)."""
-    m, H, W, C = X.shape
-    Xp = np.empty((m, H + 2 * p, W + 2 * p, C), X.dtype) if padding == "circular" else \
-        np.zeros((m, H + 2 * p, W + 2 * p, C), X.dtype)
-    Xp[:, p:p + H, p:p + W] = X
-    if padding == "circular" and p > 0:
-        _fill_borders(Xp, p, H, W)
-    return Xp
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -113,7 +83,7 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
                     X[n, i, j, c] = x
                     Xp[n, i + p, j + p, c] = x * S[n, i, j, c] if masked else x
         if circular:
-            _fill_border(Xp, n, p, H, W)
+            fill_circular_border(Xp, n, p, H, W)
     return finished
 
 
@@ -203,7 +173,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         Xp = np.zeros((m, H + 2 * p, W + 2 * p, C), dtype)
     else:
         X = np.array(X0, dtype=dtype)
-        Xp = _padded(X * S if masked else X, p, padding)
+        Xp = pad_channel_last(X * S if masked else X, taps.shape[0], padding)
     # The first working arrays are the outputs: a sample that finishes there stays where it is, and
     # compaction copies only the samples still working (at gamma 0.5 most finish at one step).
     X_out, P_out = X, np.empty_like(Q)
@@ -265,7 +235,7 @@ def _anderson(apply, k, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relat
             P = np.zeros((n_act, n), dtype)
         else:
             Xs = X[:n_act] * Sa[:n_act] if masked else X[:n_act]
-            Xp = _padded(Xs.reshape(n_act, H, W, C), k // 2, padding)
+            Xp = pad_channel_last(Xs.reshape(n_act, H, W, C), k, padding)
             P = np.ascontiguousarray(apply(Xp, None)[:, :H, :W, :]).reshape(n_act, n)
         n_act = _anderson_sweep(P, Qf, X, Sa, active, n_act, it, dt(alpha), dt(tol), max_iter, relu, l1,
                                 ANDERSON_REG, _anderson_rho(rho), masked, relative, state, X_out, P_out,

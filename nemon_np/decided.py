@@ -107,9 +107,7 @@ def decided_labels(model, U, *, check_every=1, tol=1e-6, max_iter=500, method="a
     mu = implicit.mu_inf_upper()
     if not mu < 1:
         raise ValueError(f"stop='decided' needs mu_inf < 1, got {mu:.6g}")
-    P = np.asarray(getattr(implicit, implicit.implicit))
-    row_sum = float(np.abs(P.astype(np.float64)).reshape(len(P), -1).sum(axis=1).max())
-    terms = int(np.prod(P.shape[1:]))
+    row_sum, terms = implicit._implicit_row_scale()
     eta = implicit._state_weights()
     m = len(Q)
     labels, iterations = np.zeros(m, np.int64), np.zeros(m, np.int64)

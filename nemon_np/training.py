@@ -16,6 +16,7 @@ warns when no certificate holds, and the fraction of converged solves is recorde
 The loss is the mean softmax cross-entropy, plus ``lipschitz_reg`` times the
 l_inf Lipschitz bound ||C|| ||B|| / (1 - max(mu_inf(A), 0)) when asked.
 """
+import copy
 import csv
 import json
 import math
@@ -658,8 +659,8 @@ def _write_training_state(state, out_dir):
     os.replace(tmp, pathlib.Path(out_dir) / TRAINING_STATE)
 
 
-def training_state(trainer, copy=False):
-    """The arrays :func:`save_training_state` writes, keyed as in the file (copies with ``copy``: the
+def training_state(trainer, copies=False):
+    """The arrays :func:`save_training_state` writes, keyed as in the file (copies with ``copies``: the
     trainer updates Adam's moments and the warm starts in place)."""
     opt = trainer.optimizer
     state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
@@ -670,7 +671,7 @@ def training_state(trainer, copy=False):
         state.update({"free." + k: v for k, v in trainer.constraint.free.items()})
     if trainer.warm_starts is not None:
         state.update({"warm." + k: v for k, v in trainer.warm_starts.arrays().items()})
-    return {k: np.array(v) for k, v in state.items()} if copy else state
+    return {k: np.array(v) for k, v in state.items()} if copies else state
 
 
 class BackgroundCheckpoints:
@@ -687,8 +688,7 @@ class BackgroundCheckpoints:
 
     def write(self, trainer, config, extra=None):
         self.wait()
-        import copy
-        files = (copy.deepcopy(trainer.model), training_state(trainer, copy=True), list(trainer.history))
+        files = (copy.deepcopy(trainer.model), training_state(trainer, copies=True), list(trainer.history))
         self._thread = threading.Thread(target=self._write, args=(files, config, extra), daemon=False)
         self._thread.start()
 
