@@ -145,7 +145,7 @@ def main(argv=None):
     threadpool_limits(1, user_api="blas")
     data = load_dataset(args.dataset, args.data_dir)
     out = pathlib.Path(args.out)
-    existing = json.loads(out.read_text()) if out.is_file() else {"targets": []}
+    existing = json.loads(out.read_text(), object_hook=_int_keys) if out.is_file() else {"targets": []}
     recorded = {(kind, r["run"]): r for t in existing["targets"]
                 if t["dataset"] == args.dataset and t["eps"] == args.eps
                 for kind, rs in t.get("runs", {}).items() for r in rs}
@@ -158,7 +158,7 @@ def main(argv=None):
                 if (kind, run) not in recorded:
                     p.error(f"{run}: no such run folder, and {out} records no evaluation of it at eps {args.eps:g}")
                 print(f"{kind} {run}: the run folder is not here; its evaluation as {out} records it", flush=True)
-                rows[kind].append(json.loads(json.dumps(recorded[(kind, run)]), object_hook=_int_keys))
+                rows[kind].append(recorded[(kind, run)])
                 continue
             # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
             cache = pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"

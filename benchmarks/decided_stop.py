@@ -16,13 +16,11 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from vs_paper import our_config
+from vs_paper import first_mnist, our_config, split_train_flags
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_train_flags(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="MNIST folder (as for nemon_np.train)")
     p.add_argument("--model", choices=("dense", "conv"), default="conv")
@@ -32,11 +30,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     threadpool_limits(1)
-    from nemon_np.data import load_mnist, normalize
     from nemon_np.training import Trainer, evaluate
-    d = load_mnist(args.data_dir)
-    X, y = normalize(d.train_images[:args.images], d.mean, d.std), d.train_labels[:args.images]
-    Xt, yt = normalize(d.test_images[:args.test_images], d.mean, d.std), d.test_labels[:args.test_images]
+    X, y, Xt, yt = first_mnist(args.data_dir, args.images, args.test_images)
     config = our_config(args.model, 1, extra)
     shape = (1, 28, 28) if config.model == "conv" else None
     trainer = Trainer(config, 784, 10, image_shape=shape)

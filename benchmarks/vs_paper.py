@@ -37,6 +37,23 @@ ONE_THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "M
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def split_train_flags(argv):
+    """(this script's arguments, the ``nemon_np.train`` flags that follow ``--``) of a command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def first_mnist(data_dir, images, test_images=None):
+    """The first ``images`` training and ``test_images`` test images of MNIST (None: all), normalized
+    as training normalizes them: X, y, X_test, y_test."""
+    from nemon_np.data import load_mnist, normalize
+    d = load_mnist(data_dir)
+    return (normalize(d.train_images[:images], d.mean, d.std), d.train_labels[:images],
+            normalize(d.test_images[:test_images], d.mean, d.std), d.test_labels[:test_images])
+
+
 def our_config(model, epochs, extra):
     """The TrainConfig that ``python -m nemon_np.train`` builds from these flags (fails as it does)."""
     from dataclasses import fields
@@ -114,9 +131,7 @@ def run_side(cmd):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_train_flags(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper-code", help="a checkout of the paper's repository (omit to time our side alone)")
     p.add_argument("--paper-python", default=None, help="a Python that has torch, for the paper's side")
@@ -141,12 +156,10 @@ def main(argv=None):
     if args.images < 100 or args.epochs < 1 or args.repeats < 1:
         p.error("--images must be >= 100, --epochs and --repeats >= 1")
     our_config(args.model, args.epochs, extra)   # a bad flag fails here, not after the paper's run
-    from nemon_np.data import load_mnist, normalize
-    d = load_mnist(args.data_dir)
+    X, y, X_test, y_test = first_mnist(args.data_dir, args.images)
     with tempfile.TemporaryDirectory() as tmp:
         arrays = pathlib.Path(tmp) / "mnist.npz"
-        np.savez(arrays, X=normalize(d.train_images[:args.images], d.mean, d.std), y=d.train_labels[:args.images],
-                 X_test=normalize(d.test_images, d.mean, d.std), y_test=d.test_labels)
+        np.savez(arrays, X=X, y=y, X_test=X_test, y_test=y_test)
         sides = {"ours": [sys.executable, __file__, "--side", "ours", "--arrays", str(arrays), "--model", args.model,
                           "--epochs", str(args.epochs), "--test-stop", args.test_stop, "--", *extra]}
         if args.paper_code:
