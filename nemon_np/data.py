@@ -96,12 +96,17 @@ def normalize(images, mean, std, dtype=np.float32):
 
     images: uint8 (N, H, W) for one channel or (N, C, H, W) with len(mean) == C.
     """
-    x = images.astype(dtype) / dtype(255)
+    # In place on one array: the same operations in the same order as (x / 255 - mean) / std, without
+    # two more temporaries of the whole set (fresh pages cost ~1 s for MNIST's 188 MB on the VM measured).
+    x = images.astype(dtype)
+    x /= dtype(255)
     mean, std = np.asarray(mean, dtype), np.asarray(std, dtype)
     if x.ndim == 4:
-        x = (x - mean[None, :, None, None]) / std[None, :, None, None]
+        mean, std = mean[:, None, None], std[:, None, None]
     else:
-        x = (x - mean[0]) / std[0]
+        mean, std = mean[0], std[0]
+    x -= mean
+    x /= std
     return x.reshape(len(x), -1)
 
 

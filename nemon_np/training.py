@@ -659,9 +659,9 @@ def _write_training_state(state, out_dir):
     os.replace(tmp, pathlib.Path(out_dir) / TRAINING_STATE)
 
 
-def training_state(trainer, copies=False):
-    """The arrays :func:`save_training_state` writes, keyed as in the file (copies with ``copies``: the
-    trainer updates Adam's moments and the warm starts in place)."""
+def training_state(trainer):
+    """The arrays :func:`save_training_state` writes, keyed as in the file: the trainer's own arrays,
+    which it updates in place (Adam's moments, the warm starts); :func:`copied_into` copies them."""
     opt = trainer.optimizer
     state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
              "rng_state": np.array(json.dumps(trainer.rng.bit_generator.state))}
@@ -671,7 +671,25 @@ def training_state(trainer, copies=False):
         state.update({"free." + k: v for k, v in trainer.constraint.free.items()})
     if trainer.warm_starts is not None:
         state.update({"warm." + k: v for k, v in trainer.warm_starts.arrays().items()})
-    return {k: np.array(v) for k, v in state.items()} if copies else state
+    return state
+
+
+def copied_into(arrays, buffers):
+    """Copies of the dict ``arrays``, each written into the array of the same key in ``buffers`` when
+    its shape and dtype match, else a new array. Reused pages are what make the copy cheap: a new
+    146 MB copy of a certified run's warm starts took 0.7-0.9 s each epoch on the 2-core VM measured
+    (its fresh pages, faulted in while the last epoch's file was being written back), the same copy
+    into the pages of the epoch before 15 ms."""
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        b = buffers.get(k)
+        if b is not None and b.shape == v.shape and b.dtype == v.dtype:
+            np.copyto(b, v)
+            out[k] = b
+        else:
+            out[k] = np.array(v)
+    return out
 
 
 class BackgroundCheckpoints:
@@ -685,10 +703,12 @@ class BackgroundCheckpoints:
     def __init__(self, out_dir):
         self.out_dir = pathlib.Path(out_dir)
         self._thread, self._error = None, None
+        self._state = {}   # the last write's copies, whose pages the next copy reuses once it is on disk
 
     def write(self, trainer, config, extra=None):
         self.wait()
-        files = (copy.deepcopy(trainer.model), training_state(trainer, copies=True), list(trainer.history))
+        self._state = copied_into(training_state(trainer), self._state)
+        files = (copy.deepcopy(trainer.model), self._state, list(trainer.history))
         self._thread = threading.Thread(target=self._write, args=(files, config, extra), daemon=False)
         self._thread.start()
 

@@ -12,8 +12,8 @@ from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpos
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
-from nemon_np.training import (BackgroundCheckpoints, TrainConfig, Trainer, restore_training_state, save_checkpoint,
-                               save_training_state)
+from nemon_np.training import (BackgroundCheckpoints, TrainConfig, Trainer, copied_into, restore_training_state,
+                               save_checkpoint, save_training_state)
 
 from conftest import EXACT, box_samples, finite_difference, random_model
 
@@ -406,6 +406,22 @@ def test_the_background_writer_writes_the_epoch_it_was_given(tmp_path, rng, monk
             assert all(np.array_equal(a[k], b[k]) for k in a.files), name
     with np.load(tmp_path / "sync" / "model.npz") as a:
         assert not np.array_equal(a["A"], trainer.model.A)   # the second epoch did change them
+
+
+def test_copies_reuse_the_buffers_that_match_and_only_those(rng):
+    """The background writer's copies go into the last write's arrays where key, shape and dtype match
+    (their pages are what make a copy cheap), into new arrays otherwise, and equal the arrays copied
+    without sharing memory with them."""
+    arrays = {"same": rng.standard_normal((5, 3)).astype(np.float32), "shape": np.arange(4.0),
+              "dtype": np.arange(3, dtype=np.int64), "new": np.array("text")}
+    buffers = {"same": np.zeros((5, 3), np.float32), "shape": np.zeros(5), "dtype": np.zeros(3)}
+    copies = copied_into(arrays, buffers)
+    assert copies["same"] is buffers["same"]
+    assert all(copies[k] is not buffers[k] for k in ("shape", "dtype"))
+    for k, v in arrays.items():
+        assert copies[k].dtype == v.dtype and np.array_equal(copies[k], v), k
+        assert not np.shares_memory(copies[k], v), k
+    assert np.array_equal(buffers["shape"], np.zeros(5))   # a buffer that does not fit is left alone
 
 
 def test_a_failed_background_write_is_raised_not_lost(tmp_path, rng):
