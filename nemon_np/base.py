@@ -42,6 +42,8 @@ def _read_arrays(path):
     a truncated archive, object arrays) is a one-line ``ValueError`` naming the file. A missing
     file stays a ``FileNotFoundError``."""
     not_model = f"{path}: not a nemon_np model file"
+    if hasattr(path, "seek"):   # an open binary file is read from its start, each time (the format, then the model)
+        path.seek(0)
     try:
         z = np.load(path, allow_pickle=False)
         if not hasattr(z, "files"):

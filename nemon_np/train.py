@@ -26,7 +26,8 @@ from .solvers import ADJOINT_METHODS, FORWARD_METHODS, TOL_MODES
 from .constraints import get_constraint
 from .stack import PRESETS
 from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, BackgroundCheckpoints, TrainConfig, Trainer,
-                       config_from_dict, plot_history, restore_training_state, write_metrics)
+                       TRAINING_STATE, config_from_dict, plot_history, restore_training_state, resume_point,
+                       write_metrics)
 
 HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
@@ -270,7 +271,13 @@ def main(argv=None):
     image_shape = data.train_images.shape[1:]
     image_shape = (1,) + image_shape if len(image_shape) == 2 else image_shape
     try:
-        model = None if args.resume is None else load_model(out / "model.npz")
+        model = None
+        if args.resume is not None:
+            model, saved_history = resume_point(out)
+            if saved_history is not None and len(saved_history) != len(history):
+                print(f"resuming from {out / TRAINING_STATE} (epoch {len(saved_history)}); metrics.json had "
+                      f"{len(history)} epochs: the run was stopped while it wrote an epoch's files", file=sys.stderr)
+            history = history if saved_history is None else saved_history
         trainer = Trainer(config, X.shape[1], data.n_classes, model=model, image_shape=image_shape)
         if args.resume is not None:
             restore_training_state(trainer, out, history)

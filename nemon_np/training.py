@@ -18,6 +18,7 @@ l_inf Lipschitz bound ||C|| ||B|| / (1 - max(mu_inf(A), 0)) when asked.
 """
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import pathlib
 import threading
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -51,7 +53,8 @@ from .solvers import ADJOINT_METHODS, FORWARD_METHODS, MONDEQ_METHODS, TOL_MODES
 from .warm_starts import WarmStarts
 
 __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "write_metrics", "plot_history",
-           "save_training_state", "restore_training_state", "training_state", "BackgroundCheckpoints"]
+           "save_training_state", "restore_training_state", "training_state", "resume_point", "copied_into",
+           "BackgroundCheckpoints"]
 
 MODELS = ("nemon", "mondeq", "conv", "stack")
 # The --constraint choices: the modes of the dense model (the conv model's are among them).
@@ -646,9 +649,14 @@ TRAINING_STATE = "training_state.npz"
 
 
 def save_training_state(trainer, out_dir):
-    """Write what a resumed run needs beside ``model.npz`` (atomically, as ``training_state.npz``):
-    Adam's step count and moments, the constraint mode's free parameters, the warm starts, the random
-    stream's state and the epochs done. The per-epoch history is in ``metrics.json``."""
+    """Write what a resumed run needs (atomically, as ``training_state.npz``): the model as ``model.npz``
+    holds it, the per-epoch history, Adam's step count and moments, the constraint mode's free
+    parameters, the warm starts, the random stream's state and the epochs done.
+
+    The model and the history are in the file too, although ``model.npz`` and ``metrics.json`` hold them,
+    so that the state alone, written in one atomic rename, is a consistent place to resume from: a run
+    killed between the writes of an epoch's files resumes from the last complete state, never from one
+    epoch's model with another epoch's optimizer."""
     _write_training_state(training_state(trainer), out_dir)
 
 
@@ -663,8 +671,11 @@ def training_state(trainer):
     """The arrays :func:`save_training_state` writes, keyed as in the file: the trainer's own arrays,
     which it updates in place (Adam's moments, the warm starts); :func:`copied_into` copies them."""
     opt = trainer.optimizer
+    model = io.BytesIO()
+    trainer.model.save(model)
     state = {"adam_t": np.array(opt.t), "epochs_done": np.array(len(trainer.history)),
-             "rng_state": np.array(json.dumps(trainer.rng.bit_generator.state))}
+             "rng_state": np.array(json.dumps(trainer.rng.bit_generator.state)),
+             "model_npz": np.frombuffer(model.getvalue(), np.uint8), "history": np.array(json.dumps(trainer.history))}
     state.update({"adam_m." + k: v for k, v in opt.m.items()})
     state.update({"adam_v." + k: v for k, v in opt.v.items()})
     if trainer.constraint is not None:
@@ -730,11 +741,29 @@ class BackgroundCheckpoints:
             raise error
 
 
+def resume_point(out_dir):
+    """(model, history) to resume the run in ``out_dir`` from: those its ``training_state.npz`` holds, or,
+    for a state file written before it held them, ``model.npz`` and None (the history is then
+    ``metrics.json``'s, which :func:`restore_training_state` checks against the state). A missing or
+    unreadable state file is a one-line ``ValueError``."""
+    path = pathlib.Path(out_dir) / TRAINING_STATE
+    if not path.is_file():
+        raise ValueError(f"resume: {path} not found (runs write it after every epoch)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "model_npz" not in z.files:
+                return load_model(pathlib.Path(out_dir) / "model.npz"), None
+            model, history = z["model_npz"].tobytes(), json.loads(str(z["history"]))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"resume: {path} is not a readable training state ({type(e).__name__})") from None
+    return load_model(io.BytesIO(model)), history
+
+
 def restore_training_state(trainer, out_dir, history):
-    """Put a trainer built on a run's saved model back where the run stopped: the history of its
-    complete epochs, Adam's state, the constraint's free parameters and the random stream. A state
-    file that does not match the history (a model saved after the state, or another run's files) is
-    a one-line ``ValueError``."""
+    """Put a trainer built on a run's saved model (:func:`resume_point`'s) back where the run stopped: the
+    history of its complete epochs (:func:`resume_point`'s, or ``metrics.json``'s for an older state
+    file), Adam's state, the constraint's free parameters and the random stream. A state file that does
+    not match the history (another run's files) is a one-line ``ValueError``."""
     path = pathlib.Path(out_dir) / TRAINING_STATE
     if not path.is_file():
         raise ValueError(f"resume: {path} not found (runs write it after every epoch)")

@@ -114,6 +114,47 @@ def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tm
         assert np.array_equal(resumed.params()[k], v), k
 
 
+@pytest.mark.parametrize("killed_in", ["_write_training_state", "write_metrics"])
+def test_a_run_killed_between_an_epochs_writes_resumes_to_the_run_that_went_through(
+        tmp_path, shared_data, monkeypatch, killed_in, capsys):
+    """Killed after the second epoch's model.npz was written but not its training state (or after the
+    state but not metrics.json), a certified dense run with warm starts resumes from its last complete
+    training state and ends with the model of the run that went through, bit for bit: never from one
+    epoch's model with another epoch's optimizer."""
+    import nemon_np.training as training
+
+    class Killed(BaseException):
+        pass
+
+    flags = ["--dataset", "mnist", "--data-dir", str(shared_data), "--hidden", "10", "--limit-train", "500",
+             "--epochs", "3", "--certified-eps", "0.1", "--eps-warmup", "0", "--eps-ramp", "1", "--certify-samples",
+             "20", "--no-progress"]
+    assert train.main(flags + ["--out", str(tmp_path / "through")]) == 0
+    real, calls = getattr(training, killed_in), []
+
+    def dies_at_the_second_epoch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*args)
+
+    monkeypatch.setattr(training, killed_in, dies_at_the_second_epoch)
+    with pytest.raises(Killed):
+        train.main(flags + ["--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(training, killed_in, real)
+    import json
+    assert len(json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]) == 1
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "stopped"), "--data-dir", str(shared_data), "--no-progress"]) == 0
+    assert ("stopped while it wrote" in capsys.readouterr().err) == (killed_in == "write_metrics")
+    through, resumed = load_model(tmp_path / "through" / "model.npz"), load_model(tmp_path / "stopped" / "model.npz")
+    for k, v in through.params().items():
+        assert np.array_equal(resumed.params()[k], v), k
+    history = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]
+    assert [r["train_loss"] for r in history] == [
+        r["train_loss"] for r in json.loads((tmp_path / "through" / "metrics.json").read_text())["epochs"]]
+
+
 def test_resume_with_a_training_flag_names_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path), "--epochs", "5"])

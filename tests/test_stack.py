@@ -1,6 +1,8 @@
 """Stacked classifiers (nemon_np.stack, nemon_np.layers): every layer kind's box and relaxation
 against sampled inputs and corners, gradients against finite differences, the stack form of a NEMON
 against the NEMON, files, and resumed training against a run that went through."""
+import json
+
 import numpy as np
 import pytest
 
@@ -12,8 +14,8 @@ from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpos
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
-from nemon_np.training import (BackgroundCheckpoints, TrainConfig, Trainer, copied_into, restore_training_state,
-                               save_checkpoint, save_training_state)
+from nemon_np.training import (TRAINING_STATE, BackgroundCheckpoints, TrainConfig, Trainer, copied_into,
+                               restore_training_state, resume_point, save_checkpoint, save_training_state)
 
 from conftest import EXACT, box_samples, finite_difference, random_model
 
@@ -406,6 +408,33 @@ def test_the_background_writer_writes_the_epoch_it_was_given(tmp_path, rng, monk
             assert all(np.array_equal(a[k], b[k]) for k in a.files), name
     with np.load(tmp_path / "sync" / "model.npz") as a:
         assert not np.array_equal(a["A"], trainer.model.A)   # the second epoch did change them
+
+
+def test_the_resume_point_is_the_training_states_own_model_and_history(tmp_path, rng):
+    """resume_point reads the model and the history from the training state (a model.npz written later
+    is not used); from a state file written before it held them, model.npz and no history; an
+    unreadable state is a one-line ValueError."""
+    X, y = _tiny_data(rng)
+    cfg = TrainConfig(arch="conv3k3s2p1,relu,nemon6", epochs=1, batch_size=20, certified_eps=0.1, eps_warmup=0,
+                      eps_ramp=1)
+    trainer = Trainer(cfg, 16, 4, image_shape=(1, 4, 4))
+    trainer.fit(X, y, progress=False)
+    save_training_state(trainer, tmp_path)
+    later = Trainer(cfg, 16, 4, image_shape=(1, 4, 4))
+    later.model.layers[0].W = later.model.layers[0].W + 1
+    save_checkpoint(later.model, tmp_path)
+    model, history = resume_point(tmp_path)
+    for k, v in trainer.model.params().items():
+        assert np.array_equal(model.params()[k], v), k
+    assert history == json.loads(json.dumps(trainer.history))
+    with np.load(tmp_path / TRAINING_STATE) as z:
+        older = {k: z[k] for k in z.files if k not in ("model_npz", "history")}
+    np.savez(tmp_path / TRAINING_STATE, **older)
+    model, history = resume_point(tmp_path)
+    assert history is None and np.array_equal(model.layers[0].W, later.model.layers[0].W)
+    (tmp_path / TRAINING_STATE).write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable training state"):
+        resume_point(tmp_path)
 
 
 def test_copies_reuse_the_buffers_that_match_and_only_those(rng):
