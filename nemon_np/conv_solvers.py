@@ -20,14 +20,91 @@ from .conv import (_check_padding, conv_taps, correlate_circular_fft, correlate_
                    fill_circular_border, kernel_spectrum, pad_channel_last)
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
-__all__ = ["conv_fixed_point", "CONV_PRODUCTS"]
+__all__ = ["conv_fixed_point", "CONV_PRODUCTS", "ConvProduct", "DirectProduct", "FFTProduct", "get_conv_product"]
 
-CONV_PRODUCTS = ("auto", "direct", "fft")
+# The ways of taking K * x, one class each under its name; "auto" chooses among them (get_conv_product).
+CONV_PRODUCTS = {}
 
 # The smallest kernel for which "auto" takes the FFT: at k = 5 it cost 2.3x less CPU than the taps
 # on MNIST-size batches of 32 channels; at k = 3 the two were within the noise of a shared machine
 # (docs/benchmarks.md), and the taps need no transform.
 FFT_MIN_KERNEL = 5
+
+
+def _register_product(cls):
+    CONV_PRODUCTS[cls.name] = cls
+    return cls
+
+
+class ConvProduct:
+    """One way of taking the linear map of a conv solver's step: built once a solve from the kernel
+    (``K``, (C, C, k, k); with ``K_diff`` the embedded network's map on 2C channels, as
+    :func:`nemon_np.conv.correlate_embedded_padded` takes it), then called as ``product(Xp, out)``:
+    out[:, :H, :W] = K * x for the padded channel-last states Xp (m, H + 2p, W + 2p, C'), x their
+    interior. :meth:`fits` says whether the way applies to a padding, kernel size and map."""
+    name = None
+
+    @staticmethod
+    def fits(padding, k, embedded):
+        return True
+
+    def __call__(self, Xp, out):
+        raise NotImplementedError
+
+
+@_register_product
+class DirectProduct(ConvProduct):
+    """The k^2 tap products of :func:`nemon_np.conv.correlate_padded` (BLAS, one per tap): any padding,
+    the embedded map too."""
+    name = "direct"
+
+    def __init__(self, K, K_diff, H, W, dtype, n_jobs):
+        self.taps = conv_taps(np.asarray(K, dtype))
+        self.taps_diff = None if K_diff is None else conv_taps(np.asarray(K_diff, dtype))
+        self.n_jobs = n_jobs
+
+    def __call__(self, Xp, out):
+        if self.taps_diff is None:
+            return correlate_padded(self.taps, Xp, out=out, n_jobs=self.n_jobs)
+        return correlate_embedded_padded(self.taps, self.taps_diff, Xp, out=out, n_jobs=self.n_jobs)
+
+
+@_register_product
+class FFTProduct(ConvProduct):
+    """The product in the 2-D Fourier basis, where a circular convolution is diagonal
+    (:func:`nemon_np.conv.correlate_circular_fft`): about H W C^2 / 2 complex multiply-adds against the
+    taps' k^2 H W C^2. Circular padding and the plain map only; reads the padded states' interior."""
+    name = "fft"
+
+    @staticmethod
+    def fits(padding, k, embedded):
+        return padding == "circular" and not embedded
+
+    def __init__(self, K, K_diff, H, W, dtype, n_jobs):
+        self.spectrum = kernel_spectrum(np.asarray(K, dtype), H, W)
+        self.p, self.H, self.W, self.n_jobs = np.shape(K)[2] // 2, H, W, n_jobs
+
+    def __call__(self, Xp, out):   # the interior in, the interior out: the padded border is not read
+        p, H, W = self.p, self.H, self.W
+        return correlate_circular_fft(self.spectrum, Xp[:, p:p + H, p:p + W], n_jobs=self.n_jobs,
+                                      out=None if out is None else out[:, :H, :W])
+
+
+def get_conv_product(name, padding, k, embedded):
+    """The :class:`ConvProduct` class registered as ``name``, or for "auto" the FFT where it fits and
+    k >= :data:`FFT_MIN_KERNEL`, else the taps; an unknown name or one that does not fit is a
+    one-line ``ValueError``."""
+    if name == "auto":
+        fft = CONV_PRODUCTS["fft"]
+        return fft if fft.fits(padding, k, embedded) and k >= FFT_MIN_KERNEL else CONV_PRODUCTS["direct"]
+    if name not in CONV_PRODUCTS:
+        raise ValueError(f"product must be one of auto, {', '.join(CONV_PRODUCTS)}, got {name!r}")
+    cls = CONV_PRODUCTS[name]
+    if not cls.fits(padding, k, embedded):
+        raise ValueError(f"product {name!r} does not apply to {padding} padding"
+                         f"{' and the embedded network' if embedded else ''} (k = {k})")
+    return cls
+
 
 # Converged samples leave the working set once they are this fraction of it: compaction copies
 # every working array, so it is batched rather than done at every step.
@@ -87,18 +164,6 @@ def _average_step(Y, Q, X, S, Xp, P, done, iterations, residual, k, alpha, tol, 
     return finished
 
 
-def _conv_product(product, padding, k, embedded):
-    """The product :func:`conv_fixed_point` takes: ``product`` checked, "auto" resolved."""
-    if product not in CONV_PRODUCTS:
-        raise ValueError(f"product must be one of {', '.join(CONV_PRODUCTS)}, got {product!r}")
-    fits = padding == "circular" and not embedded
-    if product == "fft" and not fits:
-        raise ValueError("product 'fft' needs circular padding and a plain (not embedded) kernel")
-    if product == "auto":
-        return "fft" if fits and k >= FFT_MIN_KERNEL else "direct"
-    return product
-
-
 def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, l1=False, S=None, X0=None,
                      K_diff=None, relative=False, method="average", rho=None, n_jobs=1, product="auto"):
     """Solve x = phi(K * (x s) + q) by the average iteration, for a batch of channel-last images.
@@ -121,10 +186,10 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         1 - alpha (1 - max(mu_inf(K), 0))
     n_jobs : threads sharing each convolution's rows and each step's samples
         (:mod:`nemon_np._threads`); the iterates the same up to rounding
-    product : how K * x is taken, a name of :data:`CONV_PRODUCTS`: "direct" (the k^2 tap products of
-        :func:`nemon_np.conv.correlate_padded`), "fft" (:func:`nemon_np.conv.correlate_circular_fft`;
-        circular padding, not the embedded map) or "auto": "fft" where it applies and k >=
-        :data:`FFT_MIN_KERNEL`, else "direct". Both give the same iterates up to rounding.
+    product : how K * x is taken, a name of :data:`CONV_PRODUCTS` (:class:`DirectProduct`, the k^2 tap
+        products; :class:`FFTProduct`, circular padding and not the embedded map) or "auto": "fft" where
+        it applies and k >= :data:`FFT_MIN_KERNEL`, else "direct" (:func:`get_conv_product`). All give
+        the same iterates up to rounding.
 
     Returns
     -------
@@ -144,24 +209,13 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
     m, H, W, C = Q.shape
     dtype = Q.dtype
     n_jobs = check_n_jobs(n_jobs)
-    taps = conv_taps(np.asarray(K, dtype))
-    p = taps.shape[0] // 2
+    ksize = np.shape(K)[2]
+    p = ksize // 2
     # Checked here because the zero start builds its padded state without pad_channel_last.
-    _check_padding(padding, taps.shape[0], H, W)
-    product = _conv_product(product, padding, taps.shape[0], K_diff is not None)
-    if product == "fft":
-        spectrum = kernel_spectrum(np.asarray(K, dtype), H, W)
-
-        def apply(Xp, out):   # the interior in, the interior out: the padded border is not read
-            return correlate_circular_fft(spectrum, Xp[:, p:p + H, p:p + W], n_jobs=n_jobs,
-                                          out=None if out is None else out[:, :H, :W])
-    elif K_diff is None:
-        apply = lambda Xp, out: correlate_padded(taps, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
-    else:
-        taps_diff = conv_taps(np.asarray(K_diff, dtype))
-        apply = lambda Xp, out: correlate_embedded_padded(taps, taps_diff, Xp, out=out, n_jobs=n_jobs)  # noqa: E731
+    _check_padding(padding, ksize, H, W)
+    apply = get_conv_product(product, padding, ksize, K_diff is not None)(K, K_diff, H, W, dtype, n_jobs)
     if method == "anderson":
-        return _anderson(apply, taps.shape[0], Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho)
+        return _anderson(apply, ksize, Q, alpha, tol, max_iter, padding, relu, l1, S, X0, relative, rho)
     if method != "average":
         raise ValueError(f"method must be 'average' or 'anderson', got {method!r}")
     masked = S is not None
@@ -173,7 +227,7 @@ def conv_fixed_point(K, Q, alpha, tol, max_iter, padding="circular", relu=True, 
         Xp = np.zeros((m, H + 2 * p, W + 2 * p, C), dtype)
     else:
         X = np.array(X0, dtype=dtype)
-        Xp = pad_channel_last(X * S if masked else X, taps.shape[0], padding)
+        Xp = pad_channel_last(X * S if masked else X, ksize, padding)
     # The first working arrays are the outputs: a sample that finishes there stays where it is, and
     # compaction copies only the samples still working (at gamma 0.5 most finish at one step).
     X_out, P_out = X, np.empty_like(Q)

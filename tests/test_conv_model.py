@@ -125,8 +125,33 @@ def test_auto_product_takes_the_fft_for_circular_5x5_and_the_taps_otherwise(rng,
         assert calls[expected] > 0 and calls[{"fft": "direct", "direct": "fft"}[expected]] == 0
     with pytest.raises(ValueError, match="product must be one of auto, direct, fft, got 'fast'"):
         conv_fixed_point(K, Q, 1.0, 1e-8, 100, product="fast")
-    with pytest.raises(ValueError, match="product 'fft' needs circular padding"):
+    with pytest.raises(ValueError, match="product 'fft' does not apply to zero padding"):
         conv_fixed_point(K, Q, 1.0, 1e-8, 100, "zero", product="fft")
+
+
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_every_registered_product_that_fits_is_the_convolution(rng, padding):
+    """Each class of the products' registry, where it fits, writes K * x for the padded states' interior,
+    as the dense matrix of the convolution gives it (direct conv_matrix product); one that does not fit
+    is refused by name."""
+    from nemon_np.conv import pad_channel_last
+    from nemon_np.conv_solvers import CONV_PRODUCTS, get_conv_product
+    C, H, W, k = 3, 7, 6, 5
+    K = rng.normal(size=(C, C, k, k))
+    X = rng.normal(size=(4, H, W, C))
+    Xp = pad_channel_last(X, k, padding)
+    M = conv_matrix(K, H, W, padding)
+    expected = (X.transpose(0, 3, 1, 2).reshape(4, -1) @ M.T).reshape(4, C, H, W).transpose(0, 2, 3, 1)
+    assert set(CONV_PRODUCTS) == {"direct", "fft"}
+    for name, cls in CONV_PRODUCTS.items():
+        if not cls.fits(padding, k, False):
+            with pytest.raises(ValueError, match=f"product {name!r} does not apply"):
+                get_conv_product(name, padding, k, False)
+            continue
+        assert get_conv_product(name, padding, k, False) is cls
+        out = np.zeros(Xp.shape[:3] + (C,))
+        cls(K, None, H, W, np.float64, 1)(np.ascontiguousarray(Xp), out)
+        np.testing.assert_allclose(out[:, :H, :W], expected, atol=1e-12)
 
 
 def test_conv_model_predicts_alike_by_either_product(rng, monkeypatch):
