@@ -57,6 +57,13 @@ __all__ = ["TrainConfig", "CONSTRAINTS", "Trainer", "build_model", "evaluate", "
            "BackgroundCheckpoints"]
 
 MODELS = ("nemon", "mondeq", "conv", "stack")
+
+# Measured on nemon-medium with --weight-init ibp and no batch normalization: the four convolutions
+# shrink the injection to 7e-5, under the absolute tolerance, and the run stayed at chance.
+DEAD_IMPLICIT_LAYER = ("every forward solve of the implicit layer stopped at its zero start this epoch: its input is "
+                       "below the tolerance ({tol:g}) for every sample, so it outputs zeros and passes no gradient to "
+                       "the layers before it (deep stacks with --weight-init ibp and no batch normalization do this; "
+                       "try --weight-init default, bn layers, or a smaller --tol)")
 # The --constraint choices: the modes of the dense model (the conv model's are among them).
 CONSTRAINTS = constraint_names("nemon")
 # Model kinds whose constraint is fixed by the model itself (``constraint`` does not apply).
@@ -581,6 +588,8 @@ class Trainer:
                                     **({"eps": f"{eps:.3g}"} if cfg.certified_eps > 0 else {}))
             train_seconds = time.perf_counter() - t0
             fwd, bwd = np.concatenate(fwd), np.concatenate(bwd)
+            if fwd.max() == 0 and self.warm_starts is None and getattr(self.model, "implicit_index", 0) is not None:
+                warnings.warn(DEAD_IMPLICIT_LAYER.format(tol=cfg.tol), RuntimeWarning, stacklevel=2)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / len(X),
                    "train_acc": total_correct / len(X)}
             if cfg.certified_eps > 0:

@@ -437,6 +437,27 @@ def test_the_resume_point_is_the_training_states_own_model_and_history(tmp_path,
         resume_point(tmp_path)
 
 
+def test_an_implicit_layer_whose_input_is_below_the_tolerance_is_reported(rng):
+    """A stack whose implicit layer gets injections below the solver's tolerance outputs its zero start
+    for every sample and learns nothing through it: training says so once an epoch, naming the cause;
+    a live one, and an explicit stack (no solves at all), train without the warning."""
+    import warnings
+    X, y = _tiny_data(rng)
+    for arch, scale, dead in (("dense8,relu,nemon6", 1e-9, True), ("dense8,relu,nemon6", 1.0, False),
+                              ("dense8,relu,dense6,relu", 1e-9, False)):
+        trainer = Trainer(TrainConfig(arch=arch, epochs=1, batch_size=20, tol=1e-4), 16, 4)
+        # Tiny first and last weights: the injection and the adjoint's right-hand side both under tol.
+        for layer in trainer.model.layers[0], trainer.model.layers[-1]:
+            layer.W *= scale
+        for layer in trainer.model.layers[0], trainer.model.layers[2]:
+            layer.b[...] = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(X, y, progress=False)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert any("stopped at its zero start" in m for m in messages) == dead, (arch, scale, messages)
+
+
 def test_copies_reuse_the_buffers_that_match_and_only_those(rng):
     """The background writer's copies go into the last write's arrays where key, shape and dtype match
     (their pages are what make a copy cheap), into new arrays otherwise, and equal the arrays copied
