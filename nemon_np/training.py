@@ -64,6 +64,7 @@ DEAD_IMPLICIT_LAYER = ("every forward solve of the implicit layer stopped at its
                        "below the tolerance ({tol:g}) for every sample, so it outputs zeros and passes no gradient to "
                        "the layers before it (deep stacks with --weight-init ibp and no batch normalization do this; "
                        "try --weight-init default, bn layers, or a smaller --tol)")
+
 # The --constraint choices: the modes of the dense model (the conv model's are among them).
 CONSTRAINTS = constraint_names("nemon")
 # Model kinds whose constraint is fixed by the model itself (``constraint`` does not apply).
