@@ -1,8 +1,16 @@
-"""The dense certified recipe as a user gets it (issue #27): ``python -m nemon_np.train --dataset mnist
---certified-eps 0.1`` with nothing else, timed as a whole process, then certified on the saved model.
+"""Certified recipes at MNIST eps 0.1 as a user runs them (issue #27), timed as whole processes, then
+certified on the saved models.
 
-Run:  python benchmarks/certified_default.py --data-dir DIR [--seeds 0 1] [--old CHECKOUT] [--out runs/cert_default]
-          [--samples 1000] [-- extra nemon_np.train flags]
+Run:  python benchmarks/certified_default.py --data-dir DIR [--recipe default | stack-12] [--seeds 0 1]
+          [--old CHECKOUT] [--out runs/cert_default] [--samples 1000] [-- extra nemon_np.train flags]
+
+The recipes (:data:`RECIPES`), each with the targets the issue sets for it:
+
+* ``default``: ``python -m nemon_np.train --dataset mnist --certified-eps 0.1`` with nothing else (the dense
+  model); targets certified >= 85%, clean >= 95%, whole run <= 300 s.
+* ``stack-12``: the stack ``ibp-small-nemon`` over 12 epochs, the fastest recipe measured to certify what the
+  conv NEMON recipe does (93.05% over 2 seeds, 2,879 s with ``--threads 2`` on the idle machine); targets
+  certified >= 93.05% and whole run <= 960 s (3x faster).
 
 For each seed it runs the command in a process of its own (one thread: OMP, OpenBLAS, numba) and takes
 its wall time and its CPU time (user + system, which a machine shared with other jobs inflates less) over
@@ -10,8 +18,8 @@ the whole run (data loading, training, the per-epoch test evaluation and certifi
 ``--old CHECKOUT`` (another checkout of nemon_np) the same command runs on that code too, each seed old
 then new, so that both are timed in one run, and the new / old ratios are printed. Each saved model then goes through
 ``python -m nemon_np.robustness`` at eps 0.1 (crown and interval certificates, PGD, FGSM, noise; it fails
-if a certified image is broken). Prints seconds, clean accuracy, certified accuracies and PGD's, and the
-targets: certified >= 85%, clean >= 95%, whole run <= 300 s.
+if a certified image is broken). Prints seconds, clean accuracy, certified accuracies and PGD's, and
+whether the recipe's targets are met.
 """
 import argparse
 import json
@@ -23,6 +31,15 @@ import sys
 import time
 
 from nemon_np._threads import ONE_THREAD_ENV
+
+
+# name: (the flags after --dataset mnist --certified-eps 0.1, certified %, clean % or None, whole run seconds)
+RECIPES = {
+    "default": ([], 85.0, 95.0, 300.0),
+    "stack-12": (["--model", "stack", "--arch", "ibp-small-nemon", "--weight-init", "ibp", "--epochs", "12", "--lr",
+                  "0.001", "--gamma", "0.5", "--min-diagonal", "0", "--tol", "0.0001", "--eps-warmup", "1",
+                  "--eps-ramp", "6", "--train-eps-factor", "1.2", "--certify-samples", "200"], 93.05, None, 960.0),
+}
 
 
 def _children_cpu():
@@ -60,6 +77,7 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="the recipe and its targets")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--old", default=None, help="another checkout of nemon_np, timed on the same command first")
     p.add_argument("--out", default="runs/cert_default")
@@ -69,7 +87,7 @@ def main(argv=None):
     for seed in args.seeds:
         for label, code in ([("old", args.old)] if args.old else []) + [("new", None)]:
             run = pathlib.Path(args.out) / f"{label}_s{seed}"
-            seconds, cpu = train(code, seed, run, args.data_dir, extra)
+            seconds, cpu = train(code, seed, run, args.data_dir, RECIPES[args.recipe][0] + extra)
             report = evaluate(run, args.data_dir, args.samples)
             row = {"code": label, "seed": seed, "seconds": seconds, "cpu_seconds": cpu, "report": report}
             rows.append(row)
@@ -77,10 +95,12 @@ def main(argv=None):
                   flush=True)
     for r in rows:
         s = _summary(r["report"])
-        met = s["certified-crown"] >= 85 and s["clean"] >= 95 and r["seconds"] <= 300
+        certified, clean, limit = RECIPES[args.recipe][1:]
+        met = s["certified-crown"] >= certified and (clean is None or s["clean"] >= clean) and r["seconds"] <= limit
+        targets = f">= {certified:g}%" + ("" if clean is None else f", clean >= {clean:g}%") + f", <= {limit:g} s"
         print(f"{r['code']} seed {r['seed']}: {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s), clean "
               f"{s['clean']:.2f}%, certified crown {s['certified-crown']:.2f}% (interval "
-              f"{s['certified-interval']:.2f}%), PGD {s['pgd']:.2f}%: targets (>= 85%, >= 95%, <= 300 s) "
+              f"{s['certified-interval']:.2f}%), PGD {s['pgd']:.2f}%: targets ({targets}) "
               f"{'met' if met else 'NOT met'}")
     if args.old:
         for seed in args.seeds:
