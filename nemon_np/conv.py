@@ -27,8 +27,8 @@ from .projection import (_project_rows, _round_inside, diagonal_floor, parametri
 __all__ = ["PADDINGS", "average_pool", "average_pool_transpose", "conv_apply", "conv_transpose", "conv_weight_grad",
            "conv_matrix", "mu_inf_conv",
            "project_conv_mu_inf", "conv_apply_channel_last", "pad_channel_last", "conv_taps", "correlate_padded",
-           "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "parametrize_conv_mu_inf",
-           "parametrize_conv_mu_inf_grad",
+           "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "weight_grad_circular_fft",
+           "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
            "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures", "kernel_spectrum",
            "correlate_circular_fft"]
 
@@ -270,6 +270,29 @@ def weight_grad_channel_last(delta, X, k, padding, n_jobs=1):
         return G
 
     return sum(map_ranges(rows_between, span, n_jobs))
+
+
+def weight_grad_circular_fft(delta, X, k, n_jobs=1):
+    """:func:`weight_grad_channel_last` for circular padding, by FFT: the gradient is the circular
+    cross-correlation of the batch X with delta, read at the kernel's k^2 shifts,
+
+        G[o, i, a, e] = sum_{m, y, x} delta[m, y, x, o] X[m, (y + a - p) mod H, (x + e - p) mod W, i]
+                      = c[(a - p) mod H, (e - p) mod W, o, i],  c = irfft2( sum_m conj(D_m)^T X_m ),
+
+    D_m, X_m the real 2-D transforms of image m (channels as columns). One (C_out, m) @ (m, C_in) complex
+    product per frequency: about H W m C_in C_out / 2 complex multiply-adds against the taps'
+    k^2 H W m C_in C_out. Equal to it up to rounding (the transforms'); ``n_jobs`` threads share them."""
+    m, H, W, C_out = delta.shape
+    p = k // 2
+    D_hat = scipy.fft.rfft2(delta, axes=(1, 2), workers=n_jobs)
+    X_hat = scipy.fft.rfft2(X, axes=(1, 2), workers=n_jobs)
+    # Frequencies outermost, the batch summed by the product: (H, F, C_out, m) @ (H, F, m, C_in).
+    S = np.matmul(np.ascontiguousarray(np.conj(D_hat).transpose(1, 2, 3, 0)),
+                  np.ascontiguousarray(X_hat.transpose(1, 2, 0, 3)))
+    c = scipy.fft.irfft2(S, s=(H, W), axes=(0, 1), workers=n_jobs, overwrite_x=True)
+    shifts_y, shifts_x = (np.arange(k) - p) % H, (np.arange(k) - p) % W
+    G = c[shifts_y[:, None], shifts_x[None, :]]   # (k, k, C_out, C_in)
+    return np.ascontiguousarray(G.transpose(2, 3, 0, 1), dtype=np.result_type(delta, X))
 
 
 def conv_weight_grad(delta, X, k, padding="circular"):

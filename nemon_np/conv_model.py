@@ -22,7 +22,7 @@ from ._threads import check_n_jobs
 from ._validation import all_finite, as_float_dtype, check_gamma, check_readout_hidden
 from .conv import (PADDINGS, average_pool, average_pool_transpose, conv_apply_channel_last, mu_inf_conv,
                    project_conv_mu_inf, transpose_kernel, weight_grad_channel_last)
-from .conv_solvers import conv_fixed_point
+from .conv_solvers import conv_fixed_point, get_conv_product
 from .interval import sum_and_difference
 from .base import ImplicitClassifier, check_labels, read_model_file, write_model_file
 from .losses import softmax_cross_entropy
@@ -90,7 +90,12 @@ class ConvImplicitMap:
     def _inject_grad(self, delta, U):
         return weight_grad_channel_last(delta, U, self.kernel, self.padding, n_jobs=self.n_jobs)
 
-    _apply_implicit, _implicit_grad = _inject, _inject_grad
+    _apply_implicit = _inject
+
+    def _implicit_grad(self, delta, X):
+        # The product's own weight gradient: by FFT where the solver takes the FFT (circular, k >= 5).
+        product = get_conv_product(self.conv_product, self.padding, self.kernel, False)
+        return product.weight_grad(delta, X, self.kernel, self.padding, self.n_jobs)
 
     @staticmethod
     def _transposed(K):
@@ -331,7 +336,7 @@ class ConvNEMON(ConvImplicitMap, ImplicitClassifier):
         (m, H, W, C) starts the forward solve (default zeros), as in :meth:`nemon_np.NEMON.loss_and_grad`."""
         Ucl, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
                                                                   adjoint_tol, on_violation, tol_mode=tol_mode, X0=X0)
-        grads = {"K": self._inject_grad(delta, X), "B": self._inject_grad(delta, Ucl),
+        grads = {"K": self._implicit_grad(delta, X), "B": self._inject_grad(delta, Ucl),
                  "b": delta.sum(axis=(0, 1, 2)), **readout_grads}
         if with_input:
             grads["U"] = self._input_gradient(U, delta)

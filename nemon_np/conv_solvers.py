@@ -17,7 +17,8 @@ from numba import njit
 
 from ._threads import check_n_jobs, map_ranges
 from .conv import (_check_padding, conv_taps, correlate_circular_fft, correlate_embedded_padded, correlate_padded,
-                   fill_circular_border, kernel_spectrum, pad_channel_last)
+                   fill_circular_border, kernel_spectrum, pad_channel_last, weight_grad_channel_last,
+                   weight_grad_circular_fft)
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
 __all__ = ["conv_fixed_point", "CONV_PRODUCTS", "ConvProduct", "DirectProduct", "FFTProduct", "get_conv_product"]
@@ -51,6 +52,12 @@ class ConvProduct:
     def __call__(self, Xp, out):
         raise NotImplementedError
 
+    @staticmethod
+    def weight_grad(delta, X, k, padding, n_jobs):
+        """d/dK of sum(delta * K x) for channel-last delta (m, H, W, C_out) and X (m, H, W, C_in) of a plain
+        map: (C_out, C_in, k, k), summed over the batch."""
+        raise NotImplementedError
+
 
 @_register_product
 class DirectProduct(ConvProduct):
@@ -68,12 +75,18 @@ class DirectProduct(ConvProduct):
             return correlate_padded(self.taps, Xp, out=out, n_jobs=self.n_jobs)
         return correlate_embedded_padded(self.taps, self.taps_diff, Xp, out=out, n_jobs=self.n_jobs)
 
+    @staticmethod
+    def weight_grad(delta, X, k, padding, n_jobs):
+        return weight_grad_channel_last(delta, X, k, padding, n_jobs=n_jobs)
+
 
 @_register_product
 class FFTProduct(ConvProduct):
     """The product in the 2-D Fourier basis, where a circular convolution is diagonal
     (:func:`nemon_np.conv.correlate_circular_fft`): about H W C^2 / 2 complex multiply-adds against the
-    taps' k^2 H W C^2. Circular padding and the plain map only; reads the padded states' interior."""
+    taps' k^2 H W C^2. Circular padding and the plain map only; reads the padded states' interior.
+    Its weight gradient is the batch's circular cross-correlation, by FFT too
+    (:func:`nemon_np.conv.weight_grad_circular_fft`)."""
     name = "fft"
 
     @staticmethod
@@ -88,6 +101,10 @@ class FFTProduct(ConvProduct):
         p, H, W = self.p, self.H, self.W
         return correlate_circular_fft(self.spectrum, Xp[:, p:p + H, p:p + W], n_jobs=self.n_jobs,
                                       out=None if out is None else out[:, :H, :W])
+
+    @staticmethod
+    def weight_grad(delta, X, k, padding, n_jobs):
+        return weight_grad_circular_fft(delta, X, k, n_jobs=n_jobs)
 
 
 def get_conv_product(name, padding, k, embedded):

@@ -152,6 +152,44 @@ def test_every_registered_product_that_fits_is_the_convolution(rng, padding):
         out = np.zeros(Xp.shape[:3] + (C,))
         cls(K, None, H, W, np.float64, 1)(np.ascontiguousarray(Xp), out)
         np.testing.assert_allclose(out[:, :H, :W], expected, atol=1e-12)
+        # Its weight gradient, d/dK of sum(delta * K x), entry by entry from the matrices of the unit kernels.
+        delta = rng.normal(size=expected.shape)
+        G = cls.weight_grad(delta, X, k, padding, 1)
+        flat_x, flat_d = X.transpose(0, 3, 1, 2).reshape(4, -1), delta.transpose(0, 3, 1, 2).reshape(4, -1)
+        for idx in np.ndindex(K.shape):
+            E = np.zeros(K.shape)
+            E[idx] = 1
+            assert abs(G[idx] - np.sum(flat_d * (flat_x @ conv_matrix(E, H, W, padding).T))) < 1e-10, (name, idx)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("m, H, W, C_out, C_in, k", [(3, 7, 6, 4, 2, 5), (2, 5, 5, 3, 3, 5), (4, 9, 8, 2, 5, 3),
+                                                     (2, 4, 4, 2, 2, 3)])
+def test_fft_weight_gradient_matches_the_taps(rng, dtype, m, H, W, C_out, C_in, k):
+    """The weight gradient by FFT equals the taps' (circular padding) to float rounding of the largest entry,
+    in the inputs' dtype."""
+    from nemon_np.conv import weight_grad_channel_last, weight_grad_circular_fft
+    delta, X = rng.normal(size=(m, H, W, C_out)).astype(dtype), rng.normal(size=(m, H, W, C_in)).astype(dtype)
+    taps, fft = weight_grad_channel_last(delta, X, k, "circular"), weight_grad_circular_fft(delta, X, k)
+    assert fft.dtype == dtype and fft.shape == (C_out, C_in, k, k)
+    assert np.abs(fft - taps).max() <= (1e-13 if dtype == np.float64 else 2e-6) * np.abs(taps).max()
+
+
+def test_conv_model_gradient_alike_by_either_product(rng, monkeypatch):
+    """A 5 x 5 conv model's loss gradient (K by the product's own weight gradient, in the clean and the
+    certified loss) is the same, to float rounding, whether the solver takes the taps or the FFT."""
+    model = ConvNEMON(1, (6, 6), channels=3, kernel=5, n_out=10, pool=1, gamma=0.5, seed=0, dtype=np.float64)
+    U = rng.uniform(0, 1, size=(5, 36))
+    y = rng.integers(0, 10, 5)
+    grads = {}
+    for product in ("direct", "fft"):
+        monkeypatch.setattr(model, "conv_product", product)
+        clean = model.loss_and_grad(U, y, tol=1e-12)[1]
+        robust = model.certified_loss_and_grad(U, y, U - 0.05, U + 0.05, 0.5, tol=1e-12)[1]
+        grads[product] = (clean, robust)
+    for a, b in zip(grads["direct"], grads["fft"]):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-8, atol=1e-10 * np.abs(a[key]).max(), err_msg=key)
 
 
 def test_conv_model_predicts_alike_by_either_product(rng, monkeypatch):
