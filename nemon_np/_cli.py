@@ -56,7 +56,8 @@ def load_run(parser, run_dir, data_dir, threads=1):
         if isinstance(model, ConvNEMON):
             model.n_jobs = threads
         elif threads > 1:
-            parser.error(f"--threads {threads} applies to conv models only; {model_path} holds a dense model")
+            parser.error(f"--threads {threads} applies to conv models only; {model_path} holds a "
+                         f"{type(model).__name__}")
         return model, load_dataset(name, data_dir), model_path
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
