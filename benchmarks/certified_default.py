@@ -31,6 +31,7 @@ import sys
 import time
 
 from nemon_np._threads import ONE_THREAD_ENV
+from vs_paper import split_train_flags
 
 
 # name: (the flags after --dataset mnist --certified-eps 0.1, certified %, clean % or None, whole run seconds)
@@ -72,9 +73,7 @@ def evaluate(run, data_dir, samples):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_train_flags(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="the recipe and its targets")

@@ -16,7 +16,6 @@ warns when no certificate holds, and the fraction of converged solves is recorde
 The loss is the mean softmax cross-entropy, plus ``lipschitz_reg`` times the
 l_inf Lipschitz bound ||C|| ||B|| / (1 - max(mu_inf(A), 0)) when asked.
 """
-import copy
 import csv
 import io
 import json
@@ -589,7 +588,7 @@ class Trainer:
                                     **({"eps": f"{eps:.3g}"} if cfg.certified_eps > 0 else {}))
             train_seconds = time.perf_counter() - t0
             fwd, bwd = np.concatenate(fwd), np.concatenate(bwd)
-            if fwd.max() == 0 and self.warm_starts is None and getattr(self.model, "implicit_index", 0) is not None:
+            if fwd.max() == 0 and self.warm_starts is None and self._constrained is not None:
                 warnings.warn(DEAD_IMPLICIT_LAYER.format(tol=cfg.tol), RuntimeWarning, stacklevel=2)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / len(X),
                    "train_acc": total_correct / len(X)}
@@ -641,9 +640,10 @@ def write_metrics(out_dir, config, history, extra=None):
         os.replace(tmp, out_dir / "metrics.csv")
 
 
-def _atomic_write(path, text):
+def _atomic_write(path, data):
+    """``path`` holds the text or bytes ``data``, replaced in one rename: never half written."""
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -729,14 +729,14 @@ class BackgroundCheckpoints:
     def write(self, trainer, config, extra=None):
         self.wait()
         self._state = copied_into(training_state(trainer), self._state)
-        files = (copy.deepcopy(trainer.model), self._state, list(trainer.history))
-        self._thread = threading.Thread(target=self._write, args=(files, config, extra), daemon=False)
+        self._thread = threading.Thread(target=self._write, args=(self._state, list(trainer.history), config, extra),
+                                        daemon=False)
         self._thread.start()
 
-    def _write(self, files, config, extra):
-        model, state, history = files
+    def _write(self, state, history, config, extra):
         try:
-            save_checkpoint(model, self.out_dir)
+            # model.npz is the file the state holds the bytes of: the model is serialized once an epoch.
+            _atomic_write(self.out_dir / "model.npz", state["model_npz"].tobytes())
             _write_training_state(state, self.out_dir)
             write_metrics(self.out_dir, config, history, extra)
         except BaseException as e:   # handed to the main thread by wait()

@@ -394,7 +394,7 @@ def test_the_background_writer_writes_the_epoch_it_was_given(tmp_path, rng, monk
     save_checkpoint(trainer.model, tmp_path / "sync")
     save_training_state(trainer, tmp_path / "sync")
     gate = threading.Event()
-    for name in ("save_checkpoint", "_write_training_state"):
+    for name in ("_atomic_write", "_write_training_state"):
         real = getattr(training, name)
         monkeypatch.setattr(training, name, lambda *a, _real=real: gate.wait() and _real(*a))
     checkpoints = BackgroundCheckpoints(tmp_path / "background")
