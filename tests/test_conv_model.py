@@ -27,7 +27,10 @@ def _channel_last(A):
 
 @pytest.mark.parametrize("padding", ["circular", "zero"])
 @pytest.mark.parametrize("adjoint", [False, True])
-def test_channel_last_solver_matches_the_generic_reference(rng, padding, adjoint):
+@pytest.mark.parametrize("chunk", [2, 16])   # the product and step of 5 chunks of 2 or less, or of one of 9
+def test_channel_last_solver_matches_the_generic_reference(rng, monkeypatch, padding, adjoint, chunk):
+    import nemon_np.conv_solvers as cs
+    monkeypatch.setattr(cs, "PRODUCT_CHUNK", chunk)
     C, H, W, m = 3, 6, 5, 9
     K = project_conv_mu_inf(rng.normal(size=(C, C, 3, 3)), 0.8)
     alpha = 1.0 / (1.0 - min(np.diag(K[:, :, 1, 1]).min(), 0.0))
@@ -79,7 +82,10 @@ def test_fft_product_matches_the_dense_matrix(rng, dtype, C_out, C_in, k, H, W):
 
 @pytest.mark.parametrize("adjoint", [False, True])
 @pytest.mark.parametrize("method", ["average", "anderson"])
-def test_fft_solver_matches_the_generic_reference(rng, adjoint, method):
+@pytest.mark.parametrize("chunk", [2, 16])   # the FFT's workspace reused by chunks and shrinking working sets
+def test_fft_solver_matches_the_generic_reference(rng, monkeypatch, adjoint, method, chunk):
+    import nemon_np.conv_solvers as cs
+    monkeypatch.setattr(cs, "PRODUCT_CHUNK", chunk)
     C, H, W, m = 3, 7, 6, 5
     K = project_conv_mu_inf(rng.normal(size=(C, C, 5, 5)), 0.8)
     alpha = 1.0 / (1.0 - min(np.diag(K[:, :, 2, 2]).min(), 0.0))
@@ -150,8 +156,8 @@ def test_every_registered_product_that_fits_is_the_convolution(rng, padding):
             continue
         assert get_conv_product(name, padding, k, False) is cls
         out = np.zeros(Xp.shape[:3] + (C,))
-        cls(K, None, H, W, np.float64, 1)(np.ascontiguousarray(Xp), out)
-        np.testing.assert_allclose(out[:, :H, :W], expected, atol=1e-12)
+        Y = cls(K, None, H, W, np.float64, 1)(np.ascontiguousarray(Xp), out)
+        np.testing.assert_allclose(Y[:, :H, :W], expected, atol=1e-12)
         # Its weight gradient, d/dK of sum(delta * K x), entry by entry from the matrices of the unit kernels.
         delta = rng.normal(size=expected.shape)
         G = cls.weight_grad(delta, X, k, padding, 1)
