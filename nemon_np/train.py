@@ -85,11 +85,13 @@ HELP = {
               "code's shrinking step), anderson (safeguarded Anderson acceleration of average); with "
               "--constraint mondeq: forward-backward or peaceman-rachford (monDEQ's splittings)",
     "alpha": "step of the average iteration, in (0, alpha*]; default alpha* = 1/(1 - min(min_i a_ii, 0))",
-    "tol": "absolute tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol, adjoint at l_1 residual "
-           "<= adjoint-tol; default: 1e-4 (nemon, mondeq) or 1e-3 (conv)",
+    "tol": "tolerance: forward stops at ||relu(Ax+Bu+b) - x||_inf <= tol (see --tol-mode), adjoint at l_1 "
+           "residual <= adjoint-tol; default: 1e-4 (nemon, mondeq, stack), 1e-2 (conv: the paper's, relative) or "
+           "1e-3 (conv with --certified-eps, absolute)",
     "tol_mode": "absolute (stop at ||F(x) - x||_inf <= tol) or relative (<= tol max(1, ||F(x)||_inf): the tolerance "
                 "follows the state's scale, which grows with the Lipschitz bound during training); default: "
-                "absolute, relative with --certified-eps (dense models; the certificates keep their own tolerance)",
+                "absolute; relative for conv models and with --certified-eps for dense ones (the certificates keep "
+                "their own tolerance)",
     "adjoint_tol": "l_1 residual tolerance of the adjoint solve; default: tol for dense models, "
                    "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",

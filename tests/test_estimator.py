@@ -93,5 +93,7 @@ def test_the_estimator_takes_the_command_lines_defaults():
     assert (certified.hidden, certified.gamma, certified.min_diagonal, certified.tol_mode,
             certified.warm_start) == (200, 0.5, 0.0, "relative", True)
     conv = NEMONClassifier(model="conv")._config()
-    assert (conv.epochs, conv.lr, conv.gamma, conv.tol) == (10, 5e-3, 0.9, 1e-3)
+    assert (conv.epochs, conv.lr, conv.gamma, conv.tol, conv.tol_mode) == (10, 5e-3, 0.9, 1e-2, "relative")
+    conv_certified = NEMONClassifier(model="conv", certified_eps=0.1)._config()
+    assert (conv_certified.gamma, conv_certified.tol, conv_certified.tol_mode) == (0.5, 1e-3, "absolute")
     assert NEMONClassifier(certified_eps=0.1, hidden=50)._config().hidden == 50
