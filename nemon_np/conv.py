@@ -178,7 +178,7 @@ def correlate_circular_fft(spectrum, X, out=None, n_jobs=1, workspace=None):
     m, H, W, C_in = X.shape
     F, C_out = spectrum.shape[0], spectrum.shape[2]
     if workspace is None:
-        workspace = (np.empty(m * F * max(C_in, C_out), spectrum.dtype),) * 2
+        workspace = tuple(np.empty(m * F * max(C_in, C_out), spectrum.dtype) for _ in range(2))
     X_hat = scipy.fft.rfft2(X, axes=(1, 2), workers=n_jobs).reshape(m, F, C_in)
     # One product per frequency needs the frequency outermost: (F, m, C_in) @ (F, C_in, C_out).
     by_frequency = workspace[0][:F * m * C_in].reshape(F, m, C_in)
