@@ -294,7 +294,7 @@ def main(argv=None):
           f"{'monDEQ parametrization' if config.model == 'mondeq' else 'constraint ' + config.constraint}"
           f"{augmentation}"
           f"{', starting from ' + str(config.init) if config.init else ''}, "
-          f"solver {config.solver}, tol {config.tol:g}"
+          f"solver {config.solver}, tol {config.tol:g}{' (relative)' if config.tol_mode == 'relative' else ''}"
           f"{f', certified training at eps {config.certified_eps:g}' if config.certified_eps else ''}"
           f"{f', {config.threads} threads' if config.threads > 1 else ''}"
           f"; writing to {out}"
