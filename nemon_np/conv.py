@@ -30,7 +30,7 @@ __all__ = ["PADDINGS", "average_pool", "average_pool_transpose", "conv_apply", "
            "correlate_embedded_padded", "transpose_kernel", "weight_grad_channel_last", "weight_grad_circular_fft",
            "parametrize_conv_mu_inf", "parametrize_conv_mu_inf_grad",
            "parametrize_conv_mu_inf_inverse", "conv_input_norm", "conv_row_measures", "kernel_spectrum",
-           "correlate_circular_fft"]
+           "correlate_circular_fft", "fft_workspace"]
 
 PADDINGS = ("circular", "zero")
 
@@ -165,6 +165,13 @@ def kernel_spectrum(K, H, W):
     return np.ascontiguousarray(scipy.fft.rfft2(g, axes=(0, 1)).reshape(-1, C_in, C_out))
 
 
+def fft_workspace(spectrum, m):
+    """The two 1-D arrays :func:`correlate_circular_fft` takes as ``workspace`` for up to m images: each
+    m F max(C_in, C_out) entries of the spectrum's dtype, for its (F, C_in, C_out) ``spectrum``."""
+    F, C_in, C_out = spectrum.shape
+    return tuple(np.empty(m * F * max(C_in, C_out), spectrum.dtype) for _ in range(2))
+
+
 def correlate_circular_fft(spectrum, X, out=None, n_jobs=1, workspace=None):
     """The circular same-size cross-correlation of a channel-last batch X (m, H, W, C_in) (a view is
     fine) with the kernel whose :func:`kernel_spectrum` is ``spectrum``: (m, H, W, C_out), written
@@ -172,13 +179,12 @@ def correlate_circular_fft(spectrum, X, out=None, n_jobs=1, workspace=None):
     about H W C_in C_out / 2 complex multiply-adds, against k^2 H W C_in C_out for the taps of
     :func:`correlate_padded` (k = 5: measured 2.3x less CPU on MNIST-size batches of 32 channels,
     docs/benchmarks.md). Equal to it up to rounding: a few units in the last place of the
-    largest entry, from the transforms. ``n_jobs`` threads share the transforms. ``workspace``: two
-    1-D arrays of the spectrum's dtype, each of at least m H (W // 2 + 1) max(C_in, C_out) entries,
-    for the frequency-major copies (else allocated here)."""
+    largest entry, from the transforms. ``n_jobs`` threads share the transforms. ``workspace``: the
+    frequency-major copies' arrays, :func:`fft_workspace` of m or more images (else allocated here)."""
     m, H, W, C_in = X.shape
     F, C_out = spectrum.shape[0], spectrum.shape[2]
     if workspace is None:
-        workspace = tuple(np.empty(m * F * max(C_in, C_out), spectrum.dtype) for _ in range(2))
+        workspace = fft_workspace(spectrum, m)
     X_hat = scipy.fft.rfft2(X, axes=(1, 2), workers=n_jobs).reshape(m, F, C_in)
     # One product per frequency needs the frequency outermost: (F, m, C_in) @ (F, C_in, C_out).
     by_frequency = workspace[0][:F * m * C_in].reshape(F, m, C_in)

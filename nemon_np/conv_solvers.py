@@ -17,7 +17,7 @@ from numba import njit
 
 from ._threads import check_n_jobs, map_ranges
 from .conv import (_check_padding, conv_taps, correlate_circular_fft, correlate_embedded_padded, correlate_padded,
-                   fill_circular_border, kernel_spectrum, pad_channel_last, weight_grad_channel_last,
+                   fft_workspace, fill_circular_border, kernel_spectrum, pad_channel_last, weight_grad_channel_last,
                    weight_grad_circular_fft)
 from .solvers import ANDERSON_DEPTH, ANDERSON_REG, _anderson_rho, _anderson_state, _anderson_sweep, _working_set
 
@@ -98,16 +98,14 @@ class FFTProduct(ConvProduct):
     def __init__(self, K, K_diff, H, W, dtype, n_jobs):
         self.spectrum = kernel_spectrum(np.asarray(K, dtype), H, W)
         self.p, self.H, self.W, self.n_jobs = np.shape(K)[2] // 2, H, W, n_jobs
-        self.workspace = None
+        self.workspace, self.workspace_images = None, 0
 
     def __call__(self, Xp, out):   # the interior in, the interior out: the padded border is not read
         p, H, W = self.p, self.H, self.W
-        m, C = Xp.shape[0], Xp.shape[3]
-        size = m * self.spectrum.shape[0] * max(C, self.spectrum.shape[2])
-        if self.workspace is None or self.workspace[0].size < size:
+        if len(Xp) > self.workspace_images:
             # Sized by the first (largest) working set and reused as it shrinks: fresh arrays of this
             # size cost page faults at every step (docs/benchmarks.md).
-            self.workspace = (np.empty(size, self.spectrum.dtype), np.empty(size, self.spectrum.dtype))
+            self.workspace, self.workspace_images = fft_workspace(self.spectrum, len(Xp)), len(Xp)
         # ``out`` is not written: the step reads the returned interior (m, H, W, C_out), one copy fewer.
         return correlate_circular_fft(self.spectrum, Xp[:, p:p + H, p:p + W], n_jobs=self.n_jobs,
                                       workspace=self.workspace)
