@@ -130,9 +130,8 @@ class Layer:
 
 
 class _Affine(Layer):
-    """An affine map y = W x + b written over four primitives of the subclass: ``_lift(X)`` (the
-    operand the products read: X, or its patches for a convolution), ``_map(W, L)``,
-    ``_weight_grad(dY, L)`` and ``_transpose(W, dY)`` (W^T dY in X's layout), with ``_terms`` the
+    """An affine map y = W x + b written over three primitives of the subclass: ``_map(W, X)`` (W x),
+    ``_weight_grad(dY, X)`` and ``_transpose(W, dY)`` (W^T dY in X's layout), with ``_terms`` the
     products summed per output."""
 
     input_weight = "W"
@@ -144,19 +143,17 @@ class _Affine(Layer):
         return dY.reshape(-1, dY.shape[-1]).sum(axis=0)
 
     def forward(self, X, options):
-        L = self._lift(X)
-        return self._map(self.W, L) + self.b, L
+        return self._map(self.W, X) + self.b, X
 
-    def backward(self, dY, L, options):
-        return self._transpose(self.W, dY), {"W": self._weight_grad(dY, L), "b": self._bias_grad(dY)}
+    def backward(self, dY, X, options):
+        return self._transpose(self.W, dY), {"W": self._weight_grad(dY, X), "b": self._bias_grad(dY)}
 
     def box(self, X_c, X_r, options):
-        L_c, L_r = self._lift(X_c), self._lift(X_r)
-        return self._map(self.W, L_c) + self.b, self._map(np.abs(self.W), L_r), (L_c, L_r)
+        return self._map(self.W, X_c) + self.b, self._map(np.abs(self.W), X_r), (X_c, X_r)
 
     def box_backward(self, dY_c, dY_r, cache, options):
-        L_c, L_r = cache
-        grads = {"W": self._weight_grad(dY_c, L_c) + np.sign(self.W) * self._weight_grad(dY_r, L_r),
+        X_c, X_r = cache
+        grads = {"W": self._weight_grad(dY_c, X_c) + np.sign(self.W) * self._weight_grad(dY_r, X_r),
                  "b": self._bias_grad(dY_c)}
         return self._transpose(self.W, dY_c), self._transpose(np.abs(self.W), dY_r), grads
 
@@ -167,9 +164,9 @@ class _Affine(Layer):
         return Lam_in.reshape((m, r) + Lam_in.shape[1:]), _row_constants(Lam, self.b), Lam
 
     def relax_backward(self, dLam_in, dbeta, Lam, options):
-        L = self._lift(_rows(dLam_in))
-        dLam = self._map(self.W, L).reshape(Lam.shape) + _per_row(dbeta, Lam) * self.b
-        grads = {"W": self._weight_grad(_rows(Lam), L), "b": self._bias_grad(_per_row(dbeta, Lam) * Lam)}
+        X = _rows(dLam_in)
+        dLam = self._map(self.W, X).reshape(Lam.shape) + _per_row(dbeta, Lam) * self.b
+        grads = {"W": self._weight_grad(_rows(Lam), X), "b": self._bias_grad(_per_row(dbeta, Lam) * Lam)}
         return dLam, None, None, grads
 
     def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
@@ -178,7 +175,7 @@ class _Affine(Layer):
         m, r = beta.shape
         W, b = self.W.astype(np.float64), self.b.astype(np.float64)
         s_in = box_magnitude(box_in)
-        absW_s = self._map(np.abs(W), self._lift(s_in))[:, None]
+        absW_s = self._map(np.abs(W), s_in)[:, None]
         beta = beta + Lam.reshape(m, r, -1, Lam.shape[-1]).sum(axis=2) @ b
         rho = _rho(box_in[0].shape[1:], box_out[0].shape[1:], (self._terms,))
         allowance = allowance + rho * (np.abs(beta) + batched_dot(np.abs(Lam), absW_s + np.abs(b)))
@@ -188,7 +185,7 @@ class _Affine(Layer):
     def enclosing_box(self, X_lo, X_hi, options):
         c, r = enclosing_center_radius(X_lo, X_hi)
         W, b = self.W.astype(np.float64), self.b.astype(np.float64)
-        Y_c, Y_r = affine_enclosure(lambda M, X: self._map(M, self._lift(X)), W, b, c, r, self._terms)
+        Y_c, Y_r = affine_enclosure(self._map, W, b, c, r, self._terms)
         return _outward(Y_c - Y_r, Y_c + Y_r)
 
 
@@ -213,10 +210,6 @@ class Dense(_Affine):
         self.b = np.zeros(self.units, dtype)
         self._terms = n_in
         return (self.units,)
-
-    @staticmethod
-    def _lift(X):
-        return X
 
     # The dense products are the dense implicit map's input map and its weight gradient.
     _map = staticmethod(DenseImplicitMap._inject)
@@ -255,12 +248,38 @@ def patches_transpose(D, shape, kernel, stride, padding):
     """The transpose of :func:`patches`: rows D (m Ho Wo, k k C) added back onto their pixels, (m, H, W, C)
     (col2im: out[i, s p + a - pad, s q + e - pad, c] += D[(i, p, q), (a, e, c)]; the reference is
     :func:`patches_transpose_reference`)."""
+    out = _padded_zeros(shape, padding, D.dtype)
+    _add_rows(D, out, kernel, stride)
+    return _unpad(out, shape, padding)
+
+
+def _padded_zeros(shape, padding, dtype):
     m, H, W, C = shape
-    Ho, Wo = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
-    D = np.ascontiguousarray(D).reshape(m, Ho, Wo, kernel, kernel, C)
-    out = np.zeros((m, H + 2 * padding, W + 2 * padding, C), D.dtype)
-    _add_patches(D, out, stride)
-    return out[:, padding:padding + H, padding:padding + W, :]
+    return np.zeros((m, H + 2 * padding, W + 2 * padding, C), dtype)
+
+
+def _unpad(out, shape, padding):
+    return out[:, padding:padding + shape[1], padding:padding + shape[2], :]
+
+
+def _add_rows(D, out, kernel, stride):
+    """Adds patch rows D (m Ho Wo, k k C) onto the padded images ``out`` (m, H + 2 pad, W + 2 pad, C)."""
+    m, Hp, Wp, C = out.shape
+    Ho, Wo = conv_output_size(Hp, kernel, stride, 0), conv_output_size(Wp, kernel, stride, 0)
+    _add_patches(np.ascontiguousarray(D).reshape(m, Ho, Wo, kernel, kernel, C), out, stride)
+
+
+# The patch rows of this many bytes at a time: a convolution's products build the patches of a block of
+# images, use them and drop them while they are still in cache, instead of writing and reading back the
+# whole batch's (k^2 times the images: 40 MB for a batch of 100 in the medium stack's second layer, hundreds
+# of MB in CNN-7's). 1-3 MB blocks were the fastest here (docs/benchmarks.md, "Convolutions by blocks").
+PATCH_BLOCK_BYTES = 2 ** 21
+
+
+def _image_blocks(m, per_image_bytes):
+    """Slices of the m images in blocks of at most :data:`PATCH_BLOCK_BYTES` of patch rows (at least one image)."""
+    size = max(1, int(PATCH_BLOCK_BYTES // max(per_image_bytes, 1)))
+    return [slice(start, min(start + size, m)) for start in range(0, m, size)]
 
 
 @njit(cache=True)
@@ -320,25 +339,39 @@ class Conv2d(_Affine):
         self._terms, self._in_shape = fan_in, (H, W, C)
         return (Ho, Wo, self.channels)
 
-    def _lift(self, X):
-        return X.shape, patches(X, self.kernel, self.stride, self.padding)
-
     def _out(self, shape):
         m, H, W, _ = shape
         return (m, conv_output_size(H, self.kernel, self.stride, self.padding),
                 conv_output_size(W, self.kernel, self.stride, self.padding), self.channels)
 
-    def _map(self, W, L):
-        shape, rows = L
-        return (rows @ W.reshape(-1, self.channels)).reshape(self._out(shape))
+    def _blocks(self, X_shape, itemsize):
+        _, Ho, Wo, _ = self._out(X_shape)
+        return _image_blocks(X_shape[0], Ho * Wo * self.kernel ** 2 * X_shape[3] * itemsize)
 
-    def _weight_grad(self, dY, L):
-        return (L[1].T @ dY.reshape(-1, self.channels)).reshape(self.W.shape)
+    def _patches(self, X):
+        return patches(X, self.kernel, self.stride, self.padding)
+
+    def _map(self, W, X):
+        W = W.reshape(-1, self.channels)
+        out = np.empty(self._out(X.shape), np.result_type(X, W))
+        for block in self._blocks(X.shape, out.itemsize):
+            np.matmul(self._patches(X[block]), W, out=out[block].reshape(-1, self.channels))
+        return out
+
+    def _weight_grad(self, dY, X):
+        dtype = np.result_type(X, dY)
+        G = np.zeros((self.W[..., 0].size, self.channels), dtype)
+        for block in self._blocks(X.shape, dtype.itemsize):
+            G += self._patches(X[block]).T @ dY[block].reshape(-1, self.channels)
+        return G.reshape(self.W.shape)
 
     def _transpose(self, W, dY):
-        m = len(dY)
-        rows = dY.reshape(-1, self.channels) @ W.reshape(-1, self.channels).T
-        return patches_transpose(rows, (m,) + self._in_shape, self.kernel, self.stride, self.padding)
+        W = W.reshape(-1, self.channels)
+        shape = (len(dY),) + self._in_shape
+        out = _padded_zeros(shape, self.padding, np.result_type(W, dY))
+        for block in self._blocks(shape, out.itemsize):
+            _add_rows(dY[block].reshape(-1, self.channels) @ W.T, out[block], self.kernel, self.stride)
+        return _unpad(out, shape, self.padding)
 
     def lipschitz_rows(self):
         # Output channel c's row: all its taps and input channels (border pixels, zero padded, have fewer).

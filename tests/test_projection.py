@@ -68,6 +68,12 @@ def test_rounding_into_float32_matches_its_numpy_reference(rng, shape, signed):
     # Entries a hair off float32 values, so that rounding to nearest goes both ways.
     P64 = rng.normal(size=shape).astype(np.float32).astype(np.float64) * (1 + rng.normal(size=shape) * 1e-7)
     diag = np.arange(shape[0]) if shape[0] == shape[1] else np.full(shape[0], 4)
+    # Zeros and values that round to a signed zero or to a subnormal, on the diagonal and beside it.
+    special = [0.0, -0.0, 1e-50, -1e-50, 3e-45, -3e-45, 1e-39, -1e-39, 0.7, -0.7]
+    for values in (special[:shape[0]], special[shape[0]:]):
+        rows = np.arange(len(values))
+        P64[rows, diag[rows]] = values
+        P64[rows, (diag[rows] + 1) % shape[1]] = values
     got = _round_inside(P64, np.float32, diag, signed)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, round_inside_reference(P64, np.float32, diag, signed))

@@ -13,7 +13,7 @@ from nemon_np.interval import enclosing_center_radius
 from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
-from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin
+from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin, parse_architecture
 from nemon_np.training import (TRAINING_STATE, BackgroundCheckpoints, TrainConfig, Trainer, copied_into,
                                restore_training_state, resume_point, save_checkpoint, save_training_state)
 
@@ -82,6 +82,38 @@ def test_patches_transpose_is_the_transpose_of_patches(rng):
         np.testing.assert_allclose(single, patches_transpose_reference(D, shape, kernel, stride, padding), atol=1e-5)
         # <D, patches(X)> = <patches^T(D), X>: the two maps are adjoint.
         assert np.sum(D * rows) == pytest.approx(np.sum(patches_transpose(D, shape, kernel, stride, padding) * X))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2 ** 21])
+def test_conv_products_by_blocks_are_the_patch_matrix_products(block_bytes, monkeypatch, rng):
+    """A convolution's product, weight gradient and transpose, taken over blocks of images (of one image
+    each with block_bytes 1), against the products of the whole batch's patch matrix."""
+    monkeypatch.setattr(nemon_np.layers, "PATCH_BLOCK_BYTES", block_bytes)
+    for token, shape in (("conv4k3s2p1", (7, 7, 3)), ("conv3k2s1p0", (5, 6, 2)), ("conv2k4s2p2", (6, 6, 1))):
+        layer, = parse_architecture(token)
+        out_shape = layer.build(shape, rng, np.float64)
+        X, dY = rng.normal(size=(5,) + shape), rng.normal(size=(5,) + out_shape)
+        W = layer.W.reshape(-1, layer.channels)
+        rows = patches(X, layer.kernel, layer.stride, layer.padding)
+        np.testing.assert_allclose(layer._map(layer.W, X).reshape(-1, layer.channels), rows @ W, atol=1e-12)
+        np.testing.assert_allclose(layer._weight_grad(dY, X).reshape(W.shape),
+                                   rows.T @ dY.reshape(-1, layer.channels), atol=1e-12)
+        np.testing.assert_allclose(layer._transpose(layer.W, dY),
+                                   patches_transpose_reference(dY.reshape(-1, layer.channels) @ W.T, (5,) + shape,
+                                                               layer.kernel, layer.stride, layer.padding),
+                                   atol=1e-12)
+
+
+def test_a_certified_step_by_blocks_of_one_image_is_the_whole_batchs(monkeypatch, rng):
+    model = random_stack(*ARCHS[0], 4)
+    U = rng.normal(size=(3, model.n_in))
+    y = rng.integers(0, model.n_out, 3)
+    whole = model.certified_loss_and_grad(U, y, U - 0.1, U + 0.15, 0.3, **EXACT)
+    monkeypatch.setattr(nemon_np.layers, "PATCH_BLOCK_BYTES", 1)
+    blocks = model.certified_loss_and_grad(U, y, U - 0.1, U + 0.15, 0.3, **EXACT)
+    assert blocks[0] == pytest.approx(whole[0], rel=1e-12)
+    for name, g in whole[1].items():
+        np.testing.assert_allclose(blocks[1][name], g, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
