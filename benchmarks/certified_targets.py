@@ -13,8 +13,9 @@ certification), so that "compute-matched" means the same CPU seconds of training
 
 The row of the target is written into --out (an existing file keeps its other targets), in the form
 ``{"targets": [{"dataset", "eps", "certificate", "certified_per_seed", "clean_per_seed",
-"seconds_per_seed", "images": 1000, "command", "explicit_matched": {...}, ...}]}``, and printed as
-the Markdown table of docs/benchmarks.md. A run folder that is not on this machine (a seed trained
+"seconds_per_seed", "images": 1000, "target", "met", "shortfall" (points), "next_run", "command",
+"explicit_matched": {...}, ...}]}``, and printed as the Markdown table of docs/benchmarks.md. Each run's row keeps
+its training curve, from which the figure is drawn. A run folder that is not on this machine (a seed trained
 elsewhere) is taken as --out records its evaluation, if it does; its curve is left out of the figure.
 """
 import argparse
@@ -93,28 +94,50 @@ def evaluate_run(run, data, eps, pgd_steps):
             "pgd": {n: part(pgd, n) for n in (1000, len(labels))}, "broken_certified": broken,
             "certify_seconds": seconds, "train_seconds": float(sum(r["train_seconds"] for r in history)),
             "epoch_seconds": float(sum(r["epoch_seconds"] for r in history)),
-            "epochs": len(history), "command": command_of(run)}
+            "epochs": len(history), "command": command_of(run), "curve": training_curve(history)}
+
+
+def training_curve(history):
+    """The run's curve, kept in its row so that the figure can be drawn where the run folder is not: per
+    epoch, the cumulative training seconds, the certified accuracy (interval bounds, the per-epoch test
+    subset) and the clean test accuracy, in %."""
+    return {"train_seconds": np.cumsum([h["train_seconds"] for h in history]).tolist(),
+            "certified": [None if h.get("test_certified_acc") is None else 100 * h["test_certified_acc"]
+                          for h in history],
+            "clean": [100 * h["test_acc"] for h in history]}
+
+
+def run_curve(row):
+    """The row's recorded curve, else the run folder's (rows written before curves were kept), else None."""
+    if "curve" in row:
+        return row["curve"]
+    metrics = pathlib.Path(row["run"]) / "metrics.json"
+    return training_curve(json.loads(metrics.read_text())["epochs"]) if metrics.is_file() else None
 
 
 def plot_curves(rows, path, title):
     """Certified accuracy (interval, the runs' per-epoch test subset) and clean test accuracy against the
-    cumulative training seconds of every run: the compute-matched comparison as a picture."""
+    cumulative training seconds of every run: the compute-matched comparison as a picture. A figure that would
+    have no curve at all (no run recorded one, none is here) is left as it is. Returns whether it was drawn."""
+    curves = {(kind, r["run"]): run_curve(r) for kind in rows for r in rows[kind]}
+    for (kind, run), curve in curves.items():
+        if curve is None:
+            print(f"{run}: no curve recorded and no metrics.json here, so no curve in {path}")
+    if all(c is None for c in curves.values()):
+        print(f"no run has a curve: {path} is left as it is")
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for kind, color in (("nemon", "C0"), ("explicit", "C1")):
         for r in rows[kind]:
-            if not (pathlib.Path(r["run"]) / "metrics.json").is_file():
-                print(f"{r['run']}: no metrics.json here, so no curve in {path}")
+            curve = curves[(kind, r["run"])]
+            if curve is None:
                 continue
-            history = json.loads((pathlib.Path(r["run"]) / "metrics.json").read_text())["epochs"]
-            t = np.cumsum([h["train_seconds"] for h in history])
-            label = f"{kind} ({pathlib.Path(r['run']).name})"
-            ax[0].plot(t, [100 * h.get("test_certified_acc", np.nan) for h in history], color=color, label=label,
-                       ls="-" if "_s0" in r["run"] else "--")
-            ax[1].plot(t, [100 * h["test_acc"] for h in history], color=color, label=label,
-                       ls="-" if "_s0" in r["run"] else "--")
+            label, ls = f"{kind} ({pathlib.Path(r['run']).name})", "-" if "_s0" in r["run"] else "--"
+            ax[0].plot(curve["train_seconds"], np.array(curve["certified"], float), color=color, label=label, ls=ls)
+            ax[1].plot(curve["train_seconds"], curve["clean"], color=color, label=label, ls=ls)
     ax[0].set(xlabel="training seconds", ylabel="certified accuracy (%), interval, per-epoch test subset",
               title=title, ylim=(0, 100))
     ax[1].set(xlabel="training seconds", ylabel="clean test accuracy (%)", title="clean accuracy")
@@ -124,6 +147,16 @@ def plot_curves(rows, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def shortfall(target, certified_per_seed, next_run):
+    """The row's verdict: {"met": bool, "shortfall": points below the target (0 when met), "next_run": the
+    note of what would come next, where it is not met}; {} without a target."""
+    if target is None:
+        return {}
+    short = max(0.0, round(target - float(np.mean(certified_per_seed)), 2))
+    return {"met": short == 0, "shortfall": short, **({"next_run": next_run} if short and next_run else {})}
 
 
 def best_certificate(rows):
@@ -139,6 +172,8 @@ def main(argv=None):
     p.add_argument("--nemon", nargs="+", required=True, help="run folders of the NEMON stack, one a seed")
     p.add_argument("--explicit", nargs="+", required=True, help="run folders of the compute-matched explicit twin")
     p.add_argument("--target", type=float, default=None, help="the target's certified accuracy (%%)")
+    p.add_argument("--next-run", default=None,
+                   help="where the target is not met: what the next run would be (recorded in the row)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--out", default="docs/figures/certified_targets.json")
     args = p.parse_args(argv)
@@ -167,6 +202,7 @@ def main(argv=None):
                 print(f"{kind} {run}: evaluated before ({cache})", flush=True)
                 rows[kind].append(json.loads(cache.read_text(), object_hook=_int_keys))
                 rows[kind][-1]["command"] = command_of(run)   # as this version writes it
+                rows[kind][-1]["curve"] = run_curve({"run": run})
             else:
                 print(f"{kind} {run} ...", flush=True)
                 rows[kind].append(evaluate_run(run, data, args.eps, args.pgd_steps))
@@ -187,7 +223,9 @@ def main(argv=None):
               "interval_per_seed": [r["certified"]["interval"][1000] for r in nemon],
               "crown_per_seed": [r["certified"]["crown"][1000] for r in nemon],
               "seconds_per_seed": [r["train_seconds"] for r in nemon], "images": 1000, "images_all": n_all,
-              "target": args.target, "command": nemon[0]["command"], "broken_certified": broken,
+              "target": args.target, **shortfall(args.target, [r["certified"][cert][1000] for r in nemon],
+                                                 args.next_run),
+              "command": nemon[0]["command"], "broken_certified": broken,
               "explicit_matched": {
                   "certificate": best_certificate(explicit),
                   "certified": float(np.mean([r["certified"][best_certificate(explicit)][1000] for r in explicit])),
@@ -204,8 +242,8 @@ def main(argv=None):
                                                                   and t["eps"] == args.eps)] + [target]
     out.write_text(json.dumps(existing, indent=2))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
-    plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
-    print(f"wrote {out} and {figure}")
+    drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
+    print(f"wrote {out}" + (f" and {figure}" if drawn else ""))
     mean = lambda v: f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")  # noqa: E731
     print(f"\n| model | seeds | clean | interval | crown | PGD | certified, all {n_all} | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
