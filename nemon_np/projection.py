@@ -162,9 +162,9 @@ def _round_toward_set(P64, P, diag, signed_diagonal):
     """In place: P = P64 rounded to nearest in P's dtype becomes P64 rounded toward zero, and, with a
     signed diagonal, column diag[i] of row i rounded downward (:func:`_round_inside`); P float32.
 
-    The next value toward zero is the one whose bits, read as a signed integer, are one less in magnitude
-    (IEEE 754 orders each sign's values as their bit patterns): one vectorized pass, where a per-entry
-    ``nextafter`` call took 9 ns an entry. The diagonal entries are set after it, by their own rule."""
+    The next float32 toward zero from x != 0 has x's bit pattern, read as an integer, minus one (IEEE 754
+    orders the magnitudes of each sign as their bit patterns): one vectorized pass, where a ``nextafter`` call
+    an entry took 7x as long (27 against 4 us a 100 x 100 matrix). The diagonal is set after it by its rule."""
     bits = P.view(np.int32)   # float32: the only dtype rounded into (float64 is kept as it is)
     one = np.int32(1)
     n_rows = P.shape[0]
