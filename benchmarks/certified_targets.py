@@ -130,14 +130,13 @@ def plot_curves(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for kind, color in (("nemon", "C0"), ("explicit", "C1")):
-        for r in rows[kind]:
-            curve = curves[(kind, r["run"])]
-            if curve is None:
-                continue
-            label, ls = f"{kind} ({pathlib.Path(r['run']).name})", "-" if "_s0" in r["run"] else "--"
-            ax[0].plot(curve["train_seconds"], np.array(curve["certified"], float), color=color, label=label, ls=ls)
-            ax[1].plot(curve["train_seconds"], curve["clean"], color=color, label=label, ls=ls)
+    for (kind, run), curve in curves.items():
+        if curve is None:
+            continue
+        style = dict(color={"nemon": "C0", "explicit": "C1"}[kind], label=f"{kind} ({pathlib.Path(run).name})",
+                     ls="-" if "_s0" in run else "--")
+        ax[0].plot(curve["train_seconds"], np.array(curve["certified"], float), **style)
+        ax[1].plot(curve["train_seconds"], curve["clean"], **style)
     ax[0].set(xlabel="training seconds", ylabel="certified accuracy (%), interval, per-epoch test subset",
               title=title, ylim=(0, 100))
     ax[1].set(xlabel="training seconds", ylabel="clean test accuracy (%)", title="clean accuracy")

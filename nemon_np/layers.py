@@ -44,6 +44,7 @@ import numpy as np
 from numba import njit
 from numpy.lib.stride_tricks import as_strided
 
+from ._threads import split_ranges
 from .base import EmbeddedNetwork
 from .interval import (UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, narrow_preactivation_box, relu_box,
                        relu_box_grad)
@@ -277,9 +278,10 @@ PATCH_BLOCK_BYTES = 2 ** 21
 
 
 def _image_blocks(m, per_image_bytes):
-    """Slices of the m images in blocks of at most :data:`PATCH_BLOCK_BYTES` of patch rows (at least one image)."""
-    size = max(1, int(PATCH_BLOCK_BYTES // max(per_image_bytes, 1)))
-    return [slice(start, min(start + size, m)) for start in range(0, m, size)]
+    """Slices of the m images in even blocks of at most :data:`PATCH_BLOCK_BYTES` of patch rows (at least one
+    image a block)."""
+    per_block = max(1, int(PATCH_BLOCK_BYTES // max(per_image_bytes, 1)))
+    return [slice(a, b) for a, b in split_ranges(m, -(-m // per_block))]
 
 
 @njit(cache=True)
@@ -360,7 +362,7 @@ class Conv2d(_Affine):
 
     def _weight_grad(self, dY, X):
         dtype = np.result_type(X, dY)
-        G = np.zeros((self.W[..., 0].size, self.channels), dtype)
+        G = np.zeros((self._terms, self.channels), dtype)
         for block in self._blocks(X.shape, dtype.itemsize):
             G += self._patches(X[block]).T @ dY[block].reshape(-1, self.channels)
         return G.reshape(self.W.shape)

@@ -168,8 +168,8 @@ def _round_toward_set(P64, P, diag, signed_diagonal):
     bits = P.view(np.int32)   # float32: the only dtype rounded into (float64 is kept as it is)
     one = np.int32(1)
     n_rows = P.shape[0]
-    nearest = np.empty(n_rows, P.dtype)
-    for i in range(n_rows):
+    nearest = np.empty(n_rows if signed_diagonal else 0, P.dtype)   # the diagonal as rounded to nearest
+    for i in range(nearest.size):
         nearest[i] = P[i, diag[i]]
     for i in range(n_rows):
         for j in range(P.shape[1]):
