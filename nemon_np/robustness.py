@@ -50,7 +50,8 @@ def certified_flags(model, pixels, labels, eps_list, certificates=REPORT_CERTIFI
     :class:`nemon_np.certificates.Certificate`, such as ``ExactCertificate(time_limit=10)``), and under
     "unknown" {"certified-<name>": [images left undecided at each eps]} for those that can also falsify
     (exact: its time limit ran out); None for every row when the model has no l_inf certificate
-    (mu_inf >= 1: monDEQ), with the reason under "note"."""
+    (mu_inf >= 1: monDEQ), with the reason under "note". ``progress``, if given, is called after each
+    certificate at each eps with a line saying what it found ("certified-crown at eps 0.3: 88.80%")."""
     rows, unknown = {}, {}
     methods = [get_certificate(c) if isinstance(c, str) else c for c in certificates]
     try:
@@ -63,7 +64,7 @@ def certified_flags(model, pixels, labels, eps_list, certificates=REPORT_CERTIFI
                 if method.complete:
                     unknown.setdefault(row, []).append(int(np.sum(res.status == "unknown")))
                 if progress:
-                    progress()
+                    progress(f"{row} at eps {eps:g}: {100 * np.mean(res.certified):.2f}%")
     except WellPosednessError as e:
         return {f"certified-{method.name}": None for method in methods} | {"note": str(e)}
     return rows | ({"unknown": unknown} if unknown else {})
@@ -77,7 +78,8 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
 
     ``"broken_certified"`` holds, per certificate and eps, how many certified images some attack
     misclassifies. A certificate is a proof, so every count must be 0; anything else is a bug
-    (the report then says so)."""
+    (the report then says so). ``progress``, if given, is called after each attack and each
+    certificate at each eps with a line saying what it found ("pgd at eps 0.3: 92.15%")."""
     options = solver_options_for(model)
     fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
     P = np.asarray(pixels, np.float64)
@@ -92,7 +94,7 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
             report["attacks"][kind].append(float(np.mean(ok)))
             survived[i] &= ok
             if progress:
-                progress()
+                progress(f"{kind} at eps {eps:g}: {100 * np.mean(ok):.2f}%")
     flags = certified_flags(model, P, labels, eps_list, certificates, progress=progress)
     report["unknown"] = flags.pop("unknown", {})
     report["certified"] = {row: v if row == "note" or v is None else [float(np.mean(f)) for f in v]
@@ -144,6 +146,7 @@ def main(argv=None):
     """``python -m nemon_np.robustness RUN_DIR``: attacks, certificate and Lipschitz bounds of a run."""
     import json
     import pathlib
+    import time
 
     from tqdm.auto import tqdm
 
@@ -200,8 +203,15 @@ def main(argv=None):
                          ExactCertificate(args.time_limit, args.jobs, args.scheduler, cache=cache, progress=True))
     bar = tqdm(total=(len(ATTACKS) + len(certificates)) * len(args.eps), desc="attacks and certificates",
                unit="step", disable=None)
+    started = time.perf_counter()
+
+    def progress(line):
+        bar.update()
+        if bar.disable:   # off a terminal (a log file) there is no bar: a line per step instead
+            print(f"{line}  ({time.perf_counter() - started:.0f} s)", flush=True)
+
     report = robustness_report(model, pixels, data.test_labels[:args.samples], tuple(args.eps), args.pgd_steps,
-                               args.seed, progress=bar.update, certificates=certificates)
+                               args.seed, progress=progress, certificates=certificates)
     bar.close()
     print(f"{model}, {len(pixels)} test images, clean accuracy {100 * report['clean_acc']:.2f}%")
     print(f"{'eps (pixels)':>19s} " + " ".join(f"{e:>7g}" for e in args.eps))

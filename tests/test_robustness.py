@@ -11,7 +11,7 @@ from nemon_np.projection import parametrize_mondeq, parametrize_mondeq_grad
 from nemon_np.certificates import certify
 from nemon_np.lipschitz import lipschitz_bound, smooth_lipschitz_bound_and_grad
 from nemon_np.pixels import to_inputs
-from nemon_np.robustness import attack, empirical_lipschitz
+from nemon_np.robustness import ATTACKS, attack, empirical_lipschitz
 from nemon_np.training import TrainConfig, Trainer
 from nemon_np import mu_2
 from conftest import finite_difference
@@ -109,6 +109,9 @@ def test_robustness_cli_and_quick_analysis(tmp_path, shared_data):
     assert "pgd" in proc.stdout and "RuntimeWarning" not in proc.stderr
     assert "certified-lipschitz" in proc.stdout and "certified-interval" in proc.stdout
     report = json.loads((run / "robustness.json").read_text())
+    for kind in ATTACKS:   # off a terminal, a line per step instead of the bar, with its figure
+        for eps, acc in zip(report["eps"], report["attacks"][kind]):
+            assert f"{kind} at eps {eps:g}: {100 * acc:.2f}%" in proc.stdout
     assert report["lipschitz_bound"] is None or report["mu_inf"] < 1
     if report["mu_inf"] >= 1:   # a monDEQ model: no l_inf certificate, said so, not zeros
         assert report["certified"]["certified-interval"] is None and "mu_inf" in report["certified"]["note"]
@@ -205,6 +208,8 @@ def test_robustness_cli_exact_rows_on_a_dense_run_and_an_error_for_conv(tmp_path
     assert "certified-exact" in out and "certified-lp" in out and "unknown (exact)" in out
     report = json.loads((run / "robustness.json").read_text())
     assert report["certified"]["certified-exact"][0] >= report["certified"]["certified-crown"][0]
+    for row in ("certified-crown", "certified-exact"):   # each certificate's line as it ends
+        assert f"{row} at eps 0.01: {100 * report['certified'][row][0]:.2f}%" in out
     assert len(list((run / "exact_cache").glob("*.npz"))) >= 1   # decided images kept for a rerun
     conv = tmp_path / "conv"
     assert train.main(["--data-dir", str(shared_data), "--model", "conv", "--channels", "2", "--epochs", "1",
