@@ -33,7 +33,7 @@ from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
 from nemon_np.pixels import solver_options_for, to_inputs
 from nemon_np.robustness import ATTACKS, attack
-from nemon_np.training import TrainConfig
+from nemon_np.training import ARCHITECTURE_SETTINGS, TrainConfig
 
 CERTIFICATES = ("interval", "crown")
 
@@ -46,9 +46,11 @@ def _int_keys(d):
 def command_of(run):
     """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings. A setting
     whose default depends on the model (None in TrainConfig) is left out where the run had the value that
-    its model and radius resolve to (a stack's "--hidden 100" would only mislead: it does not apply)."""
+    its model and radius resolve to; one that shapes another kind of model (a stack's "hidden", which runs
+    written before :data:`nemon_np.training.ARCHITECTURE_SETTINGS` record) is never there."""
     payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
     config, defaults = payload["config"], asdict(TrainConfig())
+    config = {k: v for k, v in config.items() if config["model"] in ARCHITECTURE_SETTINGS.get(k, (config["model"],))}
     resolved = asdict(TrainConfig(model=config["model"], arch=config.get("arch"),
                                   certified_eps=config.get("certified_eps", 0.0)).validate())
     flags = [f"--dataset {payload.get('run', {}).get('dataset', 'mnist')}"]

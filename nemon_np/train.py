@@ -41,7 +41,7 @@ HELP = {
                "s, default 1, zero padding p, default k//2), dense<n>, relu, pool<s> (average), flatten (put in "
                "by itself before a flat layer), nemon<n> (a dense implicit NEMON layer of n units, mu_inf(A) <= "
                "gamma, at most one). The logits layer is appended. --hidden, --channels, --kernel, --pool, "
-               "--padding and --readout-hidden do not apply"),
+               "--padding and --readout-hidden shape the other models and are errors beside it"),
     "weight_init": "stacked models: default (uniform(-1, 1)/sqrt(fan-in), PyTorch's scale) or ibp (Shi et al. "
                    "2021's IBP initialization, N(0, 2 pi/fan_in^2) for every weight but the logits', which keeps an "
                    "interval box's radius from growing layer after layer at initialization)",

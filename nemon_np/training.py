@@ -77,9 +77,11 @@ CONSTRAINT_KIND = {"stack": "nemon"}
 # of 10,000 test predictions of a fixed point solved to 1e-6 (docs/benchmarks.md, "The conv tolerance").
 # Certified (IBP-style) training, eps_warmup and eps_ramp: epochs of clean training, then epochs over
 # which eps rises linearly to its training value while kappa falls (Gowal et al. 2018).
-_COMMON = dict(hidden=100, tol_mode="absolute", warm_start=False)
-MODEL_DEFAULTS = {"nemon": dict(_COMMON, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
-                  "mondeq": dict(_COMMON, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1, eps_ramp=10),
+_COMMON = dict(tol_mode="absolute", warm_start=False)
+MODEL_DEFAULTS = {"nemon": dict(_COMMON, hidden=100, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1,
+                                eps_ramp=10),
+                  "mondeq": dict(_COMMON, hidden=100, epochs=40, lr=1e-3, gamma=0.95, tol=1e-4, eps_warmup=1,
+                                 eps_ramp=10),
                   "conv": dict(_COMMON, epochs=10, lr=5e-3, gamma=0.9, tol=1e-2, tol_mode="relative", eps_warmup=1,
                                eps_ramp=4),
                   "stack": dict(_COMMON, epochs=20, lr=1e-3, gamma=0.5, tol=1e-4, eps_warmup=1, eps_ramp=10)}
@@ -96,6 +98,10 @@ CERTIFIED_DEFAULTS = {"nemon": dict(gamma=0.5, train_eps_factor=1.2, hidden=200,
                       "conv": dict(gamma=0.5, train_eps_factor=1.2, tol=1e-3, tol_mode="absolute"),
                       "stack": dict(train_eps_factor=1.2)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
+# Settings that shape the architecture of these model kinds alone: another kind would ignore them (a stack's
+# layers come from arch), so a value other than the default given with it is an error, not a silent no-op.
+ARCHITECTURE_SETTINGS = {"hidden": ("nemon", "mondeq"), "channels": ("conv",), "kernel": ("conv",), "pool": ("conv",),
+                         "padding": ("conv",), "readout_hidden": ("nemon", "mondeq", "conv")}
 
 
 @dataclass
@@ -197,6 +203,12 @@ class TrainConfig:
                              f"{self.arch!r}")
         if self.arch is not None:
             parse_architecture(self.arch)
+        unset = _field_defaults()
+        for name, kinds in ARCHITECTURE_SETTINGS.items():
+            if self.model not in kinds and getattr(self, name) != unset[name]:
+                raise ValueError(f"{name} shapes {', '.join(kinds)} models only, not model {self.model}"
+                                 f"{' (its layers come from arch)' if self.model == 'stack' else ''}: drop "
+                                 f"{name} = {getattr(self, name)!r}")
         if self.weight_init not in WEIGHT_INITS or (self.weight_init != "default" and self.model != "stack"):
             raise ValueError(f"weight_init must be one of {', '.join(WEIGHT_INITS)} (ibp with stacked models), got "
                              f"{self.weight_init!r} with model {self.model}")
@@ -231,6 +243,8 @@ class TrainConfig:
                              f"nemon models with an averaged solver, got model {self.model} with solver {self.solver}")
         for name in ("hidden", "epochs", "batch_size", "max_iter", "channels", "kernel", "pool"):
             v = getattr(self, name)
+            if v is None and name == "hidden":
+                continue   # not a dense model's: nothing to check
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {v!r}")
         check_gamma(self.gamma)
@@ -861,6 +875,11 @@ def plot_history(history, path, title="", gamma=None):
     plt.close(fig)
 
 
+def _field_defaults():
+    """Each TrainConfig setting's value when it is not given."""
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
 def config_from_dict(d):
     """A TrainConfig from a dict, ignoring unknown keys (as written to metrics.json: resolved when its run
     started). A resolved "no floor" (None) becomes -inf, which means the same, so that validating it again
@@ -869,6 +888,10 @@ def config_from_dict(d):
     config = TrainConfig(**{k: v for k, v in d.items() if k in names})
     if "warm_start" not in d:   # written before warm starts existed: its run had none
         config.warm_start = False
+    model = "stack" if config.arch is not None else config.model
+    for name, kinds in ARCHITECTURE_SETTINGS.items():
+        if model not in kinds:   # written when every model resolved hidden (100), which only dense models read
+            setattr(config, name, _field_defaults()[name])
     if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
         config.min_diagonal = -math.inf
     return config

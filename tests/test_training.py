@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -169,6 +170,11 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     (["--gamma", "-0.2", "--min-diagonal", "-0.1"], "min_diagonal must be <= 0 and <= gamma"),
     (["--threads", "2"], "threads = 2 applies to conv models only"),
     (["--model", "conv", "--threads", "0"], "threads must be a positive whole number"),
+    # A setting that shapes another kind of model would be ignored: an error, not a silent no-op.
+    (["--arch", "ibp-small", "--hidden", "300"], "hidden shapes nemon, mondeq models only, not model stack"),
+    (["--model", "conv", "--hidden", "50"], "hidden shapes nemon, mondeq models only, not model conv"),
+    (["--channels", "4"], "channels shapes conv models only, not model nemon"),
+    (["--arch", "ibp-small", "--readout-hidden", "5"], "readout_hidden shapes nemon, mondeq, conv models only"),
 ])
 def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     from nemon_np import train
@@ -177,6 +183,17 @@ def test_cli_bad_flags_give_one_line_errors(flags, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_stored_configs_of_other_models_drop_the_dense_width_they_were_written_with():
+    """Runs written before the architecture check resolved hidden = 100 for every model: a stored stack or
+    conv config still loads (for --resume) and validates, without a width it never read."""
+    from nemon_np.training import config_from_dict
+    for model, extra in (("stack", dict(arch="ibp-small")), ("conv", {})):
+        stored = asdict(TrainConfig(model=model, **extra).validate()) | {"hidden": 100}
+        config = config_from_dict(stored).validate()
+        assert config.hidden is None and config.model == model
+    assert config_from_dict(asdict(TrainConfig(hidden=7).validate())).validate().hidden == 7
 
 
 def test_ctrl_c_keeps_the_last_complete_checkpoint(shared_data, tmp_path, monkeypatch, capsys):
