@@ -111,12 +111,13 @@ class TrainConfig:
     ``model="mondeq"`` is the monDEQ baseline: A = (1 - m) I - W^T W + S - S^T with m = 1 - gamma,
     solved by Peaceman-Rachford with the direct adjoint (``solver``/``adjoint`` None pick the
     model's defaults); ``constraint`` then does not apply.
-    ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``;
-    ``hidden`` does not apply), with the projection or parametrization constraint on its kernel.
+    ``model="conv"`` is :class:`nemon_np.ConvNEMON` (``channels``, ``kernel``, ``pool``, ``padding``),
+    with the projection or parametrization constraint on its kernel.
     ``model="stack"`` is :class:`nemon_np.stack.StackedClassifier` with the layers of ``arch`` (a
     preset of :data:`nemon_np.stack.PRESETS` or comma-separated layers; giving ``arch`` selects the
-    stack); ``hidden``, ``channels``, ``kernel``, ``pool``, ``padding`` and ``readout_hidden`` do not
-    apply, and ``constraint`` acts on its implicit layer (none for an explicit stack).
+    stack); ``constraint`` acts on its implicit layer (none for an explicit stack).
+    A setting of :data:`ARCHITECTURE_SETTINGS` given to a model it does not shape (``hidden`` to a conv
+    model or a stack, say) is an error: the model would ignore it.
     ``readout_hidden`` > 0 puts an explicit hidden ReLU layer of that width into either model's
     read-out, ``y = C relu(H f + h) + c`` (:mod:`nemon_np.readout`); 0 is the paper's linear read-out.
     ``augment`` transforms each training batch (:data:`nemon_np.data.AUGMENTATIONS`): "crop-flip"
