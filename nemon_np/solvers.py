@@ -37,7 +37,7 @@ __all__ = ["solve_equilibrium", "solve_adjoint", "averaged_fixed_point_reference
 NEMON_METHODS = ("average", "picard", "adaptive", "anderson")
 MONDEQ_METHODS = ("forward-backward", "peaceman-rachford")
 FORWARD_METHODS = NEMON_METHODS + MONDEQ_METHODS
-ADJOINT_METHODS = ("iterative", "adaptive", "anderson", "direct")
+ADJOINT_METHODS = ("iterative", "adaptive", "anderson", "direct", "jfb")
 ANDERSON_DEPTH, ANDERSON_REG = 5, 1e-10  # depth: see docs/benchmarks.md, fixed-point solvers
 
 
@@ -739,10 +739,15 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
     A : (n, n) array
     mask : (m, n) array of {0, 1} (or bool), the diagonal of D = 1[z > 0] per sample
     G : (m, n) array, dL/dx* per sample
-    method : {"iterative", "adaptive", "anderson", "direct"}
+    method : {"iterative", "adaptive", "anderson", "direct", "jfb"}
         Averaged adjoint iteration (l_1 contraction, residual ``||g + A^T D w - w||_1 <= tol``),
         the same with the adaptive step or with Anderson acceleration (as for the forward
-        solve), or an exact LU solve of ``(I - D A)^T w = g`` per sample.
+        solve), an exact LU solve of ``(I - D A)^T w = g`` per sample, or "jfb": w = g, the
+        Jacobian-free backpropagation of Fung et al. 2022 ("JFB: Jacobian-free backpropagation for
+        implicit networks", AAAI), which replaces (I - A^T D)^{-1} by I, i.e. differentiates one
+        application of the layer at the fixed point held fixed. Not the gradient: an approximation
+        (a descent direction under their conditions) at no cost: no iteration, and no residual
+        (NaN: computing ``||A^T D g||_1`` would cost what an iteration does).
     certificate : {"mu_inf", "mu_2"}
         What makes ``I - D A`` invertible: mu_inf(A) < 1 (NEMON, both methods) or
         mu_2(A) < 1 (monDEQ: the direct solve only, the iteration is not certified then).
@@ -787,6 +792,10 @@ def solve_adjoint(A, mask, G, *, method="iterative", alpha=None, tol=1e-8, max_i
                               converged=np.ones(len(G), bool), alpha=None, method=method,
                               **{certificate: mu})
         return W, info
+    if method == "jfb":
+        info = OptimizeResult(iterations=np.zeros(len(G), np.int64), residual=np.full(len(G), np.nan),
+                              converged=np.ones(len(G), bool), alpha=None, mu_inf=mu, method=method)
+        return G.copy(), info
     rho = _contraction_rate(alpha, mu)
     M, M2 = _embedded_factors(A, transpose=False) if embedded else (np.ascontiguousarray(A), None)
     W, _, iterations, residual = _iterate("average" if method == "iterative" else method, M, G, S, G.copy(), alpha,

@@ -96,8 +96,10 @@ HELP = {
                    "tol x (hidden size / 100) for conv models (the same residual per hidden unit)",
     "max_iter": "iteration cap per sample for the forward and the adjoint solve",
     "adjoint": "default: iterative (nemon) or direct (mondeq). Backward solve: iterative (averaged adjoint "
-               "iteration), adaptive, anderson, or direct "
-               "(exact LU per sample; the only one certified for --constraint mondeq)",
+               "iteration), adaptive, anderson, direct "
+               "(exact LU per sample; the only one certified for --constraint mondeq), or jfb (Jacobian-free "
+               "backpropagation, Fung et al. 2022: no backward solve, w = g, the gradient of one step of the "
+               "layer at its fixed point: an approximation, cheaper; dense models and stacks)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
     "init": "start from this saved model (model.npz or its run folder) instead of a random initialization, "
