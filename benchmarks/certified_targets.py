@@ -21,6 +21,7 @@ elsewhere) is taken as --out records its evaluation, if it does; its curve is le
 """
 import argparse
 import json
+import math
 import pathlib
 import sys
 import time
@@ -60,7 +61,9 @@ def command_of(run):
         value = config.get(f.name)
         if defaults[f.name] is None and value == resolved[f.name] and f.name != "arch":
             continue
-        if value != defaults[f.name] and f.name not in ("solver", "adjoint", "augment_pad") and value is not None:
+        if value == -math.inf and resolved[f.name] is None:   # "no floor" either way (config_from_dict)
+            continue
+        if value != defaults[f.name] and f.name != "augment_pad" and value is not None:
             flags.append(f"--{f.name.replace('_', '-')} {value:.10g}" if isinstance(value, float)
                          else f"--{f.name.replace('_', '-')} {value}")
     return "python -m nemon_np.train " + " ".join(flags)
