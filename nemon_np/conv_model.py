@@ -28,14 +28,14 @@ from .base import ImplicitClassifier, check_labels, read_model_file, write_model
 from .losses import softmax_cross_entropy
 from .readout import init_hidden_layer
 from .solvers import (WellPosednessError, WellPosednessWarning, _check_tol_mode, _contraction_rate, _warn_unconverged,
-                      contraction_alpha)
+                      contraction_alpha, jacobian_free_adjoint)
 
 __all__ = ["ConvNEMON", "ConvImplicitMap", "CONV_METHODS", "CONV_ADJOINTS", "check_conv_solver"]
 
 # The solvers a conv model has: the fused average iteration, or it with safeguarded Anderson
 # acceleration (the dense solver's step on the flattened state).
 CONV_METHODS = ("average", "anderson")
-CONV_ADJOINTS = ("iterative", "anderson")
+CONV_ADJOINTS = ("iterative", "anderson", "jfb")
 
 
 def check_conv_solver(method, adjoint="iterative"):
@@ -124,6 +124,8 @@ class ConvImplicitMap:
 
     def _adjoint_embedded(self, K, mask, G, alpha, tol, max_iter, method):
         check_conv_solver("average", method)
+        if method == "jfb":
+            return jacobian_free_adjoint(G)
         K_sum, K_diff = sum_and_difference(K)
         W, _, its, res = conv_fixed_point(transpose_kernel(K_sum), G, alpha, tol, max_iter, self.padding, relu=False,
                                           l1=True, S=mask, X0=G, K_diff=transpose_kernel(K_diff),
@@ -184,6 +186,9 @@ class ConvImplicitMap:
         check_conv_solver(method, adjoint)
         mask = (finfo.preactivation > 0).astype(self.dtype)
         m = len(G)
+        if adjoint == "jfb":
+            Wadj, binfo = jacobian_free_adjoint(G)
+            return mask * Wadj / m, binfo
         adjoint_tol = tol * self.n_hidden / 100 if adjoint_tol is None else adjoint_tol
         Wadj, _, bits, bres = conv_fixed_point(transpose_kernel(self.K), G, finfo.alpha, adjoint_tol, max_iter,
                                                self.padding, relu=False, l1=True, S=mask, X0=G,

@@ -99,7 +99,7 @@ HELP = {
                "iteration), adaptive, anderson, direct "
                "(exact LU per sample; the only one certified for --constraint mondeq), or jfb (Jacobian-free "
                "backpropagation, Fung et al. 2022: no backward solve, w = g, the gradient of one step of the "
-               "layer at its fixed point: an approximation, cheaper; dense models and stacks)",
+               "layer at its fixed point: an approximation, cheaper)",
     "dtype": "float32 (fast) or float64",
     "seed": "seed of initialization and shuffling",
     "init": "start from this saved model (model.npz or its run folder) instead of a random initialization, "

@@ -3,6 +3,7 @@ import pytest
 
 from nemon_np import mu_inf
 from nemon_np.conv import conv_apply, conv_matrix, conv_transpose, mu_inf_conv, project_conv_mu_inf
+from nemon_np.losses import softmax_cross_entropy
 
 
 @pytest.mark.parametrize("padding", ["circular", "zero"])
@@ -109,3 +110,16 @@ def test_conv_nemon_fixed_point_and_gradients(rng, padding):
         assert np.abs(grads[name] - fd).max() <= 1e-5 * np.abs(fd).max(), name
     fd = finite_difference(loss, U)
     assert np.abs(grads["U"] - fd).max() <= 1e-5 * np.abs(fd).max()
+
+    # adjoint="jfb" (w = g) differentiates one step of the layer from the fixed point held fixed, here
+    # through the dense matrices of the convolutions: every parameter and the input.
+    def one_step_loss():
+        A, Bm = conv_matrix(model.K, 4, 4, padding), conv_matrix(model.B, 4, 4, padding)
+        X_next = np.maximum(Xd @ A.T + U.reshape(3, -1) @ Bm.T + np.repeat(model.b, 16), 0)
+        return softmax_cross_entropy(model.readout(X_next.reshape(3, 3, 4, 4).transpose(0, 2, 3, 1)), y)[0]
+
+    _, jfb = model.loss_and_grad(U, y, with_input=True, adjoint="jfb", **kw)
+    for name, P in list(model.params().items()) + [("U", U)]:
+        fd = finite_difference(one_step_loss, P)
+        assert np.abs(jfb[name] - fd).max() <= 1e-6 * np.abs(fd).max(), name
+    assert np.abs(jfb["K"] - grads["K"]).max() > 1e-3 * np.abs(grads["K"]).max()   # not the gradient
