@@ -889,10 +889,10 @@ def config_from_dict(d):
     config = TrainConfig(**{k: v for k, v in d.items() if k in names})
     if "warm_start" not in d:   # written before warm starts existed: its run had none
         config.warm_start = False
-    model = "stack" if config.arch is not None else config.model
+    model, unset = "stack" if config.arch is not None else config.model, _field_defaults()
     for name, kinds in ARCHITECTURE_SETTINGS.items():
         if model not in kinds:   # written when every model resolved hidden (100), which only dense models read
-            setattr(config, name, _field_defaults()[name])
+            setattr(config, name, unset[name])
     if config.min_diagonal is None and config.constraint_class().takes_min_diagonal:
         config.min_diagonal = -math.inf
     return config
