@@ -36,7 +36,7 @@ from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
 from nemon_np.pixels import solver_options_for, to_inputs
 from nemon_np.robustness import ATTACKS, attack
-from nemon_np.training import ARCHITECTURE_SETTINGS, TrainConfig
+from nemon_np.training import TrainConfig, config_from_dict
 
 CERTIFICATES = ("interval", "crown")
 
@@ -49,11 +49,11 @@ def _int_keys(d):
 def command_of(run):
     """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings. A setting
     whose default depends on the model (None in TrainConfig) is left out where the run had the value that
-    its model and radius resolve to; one that shapes another kind of model (a stack's "hidden", which runs
-    written before :data:`nemon_np.training.ARCHITECTURE_SETTINGS` record) is never there."""
+    its model and radius resolve to. The config is read as ``--resume`` reads it
+    (:func:`nemon_np.training.config_from_dict`: a setting that shapes another kind of model, such as the
+    "hidden" that older stack runs record, is dropped)."""
     payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
-    config, defaults = payload["config"], asdict(TrainConfig())
-    config = {k: v for k, v in config.items() if config["model"] in ARCHITECTURE_SETTINGS.get(k, (config["model"],))}
+    config, defaults = asdict(config_from_dict(payload["config"])), asdict(TrainConfig())
     resolved = asdict(TrainConfig(model=config["model"], arch=config.get("arch"),
                                   certified_eps=config.get("certified_eps", 0.0)).validate())
     flags = [f"--dataset {payload.get('run', {}).get('dataset', 'mnist')}"]
@@ -110,8 +110,7 @@ def evaluate_run(run, data, eps, pgd_steps):
 
 
 def _evaluate_alone(run, dataset, data_dir, eps, pgd_steps):
-    """:func:`evaluate_run` in a process of its own (one of ``--jobs``), with one-thread BLAS."""
-    threadpool_limits(1, user_api="blas")
+    """:func:`evaluate_run` in a process of its own (one of ``--jobs``; one thread by its environment)."""
     return evaluate_run(run, load_dataset(dataset, data_dir), eps, pgd_steps)
 
 
@@ -242,11 +241,11 @@ def main(argv=None):
                 print(f"{kind} {run}: the run folder is not here; its evaluation as {out} records it", flush=True)
                 rows[kind].append(recorded[(kind, run)])
                 continue
-            if run not in fresh:
-                print(f"{kind} {run}: evaluated before ({cache(run)})", flush=True)
             rows[kind].append(json.loads(cache(run).read_text(), object_hook=_int_keys))
-            rows[kind][-1]["command"] = command_of(run)   # as this version writes it
-            rows[kind][-1]["curve"] = run_curve({"run": run})
+            if run not in fresh:   # an earlier version's row: its command and curve as this version writes them
+                print(f"{kind} {run}: evaluated before ({cache(run)})", flush=True)
+                rows[kind][-1]["command"] = command_of(run)
+                rows[kind][-1]["curve"] = run_curve({"run": run})
             r = rows[kind][-1]
             print(f"  clean {r['clean'][1000]:.2f}%, interval {r['certified']['interval'][1000]:.2f}%, crown "
                   f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000); broken "
