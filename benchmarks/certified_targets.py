@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/certified_targets.py --data-dir DIR --dataset mnist --eps 0.3 \
           --nemon RUN [RUN ...] --explicit RUN [RUN ...] [--target 90] [--jobs 2] \
-          [--out docs/figures/certified_targets.json]
+          [--out docs/figures/certified_targets.json] [--recorded OTHER.json ...]
 
 For every run (one a seed, written by ``python -m nemon_np.train``), on the saved model: clean accuracy,
 the certified accuracy at eps (pixel units) by the interval and the crown certificates, and PGD's
@@ -17,7 +17,9 @@ The row of the target is written into --out (an existing file keeps its other ta
 "seconds_per_seed", "images": 1000, "target", "met", "shortfall" (points), "next_run", "command",
 "explicit_matched": {...}, ...}]}``, and printed as the Markdown table of docs/benchmarks.md. Each run's row keeps
 its training curve, from which the figure is drawn. A run folder that is not on this machine (a seed trained
-elsewhere) is taken as --out records its evaluation, if it does; its curve is left out of the figure.
+elsewhere, or in an earlier session whose checkout is gone) is taken as --out or a --recorded file records its
+evaluation at the same dataset and eps, if one does. Numbers are written rounded to 4 decimals (percentages
+and seconds: far below what the figures resolve), so that the committed files stay small.
 """
 import argparse
 import json
@@ -191,6 +193,17 @@ def shortfall(target, certified_per_seed, next_run):
     return {"met": short == 0, "shortfall": short, **({"next_run": next_run} if short and next_run else {})}
 
 
+def rounded(value, decimals=4):
+    """``value`` (nested dicts and lists) with every float rounded to ``decimals`` (NaN and inf kept)."""
+    if isinstance(value, float):
+        return round(value, decimals) if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: rounded(v, decimals) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, decimals) for v in value]
+    return value
+
+
 def best_certificate(rows):
     """The certificate with the highest mean certified accuracy on the first 1,000 images."""
     return max(CERTIFICATES, key=lambda c: np.mean([r["certified"][c][1000] for r in rows]))
@@ -208,6 +221,9 @@ def main(argv=None):
                    help="where the target is not met: what the next run would be (recorded in the row)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--out", default="docs/figures/certified_targets.json")
+    p.add_argument("--recorded", nargs="+", default=[], metavar="JSON",
+                   help="other files this script wrote, whose evaluations stand in for run folders that are not "
+                        "here (--out's own records are read too)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs evaluated at once, each in a process of its own on one thread (2 on the 2-core machines "
                         "here: a medium stack's 10,000 images take about 20 minutes)")
@@ -218,9 +234,17 @@ def main(argv=None):
     data = load_dataset(args.dataset, args.data_dir)
     out = pathlib.Path(args.out)
     existing = json.loads(out.read_text(), object_hook=_int_keys) if out.is_file() else {"targets": []}
-    recorded = {(kind, r["run"]): r for t in existing["targets"]
-                if t["dataset"] == args.dataset and t["eps"] == args.eps
-                for kind, rs in t.get("runs", {}).items() for r in rs}
+    recorded = {}
+    for source in [*args.recorded, out]:   # --out last: its records win
+        path = pathlib.Path(source)
+        if not path.is_file():
+            if source is out:
+                continue
+            p.error(f"--recorded {source}: no such file")
+        records = existing if source is out else json.loads(path.read_text(), object_hook=_int_keys)
+        recorded.update({(kind, r["run"]): r for t in records.get("targets", [])
+                         if t["dataset"] == args.dataset and t["eps"] == args.eps
+                         for kind, rs in t.get("runs", {}).items() for r in rs})
     # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
     cache = lambda run: pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"  # noqa: E731
     fresh = [run for kind in ("nemon", "explicit") for run in getattr(args, kind) if pathlib.Path(run).is_dir()
@@ -237,8 +261,9 @@ def main(argv=None):
             if not pathlib.Path(run).is_dir():
                 # A seed trained on another machine: its evaluation of the saved model, as --out recorded it.
                 if (kind, run) not in recorded:
-                    p.error(f"{run}: no such run folder, and {out} records no evaluation of it at eps {args.eps:g}")
-                print(f"{kind} {run}: the run folder is not here; its evaluation as {out} records it", flush=True)
+                    p.error(f"{run}: no such run folder, and neither {out} nor a --recorded file records an "
+                            f"evaluation of it at eps {args.eps:g}")
+                print(f"{kind} {run}: the run folder is not here; its evaluation as recorded", flush=True)
                 rows[kind].append(recorded[(kind, run)])
                 continue
             rows[kind].append(json.loads(cache(run).read_text(), object_hook=_int_keys))
@@ -279,7 +304,7 @@ def main(argv=None):
               "runs": rows}
     existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
                                                                   and t["eps"] == args.eps)] + [target]
-    out.write_text(json.dumps(existing, indent=2))
+    out.write_text(json.dumps(rounded(existing), indent=2))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
     drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
     print(f"wrote {out}" + (f" and {figure}" if drawn else ""))

@@ -1,5 +1,5 @@
-"""Complete verification of dense NEMONs, and of stacks of dense layers around one, by mixed-integer
-linear programming (cvxpy, solved by HiGHS).
+"""Complete verification of dense NEMONs, and of stacks of dense and convolutional layers around one, by
+mixed-integer linear programming (cvxpy, solved by HiGHS).
 
 Over the input box [u_lo, u_hi] of an image's eps-ball, the fixed point x* = relu(z), z = A x* + B u + b,
 is unique (mu_inf(A) < 1), so the set {(u, x*(u))} is exactly the set of (u, x) that satisfy, unit by
@@ -14,9 +14,10 @@ The boxes are sound: x*'s is the embedded network's (:meth:`nemon_np.base.Embedd
 z's its image under A x + B u + b by interval arithmetic, narrowed by z <= x*_hi and, where x*_lo > 0,
 z >= x*_lo (x* = relu(z)); the same holds for a hidden read-out layer g = relu(H x* + h). Minimizing a
 margin y_k - y_j = (C_k - C_j) g + c_k - c_j over these constraints is its exact minimum over the ball.
-The same holds layer by layer in a stack (:func:`stack_program`): each dense layer kind has ``milp``,
+The same holds layer by layer in a stack (:func:`stack_program`): each such layer kind has ``milp``,
 its constraints between the expressions of its input and output over their boxes (an affine map for
-dense and batch normalization at evaluation, the encoding above for relu and the implicit layer).
+dense, convolution (its sparse matrix) and batch normalization at evaluation, the encoding above for
+relu and the dense implicit layer), on flat channel-last states.
 
 Relaxing every d_i to [0, 1] gives the ``lp`` bound: the triangle relaxation of each relu (eliminating
 d_i leaves x_i <= h_i (z_i - l_i) / (h_i - l_i)), a linear program over the same boxes. CROWN's
@@ -61,24 +62,28 @@ def as_dense_stack(model):
     if isinstance(model, NEMON):
         model = StackedClassifier.from_model(model)
     if not isinstance(model, StackedClassifier):
-        raise ValueError(f"exact verification handles dense NEMONs and stacks of dense layers, got "
-                         f"{type(model).__name__}")
+        raise ValueError(f"exact verification handles dense NEMONs and stacks, got {type(model).__name__}")
     for layer in model.layers[:-1]:
         if not hasattr(layer, "milp"):
-            raise ValueError(f"exact verification handles dense layers; {layer.token} has no mixed-integer form")
+            raise ValueError(f"exact verification handles dense, conv, relu, bn, flatten and nemon layers; "
+                             f"{layer.token} has no mixed-integer form")
     return model
 
 
 def stack_program(stack, boxes, relaxed=False):
     """The constraints of one image (module docstring) through every layer's ``milp``: ``boxes`` the
     float64 boxes (lo, hi) of :meth:`nemon_np.stack.StackedClassifier.enclosing_boxes` for this image
-    (entry 0 the input's). Returns (u, features, constraints, binaries, feature_bound): the input
-    variable, the logits layer's input as an expression, the constraints, the number of binaries and
-    max |features| over its box."""
+    (entry 0 the input's; spatial boxes are flattened here). Returns (u, features, constraints, binaries,
+    feature_bound): the input variable in the inputs' own (channel-major) order, the logits layer's input
+    as an expression, the constraints, the number of binaries and max |features| over its box."""
     import cvxpy as cp
-    lo, hi = boxes[0]
+    boxes = [(np.ravel(lo), np.ravel(hi)) for lo, hi in boxes]
+    order = stack.input_order()
+    lo, hi = np.empty(len(order)), np.empty(len(order))
+    lo[order], hi[order] = boxes[0]
     u = cp.Variable(len(lo))
-    expr, cons, binaries = u, [u >= lo, u <= hi], 0
+    expr = u if np.array_equal(order, np.arange(len(order))) else u[order]
+    cons, binaries = [u >= lo, u <= hi], 0
     for i, layer in enumerate(stack.layers[:-1]):
         expr, more, extra = layer.milp(expr, boxes[i], boxes[i + 1], relaxed)
         cons, binaries = cons + more, binaries + extra
@@ -125,8 +130,8 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
 
     Parameters
     ----------
-    model : dense NEMON (weighted or not, with or without a hidden read-out layer), or a stack of dense
-        layers (dense, relu, bn, flatten, nemon), mu_inf < 1
+    model : dense NEMON (weighted or not, with or without a hidden read-out layer), or a stack of
+        dense, conv, relu, bn, flatten and (dense) nemon layers, mu_inf < 1
     pixels : (m, features) in [0, 1]; labels : (m,) true classes; eps : float >= 0
     time_limit : seconds per image over all its open classes; what runs out is "unknown"
     relaxed : True solves the LP relaxation (the ``lp`` bound): an image is then "certified" or "unknown"
@@ -207,7 +212,11 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
                     warnings.filterwarnings("ignore", message="Solution may be inaccurate")
                     problem.solve(solver=cp.HIGHS, time_limit=left, mip_rel_gap=0.99, mip_abs_gap=tau / 10,
                                   objective_target=-tau, output_flag=False)
-            except cp.error.SolverError:
+            except (cp.error.SolverError, ValueError) as e:
+                # cvxpy raises ValueError("Cannot unpack invalid solution") where HiGHS ends with status
+                # UNKNOWN (numerical trouble, seen on LPs of conv stacks): the pair stays open.
+                if isinstance(e, ValueError) and "invalid solution" not in str(e):
+                    raise
                 decided = False
                 continue
             info = problem.solver_stats.extra_stats if problem.solver_stats is not None else None
@@ -219,9 +228,8 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
                 continue
             decided = False
             if not relaxed and u.value is not None and problem.value is not None and problem.value < tau:
-                # The solver's input, clipped into the ball, as pixels; re-solved in float64.
-                u_in = np.clip(u.value, boxes[0][0][i], boxes[0][1][i])
-                cand = np.clip(u_in * std + mean, np.maximum(P[i] - eps, 0), np.minimum(P[i] + eps, 1))
+                # The solver's input as pixels, clipped into the ball; re-solved in float64.
+                cand = np.clip(u.value * std + mean, np.maximum(P[i] - eps, 0), np.minimum(P[i] + eps, 1))
                 found = _verified_margins(model64, cand, k, options)
                 if np.any(np.delete(found, k) <= 0):
                     status[i], counterexamples[i], cx_margins[i] = "falsified", cand, np.delete(found, k).min()

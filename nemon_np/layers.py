@@ -379,6 +379,24 @@ class Conv2d(_Affine):
         # Output channel c's row: all its taps and input channels (border pixels, zero padded, have fewer).
         return np.asarray(self.W, np.float64).reshape(-1, self.channels).T
 
+    def sparse_matrix(self):
+        """The convolution without its bias as a float64 sparse matrix M (Ho Wo C_out, H W C_in) on flat
+        channel-last states: M[(p, q, c_out), (s p + a - pad, s q + e - pad, c_in)] = W[a, e, c_in, c_out],
+        taps that fall on the zero padding left out (k k C_in entries a row at most)."""
+        from scipy.sparse import csr_matrix
+        H, W, C = self._in_shape
+        # Each input entry's index + 1 through the patches: 0 marks a tap on the padding.
+        index = np.arange(1, H * W * C + 1, dtype=np.float64).reshape(1, H, W, C)
+        taps = patches(index, self.kernel, self.stride, self.padding).astype(np.int64) - 1
+        weights = np.asarray(self.W, np.float64).reshape(-1, self.channels)
+        position, tap, out = np.nonzero(np.broadcast_to((taps >= 0)[:, :, None], taps.shape + (self.channels,)))
+        return csr_matrix((weights[tap, out], (position * self.channels + out, taps[position, tap])),
+                          shape=(len(taps) * self.channels, H * W * C))
+
+    def milp(self, expr, box_in, box_out, relaxed):
+        positions = len(box_out[0]) // self.channels
+        return self.sparse_matrix() @ expr + np.tile(np.asarray(self.b, np.float64), positions), [], 0
+
 
 @_register
 class ReLU(Layer):
@@ -471,8 +489,7 @@ class Flatten(Layer):
         return dLam_in.reshape(shape), None, None, {}
 
     def milp(self, expr, box_in, box_out, relaxed):
-        if len(self._in_shape) != 1:
-            raise ValueError("exact verification handles dense layers; flatten follows a spatial layer here")
+        # The programs' states are flat already, channel-last: the order this layer's output keeps.
         return expr, [], 0
 
 

@@ -169,9 +169,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and noise")
     p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
     p.add_argument("--exact", action="store_true",
-                   help="dense models (and stacks of dense layers): add the rows certified-lp (the LP relaxation) "
-                        "and certified-exact (complete verification by mixed-integer programming; images whose "
-                        "time limit runs out are counted as unknown, never as certified)")
+                   help="dense NEMONs and stacks of dense, conv, relu, bn, flatten and nemon layers: add the rows "
+                        "certified-lp (the LP relaxation) and certified-exact (complete verification by mixed-integer "
+                        "programming; images whose time limit runs out are counted as unknown, never as certified)")
     p.add_argument("--time-limit", type=float, default=60.0, help="with --exact: solver seconds an image")
     p.add_argument("--jobs", type=int, default=1,
                    help="with --exact: processes of a local Dask cluster sharing the images")

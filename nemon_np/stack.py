@@ -271,6 +271,12 @@ class StackedClassifier:
         return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.params().items()}
 
     # -- inputs ---------------------------------------------------------------------------------
+    def input_order(self):
+        """The flat input feature (channel-major, as :meth:`logits` reads inputs) at each entry of the first
+        layer's flattened state: states = inputs[:, order] (channel-last for a spatial first layer)."""
+        index = np.arange(self.n_in, dtype=np.float64)[None, :]
+        return self._inputs(index, np.float64).reshape(-1).astype(np.int64)
+
     def _inputs(self, U, dtype=None):
         """U (m, n_in), (n_in,) or (m, C, H, W) as the first layer's states: flat, or channel-last."""
         U = np.asarray(U)

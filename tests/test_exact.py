@@ -85,6 +85,71 @@ def test_exact_on_a_stack_of_dense_layers_agrees_with_a_grid_search(arch, seed, 
     assert np.all(crown.certified <= res.certified)
 
 
+def _conv_reference(x, W, b, stride, padding):
+    """A channel-last convolution (H, W, C_in) -> (Ho, Wo, C_out) by its defining sum, loop by loop."""
+    k = W.shape[0]
+    xp = np.pad(x, ((padding, padding), (padding, padding), (0, 0)))
+    Ho, Wo = (xp.shape[0] - k) // stride + 1, (xp.shape[1] - k) // stride + 1
+    out = np.empty((Ho, Wo, W.shape[3]))
+    for p in range(Ho):
+        for q in range(Wo):
+            out[p, q] = np.einsum("aec,aeco->o", xp[stride * p:stride * p + k, stride * q:stride * q + k], W) + b
+    return out
+
+
+@pytest.mark.parametrize("token,shape", [("conv4k3s1p1", (2, 5, 4)), ("conv3k4s2p1", (3, 6, 7)),
+                                         ("conv2k2s1p0", (1, 3, 3))])
+def test_a_convolutions_sparse_matrix_is_the_convolution(token, shape):
+    """Conv2d's mixed-integer form is its sparse matrix on flat channel-last states: against the defining
+    sum, strides, zero padding and several input channels included."""
+    model = StackedClassifier(token, shape, 2, seed=3, dtype=np.float64)
+    conv = model.layers[0]
+    conv.b[...] = np.random.default_rng(0).normal(size=conv.b.shape)
+    x = np.random.default_rng(1).normal(size=shape[1:] + shape[:1])
+    M = conv.sparse_matrix()
+    assert M.nnz <= M.shape[0] * conv.kernel ** 2 * shape[0]
+    out = (M @ x.ravel()).reshape(_conv_reference(x, conv.W, conv.b, conv.stride, conv.padding).shape)
+    np.testing.assert_allclose(out + conv.b, _conv_reference(x, conv.W, conv.b, conv.stride, conv.padding),
+                               rtol=1e-12, atol=1e-12)
+
+
+def _grid_robust_nd(model, P, y, eps, n):
+    """Whether every point of an n^d grid over each ball (clipped to [0, 1]) keeps the label."""
+    g = np.linspace(-eps, eps, n)
+    G = np.stack(np.meshgrid(*[g] * P.shape[1]), -1).reshape(-1, P.shape[1])
+    return np.array([np.all(model.predict(to_inputs(model, np.clip(p + G, 0, 1)), tol=1e-12) == k)
+                     for p, k in zip(P, y)])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exact_on_a_stack_with_convolutions_agrees_with_a_grid_search(dtype):
+    """Convolutions before the implicit layer, on 2-channel 2 x 2 images normalized per channel: the
+    program reads the inputs channel-major and the convolutions channel-last. Certified balls have no
+    grid point that flips the label, falsified ones a counterexample in the ball, and crown's are certified."""
+    rng = np.random.default_rng(5)
+    model = StackedClassifier("conv3k2s1p1,relu,conv2k2s1p0,relu,nemon5", (2, 2, 1), 3, gamma=0.7, seed=2,
+                              dtype=np.float64)
+    for layer in model.layers:
+        if "b" in layer.params():
+            layer.b[...] = 0.3 * rng.normal(size=layer.b.shape)
+        if "W" in layer.params():
+            layer.W *= 6 if layer is model.layers[0] else 2
+    model = model.astype(dtype)
+    model.metadata.update(mean=np.array([0.4, 0.5]), std=np.array([0.3, 0.6]))
+    P = rng.uniform(0.2, 0.8, size=(12, 4))
+    y = model.astype(np.float64).predict(to_inputs(model, P, np.float64), tol=1e-12)
+    res = certify(model, P, y, 0.1, "exact", **TOL)
+    assert set(res.status) <= {"certified", "falsified"}
+    assert np.any(res.status == "certified") and np.any(res.status == "falsified")
+    model64 = model.astype(np.float64)   # the stored parameters in float64, as exact decides them
+    assert np.all(res.certified <= _grid_robust_nd(model64, P, y, 0.1, 9))
+    for i in np.flatnonzero(res.status == "falsified"):
+        cx = res.counterexamples[i]
+        assert np.all(np.abs(cx - P[i]) <= 0.1 + 1e-12) and _margin_at(model64, cx, y[i]) <= 0
+    crown = certify(model, P, y, 0.1, "crown", **TOL)
+    assert np.all(crown.certified <= res.certified)
+
+
 def test_a_misclassified_image_is_falsified_by_itself():
     model = _model(2)
     P, y = _images(model, 2, m=3)
@@ -160,6 +225,31 @@ def test_an_image_out_of_time_is_unknown_never_certified():
     left = ~crown.certified & (res.status != "falsified")
     assert np.any(left) and np.all(res.status[left] == "unknown") and not np.any(res.certified[left])
     assert np.array_equal(res.certified[crown.certified], crown.certified[crown.certified])
+
+
+@pytest.mark.parametrize("name", ["exact", "lp"])
+def test_a_solve_that_ends_with_no_solution_leaves_the_image_unknown(name, monkeypatch):
+    """HiGHS can end a solve with status UNKNOWN, which cvxpy reports as ValueError("Cannot unpack invalid
+    solution") (seen on an LP of a conv stack): the pairs stay open, the image is unknown, the run goes on."""
+    import cvxpy as cp
+    model = _model(2)
+    P, y = _images(model, 2)
+    crown = certify(model, P, y, 0.08, "crown", **TOL)
+
+    def fails(self, *args, **kwargs):
+        raise ValueError("Cannot unpack invalid solution: Solution(status=UNKNOWN, ...)")
+    monkeypatch.setattr(cp.Problem, "solve", fails)
+    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=10, attack_steps=0) if name == "exact" else name,
+                  **TOL)
+    left = ~crown.certified & (res.status != "falsified")
+    assert np.any(left) and np.all(res.status[left] == "unknown")
+    assert np.array_equal(res.certified, crown.certified)
+
+    def breaks(self, *args, **kwargs):
+        raise ValueError("some other error")
+    monkeypatch.setattr(cp.Problem, "solve", breaks)
+    with pytest.raises(ValueError, match="some other error"):   # other errors are not swallowed
+        certify(model, P, y, 0.08, name, **TOL)
 
 
 def test_processes_share_the_images_with_the_same_results():
@@ -244,10 +334,10 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="time_limit must be a positive number"):
         certify(model, P, y, 0.1, ExactCertificate(time_limit=0), **TOL)
     conv = ConvNEMON(1, (4, 4), channels=2, kernel=3, n_out=3, pool=2, gamma=0.5)
-    with pytest.raises(ValueError, match="handles dense NEMONs and stacks of dense layers, got ConvNEMON"):
+    with pytest.raises(ValueError, match="handles dense NEMONs and stacks, got ConvNEMON"):
         certify(conv, np.full((1, 16), 0.5), [0], 0.1, "exact")
-    stack = StackedClassifier("conv2k3s1p1,relu,nemon4", (1, 4, 4), 3)
-    with pytest.raises(ValueError, match="conv2k3s1p1 has no mixed-integer form"):
+    stack = StackedClassifier("conv2k3s1p1,relu,cnemon2k3,pool2,dense3", (1, 4, 4), 3)
+    with pytest.raises(ValueError, match="cnemon2k3.* has no mixed-integer form"):
         certify(stack, np.full((1, 16), 0.5), [0], 0.1, "exact")
 
 

@@ -1,0 +1,77 @@
+"""benchmarks/certified_targets.py: a target's row from run evaluations recorded by an earlier session (the
+run folders gone with its checkout), merged as the script documents, written rounded."""
+import copy
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import certified_targets  # noqa: E402
+
+
+def _record(run, crown, clean, seconds):
+    """One run's evaluation in the script's own form (as evaluate_run returns it)."""
+    return {"run": run, "clean": {"1000": clean, "10000": clean + 0.123456789},
+            "certified": {"interval": {"1000": crown - 0.5, "10000": crown - 0.4},
+                          "crown": {"1000": crown, "10000": crown + 0.21}},
+            "pgd": {"1000": crown + 3.0, "10000": crown + 3.1}, "broken_certified": {"interval": 0, "crown": 0},
+            "certify_seconds": {"interval": 1.0, "crown": 2.0}, "train_seconds": seconds,
+            "epoch_seconds": seconds + 10, "epochs": 3, "command": f"python -m nemon_np.train --out {run}",
+            "curve": {"train_seconds": [seconds / 3, 2 * seconds / 3, seconds], "certified": [None, 50.0, 80.0],
+                      "clean": [98.0, 97.0, 96.0]}}
+
+
+def _file(path, dataset, eps, nemon, explicit):
+    path.write_text(json.dumps({"targets": [{"dataset": dataset, "eps": eps,
+                                             "runs": {"nemon": nemon, "explicit": explicit}}]}))
+    return path
+
+
+def test_a_row_is_made_from_recorded_evaluations_of_runs_not_here(tmp_path, monkeypatch, shared_data):
+    monkeypatch.chdir(tmp_path)   # no run folder of these names here
+    one = _file(tmp_path / "one.json", "mnist", 0.3, [_record("runs/n_s0", 89.0, 96.8, 8175.0)],
+                [_record("runs/x_s0", 88.9, 96.6, 8405.0)])
+    two = _file(tmp_path / "two.json", "mnist", 0.3, [_record("runs/n_s1", 88.0 + 1 / 3, 96.5, 8000.0)], [])
+    other = {"dataset": "cifar10", "eps": 0.1, "certified_per_seed": [1.0]}
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps({"targets": [other]}))
+    argv = ["--data-dir", str(shared_data), "--eps", "0.3", "--target", "90", "--out", str(out),
+            "--nemon", "runs/n_s0", "runs/n_s1", "--explicit", "runs/x_s0"]
+    assert certified_targets.main(argv + ["--recorded", str(one), str(two)]) == 0
+    targets = json.loads(out.read_text())["targets"]
+    assert targets[0] == other                            # the file's other targets are kept
+    row = targets[1]
+    assert row["certified_per_seed"] == [89.0, 88.3333] and row["clean_per_seed"] == [96.8, 96.5]
+    assert row["seconds_per_seed"] == [8175.0, 8000.0] and row["certified_all_per_seed"] == [89.21, 88.5433]
+    assert row["shortfall"] == round(90 - np.mean([89.0, 88.0 + 1 / 3]), 2) and row["met"] is False
+    assert row["explicit_matched"]["certified_per_seed"] == [88.9] and row["broken_certified"] == 0
+    assert row["runs"]["nemon"][1]["clean"]["10000"] == round(96.5 + 0.123456789, 4)
+    assert (tmp_path / "certified_targets_mnist_0.3.png").is_file()   # the recorded curves, drawn
+
+    # --out's own records are read too: the same row again without --recorded.
+    assert certified_targets.main(argv) == 0
+    assert json.loads(out.read_text())["targets"][1]["certified_per_seed"] == [89.0, 88.3333]
+
+
+def test_runs_neither_here_nor_recorded_are_one_line_errors(tmp_path, monkeypatch, capsys, shared_data):
+    monkeypatch.chdir(tmp_path)
+    rec = _file(tmp_path / "rec.json", "mnist", 0.1, [_record("runs/n_s0", 89.0, 96.8, 1.0)], [])
+    base = ["--data-dir", str(shared_data), "--out", str(tmp_path / "out.json"), "--nemon", "runs/n_s0",
+            "--explicit", "runs/x_s0"]
+    for extra, message in ((["--eps", "0.3", "--recorded", str(tmp_path / "absent.json")], "no such file"),
+                           (["--eps", "0.1", "--recorded", str(rec)], "runs/x_s0: no such run folder"),
+                           (["--eps", "0.3", "--recorded", str(rec)], "runs/n_s0: no such run folder")):
+        with pytest.raises(SystemExit):
+            certified_targets.main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1]
+
+
+def test_rounded_rounds_floats_only_and_keeps_the_shape():
+    value = {"a": [1 / 3, 2, float("nan"), {"b": 94.69999999999999}], "c": "text", "d": None, "e": True}
+    out = certified_targets.rounded(copy.deepcopy(value))
+    assert out["a"][0] == 0.3333 and out["a"][1] == 2 and np.isnan(out["a"][2]) and out["a"][3]["b"] == 94.7
+    assert out["c"] == "text" and out["d"] is None and out["e"] is True
