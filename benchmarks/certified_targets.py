@@ -19,12 +19,14 @@ The row of the target is written into --out (an existing file keeps its other ta
 its training curve, from which the figure is drawn. A run folder that is not on this machine (a seed trained
 elsewhere, or in an earlier session whose checkout is gone) is taken as --out or a --recorded file records its
 evaluation at the same dataset and eps, if one does. Numbers are written rounded to 4 decimals (percentages
-and seconds: far below what the figures resolve), so that the committed files stay small.
+and seconds: far below what the figures resolve) and lists of numbers on one line, so that the committed files
+stay small.
 """
 import argparse
 import json
 import math
 import pathlib
+import re
 import sys
 import time
 from dataclasses import asdict, fields
@@ -204,6 +206,15 @@ def rounded(value, decimals=4):
     return value
 
 
+def dumps(value):
+    """``value`` as JSON, rounded (:func:`rounded`), indented, with each list of numbers on one line: the
+    committed files stay small and readable."""
+    text = json.dumps(rounded(value), indent=2)
+    # A leaf list (no bracket or brace inside): its newlines and indents to single spaces. JSON strings hold
+    # no raw newline, so only the layout changes.
+    return re.sub(r"\[([^\[\]{}]*)\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)).strip() + "]", text)
+
+
 def best_certificate(rows):
     """The certificate with the highest mean certified accuracy on the first 1,000 images."""
     return max(CERTIFICATES, key=lambda c: np.mean([r["certified"][c][1000] for r in rows]))
@@ -304,7 +315,7 @@ def main(argv=None):
               "runs": rows}
     existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
                                                                   and t["eps"] == args.eps)] + [target]
-    out.write_text(json.dumps(rounded(existing), indent=2))
+    out.write_text(dumps(existing))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
     drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
     print(f"wrote {out}" + (f" and {figure}" if drawn else ""))

@@ -75,3 +75,14 @@ def test_rounded_rounds_floats_only_and_keeps_the_shape():
     out = certified_targets.rounded(copy.deepcopy(value))
     assert out["a"][0] == 0.3333 and out["a"][1] == 2 and np.isnan(out["a"][2]) and out["a"][3]["b"] == 94.7
     assert out["c"] == "text" and out["d"] is None and out["e"] is True
+
+
+def test_dumps_keeps_the_value_and_puts_number_lists_on_one_line():
+    value = {"targets": [{"command": "python -m nemon_np.train --arch a,b [x]", "per_seed": [94.69999999999999, 1 / 3],
+                          "curve": {"clean": [98.0, None, 97.123456]}, "runs": {"nemon": [{"run": "r"}]}}]}
+    text = certified_targets.dumps(value)
+    back = json.loads(text)
+    assert back["targets"][0]["per_seed"] == [94.7, 0.3333] and back["targets"][0]["curve"]["clean"] == [98.0, None,
+                                                                                                         97.1235]
+    assert back["targets"][0]["command"] == value["targets"][0]["command"]
+    assert '"per_seed": [94.7, 0.3333]' in text and '"clean": [98.0, null, 97.1235]' in text
