@@ -245,17 +245,13 @@ def main(argv=None):
     data = load_dataset(args.dataset, args.data_dir)
     out = pathlib.Path(args.out)
     existing = json.loads(out.read_text(), object_hook=_int_keys) if out.is_file() else {"targets": []}
-    recorded = {}
-    for source in [*args.recorded, out]:   # --out last: its records win
-        path = pathlib.Path(source)
-        if not path.is_file():
-            if source is out:
-                continue
+    for source in args.recorded:
+        if not pathlib.Path(source).is_file():
             p.error(f"--recorded {source}: no such file")
-        records = existing if source is out else json.loads(path.read_text(), object_hook=_int_keys)
-        recorded.update({(kind, r["run"]): r for t in records.get("targets", [])
-                         if t["dataset"] == args.dataset and t["eps"] == args.eps
-                         for kind, rs in t.get("runs", {}).items() for r in rs})
+    sources = [json.loads(pathlib.Path(f).read_text(), object_hook=_int_keys) for f in args.recorded] + [existing]
+    recorded = {(kind, r["run"]): r for records in sources for t in records.get("targets", [])   # --out's last: it wins
+                if t["dataset"] == args.dataset and t["eps"] == args.eps
+                for kind, rs in t.get("runs", {}).items() for r in rs}
     # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
     cache = lambda run: pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"  # noqa: E731
     fresh = [run for kind in ("nemon", "explicit") for run in getattr(args, kind) if pathlib.Path(run).is_dir()
