@@ -194,10 +194,10 @@ class ExactCertificate(Certificate):
         self.attack_steps = 0 if self.relaxed else int(attack_steps)
 
     def run(self, model, pixels, labels, eps, **options):
-        from .exact import as_dense_stack, image_cache_key, model_fingerprint
+        from .exact import as_milp_stack, image_cache_key, model_fingerprint
         P, labels = np.asarray(pixels, np.float64), np.asarray(labels)
         crown = CrownCertificate().margins(model, P, labels, eps, **options)
-        stack = as_dense_stack(model)   # once here, not once an image in verify_exact
+        stack = as_milp_stack(model)   # once here, not once an image in verify_exact
         rows = [None] * len(labels)
         names = [None] * len(labels)
         if self.cache is not None:

@@ -50,12 +50,13 @@ from .attacks import attack
 from .pixels import channel_stats, input_box, to_inputs
 from .stack import StackedClassifier
 
-__all__ = ["DECISION_TOL", "as_dense_stack", "stack_program", "verify_exact", "model_fingerprint", "image_cache_key"]
+__all__ = ["DECISION_TOL", "as_milp_stack", "as_dense_stack", "stack_program", "verify_exact", "model_fingerprint",
+           "image_cache_key"]
 
 DECISION_TOL = 1e-6
 
 
-def as_dense_stack(model):
+def as_milp_stack(model):
     """The model as a :class:`nemon_np.stack.StackedClassifier` (a NEMON through ``from_model``, the
     same certificates), every layer of which has a mixed-integer form; a one-line error otherwise."""
     from .models import NEMON
@@ -68,6 +69,10 @@ def as_dense_stack(model):
             raise ValueError(f"exact verification handles dense, conv, relu, bn, flatten and nemon layers; "
                              f"{layer.token} has no mixed-integer form")
     return model
+
+
+# The name from before convolutions had a mixed-integer form; kept so that callers of it still work.
+as_dense_stack = as_milp_stack
 
 
 def stack_program(stack, boxes, relaxed=False):
@@ -151,7 +156,7 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
     ``seconds`` (m,) solver time per image; ``binaries`` (m,) binaries per program.
     """
     import cvxpy as cp
-    model = as_dense_stack(model)
+    model = as_milp_stack(model)
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
     if P.ndim != 2 or labels.shape != (len(P),):

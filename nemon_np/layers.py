@@ -32,7 +32,10 @@ and has
 * ``token``: the layer in the architecture string (:func:`nemon_np.stack.parse_architecture`).
 
 ``options`` is a dict of the fixed-point solver settings (tol, max_iter, method, alpha, tol_mode,
-on_violation, adjoint, adjoint_tol); explicit layers ignore it.
+on_violation, adjoint, adjoint_tol) and ``train`` (batch statistics); in certified training each
+layer's ``box`` and ``relax`` also find ``clean``, its own forward cache from the batch's clean pass,
+and a gradient they send back to that pass comes in ``grads[CLEAN_INPUT]`` (batch normalization's
+statistics, :class:`BatchNorm`). Other layers ignore both.
 
 Interval arithmetic of an affine map y = W x + b over the box [x_c - x_r, x_c + x_r]: y_c = W x_c + b,
 y_r = |W| x_r, exact for the box's image's enclosing box; its gradient dL/dx_c = W^T dL/dy_c,
@@ -55,10 +58,15 @@ from .models import DenseImplicitMap
 from .relaxation import (batched_dot, concretize, crown_multipliers, relu_offsets, relu_relaxation,
                          relu_relaxation_grad, unrolled_bounds)
 
-__all__ = ["Layer", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "BatchNorm", "ImplicitDense",
+__all__ = ["Layer", "CLEAN_INPUT", "Dense", "Conv2d", "ReLU", "Flatten", "AvgPool2d", "BatchNorm", "ImplicitDense",
            "ImplicitConv", "LAYERS"]
 
 LAYERS = {}
+
+# The key under which a training box's or relaxation's gradients (``box_backward``, ``relax_backward``)
+# carry a gradient on the layer's input in the batch's clean pass: batch normalization's box reads the
+# clean pass's statistics.
+CLEAN_INPUT = "clean_input"
 
 
 def _register(cls):
@@ -564,8 +572,14 @@ class BatchNorm(Layer):
     find crucial for certified training: y = gamma (x - mu) / sqrt(var + eps) + beta.
 
     In training (``options["train"]``) mu and var are the batch's, over every axis but the channel,
-    and the running statistics move towards them (momentum 0.1, the unbiased variance, as PyTorch);
-    the training box uses the statistics of the box centres and is differentiated through them. At
+    and the running statistics move towards them (momentum 0.1, the unbiased variance, as PyTorch).
+    The training box and relaxation are the affine map of the same statistics, those of the batch's
+    clean pass (``options["clean"]``, this layer's forward cache; auto_LiRPA's default "forward" mode,
+    which Shi et al. 2021 train with), and are differentiated through them: their gradient with
+    respect to the clean pass's input comes back in ``grads[CLEAN_INPUT]``. The running statistics
+    estimate these same statistics, so the box that training tightens is the one certificates
+    evaluate. (Statistics of the box centres instead let training shrink its boxes by spreading the
+    centres, which the clean statistics at evaluation undo: boxes a thousand times wider.) At
     evaluation (logits, attacks, certificates) the layer is the affine map y = a x + c of the
     running statistics, a = gamma / sqrt(running_var + eps), c = beta - a running_mean, which the
     boxes, the relaxation and the Lipschitz factor (max |a|) pass as such."""
@@ -598,54 +612,67 @@ class BatchNorm(Layer):
         mu = X.mean(axis=axes)
         return mu, ((X - mu) ** 2).mean(axis=axes), axes
 
-    def forward(self, X, options):
-        return self._forward(X, options, update=True)
+    @staticmethod
+    def _clean_stats(options):
+        """(mu, s, X_hat, axes) of the batch's clean pass, for the training box and relaxation."""
+        clean = options.get("clean")
+        if clean is None:
+            raise ValueError("batch normalization's training box needs its clean pass's forward cache in "
+                             "options['clean'] (StackedClassifier.certified_loss_and_grad passes it)")
+        X_hat, s, axes, mu = clean
+        return mu, s, X_hat, axes
 
-    def _forward(self, X, options, update):
+    def _clean_input_grad(self, dmu, ds, X_hat):
+        """The gradient on the clean pass's input x from those on its mu and s = sqrt(var + eps):
+        dmu/dx = 1 / n, ds/dx = (x - mu) / (n s) = x_hat / n, n the entries per channel."""
+        return (dmu + ds * X_hat) / (X_hat.size // X_hat.shape[-1])
+
+    def forward(self, X, options):
         if not options.get("train"):
             a, c = self._affine()
             return (X * a.astype(X.dtype) + c.astype(X.dtype)), None
         mu, var, axes = self._stats(X)
-        if update:
-            n = X.size // X.shape[-1]
-            self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mu
-            self.running_var = (1 - self.momentum) * self.running_var + self.momentum * var * n / max(n - 1, 1)
+        n = X.size // X.shape[-1]
+        self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mu
+        self.running_var = (1 - self.momentum) * self.running_var + self.momentum * var * n / max(n - 1, 1)
         s = np.sqrt(var + X.dtype.type(self.eps))
         X_hat = (X - mu) / s
-        return self.weight * X_hat + self.bias, (X_hat, s, axes)
+        return self.weight * X_hat + self.bias, (X_hat, s, axes, mu)
 
     def backward(self, dY, cache, options):
         if cache is None:
             a, _ = self._affine()
             return dY * a.astype(dY.dtype), {"weight": np.zeros_like(self.weight), "bias": np.zeros_like(self.bias)}
-        X_hat, s, axes = cache
+        X_hat, s, axes, _ = cache
         grads = {"weight": (dY * X_hat).sum(axis=axes), "bias": dY.sum(axis=axes)}
         dX_hat = dY * self.weight
         dX = (dX_hat - dX_hat.mean(axis=axes) - X_hat * (dX_hat * X_hat).mean(axis=axes)) / s
         return dX, grads
 
     def box(self, X_c, X_r, options):
-        Y_c, cache = self._forward(X_c, options, update=False)   # the clean pass moves the running statistics
-        if cache is None:
+        if not options.get("train"):
             a, _ = self._affine()
-            return Y_c, X_r * np.abs(a).astype(X_r.dtype), (None, X_r)
-        X_hat, s, axes = cache
-        return Y_c, X_r * (np.abs(self.weight) / s), (cache, X_r)
+            return self.forward(X_c, options)[0], X_r * np.abs(a).astype(X_r.dtype), None
+        mu, s, _, _ = self._clean_stats(options)
+        a = self.weight / s
+        return a * (X_c - mu) + self.bias, X_r * np.abs(a), (X_c, X_r)
 
     def box_backward(self, dY_c, dY_r, cache, options):
-        cache, X_r = cache
         if cache is None:
             a, _ = self._affine()
             dX_c, grads = self.backward(dY_c, None, options)
             return dX_c, dY_r * np.abs(a).astype(dY_r.dtype), grads
-        X_hat, s, axes = cache
-        dX_c, grads = self.backward(dY_c, cache, options)
-        # y_r = |gamma| x_r / s: through s = sqrt(var(x_c) + eps), ds/dx_c = (x_c - mu) / (n s) = X_hat / n.
-        n = X_hat.size // X_hat.shape[-1]
-        ds = -(dY_r * X_r).sum(axis=axes) * np.abs(self.weight) / (s * s)
-        dX_c = dX_c + ds * X_hat / n
-        grads["weight"] = grads["weight"] + np.sign(self.weight) * (dY_r * X_r).sum(axis=axes) / s
-        return dX_c, dY_r * (np.abs(self.weight) / s), grads
+        X_c, X_r = cache
+        mu, s, X_hat, axes = self._clean_stats(options)
+        g = self.weight
+        # y_c = g (x_c - mu) / s + beta, y_r = |g| x_r / s, with mu and s the clean pass's.
+        dY_c_X = (dY_c * (X_c - mu)).sum(axis=axes)
+        dY_r_X = (dY_r * X_r).sum(axis=axes)
+        dY_c_sum = dY_c.sum(axis=axes)
+        grads = {"weight": (dY_c_X + np.sign(g) * dY_r_X) / s, "bias": dY_c_sum,
+                 CLEAN_INPUT: self._clean_input_grad(-g / s * dY_c_sum, -(g * dY_c_X + np.abs(g) * dY_r_X) / (s * s),
+                                                     X_hat)}
+        return dY_c * (g / s), dY_r * (np.abs(g) / s), grads
 
     def enclosing_box(self, X_lo, X_hi, options):
         c, r = enclosing_center_radius(X_lo, X_hi)
@@ -665,13 +692,12 @@ class BatchNorm(Layer):
         return Lam * a, beta, allowance
 
     def relax(self, Lam, box_in, box_out, options):
-        # y = a x + shift: with the box centres' statistics in training (as ``box``), a = gamma / s and
-        # shift = beta - a mu, differentiated through mu and s; the running statistics' otherwise.
+        # y = a x + shift: in training (as ``box``) a = gamma / s and shift = beta - a mu of the clean
+        # pass's statistics, differentiated through them; the running statistics' otherwise.
         if options.get("train"):
-            mu, var, _ = self._stats(box_in[0])
-            s = np.sqrt(var + box_in[0].dtype.type(self.eps))
+            mu, s, X_hat, _ = self._clean_stats(options)
             a = self.weight / s
-            shift, stats = self.bias - a * mu, (mu, s, box_in[0])
+            shift, stats = self.bias - a * mu, (mu, s, X_hat)
         else:
             (a, shift), stats = (v.astype(Lam.dtype) for v in self._affine()), None
         return Lam * a, _row_constants(Lam, shift), (Lam, a, shift, stats)
@@ -681,17 +707,14 @@ class BatchNorm(Layer):
         dLam = dLam_in * a + _per_row(dbeta, Lam) * shift
         if stats is None:
             return dLam, None, None, {"weight": np.zeros_like(self.weight), "bias": np.zeros_like(self.bias)}
-        mu, s, X_c = stats
+        mu, s, X_hat = stats
         C = Lam.shape[-1]
         da = (dLam_in * Lam).reshape(-1, C).sum(axis=0)
         dshift = (_per_row(dbeta, Lam) * Lam).reshape(-1, C).sum(axis=0)
-        # a = gamma / s, shift = beta - gamma mu / s; mu and s are the centres' mean and deviation.
-        ds = (-da + dshift * mu) * self.weight / (s * s)
-        dmu = -dshift * a
-        n = X_c.size // C
-        dX_c = (dmu + ds * (X_c - mu) / s) / n
-        grads = {"weight": (da - dshift * mu) / s, "bias": dshift}
-        return dLam, (dX_c, None), None, grads
+        # a = gamma / s, shift = beta - gamma mu / s.
+        grads = {"weight": (da - dshift * mu) / s, "bias": dshift,
+                 CLEAN_INPUT: self._clean_input_grad(-dshift * a, (-da + dshift * mu) * self.weight / (s * s), X_hat)}
+        return dLam, None, None, grads
 
     def milp(self, expr, box_in, box_out, relaxed):
         import cvxpy as cp

@@ -193,9 +193,9 @@ def main(argv=None):
     certificates = REPORT_CERTIFICATES
     if args.exact:
         from .certificates import ExactCertificate, LPCertificate
-        from .exact import as_dense_stack
+        from .exact import as_milp_stack
         try:
-            as_dense_stack(model)
+            as_milp_stack(model)
         except ValueError as e:
             p.error(f"--exact: {e}")
         cache = model_path.parent / "exact_cache"   # decided images are not solved again on a rerun

@@ -36,7 +36,8 @@ from .base import check_labels, read_model_file, write_model_file
 from .decided import predict_by_rule
 from .interval import (UNIT_ROUNDOFF, center_radius, enclosing_center_radius, margin_lower_bounds,
                        margin_lower_bounds_grad, margin_rounding)
-from .layers import AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU, box_magnitude
+from .layers import (CLEAN_INPUT, AvgPool2d, BatchNorm, Conv2d, Dense, Flatten, ImplicitConv, ImplicitDense, ReLU,
+                     box_magnitude)
 from .losses import softmax_cross_entropy
 from .relaxation import batched_dot, concretize
 from .warmup import WARMUP_TOL, warmup_regularizer
@@ -315,12 +316,33 @@ class StackedClassifier:
             caches.append(cache)
         return X, caches
 
-    def _backward(self, dY, caches, options):
-        grads = {}
-        for i in range(len(self.layers) - 1, -1, -1):
+    def _backward(self, dY, caches, options, extra=None, top=None):
+        """(dX, grads) of a pass from layer ``top`` (default the last) down, dY on its output;
+        ``extra[i]`` is added to the gradient on layer i's input (the boxes' gradients on the clean
+        pass, ``CLEAN_INPUT``)."""
+        grads, extra = {}, extra or {}
+        for i in range(len(self.layers) - 1 if top is None else top, -1, -1):
             dY, g = self.layers[i].backward(dY, caches[i], options)
             grads.update({f"{i}.{k}": v for k, v in g.items()})
+            if i in extra:
+                dY = dY + extra[i]
         return dY, grads
+
+    def _clean_input_grads(self, extra, caches, options):
+        """The parameters' gradients from gradients ``extra[i]`` on the inputs of layers i in the clean
+        pass (``caches``), passed down from the highest."""
+        if not extra:
+            return {}
+        top = max(extra)
+        return self._backward(extra[top], caches, options, extra, top - 1)[1]
+
+    @staticmethod
+    def _take_clean_input(grads, i, extra):
+        """Move a layer's ``CLEAN_INPUT`` gradient (layer i) out of its grads into ``extra``."""
+        d = grads.pop(CLEAN_INPUT, None)
+        if d is not None:
+            extra[i] = d if i not in extra else extra[i] + d
+        return grads
 
     def _solver_info(self, caches, m, key):
         """The implicit layer's solver info from a pass's caches (zero iterations for an explicit stack)."""
@@ -383,13 +405,13 @@ class StackedClassifier:
         forward = self._solver_info(caches, m, "forward")
         forward["logits"] = Y
         backward = self._solver_info(caches, m, "backward")
-        return loss, grads, dX, {"forward": forward, "backward": backward}
+        return loss, grads, dX, {"forward": forward, "backward": backward}, caches
 
     def loss_and_grad(self, U, y, *, return_info=False, **solver_options):
         """Mean softmax cross-entropy over the batch and its gradients, keyed as :meth:`params`;
         ``return_info`` adds {"forward", "backward"}: the implicit layer's solver info (the forward
         info also holds the batch's ``logits``). Solver options as :meth:`nemon_np.NEMON.loss_and_grad`."""
-        loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
+        loss, grads, _, info, _ = self._loss_backward(U, y, None, solver_options, train=True)
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, **solver_options):
@@ -420,10 +442,11 @@ class StackedClassifier:
         "warmup_loss"}."""
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
-        loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
+        loss, grads, _, info, clean_caches = self._loss_backward(U, y, None, solver_options, train=True)
         if kappa == 1:
             return (loss, grads, info) if return_info else (loss, grads)
         options = self._options(train=True, **solver_options)
+        layer_options = self._layer_options(options, clean_caches)
         lo, hi = self._inputs(U_lo), self._inputs(U_hi)
         X_c, X_r = center_radius(lo, hi)
         if len(X_c) != len(y) or np.any(X_r < 0):
@@ -431,8 +454,8 @@ class StackedClassifier:
         if not 0 <= crown_weight <= 1:
             raise ValueError(f"crown_weight must lie in [0, 1], got {crown_weight!r}")
         caches, boxes, t0 = [], [(X_c, X_r)], float(np.mean(X_r))
-        for layer in self.layers[:-1]:
-            X_c, X_r, cache = layer.box(X_c, X_r, options)
+        for layer, opts in zip(self.layers[:-1], layer_options):
+            X_c, X_r, cache = layer.box(X_c, X_r, opts)
             caches.append(cache)
             boxes.append((X_c, X_r))
         last = len(self.layers) - 1
@@ -445,23 +468,25 @@ class StackedClassifier:
         head = self.layers[-1]
         M = M_ibp = margin_lower_bounds(head.W, head.b, X_c, X_r, y)
         if crown_weight > 0:
-            M_crown, crown_caches = self._training_crown(boxes, y, options)
+            M_crown, crown_caches = self._training_crown(boxes, y, layer_options)
             M = (1 - crown_weight) * M_ibp + crown_weight * M_crown
         robust, d_neg = softmax_cross_entropy(-M, y)
         dM = -d_neg
         dX_c, dX_r, dW, db = margin_lower_bounds_grad(head.W, X_c, X_r, y, (1 - crown_weight) * dM)
-        robust_grads = {f"{last}.W": dW, f"{last}.b": db}
+        robust_grads, clean_extra = {f"{last}.W": dW, f"{last}.b": db}, {}
         if crown_weight > 0:
             crown_grads = self._training_crown_backward(crown_weight * dM, y, boxes, crown_caches, box_grads,
-                                                        options)
+                                                        layer_options, clean_extra)
             for k, g in crown_grads.items():
                 robust_grads[k] = robust_grads[k] + g if k in robust_grads else g
         for i in range(last - 1, -1, -1):
             dX_c, dX_r = _add_box_grad((dX_c, dX_r), box_grads.get(i + 1))
-            dX_c, dX_r, g = self.layers[i].box_backward(dX_c, dX_r, caches[i], options)
-            for k, v in g.items():
+            dX_c, dX_r, g = self.layers[i].box_backward(dX_c, dX_r, caches[i], layer_options[i])
+            for k, v in self._take_clean_input(g, i, clean_extra).items():
                 k = f"{i}.{k}"
                 robust_grads[k] = robust_grads[k] + v if k in robust_grads else v
+        for k, v in self._clean_input_grads(clean_extra, clean_caches, options).items():
+            robust_grads[k] = robust_grads[k] + v
         total = kappa * loss + (1 - kappa) * robust + warmup_weight * warmup
         grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:
@@ -474,34 +499,42 @@ class StackedClassifier:
             info["crown_margins"] = M_crown
         return total, grads, info
 
-    def _training_crown(self, boxes, y, options):
+    @staticmethod
+    def _layer_options(options, clean_caches):
+        """Each layer's options in certified training: ``options`` and ``clean``, the layer's cache
+        from the batch's clean pass."""
+        return [{**options, "clean": cache} for cache in clean_caches]
+
+    def _training_crown(self, boxes, y, layer_options):
         """CROWN's margin lower bounds over the training boxes (``boxes[i]`` the box of layer i's input
         in the model's dtype, entry 0 the input box): the rows W_y - W_j, b_y - b_j of the logits layer
-        through every layer's ``relax``, bounded over the input box; (M (m, n_out), the layers' caches)."""
+        through every layer's ``relax`` (``layer_options[i]`` layer i's options), bounded over the input
+        box; (M (m, n_out), the layers' caches)."""
         head, last = self.layers[-1], len(self.layers) - 1
         Lam = head.W[y][:, None, :] - head.W[None, :, :]
         beta = head.b[y][:, None] - head.b[None, :]
         caches = {}
         for i in range(last - 1, -1, -1):
-            Lam, add, caches[i] = self.layers[i].relax(Lam, boxes[i], boxes[i + 1], options)
+            Lam, add, caches[i] = self.layers[i].relax(Lam, boxes[i], boxes[i + 1], layer_options[i])
             beta = beta + add
         u_c, u_r = (v[:, None] for v in boxes[0])
         caches["input"] = Lam
         return beta + batched_dot(Lam, u_c) - batched_dot(np.abs(Lam), u_r), caches
 
-    def _training_crown_backward(self, dM, y, boxes, caches, box_grads, options):
+    def _training_crown_backward(self, dM, y, boxes, caches, box_grads, layer_options, clean_extra):
         """The gradient of sum(dM M) for :meth:`_training_crown`'s M: the parameters' (returned, keyed
-        as :meth:`params`) and the boxes' (added to ``box_grads``, by position in ``boxes``)."""
+        as :meth:`params`), the boxes' (added to ``box_grads``, by position in ``boxes``) and the clean
+        pass's (added to ``clean_extra``, by layer)."""
         Lam, last = caches["input"], len(self.layers) - 1
         u_c, u_r = (v[:, None] for v in boxes[0])
         dLam = dM.reshape(dM.shape + (1,) * (Lam.ndim - 2)) * (u_c - np.sign(Lam) * u_r)
         grads = {}
         for i in range(last):
-            dLam, d_in, d_out, g = self.layers[i].relax_backward(dLam, dM, caches[i], options)
+            dLam, d_in, d_out, g = self.layers[i].relax_backward(dLam, dM, caches[i], layer_options[i])
             for j, d in ((i, d_in), (i + 1, d_out)):
                 if d is not None and j > 0:
                     box_grads[j] = _add_box_grad(box_grads.get(j), d)
-            grads.update({f"{i}.{k}": v for k, v in g.items()})
+            grads.update({f"{i}.{k}": v for k, v in self._take_clean_input(g, i, clean_extra).items()})
         # Lam = W_y - W_j and beta = b_y - b_j, row j of sample s.
         dW, db = -dLam.sum(axis=0), -dM.sum(axis=0)
         np.add.at(dW, y, dLam.sum(axis=1))

@@ -191,7 +191,7 @@ def test_certified_loss_gradient_matches_finite_differences(arch, shape, rng):
 @pytest.mark.parametrize("arch,shape", ARCHS)
 def test_crown_ibp_loss_gradient_matches_finite_differences(arch, shape, rng):
     """CROWN-IBP's loss, through every layer's relaxation and the boxes it reads (the implicit layer's
-    unrolled copies and embedded network, batch normalization's centre statistics)."""
+    unrolled copies and embedded network, batch normalization's clean-pass statistics)."""
     model = random_stack(arch, shape, 5)
     U = rng.normal(size=(3, model.n_in))
     y = rng.integers(0, model.n_out, 3)
@@ -199,8 +199,43 @@ def test_crown_ibp_loss_gradient_matches_finite_differences(arch, shape, rng):
     opts = dict(crown_weight=0.6, **EXACT)
     total, grads, info = model.certified_loss_and_grad(U, y, lo, hi, 0.3, return_info=True, **opts)
     assert np.any(info["crown_margins"] > info["interval_margins"] + 1e-6)   # the crown part is not vacuous
-    fd = _params_fd(model, lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.3, **opts)[0])
+    # h = 1e-7: on the batch-normalized stack one of B's entries sits within 1e-6 of a kink (a relu
+    # relaxation's box end crossing 0), where wider central differences average the two slopes.
+    fd = _params_fd(model, lambda: model.certified_loss_and_grad(U, y, lo, hi, 0.3, **opts)[0], h=1e-7)
     _assert_gradients(model, grads, fd)
+
+
+def test_batch_norm_trains_the_box_that_certificates_evaluate(rng):
+    """Batch normalization's training box and relaxation read the clean pass's batch statistics, which
+    the running statistics estimate: with the running statistics set to the batch's own, the training
+    interval margins equal the certificate's over the same input boxes, to the solver's tolerance and
+    the certificate's rounding allowances, and crown's are close. (The box centres' statistics, which training
+    used before, differ from the clean pass's wherever eps > 0: a model trained on them had boxes a
+    thousand times wider at evaluation than in training.)"""
+    arch, shape = ARCHS[-1]
+    model = random_stack(arch, shape, 7)
+    U = rng.normal(size=(16, model.n_in))
+    y = rng.integers(0, model.n_out, 16)
+    options, X = model._options(train=True, **EXACT), model._inputs(U)
+    for layer in model.layers:
+        if layer.kind == "bn":
+            mu, var, _ = layer._stats(X)
+        X = layer.forward(X, options)[0]
+        if layer.kind == "bn":   # after the forward pass, which moves them
+            layer.running_mean, layer.running_var = mu, var
+    eps = 0.2
+    M_interval = model.interval_margins(U - eps, U + eps, y, **EXACT)[0]
+    M_crown = model.relaxed_margins(U - eps, U + eps, y, **EXACT)[0]
+    info = model.certified_loss_and_grad(U, y, U - eps, U + eps, 0.5, crown_weight=1.0, return_info=True,
+                                         **EXACT)[2]
+    others = np.arange(model.n_out)[None, :] != y[:, None]
+    assert np.ptp(M_interval[others]) > 1   # boxes wide enough that mismatched statistics would show
+    np.testing.assert_allclose(info["interval_margins"][others], M_interval[others], atol=1e-8)
+    # Crown's certificate picks the implicit layer's unrolled step per row where training takes the
+    # last (test below): close, not equal.
+    np.testing.assert_allclose(info["crown_margins"][others], M_crown[others], atol=1e-3)
+    with pytest.raises(ValueError, match="clean pass"):
+        model.layers[1].box(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 3)), options)
 
 
 @pytest.mark.parametrize("arch,shape", [a for a in ARCHS if "bn" not in a[0]])
@@ -221,7 +256,7 @@ def test_training_crown_margins_are_sound_and_at_most_the_certificates(arch, sha
                                              **EXACT)[2]
         assert np.all(info["crown_margins"] <= sampled_margins(model, U - eps, U + eps, y, rng) + 1e-12)
         boxes = [enclosing_center_radius(*box) for box in model.enclosing_boxes(U - eps, U + eps, **EXACT)]
-        trained = model._training_crown(boxes, y, options)[0]
+        trained = model._training_crown(boxes, y, [options] * len(model.layers))[0]
         certified = model.relaxed_margins(U - eps, U + eps, y, **EXACT)[0]
         if model.implicit_index in (None, 0):
             assert np.all(certified >= trained - 1e-9)
