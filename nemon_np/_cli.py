@@ -19,15 +19,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def add_threads_argument(parser):
-    """``--threads N``: a conv model's own threads (:attr:`nemon_np.ConvNEMON.n_jobs`)."""
+    """``--threads N``: a conv model's or a stack's own threads (their ``n_jobs``)."""
     parser.add_argument("--threads", type=int, default=1,
-                        help="conv models: threads sharing each batch's convolutions and solver steps (as in "
+                        help="conv models and stacks: threads sharing each batch's convolutions (and a conv model's "
+                             "solver steps; as in "
                              "python -m nemon_np.train; 2 on an otherwise idle 2-core machine)")
 
 
 def load_run(parser, run_dir, data_dir, threads=1):
     """The model of a training run (RUN_DIR/model.npz, or that file) and its data set; a conv model
-    gets ``threads`` threads.
+    or a stack gets ``threads`` threads.
 
     Problems end the program with a one-line message (exit 2): a missing file or a thread count
     a dense model cannot use through the parser, an unreadable model or data set as ``error: ...``.
@@ -37,6 +38,7 @@ def load_run(parser, run_dir, data_dir, threads=1):
 
     from ._threads import check_n_jobs
     from .conv_model import ConvNEMON
+    from .stack import StackedClassifier
     from .data import DataError, load_dataset
     from .loading import load_model
 
@@ -53,10 +55,10 @@ def load_run(parser, run_dir, data_dir, threads=1):
         name = model.metadata.get("dataset")
         if name is None:
             raise ValueError(f"{model_path} does not say which data set it was trained on")
-        if isinstance(model, ConvNEMON):
+        if isinstance(model, (ConvNEMON, StackedClassifier)):
             model.n_jobs = threads
         elif threads > 1:
-            parser.error(f"--threads {threads} applies to conv models only; {model_path} holds a "
+            parser.error(f"--threads {threads} applies to conv models and stacks only; {model_path} holds a "
                          f"{type(model).__name__}")
         return model, load_dataset(name, data_dir), model_path
     except (ValueError, DataError) as e:

@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit
 from numpy.lib.stride_tricks import as_strided
 
-from ._threads import split_ranges
+from ._threads import map_ranges, split_ranges
 from .base import EmbeddedNetwork
 from .interval import (UNIT_ROUNDOFF, affine_enclosure, enclosing_center_radius, narrow_preactivation_box, relu_box,
                        relu_box_grad)
@@ -113,6 +113,7 @@ class Layer:
     spatial_input = False   # whether the layer reads (m, H, W, C) states: True, False or None (any shape)
     implicit = None         # the name of an implicit layer's implicit matrix
     input_weight = None     # the name of the weight that reads the layer's input (None: no parameters)
+    n_jobs = 1              # threads that the layer's products may share (convolutions; others ignore it)
 
     @property
     def fan_in(self):
@@ -292,7 +293,7 @@ def _image_blocks(m, per_image_bytes):
     return [slice(a, b) for a, b in split_ranges(m, -(-m // per_block))]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_patches(D, out, stride):
     """out[i, s p + a, s q + e, :] += D[i, p, q, a, e, :] for every patch (p, q) and tap (a, e): each
     image's rows are read once, in order, into its padded image (which stays in cache), where NumPy's
@@ -361,26 +362,42 @@ class Conv2d(_Affine):
     def _patches(self, X):
         return patches(X, self.kernel, self.stride, self.padding)
 
+    def _by_threads(self, blocks, func):
+        """[func(list of blocks) for each thread's share of ``blocks``], the shares (contiguous, as even
+        as the blocks allow) run on :attr:`n_jobs` threads: the products release the GIL (numpy's
+        matmul, ``nogil`` kernels), and each block's rows are its own."""
+        return map_ranges(lambda a, b: func(blocks[a:b]), len(blocks), self.n_jobs)
+
     def _map(self, W, X):
         W = W.reshape(-1, self.channels)
         out = np.empty(self._out(X.shape), np.result_type(X, W))
-        for block in self._blocks(X.shape, out.itemsize):
-            np.matmul(self._patches(X[block]), W, out=out[block].reshape(-1, self.channels))
+
+        def share(blocks):
+            for block in blocks:
+                np.matmul(self._patches(X[block]), W, out=out[block].reshape(-1, self.channels))
+        self._by_threads(self._blocks(X.shape, out.itemsize), share)
         return out
 
     def _weight_grad(self, dY, X):
         dtype = np.result_type(X, dY)
-        G = np.zeros((self._terms, self.channels), dtype)
-        for block in self._blocks(X.shape, dtype.itemsize):
-            G += self._patches(X[block]).T @ dY[block].reshape(-1, self.channels)
-        return G.reshape(self.W.shape)
+
+        def share(blocks):
+            G = np.zeros((self._terms, self.channels), dtype)
+            for block in blocks:
+                G += self._patches(X[block]).T @ dY[block].reshape(-1, self.channels)
+            return G
+        # Each thread sums its own blocks; one thread sums them all in the same order.
+        return sum(self._by_threads(self._blocks(X.shape, dtype.itemsize), share)).reshape(self.W.shape)
 
     def _transpose(self, W, dY):
         W = W.reshape(-1, self.channels)
         shape = (len(dY),) + self._in_shape
         out = _padded_zeros(shape, self.padding, np.result_type(W, dY))
-        for block in self._blocks(shape, out.itemsize):
-            _add_rows(dY[block].reshape(-1, self.channels) @ W.T, out[block], self.kernel, self.stride)
+
+        def share(blocks):
+            for block in blocks:
+                _add_rows(dY[block].reshape(-1, self.channels) @ W.T, out[block], self.kernel, self.stride)
+        self._by_threads(self._blocks(shape, out.itemsize), share)
         return _unpad(out, shape, self.padding)
 
     def lipschitz_rows(self):

@@ -31,6 +31,7 @@ import re
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from ._threads import check_n_jobs
 from ._validation import all_finite, as_float_dtype, check_gamma
 from .base import check_labels, read_model_file, write_model_file
 from .decided import predict_by_rule
@@ -152,6 +153,9 @@ class StackedClassifier:
     ----------
     layers : list of :class:`nemon_np.layers.Layer`, the last the logits layer (a Dense)
     metadata : dict saved with the model (dataset, normalization, ...)
+    n_jobs : int, threads that each convolution's products share, a block of images each (a run-time
+        setting, not saved: a model read from a file starts with one); the same results up to the
+        rounding of the weight gradients' sums
     """
 
     @property
@@ -204,6 +208,16 @@ class StackedClassifier:
                 layer.seed = self.seed   # constraint modes that draw their own parameters seed from it
             built.append(layer)
         self.layers = built
+
+    @property
+    def n_jobs(self):
+        return self.layers[0].n_jobs
+
+    @n_jobs.setter
+    def n_jobs(self, n_jobs):
+        n_jobs = check_n_jobs(n_jobs)
+        for layer in self.layers:
+            layer.n_jobs = n_jobs
 
     # -- shapes and the implicit layer --------------------------------------------------------
     @property

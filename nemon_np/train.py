@@ -120,9 +120,9 @@ HELP = {
                         "--certified-eps (measured in docs/benchmarks.md)",
     "blas_threads": "BLAS threads while training (1 was fastest for these small products on the 2-core machines "
                     "measured: OpenBLAS's threads made a dense step 14x slower)",
-    "threads": "conv model: threads sharing each batch's convolutions, weight gradients and solver steps, each "
-               "with one-thread BLAS (the same model for any number, up to float rounding): 2 on an otherwise idle "
-               "2-core machine, 1 when runs share the cores (a sweep of several)",
+    "threads": "conv models and stacks: threads sharing each batch's convolutions, weight gradients (and a conv "
+               "model's solver steps), each with one-thread BLAS (the same model for any number, up to float "
+               "rounding): 2 on an otherwise idle 2-core machine, 1 when runs share the cores (a sweep of several)",
     "warmup_reg": "certified training of stacked models: weight lambda of the warm-up regularizers of Shi et al. "
                   "2021 (bound tightness and relu balance on the interval boxes of every relu layer's input), "
                   "lambda (1 - eps/eps_max) while eps ramps up; 0 = off, their value 0.5",

@@ -130,8 +130,10 @@ class TrainConfig:
     ``blas_threads`` caps the BLAS threads while training (threadpoolctl; None leaves them alone): the
     products here are small, and on 2-core machines OpenBLAS's threads made a dense training step
     14x and a conv step 1.3x slower than one thread (docs/benchmarks.md). ``threads`` is a conv
-    model's own threads instead (:attr:`nemon_np.ConvNEMON.n_jobs`): each takes a share of a batch's
-    rows with one-thread BLAS; the model trained is the same up to float rounding.
+    model's or a stack's own threads instead (:attr:`nemon_np.ConvNEMON.n_jobs`,
+    :attr:`nemon_np.stack.StackedClassifier.n_jobs`): each takes a share of a batch's rows (a stack's:
+    of its convolutions' image blocks) with one-thread BLAS; the model trained is the same up to float
+    rounding.
     ``certified_eps`` > 0 (pixel units) trains on ``kappa CE(y) + (1 - kappa) CE(-m_lo)``, m_lo the
     interval lower bounds of the margins over the eps-ball of each training image
     (:meth:`nemon_np.base.ImplicitClassifier.certified_loss_and_grad`): ``eps_warmup`` epochs clean,
@@ -305,9 +307,9 @@ class TrainConfig:
                              f"certified_eps > 0, got model {self.model} and certified_eps {self.certified_eps:g}")
         if self.blas_threads is not None and (int(self.blas_threads) != self.blas_threads or self.blas_threads < 1):
             raise ValueError(f"blas_threads must be a positive whole number or None, got {self.blas_threads!r}")
-        if check_n_jobs(self.threads, "threads") > 1 and self.model != "conv":
-            raise ValueError(f"threads = {self.threads} applies to conv models only (a dense model's products are "
-                             "too small to share), got model {self.model!r}")
+        if check_n_jobs(self.threads, "threads") > 1 and self.model not in ("conv", "stack"):
+            raise ValueError(f"threads = {self.threads} applies to conv models and stacks only (a dense model's "
+                             f"products are too small to share), got model {self.model!r}")
         if int(self.certify_samples) != self.certify_samples or self.certify_samples < 0:
             raise ValueError(f"certify_samples must be a whole number >= 0, got {self.certify_samples!r}")
         if self.certified_eps > 0 and mode.certificate != "mu_inf":
@@ -447,7 +449,7 @@ class Trainer:
         if model is None:
             model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
         self.model = model
-        if isinstance(model, ConvNEMON):
+        if isinstance(model, (ConvNEMON, StackedClassifier)):
             model.n_jobs = config.threads
         # The constraint acts on the implicit part (the model itself, or a stack's implicit layer, whose
         # parameters carry the prefix); an explicit stack has none and is well-posed as it is.

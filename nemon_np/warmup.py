@@ -16,8 +16,10 @@ lambda = 0.5, tau = 0.5. The active and inactive sets are held fixed in the grad
 indicators); a layer with no active or no inactive entries has f = 0 there, with no gradient.
 """
 import numpy as np
+from numba import njit
 
-__all__ = ["tightness_term", "relu_balance_term", "warmup_regularizer", "WARMUP_TOL"]
+__all__ = ["tightness_term", "relu_balance_term", "relu_balance_term_reference", "warmup_regularizer",
+           "WARMUP_TOL"]
 
 WARMUP_TOL = 0.5
 
@@ -36,8 +38,81 @@ def _ratio_term(x, tol):
     return (tol - f, -df) if tol - f > 0 else (0.0, 0.0)
 
 
+@njit(cache=True)
+def _balance_sums(c, r):
+    """Over flat c, r: (entries active, inactive; sum of c over the active, the inactive, all; then with
+    mu = mean(c), sum of (c - mu)^2 and of (c - mu) over the active and over the inactive), summed in
+    float64: two passes where the NumPy reference makes a dozen with temporaries."""
+    n_act = n_inact = 0
+    s_act = s_inact = s = 0.0
+    for i in range(c.size):
+        s += c[i]
+        if c[i] - r[i] > 0:
+            n_act += 1
+            s_act += c[i]
+        elif c[i] + r[i] < 0:
+            n_inact += 1
+            s_inact += c[i]
+    mu = s / c.size
+    va = vb = ea = eb = 0.0
+    for i in range(c.size):
+        e = c[i] - mu
+        if c[i] - r[i] > 0:
+            va += e * e
+            ea += e
+        elif c[i] + r[i] < 0:
+            vb += e * e
+            eb += e
+    return n_act, n_inact, s_act, s_inact, mu, va, vb, ea, eb
+
+
+@njit(cache=True)
+def _balance_grad(c, r, g_act, g_inact, h_act, h_inact, shift, mu, out):
+    """out_i = g_set + h_set (c_i - mu) + shift, set the entry's (active, inactive; 0 for neither)."""
+    for i in range(c.size):
+        if c[i] - r[i] > 0:
+            out[i] = g_act + h_act * (c[i] - mu) + shift
+        elif c[i] + r[i] < 0:
+            out[i] = g_inact + h_inact * (c[i] - mu) + shift
+        else:
+            out[i] = shift
+
+
 def relu_balance_term(c, r, tol=WARMUP_TOL):
-    """(the relu-balance term of one layer (module docstring), its gradient with respect to c)."""
+    """(the relu-balance term of one layer (module docstring), its gradient with respect to c), c and r
+    of any shape; by two numba passes (:func:`relu_balance_term_reference` is the formula in NumPy).
+
+    With n entries, a = sum_act c / n, b = sum_inact c / n, v_a = sum_act (c - mu)^2, v_b likewise and
+    e_a = sum_act (c - mu), e_b likewise: d(a / -b)/dc_i = 1[act] / (n (-b)) + a 1[inact] / (n b^2), and
+    dv_a/dc_i = 2 (c_i - mu) 1[act] - 2 e_a / n (mu moves with every c_i), so the gradient is
+    g_set + h_set (c_i - mu) + shift per entry."""
+    flat_c, flat_r = np.ravel(c), np.ravel(r)
+    n = flat_c.size
+    n_act, n_inact, s_act, s_inact, mu, va, vb, ea, eb = _balance_sums(flat_c, flat_r)
+    if n_act == 0 or n_inact == 0:
+        return 2.0, np.zeros_like(c)   # f = 0 for both ratios: (tol + tol) / tol
+    a, b = s_act / n, s_inact / n
+    value, g_act, g_inact, h_act, h_inact, shift = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    if a > 0 and b < 0:
+        term, dterm = _ratio_term(a / -b, tol)
+        value += term
+        g_act, g_inact = dterm / n / -b, dterm * a / n / (b * b)
+    else:
+        value += tol
+    if va > 0 and vb > 0:
+        term, dterm = _ratio_term(va / vb, tol)
+        value += term
+        h_act, h_inact = 2 * dterm / vb, -2 * dterm * va / (vb * vb)
+        shift = dterm * (-2.0 / n * ea / vb + va * 2.0 / n * eb / (vb * vb))
+    else:
+        value += tol
+    grad = np.empty_like(flat_c)
+    _balance_grad(flat_c, flat_r, g_act / tol, g_inact / tol, h_act / tol, h_inact / tol, shift / tol, mu, grad)
+    return value / tol, grad.reshape(np.shape(c))
+
+
+def relu_balance_term_reference(c, r, tol=WARMUP_TOL):
+    """:func:`relu_balance_term` in NumPy, as the module docstring writes it (the reference of tests)."""
     n = c.size
     act, inact = (c - r) > 0, (c + r) < 0
     grad = np.zeros_like(c)

@@ -69,7 +69,7 @@ def test_threads_on_a_dense_model_or_below_one_is_a_one_line_error(tmp_path, cap
     model.metadata["dataset"] = "mnist"
     model.save(tmp_path / "model.npz")
     for cli in (evaluate, robustness):
-        for threads, message in (("2", "--threads 2 applies to conv models only"),
+        for threads, message in (("2", "--threads 2 applies to conv models and stacks only"),
                                  ("0", "--threads must be a positive whole number")):
             with pytest.raises(SystemExit) as e:
                 cli.main([str(tmp_path), "--threads", threads])

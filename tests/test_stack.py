@@ -205,6 +205,34 @@ def test_crown_ibp_loss_gradient_matches_finite_differences(arch, shape, rng):
     _assert_gradients(model, grads, fd)
 
 
+def test_threads_share_a_stacks_convolutions(monkeypatch, rng, tmp_path):
+    """``n_jobs = 2`` gives each of two threads half of every convolution's image blocks: the logits
+    are the same bit for bit (each block's rows are computed as before), the certified loss (with its
+    crown part) and its gradients up to the rounding of the weight gradients' sums."""
+    import nemon_np.layers
+    monkeypatch.setattr(nemon_np.layers, "PATCH_BLOCK_BYTES", 64)   # a block an image: several to share
+    arch, shape = ARCHS[0]
+    model = random_stack(arch, shape, 8)
+    U = rng.normal(size=(6, model.n_in))
+    y = rng.integers(0, model.n_out, 6)
+    args = (U, y, U - 0.1, U + 0.15, 0.5)
+    logits = model.logits(U, **EXACT)
+    loss, grads = model.certified_loss_and_grad(*args, crown_weight=0.5, **EXACT)
+    model.n_jobs = 2
+    conv = model.layers[0]
+    assert conv._by_threads(conv._blocks((6,) + conv._in_shape, 8), len) == [3, 3]
+    assert np.array_equal(model.logits(U, **EXACT), logits)
+    loss2, grads2 = model.certified_loss_and_grad(*args, crown_weight=0.5, **EXACT)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-13)
+    for k, g in grads.items():
+        np.testing.assert_allclose(grads2[k], g, rtol=1e-10, atol=1e-13, err_msg=k)
+    model.save(tmp_path / "m.npz")
+    assert StackedClassifier.load(tmp_path / "m.npz").n_jobs == 1   # a run-time setting, not saved
+    with pytest.raises(ValueError, match="n_jobs must be a positive whole number"):
+        model.n_jobs = 0
+    assert TrainConfig(arch="ibp-small", threads=2).validate().threads == 2
+
+
 def test_batch_norm_trains_the_box_that_certificates_evaluate(rng):
     """Batch normalization's training box and relaxation read the clean pass's batch statistics, which
     the running statistics estimate: with the running statistics set to the batch's own, the training
@@ -612,6 +640,23 @@ def test_warmup_regularizer_gradients_match_finite_differences(rng):
     assert value > 0
     np.testing.assert_allclose(dr, finite_difference(lambda: tightness_term(0.01, r)[0], r), atol=1e-7)
     assert tightness_term(1.0, r)[0] == 0.0   # boxes no wider than 1 / tol times the input's: no penalty
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relu_balance_kernel_equals_its_numpy_reference(dtype, rng):
+    """The two-pass numba form of the relu-balance term against the formula in NumPy: both ratios
+    penalized, one, none, and a layer without inactive entries."""
+    from nemon_np.warmup import relu_balance_term, relu_balance_term_reference
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for shift in (0.6, 0.2, 0.0, 5.0):
+        c = (rng.normal(size=(7, 5, 5, 3)) * 0.5 + shift).astype(dtype)
+        r = rng.uniform(0, 0.5, c.shape).astype(dtype)
+        value, grad = relu_balance_term(c, r)
+        ref_value, ref_grad = relu_balance_term_reference(c, r)
+        assert grad.dtype == dtype and grad.shape == c.shape
+        assert value == pytest.approx(ref_value, rel=rtol)
+        np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol * np.abs(ref_grad).max())
+    assert value == 2.0 and not grad.any()   # shift 5: every entry active
 
 
 def test_certified_loss_with_the_warmup_terms_matches_finite_differences(rng):

@@ -168,7 +168,7 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     (["--solver", "peaceman-rachford", "--constraint", "mondeq", "--adjoint", "iterative"], "direct"),
     (["--constraint", "weighted", "--min-diagonal", "-0.1"], "min_diagonal goes with constraint projection"),
     (["--gamma", "-0.2", "--min-diagonal", "-0.1"], "min_diagonal must be <= 0 and <= gamma"),
-    (["--threads", "2"], "threads = 2 applies to conv models only"),
+    (["--threads", "2"], "threads = 2 applies to conv models and stacks only"),
     (["--model", "conv", "--threads", "0"], "threads must be a positive whole number"),
     # A setting that shapes another kind of model would be ignored: an error, not a silent no-op.
     (["--arch", "ibp-small", "--hidden", "300"], "hidden shapes nemon, mondeq models only, not model stack"),
