@@ -386,8 +386,9 @@ class Conv2d(_Affine):
             for block in blocks:
                 G += self._patches(X[block]).T @ dY[block].reshape(-1, self.channels)
             return G
-        # Each thread sums its own blocks; one thread sums them all in the same order.
-        return sum(self._by_threads(self._blocks(X.shape, dtype.itemsize), share)).reshape(self.W.shape)
+        # Each thread sums its own blocks; one thread sums them all in the same order (none: no images).
+        shares = self._by_threads(self._blocks(X.shape, dtype.itemsize), share)
+        return sum(shares, np.zeros((self._terms, self.channels), dtype)).reshape(self.W.shape)
 
     def _transpose(self, W, dY):
         W = W.reshape(-1, self.channels)

@@ -221,6 +221,8 @@ def test_threads_share_a_stacks_convolutions(monkeypatch, rng, tmp_path):
     model.n_jobs = 2
     conv = model.layers[0]
     assert conv._by_threads(conv._blocks((6,) + conv._in_shape, 8), len) == [3, 3]
+    empty = np.zeros((0,) + conv._in_shape)   # no images, no blocks: a zero weight gradient
+    assert conv._weight_grad(conv._map(conv.W, empty), empty).shape == conv.W.shape
     assert np.array_equal(model.logits(U, **EXACT), logits)
     loss2, grads2 = model.certified_loss_and_grad(*args, crown_weight=0.5, **EXACT)
     np.testing.assert_allclose(loss2, loss, rtol=1e-13)
