@@ -12,8 +12,8 @@ folder other than the repository's, so that the current directory does not shado
 (its convolutions' image blocks shared by N threads), and both sides' seconds are wall seconds. A process
 builds the stack (seed 0, IBP initialization, float32), draws 100 images in [0, 1] and their labels,
 takes one step to compile and warm up, then times ``--steps`` calls of ``certified_loss_and_grad`` at
-kappa 0.5 over boxes of radius 0.1 (normalized units) in CPU seconds. Prints the medians per step,
-the new / old ratio, and whether both codes gave the same loss.
+kappa 0.5 over boxes of radius 0.1 (normalized units), in CPU seconds (wall seconds with --threads).
+Prints the medians per step, their ratio, and whether both sides gave the same loss.
 """
 import argparse
 import json

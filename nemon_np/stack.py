@@ -330,25 +330,16 @@ class StackedClassifier:
             caches.append(cache)
         return X, caches
 
-    def _backward(self, dY, caches, options, extra=None, top=None):
-        """(dX, grads) of a pass from layer ``top`` (default the last) down, dY on its output;
-        ``extra[i]`` is added to the gradient on layer i's input (the boxes' gradients on the clean
-        pass, ``CLEAN_INPUT``)."""
+    def _backward(self, dY, caches, options, extra=None):
+        """(dX, grads) of the pass whose ``caches`` are given, dY on its output; ``extra[i]`` is added to
+        the gradient on layer i's input (the boxes' gradients on the clean pass, ``CLEAN_INPUT``)."""
         grads, extra = {}, extra or {}
-        for i in range(len(self.layers) - 1 if top is None else top, -1, -1):
+        for i in range(len(self.layers) - 1, -1, -1):
             dY, g = self.layers[i].backward(dY, caches[i], options)
             grads.update({f"{i}.{k}": v for k, v in g.items()})
             if i in extra:
                 dY = dY + extra[i]
         return dY, grads
-
-    def _clean_input_grads(self, extra, caches, options):
-        """The parameters' gradients from gradients ``extra[i]`` on the inputs of layers i in the clean
-        pass (``caches``), passed down from the highest."""
-        if not extra:
-            return {}
-        top = max(extra)
-        return self._backward(extra[top], caches, options, extra, top - 1)[1]
 
     @staticmethod
     def _take_clean_input(grads, i, extra):
@@ -404,8 +395,9 @@ class StackedClassifier:
 
         return implicit, implicit._inject(implicit.B, X) + implicit.b, logits, margins
 
-    def _loss_backward(self, U, y, dY, solver_options, train):
-        options = self._options(train=train, **solver_options)
+    def _clean_forward(self, U, y, dY, options):
+        """The forward pass of the inputs U: (mean loss (None when dY is given), dY on the logits, the
+        layers' caches, the implicit layer's forward info with the batch's ``logits``)."""
         X = self._inputs(U)
         Y, caches = self._forward(X, options)
         m = len(X)
@@ -415,17 +407,21 @@ class StackedClassifier:
             loss, dY = None, np.asarray(dY, dtype=self.dtype)
             if dY.shape != (m, self.n_out):
                 raise ValueError(f"dY must have shape ({m}, {self.n_out}), got {dY.shape}")
-        dX, grads = self._backward(dY, caches, options)
         forward = self._solver_info(caches, m, "forward")
         forward["logits"] = Y
-        backward = self._solver_info(caches, m, "backward")
-        return loss, grads, dX, {"forward": forward, "backward": backward}, caches
+        return loss, dY, caches, forward
+
+    def _loss_backward(self, U, y, dY, solver_options, train):
+        options = self._options(train=train, **solver_options)
+        loss, dY, caches, forward = self._clean_forward(U, y, dY, options)
+        dX, grads = self._backward(dY, caches, options)
+        return loss, grads, dX, {"forward": forward, "backward": self._solver_info(caches, len(dY), "backward")}
 
     def loss_and_grad(self, U, y, *, return_info=False, **solver_options):
         """Mean softmax cross-entropy over the batch and its gradients, keyed as :meth:`params`;
         ``return_info`` adds {"forward", "backward"}: the implicit layer's solver info (the forward
         info also holds the batch's ``logits``). Solver options as :meth:`nemon_np.NEMON.loss_and_grad`."""
-        loss, grads, _, info, _ = self._loss_backward(U, y, None, solver_options, train=True)
+        loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, **solver_options):
@@ -456,10 +452,11 @@ class StackedClassifier:
         "warmup_loss"}."""
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must lie in [0, 1], got {kappa!r}")
-        loss, grads, _, info, clean_caches = self._loss_backward(U, y, None, solver_options, train=True)
         if kappa == 1:
+            loss, grads, _, info = self._loss_backward(U, y, None, solver_options, train=True)
             return (loss, grads, info) if return_info else (loss, grads)
         options = self._options(train=True, **solver_options)
+        loss, dY, clean_caches, forward = self._clean_forward(U, y, None, options)
         layer_options = self._layer_options(options, clean_caches)
         lo, hi = self._inputs(U_lo), self._inputs(U_hi)
         X_c, X_r = center_radius(lo, hi)
@@ -499,12 +496,17 @@ class StackedClassifier:
             for k, v in self._take_clean_input(g, i, clean_extra).items():
                 k = f"{i}.{k}"
                 robust_grads[k] = robust_grads[k] + v if k in robust_grads else v
-        for k, v in self._clean_input_grads(clean_extra, clean_caches, options).items():
-            robust_grads[k] = robust_grads[k] + v
+        # One clean backward carries the clean loss's gradient (weighted by kappa below) and the boxes'
+        # gradients on the clean pass (weighted 1 - kappa): the latter enter scaled by (1 - kappa) / kappa.
+        # At kappa 0 the pass carries them alone.
+        w = kappa if kappa > 0 else 1.0
+        _, grads = self._backward(dY if kappa > 0 else np.zeros_like(dY), clean_caches, options,
+                                  {i: (1 - kappa) / w * d for i, d in clean_extra.items()})
         total = kappa * loss + (1 - kappa) * robust + warmup_weight * warmup
-        grads = {k: (kappa * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
+        grads = {k: (w * g + (1 - kappa) * robust_grads[k]).astype(self.dtype) for k, g in grads.items()}
         if not return_info:
             return total, grads
+        info = {"forward": forward, "backward": self._solver_info(clean_caches, len(y), "backward")}
         i = self.implicit_index
         if i is not None:
             info.update(embedded=caches[i]["forward"], embedded_backward=caches[i]["backward"])
