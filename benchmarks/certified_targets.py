@@ -15,7 +15,10 @@ certification), so that "compute-matched" means the same CPU seconds of training
 The row of the target is written into --out (an existing file keeps its other targets), in the form
 ``{"targets": [{"dataset", "eps", "certificate", "certified_per_seed", "clean_per_seed",
 "seconds_per_seed", "images": 1000, "target", "met", "shortfall" (points), "next_run", "command",
-"explicit_matched": {...}, ...}]}``, and printed as the Markdown table of docs/benchmarks.md. Each run's row keeps
+"explicit_matched": {...}, ...}]}``, and printed as the Markdown table of docs/benchmarks.md. Every target in
+the file is then set beside its twin (:func:`matched_comparison`: the difference in certified accuracy and a
+verdict that claims a side only where every seed of one beats every seed of the other), printed and drawn in
+certified_targets_matched.png beside --out. Each run's row keeps
 its training curve, from which the figure is drawn. A run folder that is not on this machine (a seed trained
 elsewhere, or in an earlier session whose checkout is gone) is taken as --out or a --recorded file records its
 evaluation at the same dataset and eps, if one does. Numbers are written rounded to 4 decimals (percentages
@@ -186,6 +189,70 @@ def plot_curves(rows, path, title):
     return True
 
 
+def target_label(dataset, eps):
+    """"MNIST 0.3", "CIFAR-10 8/255": a target as the field writes it (CIFAR-10 radii in 255ths)."""
+    if dataset == "cifar10":
+        return f"CIFAR-10 {round(eps * 255):d}/255"
+    return f"{dataset.upper()} {eps:g}"
+
+
+def matched_comparison(targets):
+    """Does the implicit layer pay? For every target row with an explicit twin: both sides' certified
+    accuracy (the row's certificate, first 1,000 test images and all of them, per seed), the difference of the
+    means (NEMON - explicit, points), the training seconds and their ratio, and a verdict that claims a side
+    only where every seed of one beats every seed of the other ("nemon ahead", "explicit ahead"), else "within
+    the seeds' spread" (two seeds support no finer test). One dict a target, MNIST first, by radius."""
+    out = []
+    for t in sorted(targets, key=lambda t: (t["dataset"] != "mnist", t["dataset"], t["eps"])):
+        x = t.get("explicit_matched")
+        if x is None:
+            continue
+        nemon, explicit = t["certified_per_seed"], x["certified_per_seed"]
+        if min(nemon) > max(explicit):
+            verdict = "nemon ahead"
+        elif min(explicit) > max(nemon):
+            verdict = "explicit ahead"
+        else:
+            verdict = "within the seeds' spread"
+        out.append({"label": target_label(t["dataset"], t["eps"]), "target": t.get("target"),
+                    "nemon": nemon, "explicit": explicit,
+                    "nemon_all": t.get("certified_all_per_seed"), "explicit_all": x.get("certified_all_per_seed"),
+                    "difference": float(np.mean(nemon) - np.mean(explicit)),
+                    "nemon_seconds": float(np.mean(t["seconds_per_seed"])), "explicit_seconds": float(x["seconds"]),
+                    "seconds_ratio": float(np.mean(t["seconds_per_seed"]) / x["seconds"]), "verdict": verdict})
+    return out
+
+
+def plot_matched(comparison, path):
+    """Every target's NEMON stack beside its compute-matched explicit twin: certified accuracy on the first 1,000
+    test images (bars the means, dots the seeds, a black bar the target) and the training seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    at = np.arange(len(comparison))
+    for side, shift, color in (("nemon", -0.2, "C0"), ("explicit", 0.2, "C1")):
+        label = "NEMON stack" if side == "nemon" else "explicit twin"
+        ax[0].bar(at + shift, [np.mean(c[side]) for c in comparison], 0.38, color=color, alpha=0.6, label=label)
+        for i, c in enumerate(comparison):
+            ax[0].plot([i + shift] * len(c[side]), c[side], "o", color=color, ms=4)
+        ax[1].bar(at + shift, [c[f"{side}_seconds"] for c in comparison], 0.38, color=color, alpha=0.6, label=label)
+    for i, c in enumerate(comparison):
+        if c["target"] is not None:
+            ax[0].plot([i - 0.42, i + 0.42], [c["target"]] * 2, "k-", lw=2, label="target" if i == 0 else None)
+        ax[0].annotate(f"{c['difference']:+.2f}\n{c['verdict']}", (i, 2), ha="center", fontsize=7)
+    for a in ax:
+        a.set_xticks(at, [c["label"] for c in comparison], fontsize=8)
+        a.grid(alpha=0.3, axis="y")
+    ax[0].set(ylabel="certified accuracy (%), first 1,000 test images", ylim=(0, 100),
+              title="certified: NEMON - explicit (points) and the verdict")
+    ax[1].set(ylabel="training seconds (mean over seeds)", title="the compute they were matched on")
+    ax[0].legend(fontsize=7, loc="center", bbox_to_anchor=(0.75, 0.72))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def shortfall(target, certified_per_seed, next_run):
     """The row's verdict: {"met": bool, "shortfall": points below the target (0 when met), "next_run": the
     note of what would come next, where it is not met}; {} without a target."""
@@ -314,7 +381,10 @@ def main(argv=None):
     out.write_text(dumps(existing))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
     drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
-    print(f"wrote {out}" + (f" and {figure}" if drawn else ""))
+    comparison = matched_comparison(existing["targets"])
+    summary = out.with_name("certified_targets_matched.png")
+    plot_matched(comparison, summary)
+    print(f"wrote {out}" + (f", {figure}" if drawn else "") + f" and {summary}")
     mean = lambda v: f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")  # noqa: E731
     print(f"\n| model | seeds | clean | interval | crown | PGD | certified, all {n_all} | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -325,6 +395,12 @@ def main(argv=None):
               f"{mean([r['certified']['crown'][1000] for r in rs])}% | {mean([r['pgd'][1000] for r in rs])}% | "
               f"{mean([r['certified'][best][n_all] for r in rs])}% ({best}) | "
               f"{mean([r['train_seconds'] for r in rs])} |")
+    print("\nevery target, at equal training seconds (the implicit layer pays where the NEMON stack is ahead):")
+    print("| target | NEMON certified | explicit certified | NEMON - explicit | seconds, NEMON / explicit | verdict |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for c in comparison:
+        print(f"| {c['label']} | {mean(c['nemon'])}% | {mean(c['explicit'])}% | {c['difference']:+.2f} | "
+              f"{c['seconds_ratio']:.2f} | {c['verdict']} |")
     print(f"\ncertified images broken by an attack: {broken}")
     return 1 if broken else 0
 

@@ -37,8 +37,6 @@ def load_run(parser, run_dir, data_dir, threads=1):
     import pathlib
 
     from ._threads import check_n_jobs
-    from .conv_model import ConvNEMON
-    from .stack import StackedClassifier
     from .data import DataError, load_dataset
     from .loading import load_model
 
@@ -55,7 +53,7 @@ def load_run(parser, run_dir, data_dir, threads=1):
         name = model.metadata.get("dataset")
         if name is None:
             raise ValueError(f"{model_path} does not say which data set it was trained on")
-        if isinstance(model, (ConvNEMON, StackedClassifier)):
+        if hasattr(model, "n_jobs"):   # the models with threads of their own
             model.n_jobs = threads
         elif threads > 1:
             parser.error(f"--threads {threads} applies to conv models and stacks only; {model_path} holds a "

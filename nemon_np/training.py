@@ -449,7 +449,7 @@ class Trainer:
         if model is None:
             model = (load_initial_model if config.init is not None else build_model)(config, n_in, n_out, image_shape)
         self.model = model
-        if isinstance(model, (ConvNEMON, StackedClassifier)):
+        if hasattr(model, "n_jobs"):   # the models with threads of their own
             model.n_jobs = config.threads
         # The constraint acts on the implicit part (the model itself, or a stack's implicit layer, whose
         # parameters carry the prefix); an explicit stack has none and is well-posed as it is.

@@ -50,6 +50,7 @@ def test_a_row_is_made_from_recorded_evaluations_of_runs_not_here(tmp_path, monk
     assert row["explicit_matched"]["certified_per_seed"] == [88.9] and row["broken_certified"] == 0
     assert row["runs"]["nemon"][1]["clean"]["10000"] == round(96.5 + 0.123456789, 4)
     assert (tmp_path / "certified_targets_mnist_0.3.png").is_file()   # the recorded curves, drawn
+    assert (tmp_path / "certified_targets_matched.png").is_file()     # every target beside its twin
 
     # --out's own records are read too: the same row again without --recorded.
     assert certified_targets.main(argv) == 0
@@ -86,3 +87,26 @@ def test_dumps_keeps_the_value_and_puts_number_lists_on_one_line():
                                                                                                          97.1235]
     assert back["targets"][0]["command"] == value["targets"][0]["command"]
     assert '"per_seed": [94.7, 0.3333]' in text and '"clean": [98.0, null, 97.1235]' in text
+
+
+def _matched_row(dataset, eps, nemon, explicit, nemon_seconds, explicit_seconds):
+    return {"dataset": dataset, "eps": eps, "target": 90.0, "certified_per_seed": nemon,
+            "certified_all_per_seed": [v + 1 for v in nemon], "seconds_per_seed": nemon_seconds,
+            "explicit_matched": {"certified_per_seed": explicit, "certified_all_per_seed": [v + 1 for v in explicit],
+                                 "seconds": float(np.mean(explicit_seconds))}}
+
+
+def test_the_matched_comparison_claims_a_side_only_where_every_seed_says_so():
+    rows = [_matched_row("cifar10", 8 / 255, [24.3, 23.7], [23.6, 25.8], [4867.0, 4741.0], [4825.0, 4678.0]),
+            _matched_row("mnist", 0.3, [90.4, 90.4], [88.9, 89.0], [6500.0, 6450.0], [5000.0]),
+            _matched_row("mnist", 0.1, [94.0, 94.5], [95.0, 96.0], [100.0, 300.0], [100.0, 100.0]),
+            {"dataset": "mnist", "eps": 0.2, "certified_per_seed": [1.0]}]          # no twin: left out
+    c = certified_targets.matched_comparison(rows)
+    assert [r["label"] for r in c] == ["MNIST 0.1", "MNIST 0.3", "CIFAR-10 8/255"]
+    assert [r["verdict"] for r in c] == ["explicit ahead", "nemon ahead", "within the seeds' spread"]
+    assert c[0]["difference"] == pytest.approx(94.25 - 95.5) and c[0]["seconds_ratio"] == pytest.approx(2.0)
+    assert c[1]["seconds_ratio"] == pytest.approx(6475.0 / 5000.0) and c[1]["explicit_all"] == [89.9, 90.0]
+    assert c[2]["difference"] == pytest.approx(24.0 - 24.7)
+    # One seed each side: a strict win still claims it, a tie does not.
+    tie = certified_targets.matched_comparison([_matched_row("mnist", 0.3, [90.0], [90.0], [1.0], [1.0])])
+    assert tie[0]["verdict"] == "within the seeds' spread"
