@@ -48,6 +48,7 @@ def test_a_row_is_made_from_recorded_evaluations_of_runs_not_here(tmp_path, monk
     assert row["seconds_per_seed"] == [8175.0, 8000.0] and row["certified_all_per_seed"] == [89.21, 88.5433]
     assert row["shortfall"] == round(90 - np.mean([89.0, 88.0 + 1 / 3]), 2) and row["met"] is False
     assert row["explicit_matched"]["certified_per_seed"] == [88.9] and row["broken_certified"] == 0
+    assert row["seconds_clock"] == "wall"   # these records have no CPU seconds
     assert row["runs"]["nemon"][1]["clean"]["10000"] == round(96.5 + 0.123456789, 4)
     assert (tmp_path / "certified_targets_mnist_0.3.png").is_file()   # the recorded curves, drawn
     assert (tmp_path / "certified_targets_matched.png").is_file()     # every target beside its twin
@@ -110,3 +111,13 @@ def test_the_matched_comparison_claims_a_side_only_where_every_seed_says_so():
     # One seed each side: a strict win still claims it, a tie does not.
     tie = certified_targets.matched_comparison([_matched_row("mnist", 0.3, [90.0], [90.0], [1.0], [1.0])])
     assert tie[0]["verdict"] == "within the seeds' spread"
+
+
+def test_both_sides_are_matched_on_cpu_seconds_only_where_every_run_has_them():
+    cpu = {"train_cpu_seconds": 5.0}
+    assert certified_targets.seconds_clock({"nemon": [cpu, cpu], "explicit": [cpu]}) == "cpu"
+    assert certified_targets.seconds_clock({"nemon": [cpu, {"train_cpu_seconds": None}], "explicit": [cpu]}) == "wall"
+    assert certified_targets.seconds_clock({"nemon": [cpu], "explicit": [{}]}) == "wall"
+    epochs = [{"train_cpu_seconds": 1.5}, {"train_cpu_seconds": 2.25}]
+    assert certified_targets.training_cpu_seconds(epochs) == 3.75
+    assert certified_targets.training_cpu_seconds(epochs + [{"train_seconds": 9.0}]) is None   # resumed old run

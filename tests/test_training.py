@@ -150,8 +150,10 @@ def test_cli_trains_writes_outputs_and_evaluates(shared_data, tmp_path, capsys):
     assert metrics["config"]["constraint"] == "weighted"
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train_loss", "test_acc", "mu_inf", "lipschitz_bound", "fwd_iter_mean", "bwd_iter_max",
-                "epoch_seconds"):
+                "epoch_seconds", "train_cpu_seconds"):
         assert col in header
+    for row in metrics["epochs"]:   # a clock of its own: this process's CPU, not the wall's
+        assert 0 < row["train_cpu_seconds"] < 10 * row["epoch_seconds"] and row["train_seconds"] < row["epoch_seconds"]
     model = NEMON.load(out / "model.npz")
     assert model.metadata["dataset"] == "mnist" and model.weights is not None
     capsys.readouterr()
