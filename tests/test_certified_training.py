@@ -84,7 +84,7 @@ def test_cli_certified_training_reports_certified_accuracy(shared_data, tmp_path
                        "--certified-eps", "0.1", "--eps-warmup", "0", "--eps-ramp", "1", "--certify-samples", "200",
                        "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "certified training at eps 0.1" in text and "certified@0.1" in text and "interval bounds" in text
+    assert "certified training at eps 0.1" in text and "certified@0.1 (first 200)" in text and "interval bounds" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["summary"]["test_certified_samples"] == 200
     assert 0 <= metrics["summary"]["test_certified_acc"] <= metrics["summary"]["test_acc"] + 0.05
