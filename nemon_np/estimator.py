@@ -29,12 +29,13 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
     and certified training: certified_eps (the radius of the l_inf
     balls around the inputs, in the units of the inputs as given: no clipping), kappa, eps_warmup,
     eps_ramp. ``arch`` (a preset or comma-separated layers of :mod:`nemon_np.stack`) selects a stacked
-    model, with ``weight_init`` "default" or "ibp", and its certified training's recipes warmup_reg,
-    grad_clip and crown_ibp. ``n_jobs`` is a conv model's threads (TrainConfig's
-    ``threads``: the same model, faster on idle cores). ``image_shape`` (C, H, W) says how a conv model
-    (or a stack's first conv layer) reads each row of X (channel-major, as the data loaders flatten
-    images); None reads it as one channel of 1 x n_features for a conv model (pair it with
-    padding="zero" and pool=1, which work on any size) and as flat features for a stack.
+    model, with ``weight_init`` "default" or "ibp", and its certified training's recipes warmup_reg
+    (None: 0.5 with certified_eps > 0, as the command line), grad_clip and crown_ibp. ``n_jobs`` is a
+    conv model's threads (TrainConfig's ``threads``: the same model, faster on idle cores).
+    ``image_shape`` (C, H, W) says how a conv model (or a stack's first conv layer) reads each row of X
+    (channel-major, as the data loaders flatten images); None reads it as one channel of 1 x n_features
+    for a conv model (pair it with padding="zero" and pool=1, which work on any size) and as flat
+    features for a stack.
 
     Attributes
     ----------
@@ -47,7 +48,7 @@ class NEMONClassifier(ClassifierMixin, BaseEstimator):
                  solver=None, alpha=None, tol=None, max_iter=300, adjoint=None, dtype="float32", seed=0,
                  certified_eps=0.0, kappa=0.5, eps_warmup=None, eps_ramp=None, channels=32, kernel=3, pool=4,
                  padding="circular", image_shape=None, n_jobs=1, readout_hidden=0, arch=None, weight_init="default",
-                 warmup_reg=0.0, grad_clip=0.0, crown_ibp=0.0):
+                 warmup_reg=None, grad_clip=0.0, crown_ibp=0.0):
         self.model = model
         self.arch = arch
         self.weight_init = weight_init

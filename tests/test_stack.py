@@ -13,6 +13,7 @@ from nemon_np.interval import enclosing_center_radius
 from nemon_np.layers import LAYERS, patches, patches_transpose, patches_transpose_reference
 from nemon_np.loading import load_model
 from nemon_np.losses import softmax_cross_entropy
+from nemon_np import train
 from nemon_np.stack import PRESETS, StackedClassifier, explicit_twin, parse_architecture
 from nemon_np.training import (TRAINING_STATE, BackgroundCheckpoints, TrainConfig, Trainer, copied_into,
                                restore_training_state, resume_point, save_checkpoint, save_training_state)
@@ -292,6 +293,18 @@ def test_training_crown_margins_are_sound_and_at_most_the_certificates(arch, sha
             assert np.all(certified >= trained - 1e-9)
         if model.implicit_layer is None:
             np.testing.assert_allclose(certified, np.maximum(trained, info["interval_margins"]), atol=1e-9)
+
+
+def test_the_warmup_regularizers_are_on_by_default_for_a_stacks_certified_training_alone():
+    stack = dict(arch="dense8,relu")
+    assert TrainConfig(**stack, certified_eps=0.1).validate().warmup_reg == 0.5
+    assert TrainConfig(**stack, certified_eps=0.1, warmup_reg=0.0).validate().warmup_reg == 0.0
+    assert TrainConfig(**stack, certified_eps=0.1, warmup_reg=0.25).validate().warmup_reg == 0.25
+    assert TrainConfig(**stack).validate().warmup_reg == 0.0                 # nothing to regularize: no boxes
+    assert TrainConfig(certified_eps=0.1).validate().warmup_reg == 0.0       # a dense NEMON has no relu layer
+    with pytest.raises(ValueError, match="needs model stack and certified_eps > 0"):
+        TrainConfig(**stack, warmup_reg=0.5).validate()
+    assert train.build_parser().parse_args([]).warmup_reg is None           # the flag leaves it to the config
 
 
 def test_crown_ibp_schedule_and_its_errors():
