@@ -414,7 +414,7 @@ def main(argv=None):
               f"{mean([r['certified']['crown'][1000] for r in rs])}% | {mean([r['pgd'][1000] for r in rs])}% | "
               f"{mean([r['certified'][best][n_all] for r in rs])}% ({best}) | "
               f"{mean([spent(r) for r in rs])} |")
-    print("\nevery target, at equal training seconds (the implicit layer pays where the NEMON stack is ahead):")
+    print("\nevery target beside its compute-matched twin (the implicit layer pays where the NEMON stack is ahead):")
     print("| target | NEMON certified | explicit certified | NEMON - explicit | seconds, NEMON / explicit | verdict |")
     print("| --- | --- | --- | --- | --- | --- |")
     for c in comparison:
