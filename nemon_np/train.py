@@ -148,7 +148,7 @@ TYPES = {"hidden": int, "tol_mode": str, "alpha": float, "solver": str, "adjoint
          "epochs": int, "lr": float,
          "gamma": float, "tol": float, "init": str, "arch": str, "augment_pad": int, "eps_warmup": float,
          "eps_ramp": float,
-         "train_eps_factor": float, "min_diagonal": float}
+         "train_eps_factor": float, "min_diagonal": float, "warmup_reg": float}
 # Flags that may be given bare, meaning the value here.
 BARE = {"augment": "crop-flip"}
 # On/off settings whose default depends on others (--flag / --no-flag; None until resolved).
@@ -189,7 +189,8 @@ def build_parser():
         if f.name in SWITCHES:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
             continue
-        kind = TYPES.get(f.name, type(default))
+        # A setting resolved later (default None) must say its type here: type(None) would refuse every value.
+        kind = TYPES[f.name] if default is None else TYPES.get(f.name, type(default))
         bare = dict(nargs="?", const=BARE[f.name]) if f.name in BARE else {}
         p.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name], **bare)
     return p

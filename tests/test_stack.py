@@ -305,6 +305,7 @@ def test_the_warmup_regularizers_are_on_by_default_for_a_stacks_certified_traini
     with pytest.raises(ValueError, match="needs model stack and certified_eps > 0"):
         TrainConfig(**stack, warmup_reg=0.5).validate()
     assert train.build_parser().parse_args([]).warmup_reg is None           # the flag leaves it to the config
+    assert train.build_parser().parse_args(["--warmup-reg", "0"]).warmup_reg == 0.0   # and takes a number
 
 
 def test_crown_ibp_schedule_and_its_errors():
