@@ -97,7 +97,7 @@ CERTIFIED_DEFAULTS = {"nemon": dict(gamma=0.5, train_eps_factor=1.2, hidden=200,
                                     tol_mode="relative", warm_start=True),
                       "conv": dict(gamma=0.5, train_eps_factor=1.2, tol=1e-3, tol_mode="absolute"),
                       # Shi et al.'s warm-up regularizers won where measured (docs/benchmarks.md: +4.6 points of
-                      # crown on the small stack and +1.25 on the medium one at MNIST 0.3, nothing measurable at 0.1).
+                      # crown on the small stack and +1.25 on the medium one at MNIST 0.3, +0.3 at 0.1, 2 seeds).
                       "stack": dict(train_eps_factor=1.2, warmup_reg=0.5)}
 LIPSCHITZ_FORMS = ("exact", "smooth")
 # Settings that shape the architecture of these model kinds alone: another kind would ignore them (a stack's
