@@ -654,16 +654,21 @@ class Trainer:
 
 # -- run outputs ----------------------------------------------------------------------------------
 
+def metric_columns(history):
+    """Every key of the per-epoch rows, in the order they first appear: a run resumed from an older version
+    has epochs without the metrics added since, and the columns are all of them."""
+    return list(dict.fromkeys(k for row in history for k in row))
+
+
 def write_metrics(out_dir, config, history, extra=None):
     """``metrics.json`` (config, per-epoch rows, extra) and ``metrics.csv`` (one row per epoch)."""
     out_dir = pathlib.Path(out_dir)
     payload = {"config": asdict(config), "epochs": history, **(extra or {})}
     _atomic_write(out_dir / "metrics.json", json.dumps(payload, indent=2))
     if history:
-        keys = list(history[0])
         tmp = out_dir / "metrics.csv.part"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=metric_columns(history))   # an epoch without a column: empty
             w.writeheader()
             w.writerows(history)
         os.replace(tmp, out_dir / "metrics.csv")
@@ -841,7 +846,7 @@ def plot_history(history, path, title="", gamma=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [r["epoch"] for r in history]
-    col = {k: [r.get(k) for r in history] for k in history[0]}
+    col = {k: [r.get(k) for r in history] for k in metric_columns(history)}
     fig, ax = plt.subplots(2, 3, figsize=(14, 7))
     ax[0, 0].plot(ep, col["train_loss"], label="train")
     ax[0, 1].plot(ep, [100 * a for a in col["train_acc"]], label="train")
@@ -873,7 +878,7 @@ def plot_history(history, path, title="", gamma=None):
                  title="l_inf Lipschitz bound ||C|| ||B|| / (1 - mu)")
     ax[1, 2].plot(ep, col["epoch_seconds"], label="epoch (with test evaluation)")
     ax[1, 2].plot(ep, col["train_seconds"], label="training part")
-    if "train_cpu_seconds" in col:   # a resumed older run has it from its resumption on
+    if "train_cpu_seconds" in col:   # a run resumed from an older version has it from its resumption on
         ax[1, 2].plot(ep, [np.nan if v is None else v for v in col["train_cpu_seconds"]], ":",
                       label="training part, CPU seconds (all threads)")
     ax[1, 2].set(ylabel="seconds", ylim=(0, None), title="time per epoch")

@@ -255,3 +255,21 @@ def test_logged_batch_accuracy_is_that_of_the_model_predictions(mnist_arrays):
     U, labels = X[:100], y[:100]
     expected = int(np.count_nonzero(trainer.model.predict(U, tol=1e-4, max_iter=300) == labels))
     assert trainer.step(U, labels, lr=1e-3)["correct"] == expected
+
+
+def test_metrics_of_a_run_resumed_from_an_older_version_keep_every_column(tmp_path):
+    """Epochs written before a metric existed (train_cpu_seconds) sit beside epochs that have it: the csv has
+    the column, empty where an epoch lacks it, and the curves are drawn."""
+    import csv
+    from nemon_np.training import metric_columns, plot_history, write_metrics
+    old = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "fwd_iter_mean": 3.0, "fwd_iter_max": 4,
+           "bwd_iter_mean": 1.0, "bwd_iter_max": 2, "mu_inf": 0.5, "mu_inf_unweighted": 0.5,
+           "lipschitz_bound": 2.0, "train_seconds": 1.0, "epoch_seconds": 1.5}
+    history = [old, {**old, "epoch": 2, "train_cpu_seconds": 0.9}]
+    assert metric_columns(history) == list(old) + ["train_cpu_seconds"]
+    write_metrics(tmp_path, TrainConfig(), history)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["train_cpu_seconds"] for r in rows] == ["", "0.9"] and [r["epoch"] for r in rows] == ["1", "2"]
+    plot_history(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
