@@ -230,12 +230,13 @@ def matched_comparison(targets):
             verdict = "explicit ahead"
         else:
             verdict = "within the seeds' spread"
+        seconds = float(np.mean(t["seconds_per_seed"]))
         out.append({"label": target_label(t["dataset"], t["eps"]), "target": t.get("target"),
                     "nemon": nemon, "explicit": explicit,
                     "nemon_all": t.get("certified_all_per_seed"), "explicit_all": x.get("certified_all_per_seed"),
                     "difference": float(np.mean(nemon) - np.mean(explicit)),
-                    "nemon_seconds": float(np.mean(t["seconds_per_seed"])), "explicit_seconds": float(x["seconds"]),
-                    "seconds_ratio": float(np.mean(t["seconds_per_seed"]) / x["seconds"]), "verdict": verdict})
+                    "nemon_seconds": seconds, "explicit_seconds": float(x["seconds"]),
+                    "seconds_ratio": seconds / x["seconds"], "verdict": verdict})
     return out
 
 
@@ -247,8 +248,7 @@ def plot_matched(comparison, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     at = np.arange(len(comparison))
-    for side, shift, color in (("nemon", -0.2, "C0"), ("explicit", 0.2, "C1")):
-        label = "NEMON stack" if side == "nemon" else "explicit twin"
+    for side, shift, color, label in (("nemon", -0.2, "C0", "NEMON stack"), ("explicit", 0.2, "C1", "explicit twin")):
         ax[0].bar(at + shift, [np.mean(c[side]) for c in comparison], 0.38, color=color, alpha=0.6, label=label)
         for i, c in enumerate(comparison):
             ax[0].plot([i + shift] * len(c[side]), c[side], "o", color=color, ms=4)
