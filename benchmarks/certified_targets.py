@@ -45,7 +45,7 @@ from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
 from nemon_np.pixels import solver_options_for, to_inputs
 from nemon_np.robustness import ATTACKS, attack
-from nemon_np.training import TrainConfig, config_from_dict
+from nemon_np.training import CERTIFIED_DEFAULTS, TrainConfig, config_from_dict
 
 CERTIFICATES = ("interval", "crown")
 
@@ -58,23 +58,31 @@ def _int_keys(d):
 def command_of(run):
     """The ``python -m nemon_np.train`` command that reproduces a run: its non-default settings. A setting
     whose default depends on the model (None in TrainConfig) is left out where the run had the value that
-    its model and radius resolve to. The config is read as ``--resume`` reads it
+    its model and radius resolve to, except the certified recipe's own (:data:`CERTIFIED_DEFAULTS` of the
+    model): those defaults change as recipes are measured (``--warmup-reg`` did), and a recorded command
+    must still reproduce its run afterwards. The config is read as ``--resume`` reads it
     (:func:`nemon_np.training.config_from_dict`: a setting that shapes another kind of model, such as the
     "hidden" that older stack runs record, is dropped)."""
     payload = json.loads((pathlib.Path(run) / "metrics.json").read_text())
     config, defaults = asdict(config_from_dict(payload["config"])), asdict(TrainConfig())
-    resolved = asdict(TrainConfig(model=config["model"], arch=config.get("arch"),
+    resolved = asdict(TrainConfig(model=config["model"], arch=config.get("arch"), augment=config["augment"],
                                   certified_eps=config.get("certified_eps", 0.0)).validate())
+    recipe = CERTIFIED_DEFAULTS.get(config["model"], {}) if config.get("certified_eps") else {}
     flags = [f"--dataset {payload.get('run', {}).get('dataset', 'mnist')}"]
     for f in fields(TrainConfig):
         value = config.get(f.name)
-        if defaults[f.name] is None and value == resolved[f.name] and f.name != "arch":
+        if defaults[f.name] is None and value == resolved[f.name] and f.name not in recipe and f.name != "arch":
             continue
         if value == -math.inf and resolved[f.name] is None:   # "no floor" either way (config_from_dict)
             continue
-        if value != defaults[f.name] and f.name != "augment_pad" and value is not None:
-            flags.append(f"--{f.name.replace('_', '-')} {value:.10g}" if isinstance(value, float)
-                         else f"--{f.name.replace('_', '-')} {value}")
+        if value != defaults[f.name] and value is not None:
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):   # the on/off switches (--warm-start / --no-warm-start)
+                flags.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, float):   # its repr reads back as the same float; "=" keeps -inf a value
+                flags.append(f"{flag}={value!r}" if value < 0 else f"{flag} {value!r}")
+            else:
+                flags.append(f"{flag} {value}")
     return "python -m nemon_np.train " + " ".join(flags)
 
 

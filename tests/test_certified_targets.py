@@ -121,3 +121,31 @@ def test_both_sides_are_matched_on_cpu_seconds_only_where_every_run_has_them():
     epochs = [{"train_cpu_seconds": 1.5}, {"train_cpu_seconds": 2.25}]
     assert certified_targets.training_cpu_seconds(epochs) == 3.75
     assert certified_targets.training_cpu_seconds(epochs + [{"train_seconds": 9.0}]) is None   # resumed old run
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(certified_eps=0.1, warm_start=False, epochs=3, eps_warmup=1, eps_ramp=1),
+    dict(certified_eps=0.1, min_diagonal=-np.inf, hidden=100),   # a dense run from before the default floor
+    dict(model="conv", certified_eps=0.3, augment="shift", augment_pad=2, pool=2),
+    dict(arch="nemon-medium", certified_eps=0.1, epochs=25, min_diagonal=0.0, eps_ramp=8, grad_clip=10.0, seed=1),
+    dict(arch="ibp-small", augment="crop-flip", certified_eps=2 / 255, warmup_reg=0.0, train_eps_factor=1.1),
+])
+def test_a_recorded_command_trains_the_run_it_was_read_from(tmp_path, settings):
+    """command_of's flags, parsed by ``nemon_np.train``, give the run's settings back, switches and a certified
+    recipe's own defaults included, so a recorded command still reproduces its run after a default changes."""
+    from dataclasses import asdict, fields
+
+    from nemon_np.train import build_parser
+    from nemon_np.training import TrainConfig
+    config = TrainConfig(**settings).validate()
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": asdict(config), "run": {"dataset": "cifar10"},
+                                                       "epochs": []}))
+    command = certified_targets.command_of(tmp_path)
+    prefix = "python -m nemon_np.train "
+    assert command.startswith(prefix + "--dataset cifar10")
+    args = build_parser().parse_args(command[len(prefix):].split())
+    again = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
+    assert asdict(again) == asdict(config)
+    if config.model == "stack" and config.certified_eps > 0:
+        assert f"--warmup-reg {config.warmup_reg:g}" in command   # spelled out even where it is the default
