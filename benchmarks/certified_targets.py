@@ -2,13 +2,17 @@
 
 Run:  python benchmarks/certified_targets.py --data-dir DIR --dataset mnist --eps 0.3 \
           --nemon RUN [RUN ...] --explicit RUN [RUN ...] [--target 90] [--jobs 2] \
-          [--out docs/figures/certified_targets.json] [--recorded OTHER.json ...]
+          [--exact-images 1000 --time-limit 60] [--out docs/figures/certified_targets.json] [--recorded OTHER.json ...]
 
 For every run (one a seed, written by ``python -m nemon_np.train``), on the saved model: clean accuracy,
 the certified accuracy at eps (pixel units) by the interval and the crown certificates, and PGD's
 accuracy (20 steps, a random start), on the first 1,000 test images and on all of them. Every image
 that a certificate certifies is attacked by PGD, FGSM and noise at eps; the script stops with exit 1
-if one is broken (a certificate is a proof). The training seconds are the runs' own, summed over their
+if one is broken (a certificate is a proof). With --exact-images N, the first N test images are also verified
+exactly (:func:`evaluate_exact`: complete, so it certifies at least what crown does; undecided images count as
+not certified); at N >= 1,000 exact verification competes for the row's certificate on both sides, and the
+row's figure on all test images stays that of the best certificate run on all of them ("certificate_all").
+The training seconds are the runs' own, summed over their
 epochs (the optimizer steps, without the per-epoch test evaluation and certification): CPU seconds
 (``train_cpu_seconds``) where every run of both sides recorded them, else wall seconds (``train_seconds``; runs
 trained before the CPU clock was kept), and the row says which ("seconds_clock"). Wall seconds count whatever
@@ -40,7 +44,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from nemon_np._threads import ONE_THREAD_ENV
-from nemon_np.certificates import certify
+from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
 from nemon_np.pixels import solver_options_for, to_inputs
@@ -86,6 +90,12 @@ def command_of(run):
     return "python -m nemon_np.train " + " ".join(flags)
 
 
+def needs_evaluation(run, path):
+    """Whether the run folder is here and its evaluation file ``path`` is missing or older than its model."""
+    run = pathlib.Path(run)
+    return run.is_dir() and not (path.is_file() and path.stat().st_mtime > (run / "model.npz").stat().st_mtime)
+
+
 def training_cpu_seconds(history):
     """The CPU seconds of a run's optimizer steps (every epoch's ``train_cpu_seconds``), or None where an epoch
     did not record them (runs before the clock was kept)."""
@@ -99,25 +109,16 @@ def seconds_clock(rows):
     return "cpu" if all(r.get("train_cpu_seconds") is not None for rs in rows.values() for r in rs) else "wall"
 
 
-def evaluate_run(run, data, eps, pgd_steps):
-    """Clean, certified (each certificate) and PGD accuracy on the first 1,000 and on all test images,
-    the images certified but broken by an attack (must be 0), the training seconds and the command."""
-    model = load_model(pathlib.Path(run) / "model.npz")
-    history = json.loads((pathlib.Path(run) / "metrics.json").read_text())["epochs"]
-    pixels = data.test_images.reshape(len(data.test_images), -1).astype(np.float64) / 255.0
-    labels = data.test_labels
+def test_pixels(data):
+    """The test images as (m, features) pixels in [0, 1], and their labels."""
+    return data.test_images.reshape(len(data.test_images), -1).astype(np.float64) / 255.0, data.test_labels
+
+
+def attack_survival(model, pixels, labels, eps, pgd_steps, say):
+    """(correct under the clean image and every attack of :data:`nemon_np.robustness.ATTACKS` at eps, correct
+    under PGD): two (m,) bool arrays; ``say(what, flags)`` reports each attack."""
     fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
-    clean = model.predict(to_inputs(model, pixels), **fwd) == labels
-    certified, seconds = {}, {}
-    started = time.perf_counter()
-    say = lambda what, flags: print(f"  {run}: {what} {100 * np.mean(flags):.2f}% of {len(flags)} "  # noqa: E731
-                                    f"({time.perf_counter() - started:.0f} s)", flush=True)
-    for name in CERTIFICATES:
-        t0 = time.perf_counter()
-        certified[name] = certify(model, pixels, labels, eps, name).certified
-        seconds[name] = time.perf_counter() - t0
-        say(f"certified by {name}", certified[name])
-    survived = clean.copy()
+    survived = model.predict(to_inputs(model, pixels), **fwd) == labels
     pgd = None
     for kind in ATTACKS:
         ok = []
@@ -129,6 +130,31 @@ def evaluate_run(run, data, eps, pgd_steps):
         survived &= ok
         if kind == "pgd":
             pgd = ok
+    return survived, pgd
+
+
+def _reporter(run):
+    started = time.perf_counter()
+    return lambda what, flags: print(f"  {run}: {what} {100 * np.mean(flags):.2f}% of {len(flags)} "
+                                     f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def evaluate_run(run, data, eps, pgd_steps):
+    """Clean, certified (each certificate) and PGD accuracy on the first 1,000 and on all test images,
+    the images certified but broken by an attack (must be 0), the training seconds and the command."""
+    model = load_model(pathlib.Path(run) / "model.npz")
+    history = json.loads((pathlib.Path(run) / "metrics.json").read_text())["epochs"]
+    pixels, labels = test_pixels(data)
+    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    clean = model.predict(to_inputs(model, pixels), **fwd) == labels
+    certified, seconds = {}, {}
+    say = _reporter(run)
+    for name in CERTIFICATES:
+        t0 = time.perf_counter()
+        certified[name] = certify(model, pixels, labels, eps, name).certified
+        seconds[name] = time.perf_counter() - t0
+        say(f"certified by {name}", certified[name])
+    survived, pgd = attack_survival(model, pixels, labels, eps, pgd_steps, say)
     broken = {name: int(np.sum(flags & ~survived)) for name, flags in certified.items()}
     part = lambda flags, n: 100 * float(np.mean(flags[:n]))  # noqa: E731
     return {"run": str(run), "clean": {n: part(clean, n) for n in (1000, len(labels))},
@@ -140,24 +166,46 @@ def evaluate_run(run, data, eps, pgd_steps):
             "epochs": len(history), "command": command_of(run), "curve": training_curve(history)}
 
 
-def _evaluate_alone(run, dataset, data_dir, eps, pgd_steps):
-    """:func:`evaluate_run` in a process of its own (one of ``--jobs``; one thread by its environment)."""
-    return evaluate_run(run, load_dataset(dataset, data_dir), eps, pgd_steps)
+def evaluate_exact(run, data, eps, pgd_steps, images, time_limit):
+    """Complete verification of the first ``images`` test images (:class:`nemon_np.certificates.ExactCertificate`:
+    crown, then PGD, then a mixed-integer program for each image still open, ``time_limit`` solver seconds an
+    image; an image whose limit runs out is "unknown", never certified), every certified image attacked as in
+    :func:`evaluate_run`. Decided images are kept in the run's ``exact_cache`` (the one ``python -m
+    nemon_np.robustness RUN --exact`` keeps), so a stopped evaluation resumes. {"images", "certified" (%),
+    "unknown", "broken", "seconds", "time_limit"}."""
+    model = load_model(pathlib.Path(run) / "model.npz")
+    pixels, labels = (a[:images] for a in test_pixels(data))
+    say = _reporter(run)
+    method = ExactCertificate(time_limit, cache=pathlib.Path(run) / "exact_cache", attack_steps=pgd_steps)
+    t0 = time.perf_counter()
+    res = certify(model, pixels, labels, eps, method)
+    seconds = time.perf_counter() - t0
+    say("certified by exact", res.certified)
+    survived, _ = attack_survival(model, pixels, labels, eps, pgd_steps, say)
+    return {"images": len(labels), "certified": 100 * float(np.mean(res.certified)),
+            "unknown": int(np.sum(res.status == "unknown")), "broken": int(np.sum(res.certified & ~survived)),
+            "seconds": seconds, "time_limit": time_limit}
 
 
-def evaluate_runs(runs, args, data):
-    """{run: :func:`evaluate_run`'s row} for the runs, ``args.jobs`` processes at a time (each one thread:
-    the environment of :data:`nemon_np._threads.ONE_THREAD_ENV`, which spawned processes inherit), or in
-    this process with one job."""
+def _in_own_process(evaluate, run, dataset, data_dir, *args):
+    """``evaluate(run, data, *args)`` in a process of its own (one of ``--jobs``; one thread by its
+    environment)."""
+    return evaluate(run, load_dataset(dataset, data_dir), *args)
+
+
+def evaluate_runs(runs, args, data, evaluate=evaluate_run, *extra):
+    """{run: ``evaluate(run, data, args.eps, args.pgd_steps, *extra)``} for the runs (:func:`evaluate_run`,
+    :func:`evaluate_exact`), ``args.jobs`` processes at a time (each one thread: the environment of
+    :data:`nemon_np._threads.ONE_THREAD_ENV`, which spawned processes inherit), or in this process with one job."""
     if args.jobs == 1 or len(runs) < 2:
-        return {run: evaluate_run(run, data, args.eps, args.pgd_steps) for run in runs}
+        return {run: evaluate(run, data, args.eps, args.pgd_steps, *extra) for run in runs}
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
     os.environ.update(ONE_THREAD_ENV)
     with ProcessPoolExecutor(min(args.jobs, len(runs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {run: pool.submit(_evaluate_alone, run, args.dataset, args.data_dir, args.eps, args.pgd_steps)
-                   for run in runs}
+        futures = {run: pool.submit(_in_own_process, evaluate, run, args.dataset, args.data_dir, args.eps,
+                                    args.pgd_steps, *extra) for run in runs}
         return {run: future.result() for run, future in futures.items()}
 
 
@@ -306,9 +354,26 @@ def dumps(value):
     return re.sub(r"\[([^\[\]{}]*)\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)).strip() + "]", text)
 
 
-def best_certificate(rows):
-    """The certificate with the highest mean certified accuracy on the first 1,000 images."""
-    return max(CERTIFICATES, key=lambda c: np.mean([r["certified"][c][1000] for r in rows]))
+def best_certificate(rows, images=1000):
+    """The certificate with the highest mean certified accuracy on the first ``images`` test images, among
+    those every row has a figure for there (exact verification is run on the first 1,000 at most)."""
+    names = [c for c in rows[0]["certified"] if all(images in r["certified"].get(c, {}) for r in rows)]
+    return max(names, key=lambda c: np.mean([r["certified"][c][images] for r in rows]))
+
+
+def side_summary(rows, n_all, spent):
+    """One side's figures in the row: its best certificate on the first 1,000 images and on all of them, per
+    seed, clean and PGD accuracy, interval and crown (and exact, where it ran on the first 1,000), seconds."""
+    cert, cert_all = best_certificate(rows), best_certificate(rows, n_all)
+    out = {"certificate": cert, "certified_per_seed": [r["certified"][cert][1000] for r in rows],
+           "certificate_all": cert_all, "certified_all_per_seed": [r["certified"][cert_all][n_all] for r in rows],
+           "clean_per_seed": [r["clean"][1000] for r in rows], "pgd_per_seed": [r["pgd"][1000] for r in rows]}
+    for name in ("interval", "crown", "exact"):
+        if all(1000 in r["certified"].get(name, {}) for r in rows):
+            out[f"{name}_per_seed"] = [r["certified"][name][1000] for r in rows]
+    if "exact_per_seed" in out:
+        out["exact_unknown_per_seed"] = [r["exact"]["unknown"] for r in rows]
+    return out | {"seconds_per_seed": [spent(r) for r in rows]}
 
 
 def main(argv=None):
@@ -329,9 +394,16 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1,
                    help="runs evaluated at once, each in a process of its own on one thread (2 on the 2-core machines "
                         "here: a medium stack's 10,000 images take about 20 minutes)")
+    p.add_argument("--exact-images", type=int, default=0, metavar="N",
+                   help="also verify the first N test images exactly (crown, PGD, then a mixed-integer program for "
+                        "each image still open; 1,000 makes it a candidate for the row's certificate; images left "
+                        "undecided count as not certified): seconds to hours, by how many images crown leaves open")
+    p.add_argument("--time-limit", type=float, default=60.0, help="with --exact-images: solver seconds an image")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.exact_images < 0 or not args.time_limit > 0:
+        p.error("--exact-images must be >= 0 and --time-limit > 0")
     threadpool_limits(1, user_api="blas")
     data = load_dataset(args.dataset, args.data_dir)
     out = pathlib.Path(args.out)
@@ -345,13 +417,21 @@ def main(argv=None):
                 for kind, rs in t.get("runs", {}).items() for r in rs}
     # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
     cache = lambda run: pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"  # noqa: E731
-    fresh = [run for kind in ("nemon", "explicit") for run in getattr(args, kind) if pathlib.Path(run).is_dir()
-             and not (cache(run).is_file()
-                      and cache(run).stat().st_mtime > (pathlib.Path(run) / "model.npz").stat().st_mtime)]
+    runs = [run for kind in ("nemon", "explicit") for run in getattr(args, kind)]
+    fresh = [run for run in runs if needs_evaluation(run, cache(run))]
     if fresh:
         print(f"evaluating {', '.join(fresh)} ({min(args.jobs, len(fresh))} at a time) ...", flush=True)
     for run, row in evaluate_runs(fresh, args, data).items():
         cache(run).write_text(json.dumps(row, indent=2))
+    exact_cache = lambda run: pathlib.Path(run) / (  # noqa: E731
+        f"targets_eps{args.eps:g}_exact{args.exact_images}_t{args.time_limit:g}_pgd{args.pgd_steps}.json")
+    exact_fresh = [run for run in runs if args.exact_images and needs_evaluation(run, exact_cache(run))]
+    if exact_fresh:
+        print(f"verifying the first {args.exact_images} test images of {', '.join(exact_fresh)} exactly ...",
+              flush=True)
+    exact_rows = evaluate_runs(exact_fresh, args, data, evaluate_exact, args.exact_images, args.time_limit)
+    for run, row in exact_rows.items():
+        exact_cache(run).write_text(json.dumps(row, indent=2))
     rows = {}
     for kind in ("nemon", "explicit"):
         rows[kind] = []
@@ -365,43 +445,39 @@ def main(argv=None):
                 rows[kind].append(recorded[(kind, run)])
                 continue
             rows[kind].append(json.loads(cache(run).read_text(), object_hook=_int_keys))
+            if args.exact_images:
+                exact = json.loads(exact_cache(run).read_text())
+                rows[kind][-1]["certified"]["exact"] = {exact["images"]: exact["certified"]}
+                rows[kind][-1]["broken_certified"]["exact"] = exact["broken"]
+                rows[kind][-1]["exact"] = exact
             if run not in fresh:   # an earlier version's row: its command and curve as this version writes them
                 print(f"{kind} {run}: evaluated before ({cache(run)})", flush=True)
                 rows[kind][-1]["command"] = command_of(run)
                 rows[kind][-1]["curve"] = run_curve({"run": run})
             r = rows[kind][-1]
+            exact = (f", exact {r['exact']['certified']:.2f}% of {r['exact']['images']} ({r['exact']['unknown']} "
+                     f"undecided)") if "exact" in r else ""
             print(f"  clean {r['clean'][1000]:.2f}%, interval {r['certified']['interval'][1000]:.2f}%, crown "
-                  f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000); broken "
+                  f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000){exact}; broken "
                   f"{r['broken_certified']}", flush=True)
+    unverified = [r["run"] for rs in rows.values() for r in rs if args.exact_images and "exact" not in r]
+    if unverified:   # one side by exact and the other by crown would not be a like-for-like comparison
+        p.error(f"--exact-images: {unverified[0]} is recorded without exact verification and its folder is not here")
     broken = sum(n for rs in rows.values() for r in rs for n in r["broken_certified"].values())
-    cert = best_certificate(rows["nemon"])
     n_all = len(data.test_labels)
     nemon, explicit = rows["nemon"], rows["explicit"]
     clock = seconds_clock(rows)
     spent = lambda r: r["train_cpu_seconds" if clock == "cpu" else "train_seconds"]  # noqa: E731
-    target = {"dataset": args.dataset, "eps": args.eps, "certificate": cert,
-              "certified_per_seed": [r["certified"][cert][1000] for r in nemon],
-              "certified_all_per_seed": [r["certified"][cert][n_all] for r in nemon],
-              "clean_per_seed": [r["clean"][1000] for r in nemon],
-              "pgd_per_seed": [r["pgd"][1000] for r in nemon],
-              "interval_per_seed": [r["certified"]["interval"][1000] for r in nemon],
-              "crown_per_seed": [r["certified"]["crown"][1000] for r in nemon],
-              "seconds_per_seed": [spent(r) for r in nemon], "seconds_clock": clock, "images": 1000,
+    ours, twin = side_summary(nemon, n_all, spent), side_summary(explicit, n_all, spent)
+    target = {"dataset": args.dataset, "eps": args.eps, **ours, "seconds_clock": clock, "images": 1000,
               "images_all": n_all,
-              "target": args.target, **shortfall(args.target, [r["certified"][cert][1000] for r in nemon],
-                                                 args.next_run),
+              "target": args.target, **shortfall(args.target, ours["certified_per_seed"], args.next_run),
               "command": nemon[0]["command"], "broken_certified": broken,
-              "explicit_matched": {
-                  "certificate": best_certificate(explicit),
-                  "certified": float(np.mean([r["certified"][best_certificate(explicit)][1000] for r in explicit])),
-                  "certified_per_seed": [r["certified"][best_certificate(explicit)][1000] for r in explicit],
-                  "certified_all_per_seed": [r["certified"][best_certificate(explicit)][n_all] for r in explicit],
-                  "clean": float(np.mean([r["clean"][1000] for r in explicit])),
-                  "pgd": float(np.mean([r["pgd"][1000] for r in explicit])),
-                  "interval_per_seed": [r["certified"]["interval"][1000] for r in explicit],
-                  "crown_per_seed": [r["certified"]["crown"][1000] for r in explicit],
-                  "seconds": float(np.mean([spent(r) for r in explicit])),
-                  "seconds_per_seed": [spent(r) for r in explicit], "command": explicit[0]["command"]},
+              "explicit_matched": {**twin, "certified": float(np.mean(twin["certified_per_seed"])),
+                                   "clean": float(np.mean(twin["clean_per_seed"])),
+                                   "pgd": float(np.mean(twin["pgd_per_seed"])),
+                                   "seconds": float(np.mean(twin["seconds_per_seed"])),
+                                   "command": explicit[0]["command"]},
               "runs": rows}
     existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
                                                                   and t["eps"] == args.eps)] + [target]
@@ -413,15 +489,17 @@ def main(argv=None):
     plot_matched(comparison, summary)
     print(f"wrote {out}" + (f", {figure}" if drawn else "") + f" and {summary}")
     mean = lambda v: f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")  # noqa: E731
-    print(f"\n| model | seeds | clean | interval | crown | PGD | certified, all {n_all} | train s ({clock}) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for kind, rs in rows.items():
-        best = best_certificate(rs)
-        print(f"| {kind} | {len(rs)} | {mean([r['clean'][1000] for r in rs])}% | "
-              f"{mean([r['certified']['interval'][1000] for r in rs])}% | "
-              f"{mean([r['certified']['crown'][1000] for r in rs])}% | {mean([r['pgd'][1000] for r in rs])}% | "
-              f"{mean([r['certified'][best][n_all] for r in rs])}% ({best}) | "
-              f"{mean([spent(r) for r in rs])} |")
+    exact = all("exact_per_seed" in side for side in (ours, twin))
+    print(f"\n| model | seeds | clean | interval | crown | {'exact (undecided) | ' if exact else ''}PGD | "
+          f"certified, all {n_all} | train s ({clock}) |")
+    print("| --- " * (9 if exact else 8) + "|")
+    for kind, side in (("nemon", ours), ("explicit", twin)):
+        undecided = f" ({sum(side['exact_unknown_per_seed'])})" if exact else ""
+        print(f"| {kind} | {len(side['clean_per_seed'])} | {mean(side['clean_per_seed'])}% | "
+              f"{mean(side['interval_per_seed'])}% | {mean(side['crown_per_seed'])}% | "
+              + (f"{mean(side['exact_per_seed'])}%{undecided} | " if exact else "")
+              + f"{mean(side['pgd_per_seed'])}% | {mean(side['certified_all_per_seed'])}% "
+              f"({side['certificate_all']}) | {mean(side['seconds_per_seed'])} |")
     print("\nevery target beside its compute-matched twin (the implicit layer pays where the NEMON stack is ahead):")
     print("| target | NEMON certified | explicit certified | NEMON - explicit | seconds, NEMON / explicit | verdict |")
     print("| --- | --- | --- | --- | --- | --- |")

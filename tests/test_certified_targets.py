@@ -72,6 +72,18 @@ def test_runs_neither_here_nor_recorded_are_one_line_errors(tmp_path, monkeypatc
         assert message in err[-1]
 
 
+def test_exact_verification_is_asked_of_every_run_or_of_none(tmp_path, monkeypatch, capsys, shared_data):
+    """A run recorded without exact verification cannot stand beside runs verified exactly."""
+    monkeypatch.chdir(tmp_path)
+    rec = _file(tmp_path / "rec.json", "mnist", 0.1, [_record("runs/n_s0", 89.0, 96.8, 1.0)],
+                [_record("runs/x_s0", 88.0, 96.8, 1.0)])
+    with pytest.raises(SystemExit):
+        certified_targets.main(["--data-dir", str(shared_data), "--out", str(tmp_path / "out.json"), "--eps", "0.1",
+                                "--nemon", "runs/n_s0", "--explicit", "runs/x_s0", "--recorded", str(rec),
+                                "--exact-images", "1000"])
+    assert "runs/n_s0 is recorded without exact verification" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_rounded_rounds_floats_only_and_keeps_the_shape():
     value = {"a": [1 / 3, 2, float("nan"), {"b": 94.69999999999999}], "c": "text", "d": None, "e": True}
     out = certified_targets.rounded(copy.deepcopy(value))
@@ -149,3 +161,34 @@ def test_a_recorded_command_trains_the_run_it_was_read_from(tmp_path, settings):
     assert asdict(again) == asdict(config)
     if config.model == "stack" and config.certified_eps > 0:
         assert f"--warmup-reg {config.warmup_reg:g}" in command   # spelled out even where it is the default
+
+
+def test_exact_verification_of_both_sides_enters_the_row(tmp_path, monkeypatch, shared_data, mnist_data):
+    """--exact-images: two real (tiny) runs, verified exactly on the first 1,000 test images (the whole test set
+    here); exact certifies at least what crown does and at most what survives PGD, no certified image is broken,
+    and the row takes it as its certificate where it is the best."""
+    import dataclasses
+
+    from nemon_np.train import main as train
+    monkeypatch.chdir(tmp_path)
+    for kind, arch in (("n", "dense16,relu,nemon8"), ("x", "dense16,relu,dense8,relu")):
+        train(["--dataset", "mnist", "--data-dir", str(shared_data), "--arch", arch, "--limit-train", "2000",
+               "--epochs", "2", "--certified-eps", "0.02", "--eps-warmup", "0", "--eps-ramp", "1",
+               "--certify-samples", "10", "--no-progress", "--out", f"runs/{kind}_s0"])
+    small = dataclasses.replace(mnist_data, test_images=mnist_data.test_images[:1000],
+                                test_labels=mnist_data.test_labels[:1000])
+    monkeypatch.setattr(certified_targets, "load_dataset", lambda name, data_dir=None: small)
+    out = tmp_path / "out.json"
+    argv = ["--eps", "0.02", "--out", str(out), "--nemon", "runs/n_s0", "--explicit", "runs/x_s0",
+            "--exact-images", "1000", "--time-limit", "20", "--pgd-steps", "5"]
+    assert certified_targets.main(argv) == 0
+    row = json.loads(out.read_text())["targets"][0]
+    for side in (row, row["explicit_matched"]):
+        (exact,), (crown,), (pgd,) = side["exact_per_seed"], side["crown_per_seed"], side["pgd_per_seed"]
+        assert crown <= exact <= pgd
+        assert side["certificate"] == ("exact" if exact > crown else side["certificate"])
+        assert side["certified_per_seed"] == [max(exact, crown, side["interval_per_seed"][0])]
+    assert row["broken_certified"] == 0
+    exact = json.loads((tmp_path / "runs/n_s0/targets_eps0.02_exact1000_t20_pgd5.json").read_text())
+    assert exact["images"] == 1000 and exact["broken"] == 0
+    assert exact["unknown"] == 0 or exact["certified"] < row["pgd_per_seed"][0]
