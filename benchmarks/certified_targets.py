@@ -133,6 +133,12 @@ def attack_survival(model, pixels, labels, eps, pgd_steps, say):
     return survived, pgd
 
 
+def percent_of_first(flags):
+    """{n: % of the first n flags that are true} for n = 1,000 (where there are as many) and n = all of them: the
+    two image counts every figure of a row is given on."""
+    return {n: 100 * float(np.mean(flags[:n])) for n in (1000, len(flags)) if n <= len(flags)}
+
+
 def _reporter(run):
     started = time.perf_counter()
     return lambda what, flags: print(f"  {run}: {what} {100 * np.mean(flags):.2f}% of {len(flags)} "
@@ -156,10 +162,9 @@ def evaluate_run(run, data, eps, pgd_steps):
         say(f"certified by {name}", certified[name])
     survived, pgd = attack_survival(model, pixels, labels, eps, pgd_steps, say)
     broken = {name: int(np.sum(flags & ~survived)) for name, flags in certified.items()}
-    part = lambda flags, n: 100 * float(np.mean(flags[:n]))  # noqa: E731
-    return {"run": str(run), "clean": {n: part(clean, n) for n in (1000, len(labels))},
-            "certified": {name: {n: part(f, n) for n in (1000, len(labels))} for name, f in certified.items()},
-            "pgd": {n: part(pgd, n) for n in (1000, len(labels))}, "broken_certified": broken,
+    return {"run": str(run), "clean": percent_of_first(clean),
+            "certified": {name: percent_of_first(f) for name, f in certified.items()},
+            "pgd": percent_of_first(pgd), "broken_certified": broken,
             "certify_seconds": seconds, "train_seconds": float(sum(r["train_seconds"] for r in history)),
             "train_cpu_seconds": training_cpu_seconds(history),
             "epoch_seconds": float(sum(r["epoch_seconds"] for r in history)),
@@ -171,8 +176,8 @@ def evaluate_exact(run, data, eps, pgd_steps, images, time_limit):
     crown, then PGD, then a mixed-integer program for each image still open, ``time_limit`` solver seconds an
     image; an image whose limit runs out is "unknown", never certified), every certified image attacked as in
     :func:`evaluate_run`. Decided images are kept in the run's ``exact_cache`` (the one ``python -m
-    nemon_np.robustness RUN --exact`` keeps), so a stopped evaluation resumes. {"images", "certified" (%),
-    "unknown", "broken", "seconds", "time_limit"}."""
+    nemon_np.robustness RUN --exact`` keeps), so a stopped evaluation resumes. {"images", "certified" (% of the
+    first 1,000 and of all ``images``, :func:`percent_of_first`), "unknown", "broken", "seconds", "time_limit"}."""
     model = load_model(pathlib.Path(run) / "model.npz")
     pixels, labels = (a[:images] for a in test_pixels(data))
     say = _reporter(run)
@@ -182,7 +187,7 @@ def evaluate_exact(run, data, eps, pgd_steps, images, time_limit):
     seconds = time.perf_counter() - t0
     say("certified by exact", res.certified)
     survived, _ = attack_survival(model, pixels, labels, eps, pgd_steps, say)
-    return {"images": len(labels), "certified": 100 * float(np.mean(res.certified)),
+    return {"images": len(labels), "certified": percent_of_first(res.certified),
             "unknown": int(np.sum(res.status == "unknown")), "broken": int(np.sum(res.certified & ~survived)),
             "seconds": seconds, "time_limit": time_limit}
 
@@ -449,8 +454,8 @@ def main(argv=None):
                 continue
             rows[kind].append(json.loads(cache(run).read_text(), object_hook=_int_keys))
             if args.exact_images:
-                exact = json.loads(exact_cache(run).read_text())
-                rows[kind][-1]["certified"]["exact"] = {exact["images"]: exact["certified"]}
+                exact = json.loads(exact_cache(run).read_text(), object_hook=_int_keys)
+                rows[kind][-1]["certified"]["exact"] = exact["certified"]
                 rows[kind][-1]["broken_certified"]["exact"] = exact["broken"]
                 rows[kind][-1]["exact"] = exact
             if run not in fresh:   # an earlier version's row: its command and curve as this version writes them
@@ -458,8 +463,8 @@ def main(argv=None):
                 rows[kind][-1]["command"] = command_of(run)
                 rows[kind][-1]["curve"] = run_curve({"run": run})
             r = rows[kind][-1]
-            exact = (f", exact {r['exact']['certified']:.2f}% of {r['exact']['images']} ({r['exact']['unknown']} "
-                     f"undecided)") if "exact" in r else ""
+            exact = (f", exact {r['exact']['certified'][r['exact']['images']]:.2f}% of {r['exact']['images']} "
+                     f"({r['exact']['unknown']} undecided)") if "exact" in r else ""
             print(f"  clean {r['clean'][1000]:.2f}%, interval {r['certified']['interval'][1000]:.2f}%, crown "
                   f"{r['certified']['crown'][1000]:.2f}%, PGD {r['pgd'][1000]:.2f}% (first 1,000){exact}; broken "
                   f"{r['broken_certified']}", flush=True)

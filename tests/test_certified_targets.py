@@ -84,6 +84,14 @@ def test_exact_verification_is_asked_of_every_run_or_of_none(tmp_path, monkeypat
     assert "runs/n_s0 is recorded without exact verification" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_figures_are_given_on_the_first_1000_images_and_on_all_of_them():
+    flags = np.arange(2500) % 4 != 0                       # 75% true throughout, 100% of the last 500
+    flags[2000:] = True
+    assert certified_targets.percent_of_first(flags) == {1000: 75.0, 2500: 80.0}
+    assert certified_targets.percent_of_first(flags[:1000]) == {1000: 75.0}
+    assert certified_targets.percent_of_first(flags[:200]) == {200: 75.0}   # fewer than 1,000: all of them only
+
+
 def test_rounded_rounds_floats_only_and_keeps_the_shape():
     value = {"a": [1 / 3, 2, float("nan"), {"b": 94.69999999999999}], "c": "text", "d": None, "e": True}
     out = certified_targets.rounded(copy.deepcopy(value))
@@ -192,4 +200,4 @@ def test_exact_verification_of_both_sides_enters_the_row(tmp_path, monkeypatch, 
     assert row["broken_certified"] == 0
     exact = json.loads((tmp_path / "runs/n_s0/targets_eps0.02_exact1000_t20_pgd5.json").read_text())
     assert exact["images"] == 1000 and exact["broken"] == 0
-    assert exact["unknown"] == 0 or exact["certified"] < row["pgd_per_seed"][0]
+    assert exact["unknown"] == 0 or exact["certified"]["1000"] < row["pgd_per_seed"][0]
