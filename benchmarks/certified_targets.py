@@ -48,7 +48,7 @@ from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
 from nemon_np.pixels import solver_options_for, to_inputs
-from nemon_np.robustness import ATTACKS, attack
+from nemon_np.robustness import attack_flags
 from nemon_np.training import CERTIFIED_DEFAULTS, TrainConfig, config_from_dict
 
 CERTIFICATES = ("interval", "crown")
@@ -115,22 +115,13 @@ def test_pixels(data):
 
 
 def attack_survival(model, pixels, labels, eps, pgd_steps, say):
-    """(correct under the clean image and every attack of :data:`nemon_np.robustness.ATTACKS` at eps, correct
-    under PGD): two (m,) bool arrays; ``say(what, flags)`` reports each attack."""
+    """(correct under the clean image and every attack of :func:`nemon_np.robustness.attack_flags` at eps,
+    500 images at a time, correct under PGD): two (m,) bool arrays; ``say(what, flags)`` reports each attack."""
     fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
     survived = model.predict(to_inputs(model, pixels), **fwd) == labels
-    pgd = None
-    for kind in ATTACKS:
-        ok = []
-        for s in range(0, len(pixels), 500):
-            X = attack(model, pixels[s:s + 500], labels[s:s + 500], eps, kind, steps=pgd_steps, seed=0)
-            ok.append(model.predict(to_inputs(model, X), **fwd) == labels[s:s + 500])
-        ok = np.concatenate(ok)
-        say(f"{kind} accuracy", ok)
-        survived &= ok
-        if kind == "pgd":
-            pgd = ok
-    return survived, pgd
+    flags = attack_flags(model, pixels, labels, eps, pgd_steps, seed=0, chunk=500,
+                         progress=lambda kind, ok: say(f"{kind} accuracy", ok))
+    return np.logical_and.reduce([survived, *flags.values()]), flags["pgd"]
 
 
 def percent_of_first(flags):

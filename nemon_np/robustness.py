@@ -13,7 +13,8 @@ from .lipschitz import lipschitz_bound
 from .pixels import solver_options_for, to_inputs
 from .solvers import WellPosednessError
 
-__all__ = ["attack", "empirical_lipschitz", "robustness_report", "plot_report", "ATTACKS", "REPORT_CERTIFICATES"]
+__all__ = ["attack", "attack_flags", "empirical_lipschitz", "robustness_report", "plot_report", "ATTACKS",
+           "REPORT_CERTIFICATES"]
 
 # The certificates the report tabulates, each as a row "certified-<name>".
 REPORT_CERTIFICATES = ("lipschitz", "interval", "crown")
@@ -43,6 +44,30 @@ def empirical_lipschitz(model, pixels, radius=1e-3, steps=3, options=None):
             if ok.any():
                 best = max(best, float((dy[ok] / du[ok]).max()))
     return best
+
+
+def attack_flags(model, pixels, labels, eps, pgd_steps=10, seed=0, options=None, chunk=None, progress=None):
+    """{kind: (m,) bool, image classified correctly after that attack at ``eps``} for each kind of
+    :data:`ATTACKS` (:func:`nemon_np.attacks.attack`, PGD with ``pgd_steps`` steps). An image that survives
+    every attack is an upper bound's witness only; an image certified but not surviving is a bug.
+
+    ``chunk`` images are attacked at a time (None: all at once), bounding the memory of attacks on 10,000
+    images; every chunk draws its random starts from ``seed``, so the figures depend on ``chunk``.
+    ``progress(kind, flags)``, if given, is called after each attack."""
+    P = np.asarray(pixels, np.float64)
+    labels = np.asarray(labels)
+    options = options or solver_options_for(model)
+    fwd = {k: v for k, v in options.items() if k != "adjoint"}
+    chunk = chunk or max(len(P), 1)
+    flags = {}
+    for kind in ATTACKS:
+        flags[kind] = np.concatenate([
+            model.predict(to_inputs(model, attack(model, P[s:s + chunk], labels[s:s + chunk], eps, kind,
+                                                  steps=pgd_steps, seed=seed, options=options)), **fwd)
+            == labels[s:s + chunk] for s in range(0, len(P), chunk)])
+        if progress:
+            progress(kind, flags[kind])
+    return flags
 
 
 def certified_flags(model, pixels, labels, eps_list, certificates=REPORT_CERTIFICATES, progress=None):
@@ -84,17 +109,16 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
     fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
-    correct = lambda X: model.predict(to_inputs(model, X), **fwd) == labels  # noqa: E731
-    report = {"clean_acc": float(np.mean(correct(P))), "eps": list(eps_list), "attacks": {}}
-    survived = [np.ones(len(P), bool) for _ in eps_list]   # correct under every attack so far
-    for kind in ATTACKS:
-        report["attacks"][kind] = []
-        for i, eps in enumerate(eps_list):
-            ok = correct(attack(model, P, labels, eps, kind, steps=pgd_steps, seed=seed, options=options))
+    report = {"clean_acc": float(np.mean(model.predict(to_inputs(model, P), **fwd) == labels)),
+              "eps": list(eps_list), "attacks": {kind: [] for kind in ATTACKS}}
+    survived = []   # correct under every attack, at each eps
+    for eps in eps_list:
+        say = progress and (lambda kind, ok, eps=eps:
+                            progress(f"{kind} at eps {eps:g}: {100 * np.mean(ok):.2f}%"))
+        flags = attack_flags(model, P, labels, eps, pgd_steps, seed, options, progress=say)
+        for kind, ok in flags.items():
             report["attacks"][kind].append(float(np.mean(ok)))
-            survived[i] &= ok
-            if progress:
-                progress(f"{kind} at eps {eps:g}: {100 * np.mean(ok):.2f}%")
+        survived.append(np.logical_and.reduce(list(flags.values())))
     flags = certified_flags(model, P, labels, eps_list, certificates, progress=progress)
     report["unknown"] = flags.pop("unknown", {})
     report["certified"] = {row: v if row == "note" or v is None else [float(np.mean(f)) for f in v]

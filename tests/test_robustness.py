@@ -54,6 +54,26 @@ def test_pgd_is_at_least_as_strong_as_fgsm(trained):
         assert pgd <= fgsm
 
 
+def test_attack_flags_are_the_attacks_image_by_image_in_chunks_or_not(trained):
+    """Each kind's flags are its attack's predictions checked against the labels; attacked in chunks, each
+    chunk is the attack of those images alone (FGSM, with no random start, does not depend on the chunk)."""
+    from nemon_np.robustness import attack_flags
+    model, pixels, labels = trained
+    seen = []
+    whole = attack_flags(model, pixels, labels, 0.1, pgd_steps=3, seed=2, progress=lambda k, f: seen.append(k))
+    chunked = attack_flags(model, pixels, labels, 0.1, pgd_steps=3, seed=2, chunk=25)
+    assert seen == list(ATTACKS) and list(whole) == list(ATTACKS)
+    correct = lambda P, y: model.predict(to_inputs(model, P)) == y  # noqa: E731
+    for kind in ATTACKS:
+        np.testing.assert_array_equal(whole[kind], correct(attack(model, pixels, labels, 0.1, kind, steps=3, seed=2),
+                                                           labels))
+        np.testing.assert_array_equal(chunked[kind], np.concatenate([
+            correct(attack(model, pixels[s:s + 25], labels[s:s + 25], 0.1, kind, steps=3, seed=2), labels[s:s + 25])
+            for s in (0, 25, 50)]))
+    np.testing.assert_array_equal(whole["fgsm"], chunked["fgsm"])
+    assert 0 < whole["pgd"].sum() < whole["noise"].sum()   # not vacuous: PGD breaks images noise does not
+
+
 def test_certified_points_are_never_broken(trained):
     model, pixels, labels = trained
     eps = 0.01
