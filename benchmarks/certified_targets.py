@@ -34,9 +34,11 @@ stay small.
 import argparse
 import json
 import math
+import os
 import pathlib
 import re
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 
@@ -189,6 +191,17 @@ def _in_own_process(evaluate, run, dataset, data_dir, *args):
     return evaluate(run, load_dataset(dataset, data_dir), *args)
 
 
+def exit_with_parent(parent_pid, interval=2.0):
+    """A pool worker's initializer: a daemon thread ends the worker once ``parent_pid`` is no longer its parent.
+    A pool's workers outlive a parent stopped by a signal (``kill``, a session's end), and would go on
+    verifying, unattended, for what is left of an evaluation: hours of two cores."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def evaluate_runs(runs, args, data, evaluate=evaluate_run, *extra):
     """{run: ``evaluate(run, data, args.eps, args.pgd_steps, *extra)``} for the runs (:func:`evaluate_run`,
     :func:`evaluate_exact`), ``args.jobs`` processes at a time (each one thread: the environment of
@@ -196,10 +209,10 @@ def evaluate_runs(runs, args, data, evaluate=evaluate_run, *extra):
     if args.jobs == 1 or len(runs) < 2:
         return {run: evaluate(run, data, args.eps, args.pgd_steps, *extra) for run in runs}
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
     os.environ.update(ONE_THREAD_ENV)
-    with ProcessPoolExecutor(min(args.jobs, len(runs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(args.jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {run: pool.submit(_in_own_process, evaluate, run, args.dataset, args.data_dir, args.eps,
                                     args.pgd_steps, *extra) for run in runs}
         return {run: future.result() for run, future in futures.items()}

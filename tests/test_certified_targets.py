@@ -201,3 +201,37 @@ def test_exact_verification_of_both_sides_enters_the_row(tmp_path, monkeypatch, 
     exact = json.loads((tmp_path / "runs/n_s0/targets_eps0.02_exact1000_t20_pgd5.json").read_text())
     assert exact["images"] == 1000 and exact["broken"] == 0
     assert exact["unknown"] == 0 or exact["certified"]["1000"] < row["pgd_per_seed"][0]
+
+
+def test_pool_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A parent stopped by SIGKILL (no clean-up of its own) leaves no worker of its pool running."""
+    import os
+    import signal
+    import subprocess
+    import time
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        f"sys.path.insert(0, {str(pathlib.Path(certified_targets.__file__).parent)!r})\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from certified_targets import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=exit_with_parent, initargs=(os.getpid(), 0.2))\n"
+        "    pids = {pool.submit(os.getpid).result() for _ in range(6)}\n"
+        "    [pool.submit(time.sleep, 120) for _ in range(2)]\n"
+        "    print(' '.join(map(str, pids)), flush=True)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert workers and parent.poll() is None
+
+    def alive(pid):
+        return os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read()
+    assert all(alive(pid) for pid in workers)   # not vacuous: they run while the parent does
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
