@@ -56,9 +56,12 @@ def attack_flags(model, pixels, labels, eps, pgd_steps=10, seed=0, options=None,
     ``progress(kind, flags)``, if given, is called after each attack."""
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
+    if len(P) == 0 or len(P) != len(labels):
+        raise ValueError(f"attack_flags needs one label an image and at least one image, got {len(P)} images "
+                         f"and {len(labels)} labels")
     options = options or solver_options_for(model)
     fwd = {k: v for k, v in options.items() if k != "adjoint"}
-    chunk = chunk or max(len(P), 1)
+    chunk = chunk or len(P)
     flags = {}
     for kind in ATTACKS:
         flags[kind] = np.concatenate([

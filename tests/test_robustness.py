@@ -72,6 +72,9 @@ def test_attack_flags_are_the_attacks_image_by_image_in_chunks_or_not(trained):
             for s in (0, 25, 50)]))
     np.testing.assert_array_equal(whole["fgsm"], chunked["fgsm"])
     assert 0 < whole["pgd"].sum() < whole["noise"].sum()   # not vacuous: PGD breaks images noise does not
+    for P, y in ((pixels[:0], labels[:0]), (pixels, labels[:-1])):
+        with pytest.raises(ValueError, match="one label an image and at least one image"):
+            attack_flags(model, P, y, 0.1)
 
 
 def test_certified_points_are_never_broken(trained):
