@@ -43,7 +43,7 @@ from _common import analysis_parser, finish, plt, save_figure, train_on_mnist
 from nemon_np import load_model
 from nemon_np.certificates import ExactCertificate, LPCertificate, certify
 from nemon_np.data import load_mnist
-from nemon_np.pixels import solver_options_for, to_inputs
+from nemon_np.pixels import forward_options, solver_options_for, to_inputs
 from nemon_np.radius import attack_radius, certified_radius, exact_radius
 from nemon_np.robustness import attack
 from nemon_np.training import TrainConfig
@@ -77,7 +77,7 @@ def train_or_load(kind, seed, data, cfg, folder):
 def ladder(model, pixels, labels, eps, cfg, cache, jobs, scheduler):
     """One model at one eps: certified share and seconds an image per certificate, PGD's accuracy, the
     exact statuses and the gap split (module docstring). Fails on a broken or falsified certificate."""
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     methods = {name: name for name in CERTIFICATES[:3]}
     methods["lp"] = LPCertificate(cfg["time_limit"], jobs, scheduler, cache=cache)
     methods["exact"] = ExactCertificate(cfg["time_limit"], jobs, scheduler, cache=cache, progress=True)

@@ -29,7 +29,7 @@ from explicit_ibp import ExplicitNet, train_explicit  # noqa: E402
 from nemon_np._cli import add_threads_argument, load_run  # noqa: E402
 from nemon_np.certificates import certify  # noqa: E402
 from nemon_np.data import normalize  # noqa: E402
-from nemon_np.pixels import input_ball, solver_options_for, to_inputs  # noqa: E402
+from nemon_np.pixels import forward_options, input_ball, solver_options_for, to_inputs  # noqa: E402
 from nemon_np.training import config_from_dict  # noqa: E402
 
 EPS = (0.01, 0.02, 0.05, 0.1, 0.3)
@@ -37,7 +37,7 @@ EPS = (0.01, 0.02, 0.05, 0.1, 0.3)
 
 def evaluate(model, pixels, labels, eps_list, certificates):
     """Clean accuracy and {certificate: [certified accuracy at each eps]}, with the seconds taken."""
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     clean = float(np.mean(model.predict(to_inputs(model, pixels), **fwd) == labels))
     rows, seconds = {}, {}
     for name in certificates:

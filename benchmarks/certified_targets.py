@@ -49,7 +49,7 @@ from nemon_np._threads import ONE_THREAD_ENV
 from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
-from nemon_np.pixels import solver_options_for, to_inputs
+from nemon_np.pixels import forward_options, solver_options_for, to_inputs
 from nemon_np.robustness import attack_flags
 from nemon_np.training import CERTIFIED_DEFAULTS, TrainConfig, config_from_dict
 
@@ -119,7 +119,7 @@ def test_pixels(data):
 def attack_survival(model, pixels, labels, eps, pgd_steps, say):
     """(correct under the clean image and every attack of :func:`nemon_np.robustness.attack_flags` at eps,
     500 images at a time, correct under PGD): two (m,) bool arrays; ``say(what, flags)`` reports each attack."""
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     survived = model.predict(to_inputs(model, pixels), **fwd) == labels
     flags = attack_flags(model, pixels, labels, eps, pgd_steps, seed=0, chunk=500,
                          progress=lambda kind, ok: say(f"{kind} accuracy", ok))
@@ -144,7 +144,7 @@ def evaluate_run(run, data, eps, pgd_steps):
     model = load_model(pathlib.Path(run) / "model.npz")
     history = json.loads((pathlib.Path(run) / "metrics.json").read_text())["epochs"]
     pixels, labels = test_pixels(data)
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     clean = model.predict(to_inputs(model, pixels), **fwd) == labels
     certified, seconds = {}, {}
     say = _reporter(run)

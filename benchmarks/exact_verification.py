@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nemon_np.certificates import ExactCertificate, certify
 from nemon_np.data import load_dataset
 from nemon_np.loading import load_model
-from nemon_np.pixels import solver_options_for, to_inputs
+from nemon_np.pixels import forward_options, solver_options_for, to_inputs
 from nemon_np.robustness import attack
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     data = load_dataset(model.metadata.get("dataset", "mnist"), args.data_dir)
     pixels = data.test_images[:args.images].reshape(args.images, -1).astype(np.float64) / 255.0
     labels = data.test_labels[:args.images]
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     rows, seconds = {}, {}
     for name in ("interval", "crown", "lp"):
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@ through the model's implicit input gradient (Madry et al. 2018), for any model w
 successes are real counterexamples that the exact verifier takes before solving anything."""
 import numpy as np
 
-from .pixels import channel_stats, solver_options_for, to_inputs
+from .pixels import channel_stats, forward_options, solver_options_for, to_inputs
 
 __all__ = ["attack", "ATTACKS"]
 
@@ -41,7 +41,7 @@ def attack(model, pixels, labels, eps, kind="pgd", steps=10, step_size=None, see
     step_size = 2.5 * eps / steps if step_size is None else step_size
     X = np.clip(P + rng.uniform(-eps, eps, size=P.shape), lo, hi)
     best, best_loss = X.copy(), np.full(len(P), -np.inf)
-    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    fwd = forward_options(options)
     for _ in range(steps + 1):
         logits = model.logits(to_inputs(model, X), **fwd).astype(np.float64)
         z = logits - logits.max(axis=1, keepdims=True)

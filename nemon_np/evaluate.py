@@ -14,7 +14,7 @@ from .conv_model import ConvNEMON
 from .data import normalize
 from .measures import mu_2, mu_inf
 from .lipschitz import lipschitz_bound
-from .pixels import solver_options_for
+from .pixels import forward_options, solver_options_for
 from .training import evaluate
 
 
@@ -33,7 +33,7 @@ def main(argv=None):
     model, data, _ = load_run(p, args.run_dir, args.data_dir, args.threads)
     mean, std = model.metadata["mean"], model.metadata["std"]
     X = normalize(data.test_images, mean, std, model.dtype)
-    options = {k: v for k, v in solver_options_for(model, args.tol).items() if k != "adjoint"}
+    options = forward_options(solver_options_for(model, args.tol))
     loss, acc, its = evaluate(model, X, data.test_labels, **options)
     L = lipschitz_bound(model) if model.mu_inf() < 1 else None
     norm = "weighted, saved weights" if model.weights is not None else "unweighted"

@@ -2,7 +2,7 @@
 images, and the solver settings certified for a model. Pixel values are in [0, 1]."""
 import numpy as np
 
-__all__ = ["solver_options_for", "channel_stats", "to_inputs", "input_box", "input_ball"]
+__all__ = ["solver_options_for", "forward_options", "channel_stats", "to_inputs", "input_box", "input_ball"]
 
 
 def solver_options_for(model, tol=None, max_iter=1000):
@@ -14,6 +14,12 @@ def solver_options_for(model, tol=None, max_iter=1000):
     if model.metadata.get("certificate") == "mu_2":
         return dict(tol=tol, max_iter=max_iter, method="peaceman-rachford", adjoint="direct")
     return dict(tol=tol, max_iter=max_iter, method="average", adjoint="iterative")
+
+
+def forward_options(options):
+    """The forward solve's settings of ``options`` (a :func:`solver_options_for` dict): all but the adjoint's,
+    which ``logits`` and ``predict`` do not take. A new dict; ``options`` is left as it is."""
+    return {k: v for k, v in options.items() if k != "adjoint"}
 
 
 def channel_stats(model, n_features):

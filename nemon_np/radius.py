@@ -20,7 +20,7 @@ import numpy as np
 
 from .attacks import attack
 from .certificates import ExactCertificate, certify
-from .pixels import solver_options_for, to_inputs
+from .pixels import forward_options, solver_options_for, to_inputs
 
 __all__ = ["certified_radius", "exact_radius", "attack_radius"]
 
@@ -84,7 +84,7 @@ def attack_radius(model, pixels, labels, eps_max=0.5, resolution=1e-3, steps=20,
     """(m,) the smallest eps (to ``resolution``) at which PGD changes each image's class; eps_max where it
     never does, 0 where the image is misclassified."""
     P, labels = _check(pixels, labels, eps_max, resolution)
-    fwd = {k: v for k, v in solver_options_for(model).items() if k != "adjoint"}
+    fwd = forward_options(solver_options_for(model))
     radii = np.zeros(len(P))
     for i in range(len(P)):
         def holds(eps):

@@ -10,7 +10,7 @@ import numpy as np
 from .attacks import ATTACKS, attack
 from .certificates import certify, get_certificate
 from .lipschitz import lipschitz_bound
-from .pixels import solver_options_for, to_inputs
+from .pixels import forward_options, solver_options_for, to_inputs
 from .solvers import WellPosednessError
 
 __all__ = ["attack", "attack_flags", "empirical_lipschitz", "robustness_report", "plot_report", "ATTACKS",
@@ -25,7 +25,7 @@ def empirical_lipschitz(model, pixels, radius=1e-3, steps=3, options=None):
     for every sample and logit k, signed-gradient ascent of |y_k(u + d) - y_k(u)| over ||d||_inf <= radius,
     the largest ratio |dy_k| / ||d||_inf found. Every ratio is realized by two actual forward solves."""
     options = options or solver_options_for(model, tol=1e-10)
-    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    fwd = forward_options(options)
     U = to_inputs(model, pixels).astype(np.float64)
     if model.dtype != np.float64:
         raise ValueError("empirical_lipschitz needs a float64 model (differences of 1e-3 are lost in float32)")
@@ -60,7 +60,7 @@ def attack_flags(model, pixels, labels, eps, pgd_steps=10, seed=0, options=None,
         raise ValueError(f"attack_flags needs one label an image and at least one image, got {len(P)} images "
                          f"and {len(labels)} labels")
     options = options or solver_options_for(model)
-    fwd = {k: v for k, v in options.items() if k != "adjoint"}
+    fwd = forward_options(options)
     chunk = chunk or len(P)
     flags = {}
     for kind in ATTACKS:
@@ -109,7 +109,7 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
     (the report then says so). ``progress``, if given, is called after each attack and each
     certificate at each eps with a line saying what it found ("pgd at eps 0.3: 92.15%")."""
     options = solver_options_for(model)
-    fwd = {k: v for k, v in options.items() if k not in ("adjoint",)}
+    fwd = forward_options(options)
     P = np.asarray(pixels, np.float64)
     labels = np.asarray(labels)
     report = {"clean_acc": float(np.mean(model.predict(to_inputs(model, P), **fwd) == labels)),

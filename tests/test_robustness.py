@@ -54,6 +54,20 @@ def test_pgd_is_at_least_as_strong_as_fgsm(trained):
         assert pgd <= fgsm
 
 
+def test_forward_options_are_the_solver_options_without_the_adjoint(trained):
+    from nemon_np.pixels import forward_options, solver_options_for
+    model, pixels, _ = trained
+    for certificate in (None, "mu_2"):   # the NEMON's average iteration, monDEQ's Peaceman-Rachford
+        m = type("M", (), {"dtype": np.float64, "metadata": {"certificate": certificate}})()
+        options = solver_options_for(m)
+        fwd = forward_options(options)
+        assert "adjoint" in options and fwd == {k: options[k] for k in options if k != "adjoint"}
+    options = solver_options_for(model)
+    model.predict(to_inputs(model, pixels[:5]), **forward_options(options))   # what predict takes
+    with pytest.raises(TypeError):
+        model.predict(to_inputs(model, pixels[:5]), **options)
+
+
 def test_attack_flags_are_the_attacks_image_by_image_in_chunks_or_not(trained):
     """Each kind's flags are its attack's predictions checked against the labels; attacked in chunks, each
     chunk is the attack of those images alone (FGSM, with no random start, does not depend on the chunk)."""
