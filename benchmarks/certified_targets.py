@@ -116,14 +116,18 @@ def test_pixels(data):
     return data.test_images.reshape(len(data.test_images), -1).astype(np.float64) / 255.0, data.test_labels
 
 
-def attack_survival(model, pixels, labels, eps, pgd_steps, say):
-    """(correct under the clean image and every attack of :func:`nemon_np.robustness.attack_flags` at eps,
-    500 images at a time, correct under PGD): two (m,) bool arrays; ``say(what, flags)`` reports each attack."""
-    fwd = forward_options(solver_options_for(model))
-    survived = model.predict(to_inputs(model, pixels), **fwd) == labels
+def clean_flags(model, pixels, labels):
+    """(m,) bool: the images the model classifies correctly."""
+    return model.predict(to_inputs(model, pixels), **forward_options(solver_options_for(model))) == labels
+
+
+def attack_survival(model, pixels, labels, clean, eps, pgd_steps, say):
+    """(correct under the clean image (``clean``, :func:`clean_flags`) and every attack of
+    :func:`nemon_np.robustness.attack_flags` at eps, 500 images at a time, correct under PGD): two (m,) bool
+    arrays; ``say(what, flags)`` reports each attack."""
     flags = attack_flags(model, pixels, labels, eps, pgd_steps, seed=0, chunk=500,
                          progress=lambda kind, ok: say(f"{kind} accuracy", ok))
-    return np.logical_and.reduce([survived, *flags.values()]), flags["pgd"]
+    return np.logical_and.reduce([clean, *flags.values()]), flags["pgd"]
 
 
 def percent_of_first(flags):
@@ -144,8 +148,7 @@ def evaluate_run(run, data, eps, pgd_steps):
     model = load_model(pathlib.Path(run) / "model.npz")
     history = json.loads((pathlib.Path(run) / "metrics.json").read_text())["epochs"]
     pixels, labels = test_pixels(data)
-    fwd = forward_options(solver_options_for(model))
-    clean = model.predict(to_inputs(model, pixels), **fwd) == labels
+    clean = clean_flags(model, pixels, labels)
     certified, seconds = {}, {}
     say = _reporter(run)
     for name in CERTIFICATES:
@@ -153,7 +156,7 @@ def evaluate_run(run, data, eps, pgd_steps):
         certified[name] = certify(model, pixels, labels, eps, name).certified
         seconds[name] = time.perf_counter() - t0
         say(f"certified by {name}", certified[name])
-    survived, pgd = attack_survival(model, pixels, labels, eps, pgd_steps, say)
+    survived, pgd = attack_survival(model, pixels, labels, clean, eps, pgd_steps, say)
     broken = {name: int(np.sum(flags & ~survived)) for name, flags in certified.items()}
     return {"run": str(run), "clean": percent_of_first(clean),
             "certified": {name: percent_of_first(f) for name, f in certified.items()},
@@ -179,7 +182,7 @@ def evaluate_exact(run, data, eps, pgd_steps, images, time_limit):
     res = certify(model, pixels, labels, eps, method)
     seconds = time.perf_counter() - t0
     say("certified by exact", res.certified)
-    survived, _ = attack_survival(model, pixels, labels, eps, pgd_steps, say)
+    survived, _ = attack_survival(model, pixels, labels, clean_flags(model, pixels, labels), eps, pgd_steps, say)
     return {"images": len(labels), "certified": percent_of_first(res.certified),
             "unknown": int(np.sum(res.status == "unknown")), "broken": int(np.sum(res.certified & ~survived)),
             "seconds": seconds, "time_limit": time_limit}
