@@ -14,8 +14,11 @@ The boxes are sound: x*'s is the embedded network's (:meth:`nemon_np.base.Embedd
 z's its image under A x + B u + b by interval arithmetic, narrowed by z <= x*_hi and, where x*_lo > 0,
 z >= x*_lo (x* = relu(z)); the same holds for a hidden read-out layer g = relu(H x* + h). Minimizing a
 margin y_k - y_j = (C_k - C_j) g + c_k - c_j over these constraints is its exact minimum over the ball.
-The same holds layer by layer in a stack (:func:`stack_program`): each such layer kind has ``milp``,
-its constraints between the expressions of its input and output over their boxes (an affine map for
+Any sound boxes give the same set; narrower ones need fewer binaries and smaller constants, so before
+its programs each image's boxes are narrowed by linear relaxation (``narrow``: CROWN's own intermediate
+bounds, :meth:`nemon_np.stack.StackedClassifier.relaxed_boxes`), which often proves the image by crown
+over them alone. The same holds layer by layer in a stack (:func:`stack_program`): each such layer kind
+has ``milp``, its constraints between the expressions of its input and output over their boxes (an affine map for
 dense, convolution (its sparse matrix) and batch normalization at evaluation, the encoding above for
 relu and the dense implicit layer), on flat channel-last states.
 
@@ -48,7 +51,8 @@ from scipy.optimize import OptimizeResult
 
 from .attacks import attack
 from .pixels import channel_stats, input_box, to_inputs
-from .stack import StackedClassifier
+from .models import NEMON
+from .stack import StackedClassifier, as_stack
 
 __all__ = ["DECISION_TOL", "as_milp_stack", "as_dense_stack", "stack_program", "verify_exact", "model_fingerprint",
            "image_cache_key"]
@@ -59,11 +63,9 @@ DECISION_TOL = 1e-6
 def as_milp_stack(model):
     """The model as a :class:`nemon_np.stack.StackedClassifier` (a NEMON through ``from_model``, the
     same certificates), every layer of which has a mixed-integer form; a one-line error otherwise."""
-    from .models import NEMON
-    if isinstance(model, NEMON):
-        model = StackedClassifier.from_model(model)
-    if not isinstance(model, StackedClassifier):
+    if not isinstance(model, (NEMON, StackedClassifier)):
         raise ValueError(f"exact verification handles dense NEMONs and stacks, got {type(model).__name__}")
+    model = as_stack(model)
     for layer in model.layers[:-1]:
         if not hasattr(layer, "milp"):
             raise ValueError(f"exact verification handles dense, conv, relu, bn, flatten and nemon layers; "
@@ -130,7 +132,7 @@ def _verified_margins(model64, pixels, label, options):
 
 
 def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, lower_bounds=None, progress=None,
-                 attack_steps=0, **options):
+                 attack_steps=0, narrow=True, **options):
     """Complete verification of each image's eps-ball (pixel units, clipped to [0, 1]).
 
     Parameters
@@ -145,6 +147,10 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
     progress : callable, called with the number of images done
     attack_steps : PGD steps tried on each image that ``lower_bounds`` leave open, before any program (0:
         none; not with ``relaxed``): a misclassified point it finds falsifies the image (module docstring)
+    narrow : True narrows the boxes of each image still open by linear relaxation
+        (:meth:`nemon_np.stack.StackedClassifier.relaxed_boxes`) and bounds its margins by crown over
+        them before any program; the programs are written over the narrowed boxes (fewer binaries,
+        smaller big-M constants). Its seconds count against ``time_limit``
     options : tol, max_iter of the interval bounds' solves
 
     Returns
@@ -195,8 +201,15 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
                 progress(i + 1)
             continue
         open_j = [j for j in np.argsort(known[i]) if j != k and not known[i, j] > 0]
+        image_boxes = [(lo[i], hi[i]) for lo, hi in boxes]
+        if open_j and narrow:
+            narrowed = model.relaxed_boxes(U_lo[i:i + 1], U_hi[i:i + 1], **options)
+            crown, _ = model.relaxed_margins(U_lo[i:i + 1], U_hi[i:i + 1], labels[i:i + 1], boxes=narrowed, **options)
+            margins[i] = np.maximum(margins[i], crown[0])
+            open_j = [j for j in open_j if not crown[0, j] > 0]
+            image_boxes = [(lo[0], hi[0]) for lo, hi in narrowed]
         if open_j:
-            u, g, cons, binaries[i], bound = stack_program(model, [(lo[i], hi[i]) for lo, hi in boxes], relaxed)
+            u, g, cons, binaries[i], bound = stack_program(model, image_boxes, relaxed)
             # The margin itself is the objective (its constant times a variable fixed at 1), so that
             # the solver's gap and dual bound are the margin's.
             w, offset, one = cp.Parameter(g.shape[0]), cp.Parameter(), cp.Variable()

@@ -131,6 +131,13 @@ class Layer:
     def lipschitz_rows(self):
         return None
 
+    def relaxation_reads(self, box_in, box_out):
+        """(mask_in, mask_out): (m, features) bool masks of the input and output coordinates whose boxes
+        bound this layer's ``relax_back`` beyond rounding (the tighter the box there, the tighter the
+        relaxation), or None for a side read for rounding only. None, None by default: an affine map's
+        relaxation is exact whatever the boxes."""
+        return None, None
+
     @property
     def token(self):
         return self.kind
@@ -448,6 +455,11 @@ class ReLU(Layer):
 
     def enclosing_box(self, X_lo, X_hi, options):
         return np.maximum(X_lo, 0.0), np.maximum(X_hi, 0.0)
+
+    def relaxation_reads(self, box_in, box_out):
+        # Only a relu whose input can change sign is relaxed; the others are linear on their box.
+        lo, hi = (v.reshape(len(v), -1) for v in box_in)
+        return (lo < 0) & (hi > 0), None
 
     def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
         # Lam . relu(x) >= lam . x + sum kappa for any lam (nemon_np.relaxation); kappa's rounding is
@@ -795,6 +807,11 @@ class _ImplicitLayer(EmbeddedNetwork, Layer):
         X_lo, X_hi, _ = self.interval_bounds(X_lo, X_hi, tol=options.get("tol"),
                                              max_iter=options.get("max_iter", 1000))
         return X_lo, X_hi
+
+    def relaxation_reads(self, box_in, box_out):
+        # The relaxation anchors on the box of x* (every coordinate not fixed by it) and of the z* it gives.
+        lo, hi = (v.reshape(len(v), -1) for v in box_out)
+        return None, hi > lo
 
     def relax_back(self, Lam, beta, allowance, box_in, box_out, steps):
         """Through ``steps`` copies of the fixed-point map (:func:`nemon_np.relaxation.unrolled_bounds`),

@@ -83,6 +83,11 @@ def test_exact_on_a_stack_of_dense_layers_agrees_with_a_grid_search(arch, seed, 
         assert _margin_at(model, res.counterexamples[i], y[i]) <= 0
     crown = certify(model, P, y, 0.1, "crown", **TOL)
     assert np.all(crown.certified <= res.certified)
+    # Programs over interval boxes, not narrowed ones: the same answers, with no fewer binaries.
+    wide = certify(model, P, y, 0.1, ExactCertificate(narrow=False), **TOL)
+    np.testing.assert_array_equal(wide.status, res.status)
+    solved = (wide.binaries > 0) & (res.binaries > 0)
+    assert np.all(res.binaries[solved] <= wide.binaries[solved])
 
 
 def _conv_reference(x, W, b, stride, padding):
@@ -167,7 +172,7 @@ def test_lp_lies_between_crown_and_exact(seed):
 
 @pytest.mark.parametrize("kind", ["float64", "float32", "weighted", "hidden"])
 def test_no_certificate_certifies_an_image_that_exact_falsifies(kind):
-    """Exact as the oracle: every image that lipschitz, interval, crown or combined certifies is not
+    """Exact as the oracle: every image that lipschitz, interval, crown, crown-full, combined or lp certifies is not
     falsified (in float32 the counterexample is re-solved for the stored parameters in float64)."""
     dtype = np.float32 if kind == "float32" else np.float64
     weights = np.random.default_rng(0).uniform(0.5, 2.0, 6) if kind == "weighted" else None
@@ -177,7 +182,7 @@ def test_no_certificate_certifies_an_image_that_exact_falsifies(kind):
     for eps in (0.03, 0.1):
         exact = certify(model, P, y, eps, "exact", **TOL)
         assert np.any(exact.status == "falsified") or eps < 0.1   # the check is not vacuous
-        for name in ("lipschitz", "interval", "crown", "combined", "lp"):
+        for name in ("lipschitz", "interval", "crown", "crown-full", "combined", "lp"):
             res = certify(model, P, y, eps, name, **TOL)
             assert not np.any(res.certified & (exact.status == "falsified")), name
 
@@ -202,7 +207,7 @@ def test_no_certificate_of_a_conv_model_certifies_what_exact_falsifies_on_it_wri
     for eps in (0.03, 0.1):
         exact = certify(dense, P, y, eps, "exact", **TOL)
         falsified += np.sum(exact.status == "falsified")
-        for name in ("lipschitz", "interval", "crown", "combined"):
+        for name in ("lipschitz", "interval", "crown", "crown-full", "combined"):
             res = certify(conv, P, y, eps, name, **TOL)
             assert not np.any(res.certified & (exact.status == "falsified")), name
     assert falsified > 0   # the check is not vacuous
@@ -282,18 +287,19 @@ def test_an_unknown_image_is_read_back_only_by_a_run_that_tries_no_harder(tmp_pa
     import nemon_np.exact as exact_module
     model = _model(2)
     P, y = _images(model, 2)
-    res = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, attack_steps=0, cache=tmp_path), **TOL)
+    quick = dict(time_limit=1e-9, attack_steps=0, narrow=False, cache=tmp_path)
+    res = certify(model, P, y, 0.08, ExactCertificate(**quick), **TOL)
     assert np.any(res.status == "unknown")
     assert len(list(tmp_path.glob("*.npz"))) == len(y)
 
     def no_solver(*args, **kwargs):
         raise AssertionError("solved again")
     monkeypatch.setattr(exact_module, "verify_exact", no_solver)
-    again = certify(model, P, y, 0.08, ExactCertificate(time_limit=1e-9, attack_steps=0, cache=tmp_path), **TOL)
+    again = certify(model, P, y, 0.08, ExactCertificate(**quick), **TOL)
     np.testing.assert_array_equal(again.status, res.status)
-    for harder in (dict(time_limit=1.0, attack_steps=0), dict(time_limit=1e-9, attack_steps=5)):
+    for harder in (dict(time_limit=1.0), dict(attack_steps=5), dict(narrow=True)):
         with pytest.raises(AssertionError, match="solved again"):
-            certify(model, P, y, 0.08, ExactCertificate(cache=tmp_path, **harder), **TOL)
+            certify(model, P, y, 0.08, ExactCertificate(**{**quick, **harder}), **TOL)
 
 
 def test_the_attack_falsifies_before_any_program_and_changes_no_answer():

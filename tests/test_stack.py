@@ -151,6 +151,79 @@ def test_interval_and_crown_margins_are_sound_and_ordered(arch, shape, dtype, we
         assert np.any(M_crown > M_int + 1e-6)   # the relaxation is tighter somewhere
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("arch,shape", ARCHS)
+def test_relaxed_boxes_hold_every_reachable_state_and_lie_inside_the_interval_boxes(arch, shape, dtype, rng):
+    """CROWN's intermediate boxes: every layer's output at sampled inputs and corners of the input box,
+    pushed through the stack in float64, lies in them; each lies inside the interval box it narrows."""
+    model = random_stack(arch, shape, 5, dtype)
+    exact = model.astype(np.float64)
+    U, eps = rng.normal(size=(3, model.n_in)), 0.2
+    wide = model.enclosing_boxes(U - eps, U + eps)
+    done = []
+    narrow = model.relaxed_boxes(U - eps, U + eps, progress=done.append)
+    assert done == [1, 2, 3]
+    for (w_lo, w_hi), (n_lo, n_hi) in zip(wide, narrow):
+        assert np.all(n_lo >= w_lo) and np.all(n_hi <= w_hi) and np.all(n_lo <= n_hi)
+    for V in box_samples(rng, U - eps, U + eps, 40):
+        X = exact._inputs(V, np.float64)
+        for i, layer in enumerate(exact.layers[:-1]):
+            X, _ = layer.forward(X, dict(EXACT))
+            # 1e-12: the sampled fixed points are solved to that tolerance, the boxes hold the exact ones.
+            assert np.all(X >= narrow[i + 1][0] - 1e-12) and np.all(X <= narrow[i + 1][1] + 1e-12), (arch, i, layer)
+
+
+def test_relaxed_boxes_narrow_the_deeper_layers():
+    """Somewhere past the first relu every test stack's boxes are narrower than the interval ones."""
+    for arch, shape in ARCHS:
+        model = random_stack(arch, shape, 5)
+        U = np.random.default_rng(0).normal(size=(3, model.n_in))
+        wide, narrow = model.enclosing_boxes(U - 0.2, U + 0.2), model.relaxed_boxes(U - 0.2, U + 0.2)
+        assert any(np.any(n[1] - n[0] < w[1] - w[0] - 1e-9) for w, n in zip(wide[2:], narrow[2:])), arch
+
+
+def test_a_relaxed_box_lies_outside_the_linear_programs_bounds():
+    """CROWN's bound of a unit is a dual feasible point of the linear program over the triangle
+    relaxation (the same boxes), so it is never tighter than the program's optimum (cvxpy), and that
+    optimum is never tighter than the unit's sampled range."""
+    import cvxpy as cp
+    rng = np.random.default_rng(3)
+    model = random_stack("dense6,relu,dense5,relu", (4,), 6)
+    U, eps = rng.normal(size=(1, 4)), 0.4
+    boxes = model.relaxed_boxes(U - eps, U + eps)
+    (W1, b1), (W2, b2) = ((layer.W, layer.b) for layer in (model.layers[0], model.layers[2]))
+    l, h = boxes[1][0][0], boxes[1][1][0]
+    u, x = cp.Variable(4), cp.Variable(6)
+    z = W1 @ u + b1
+    cons = [u >= U[0] - eps, u <= U[0] + eps, x >= 0, x >= z]
+    for t in range(6):
+        if l[t] >= 0:
+            cons.append(x[t] == z[t])
+        elif h[t] <= 0:
+            cons.append(x[t] == 0)
+        else:
+            cons.append(x[t] <= h[t] * (z[t] - l[t]) / (h[t] - l[t]))
+    samples = np.array([model.layers[2].forward(np.maximum(V @ W1.T + b1, 0), {})[0][0]
+                        for V in box_samples(rng, U - eps, U + eps, 200)])
+    assert np.any(boxes[3][1][0] - boxes[3][0][0] < model.enclosing_boxes(U - eps, U + eps)[3][1][0]
+                  - model.enclosing_boxes(U - eps, U + eps)[3][0][0] - 1e-9)
+    for t in range(5):
+        low = cp.Problem(cp.Minimize(W2[t] @ x + b2[t]), cons).solve(solver=cp.HIGHS)
+        high = cp.Problem(cp.Maximize(W2[t] @ x + b2[t]), cons).solve(solver=cp.HIGHS)
+        assert boxes[3][0][0, t] <= low + 1e-7 and low <= samples[:, t].min() + 1e-9
+        assert boxes[3][1][0, t] >= high - 1e-7 and high >= samples[:, t].max() - 1e-9
+
+
+@pytest.mark.parametrize("arch,shape", ARCHS)
+def test_crown_full_margins_are_sound_and_never_below_crown(arch, shape, rng):
+    model = random_stack(arch, shape, 2)
+    pixels, labels = rng.uniform(0, 1, size=(6, model.n_in)), rng.integers(0, model.n_out, 6)
+    crown = certify(model, pixels, labels, 0.1, "crown").margins
+    full = certify(model, pixels, labels, 0.1, "crown-full").margins
+    U_lo, U_hi = nemon_np.pixels.input_box(model, pixels, 0.1)
+    assert np.all(full >= crown) and np.all(full <= sampled_margins(model, U_lo, U_hi, labels, rng) + 1e-12)
+
+
 def _params_fd(model, f, h=1e-6):
     return {k: finite_difference(f, P, h) for k, P in model.params().items()}
 
