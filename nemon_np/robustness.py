@@ -139,6 +139,8 @@ def robustness_report(model, pixels, labels, eps_list=(0.0, 0.01, 0.02, 0.05, 0.
 CERTIFIED_STYLE = {"certified-lipschitz": dict(marker="s", color="k", ls="--", label="certified (Lipschitz bound)"),
                    "certified-interval": dict(marker="D", color="C3", ls="--", label="certified (interval bounds)"),
                    "certified-crown": dict(marker="^", color="C4", ls=":", label="certified (linear relaxation)"),
+                   "certified-crown-full": dict(marker="<", color="C8", ls=":",
+                                                label="certified (linear relaxation, its own boxes)"),
                    "certified-lp": dict(marker="v", color="C5", ls=":", label="certified (LP relaxation)"),
                    "certified-exact": dict(marker="*", color="C6", ls="-", label="certified (exact, MILP)")}
 
@@ -169,6 +171,12 @@ def _as_float64(model):
     return model.astype(np.float64)
 
 
+def _report_choices():
+    """The registry's certificates but those that ``--exact`` adds with its time limit and cache."""
+    from .certificates import CERTIFICATES, ExactCertificate
+    return [name for name, cls in CERTIFICATES.items() if not issubclass(cls, ExactCertificate)]
+
+
 def main(argv=None):
     """``python -m nemon_np.robustness RUN_DIR``: attacks, certificate and Lipschitz bounds of a run."""
     import json
@@ -195,6 +203,11 @@ def main(argv=None):
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and noise")
     p.add_argument("--out", default=None, help="write the report as JSON here (default RUN_DIR/robustness.json)")
+    p.add_argument("--certificates", nargs="+", default=list(REPORT_CERTIFICATES), choices=_report_choices(),
+                   metavar="NAME",
+                   help=f"certificates to report, of {', '.join(_report_choices())} (default: "
+                        f"{' '.join(REPORT_CERTIFICATES)}; crown-full costs seconds an image; lp and exact come "
+                        "with --exact)")
     p.add_argument("--exact", action="store_true",
                    help="dense NEMONs and stacks of dense, conv, relu, bn, flatten and nemon layers: add the rows "
                         "certified-lp (the LP relaxation) and certified-exact (complete verification by mixed-integer "
@@ -217,7 +230,7 @@ def main(argv=None):
     model, data, model_path = load_run(p, args.run_dir, args.data_dir, args.threads)
     images = data.test_images[:args.samples]
     pixels = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    certificates = REPORT_CERTIFICATES
+    certificates = tuple(dict.fromkeys(args.certificates))
     if args.exact:
         from .certificates import ExactCertificate, LPCertificate
         from .exact import as_milp_stack

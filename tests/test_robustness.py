@@ -248,6 +248,18 @@ def test_robustness_cli_exact_rows_on_a_dense_run_and_an_error_for_conv(tmp_path
     for row in ("certified-crown", "certified-exact"):   # each certificate's line as it ends
         assert f"{row} at eps 0.01: {100 * report['certified'][row][0]:.2f}%" in out
     assert len(list((run / "exact_cache").glob("*.npz"))) >= 1   # decided images kept for a rerun
+    # --certificates takes its choices from the registry; crown-full is never below crown.
+    chosen = tmp_path / "chosen.json"
+    assert robustness.main([str(run), "--data-dir", str(shared_data), "--samples", "15", "--pgd-steps", "2",
+                            "--eps", "0.05", "--certificates", "crown", "crown-full", "--out", str(chosen)]) == 0
+    report = json.loads(chosen.read_text())
+    assert set(report["certified"]) == {"certified-crown", "certified-crown-full"}
+    assert report["certified"]["certified-crown-full"][0] >= report["certified"]["certified-crown"][0]
+    assert sum(report["broken_certified"]["certified-crown-full"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        robustness.main([str(run), "--certificates", "exact"])
+    assert "invalid choice: 'exact'" in capsys.readouterr().err
     conv = tmp_path / "conv"
     assert train.main(["--data-dir", str(shared_data), "--model", "conv", "--channels", "2", "--epochs", "1",
                        "--limit-train", "200", "--out", str(conv), "--no-progress"]) == 0
