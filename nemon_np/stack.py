@@ -650,7 +650,7 @@ class StackedClassifier:
     def _largest_state(boxes):
         return max(int(np.prod(lo.shape[1:])) for lo, _ in boxes)
 
-    def relaxed_boxes(self, U_lo, U_hi, steps=None, progress=None, **options):
+    def relaxed_boxes(self, U_lo, U_hi, steps=None, rounds=1, progress=None, **options):
         """:meth:`enclosing_boxes` narrowed by linear relaxation: CROWN's own intermediate bounds (Zhang
         et al. 2018), where :meth:`relaxed_margins` alone relaxes over interval boxes.
 
@@ -663,15 +663,24 @@ class StackedClassifier:
         bound relaxes over boxes before it that are already sound, so every box stays sound, and
         narrower boxes tighten every relaxation and mixed-integer encoding over them.
 
+        ``rounds`` > 1 repeats the pass from the boxes of the last: an implicit layer's relaxation reads its
+        own box, so each pass can narrow it again (on the default dense MNIST model at eps 0.02, crown over
+        1, 2 and 3 rounds' boxes certifies 71.5, 73.0 and 74.0% of the first 200 test images, 67.5% over
+        interval boxes); a stack without one gains little from a second.
+
         Cost: two rows per open coordinate through every layer before it, an image at a time (on the
-        MNIST stack ``nemon-medium`` about 15 s an image); ``progress`` is called with the images done.
-        Returns the boxes as :meth:`enclosing_boxes` does."""
+        MNIST stack ``nemon-medium`` about 4 CPU s an image a round); ``progress`` is called with the
+        images done. Returns the boxes as :meth:`enclosing_boxes` does."""
         steps = self._check_steps(steps)
+        if not (isinstance(rounds, (int, np.integer)) and rounds >= 1):
+            raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
         boxes = self.enclosing_boxes(U_lo, U_hi, **options)
         narrowed = []
         for image in range(len(boxes[0][0])):
-            narrowed.append(self._narrowed_boxes([(lo[image:image + 1], hi[image:image + 1]) for lo, hi in boxes],
-                                                 steps, options))
+            one = [(lo[image:image + 1], hi[image:image + 1]) for lo, hi in boxes]
+            for _ in range(rounds):
+                one = self._narrowed_boxes(one, steps, options)
+            narrowed.append(one)
             if progress is not None:
                 progress(image + 1)
         return [tuple(np.concatenate([one[i][side] for one in narrowed]) for side in (0, 1))

@@ -173,6 +173,23 @@ def test_relaxed_boxes_hold_every_reachable_state_and_lie_inside_the_interval_bo
             assert np.all(X >= narrow[i + 1][0] - 1e-12) and np.all(X <= narrow[i + 1][1] + 1e-12), (arch, i, layer)
 
 
+def test_a_second_round_of_relaxed_boxes_stays_sound_and_inside_the_first(rng):
+    model = random_stack(*ARCHS[0], 5)
+    exact = model.astype(np.float64)
+    U, eps = rng.normal(size=(2, model.n_in)), 0.3
+    one, two = model.relaxed_boxes(U - eps, U + eps), model.relaxed_boxes(U - eps, U + eps, rounds=2)
+    for (lo1, hi1), (lo2, hi2) in zip(one, two):
+        assert np.all(lo2 >= lo1) and np.all(hi2 <= hi1)
+    for V in box_samples(rng, U - eps, U + eps, 40):
+        X = exact._inputs(V, np.float64)
+        for i, layer in enumerate(exact.layers[:-1]):
+            X, _ = layer.forward(X, dict(EXACT))
+            assert np.all(X >= two[i + 1][0] - 1e-12) and np.all(X <= two[i + 1][1] + 1e-12)
+    for bad in (0, 1.5, None):
+        with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+            model.relaxed_boxes(U - eps, U + eps, rounds=bad)
+
+
 def test_relaxed_boxes_narrow_the_deeper_layers():
     """Somewhere past the first relu every test stack's boxes are narrower than the interval ones."""
     for arch, shape in ARCHS:
