@@ -206,19 +206,24 @@ def exit_with_parent(parent_pid, interval=2.0):
 
 
 def evaluate_runs(runs, args, data, evaluate=evaluate_run, *extra):
-    """{run: ``evaluate(run, data, args.eps, args.pgd_steps, *extra)``} for the runs (:func:`evaluate_run`,
-    :func:`evaluate_exact`), ``args.jobs`` processes at a time (each one thread: the environment of
-    :data:`nemon_np._threads.ONE_THREAD_ENV`, which spawned processes inherit), or in this process with one job."""
+    """(run, ``evaluate(run, data, args.eps, args.pgd_steps, *extra)``) for each run (:func:`evaluate_run`,
+    :func:`evaluate_exact`) as it finishes, ``args.jobs`` processes at a time (each one thread: the environment
+    of :data:`nemon_np._threads.ONE_THREAD_ENV`, which spawned processes inherit), or in this process with one
+    job. A generator, so that the caller keeps each evaluation as it comes: a stopped pass loses only the runs
+    still under way."""
     if args.jobs == 1 or len(runs) < 2:
-        return {run: evaluate(run, data, args.eps, args.pgd_steps, *extra) for run in runs}
+        for run in runs:
+            yield run, evaluate(run, data, args.eps, args.pgd_steps, *extra)
+        return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     os.environ.update(ONE_THREAD_ENV)
     with ProcessPoolExecutor(min(args.jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {run: pool.submit(_in_own_process, evaluate, run, args.dataset, args.data_dir, args.eps,
-                                    args.pgd_steps, *extra) for run in runs}
-        return {run: future.result() for run, future in futures.items()}
+        futures = {pool.submit(_in_own_process, evaluate, run, args.dataset, args.data_dir, args.eps,
+                               args.pgd_steps, *extra): run for run in runs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def training_curve(history):
@@ -436,7 +441,7 @@ def main(argv=None):
     fresh = [run for run in runs if needs_evaluation(run, cache(run))]
     if fresh:
         print(f"evaluating {', '.join(fresh)} ({min(args.jobs, len(fresh))} at a time) ...", flush=True)
-    for run, row in evaluate_runs(fresh, args, data).items():
+    for run, row in evaluate_runs(fresh, args, data, evaluate_run):
         cache(run).write_text(json.dumps(row, indent=2))
     exact_cache = lambda run: pathlib.Path(run) / (  # noqa: E731
         f"targets_eps{args.eps:g}_exact{args.exact_images}_t{args.time_limit:g}_pgd{args.pgd_steps}.json")
@@ -444,8 +449,7 @@ def main(argv=None):
     if exact_fresh:
         print(f"verifying the first {args.exact_images} test images of {', '.join(exact_fresh)} exactly ...",
               flush=True)
-    exact_rows = evaluate_runs(exact_fresh, args, data, evaluate_exact, args.exact_images, args.time_limit)
-    for run, row in exact_rows.items():
+    for run, row in evaluate_runs(exact_fresh, args, data, evaluate_exact, args.exact_images, args.time_limit):
         exact_cache(run).write_text(json.dumps(row, indent=2))
     rows = {}
     for kind in ("nemon", "explicit"):

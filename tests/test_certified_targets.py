@@ -203,6 +203,27 @@ def test_exact_verification_of_both_sides_enters_the_row(tmp_path, monkeypatch, 
     assert exact["unknown"] == 0 or exact["certified"]["1000"] < row["pgd_per_seed"][0]
 
 
+def test_each_runs_evaluation_is_kept_as_it_finishes(tmp_path, monkeypatch):
+    """A pass stopped during its second run keeps the first run's evaluation beside its model (before, every
+    evaluation was written once all had finished, and a stop lost them all)."""
+    monkeypatch.chdir(tmp_path)
+    for run in ("runs/a", "runs/b"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "model.npz").write_bytes(b"")
+
+    def evaluate(run, data, eps, pgd_steps):
+        if run == "runs/b":
+            raise KeyboardInterrupt   # the session's end
+        return _record(run, 90.0, 98.0, 100.0)
+    monkeypatch.setattr(certified_targets, "evaluate_run", evaluate)
+    monkeypatch.setattr(certified_targets, "load_dataset", lambda name, data_dir=None: None)
+    with pytest.raises(KeyboardInterrupt):
+        certified_targets.main(["--eps", "0.1", "--out", str(tmp_path / "out.json"), "--nemon", "runs/a",
+                                "--explicit", "runs/b"])
+    assert json.loads((tmp_path / "runs/a/targets_eps0.1_pgd20.json").read_text())["run"] == "runs/a"
+    assert not (tmp_path / "runs/b/targets_eps0.1_pgd20.json").exists()
+
+
 def test_pool_workers_exit_when_their_parent_is_killed(tmp_path):
     """A parent stopped by SIGKILL (no clean-up of its own) leaves no worker of its pool running."""
     import os
