@@ -147,11 +147,12 @@ class CrownFullCertificate(CrownCertificate):
         stack = as_stack(model)
         U_lo, U_hi = input_box(stack, pixels, eps)
         steps = self.steps if self.steps is not None else stack.crown_steps
-        boxes = stack.relaxed_boxes(U_lo, U_hi, steps=steps, rounds=self.rounds, **options)
-        full = stack.relaxed_margins(U_lo, U_hi, labels, steps=steps, boxes=boxes, **options)[0]
+        boxes = stack.enclosing_boxes(U_lo, U_hi, **options)
+        narrowed = stack.relaxed_boxes(U_lo, U_hi, steps=steps, rounds=self.rounds, boxes=boxes, **options)
+        full = stack.relaxed_margins(U_lo, U_hi, labels, steps=steps, boxes=narrowed, **options)[0]
         # A relu's relaxation over a narrower box is not tighter for every row, so crown's bound is kept
         # where it is the larger.
-        return np.maximum(full, stack.relaxed_margins(U_lo, U_hi, labels, steps=steps, **options)[0])
+        return np.maximum(full, stack.relaxed_margins(U_lo, U_hi, labels, steps=steps, boxes=boxes, **options)[0])
 
 
 @_register

@@ -203,7 +203,8 @@ def verify_exact(model, pixels, labels, eps, *, time_limit=60.0, relaxed=False, 
         open_j = [j for j in np.argsort(known[i]) if j != k and not known[i, j] > 0]
         image_boxes = [(lo[i], hi[i]) for lo, hi in boxes]
         if open_j and narrow:
-            narrowed = model.relaxed_boxes(U_lo[i:i + 1], U_hi[i:i + 1], **options)
+            narrowed = model.relaxed_boxes(U_lo[i:i + 1], U_hi[i:i + 1],
+                                           boxes=[(lo[i:i + 1], hi[i:i + 1]) for lo, hi in boxes], **options)
             crown, _ = model.relaxed_margins(U_lo[i:i + 1], U_hi[i:i + 1], labels[i:i + 1], boxes=narrowed, **options)
             margins[i] = np.maximum(margins[i], crown[0])
             open_j = [j for j in open_j if not crown[0, j] > 0]

@@ -650,7 +650,7 @@ class StackedClassifier:
     def _largest_state(boxes):
         return max(int(np.prod(lo.shape[1:])) for lo, _ in boxes)
 
-    def relaxed_boxes(self, U_lo, U_hi, steps=None, rounds=1, progress=None, **options):
+    def relaxed_boxes(self, U_lo, U_hi, steps=None, rounds=1, progress=None, boxes=None, **options):
         """:meth:`enclosing_boxes` narrowed by linear relaxation: CROWN's own intermediate bounds (Zhang
         et al. 2018), where :meth:`relaxed_margins` alone relaxes over interval boxes.
 
@@ -670,11 +670,12 @@ class StackedClassifier:
 
         Cost: two rows per open coordinate through every layer before it, an image at a time (on the
         MNIST stack ``nemon-medium`` about 4 CPU s an image a round); ``progress`` is called with the
-        images done. Returns the boxes as :meth:`enclosing_boxes` does."""
+        images done. ``boxes``: :meth:`enclosing_boxes` of the same input boxes where the caller has them
+        already (None: computed here). Returns the boxes as :meth:`enclosing_boxes` does."""
         steps = self._check_steps(steps)
         if not (isinstance(rounds, (int, np.integer)) and rounds >= 1):
             raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-        boxes = self.enclosing_boxes(U_lo, U_hi, **options)
+        boxes = self.enclosing_boxes(U_lo, U_hi, **options) if boxes is None else boxes
         narrowed = []
         for image in range(len(boxes[0][0])):
             one = [(lo[image:image + 1], hi[image:image + 1]) for lo, hi in boxes]
