@@ -354,6 +354,12 @@ def shortfall(target, certified_per_seed, next_run):
     return {"met": short == 0, "shortfall": short, **({"next_run": next_run} if short and next_run else {})}
 
 
+def same_target(row, dataset, eps):
+    """Whether a written row is the target at (dataset, eps): its eps was written rounded (:func:`rounded`), so
+    8/255 reads back as 0.0314 and is compared so."""
+    return row["dataset"] == dataset and rounded(float(row["eps"])) == rounded(float(eps))
+
+
 def rounded(value, decimals=4):
     """``value`` (nested dicts and lists) with every float rounded to ``decimals`` (NaN and inf kept)."""
     if isinstance(value, float):
@@ -433,7 +439,7 @@ def main(argv=None):
             p.error(f"--recorded {source}: no such file")
     sources = [json.loads(pathlib.Path(f).read_text(), object_hook=_int_keys) for f in args.recorded] + [existing]
     recorded = {(kind, r["run"]): r for records in sources for t in records.get("targets", [])   # --out's last: it wins
-                if t["dataset"] == args.dataset and t["eps"] == args.eps
+                if same_target(t, args.dataset, args.eps)
                 for kind, rs in t.get("runs", {}).items() for r in rs}
     # Each run's evaluation is kept beside its model, so that adding a seed evaluates that seed alone.
     cache = lambda run: pathlib.Path(run) / f"targets_eps{args.eps:g}_pgd{args.pgd_steps}.json"  # noqa: E731
@@ -498,8 +504,7 @@ def main(argv=None):
                                    "seconds": float(np.mean(twin["seconds_per_seed"])),
                                    "command": explicit[0]["command"]},
               "runs": rows}
-    existing["targets"] = [t for t in existing["targets"] if not (t["dataset"] == args.dataset
-                                                                  and t["eps"] == args.eps)] + [target]
+    existing["targets"] = [t for t in existing["targets"] if not same_target(t, args.dataset, args.eps)] + [target]
     out.write_text(dumps(existing))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
     drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")

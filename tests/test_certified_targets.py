@@ -58,6 +58,22 @@ def test_a_row_is_made_from_recorded_evaluations_of_runs_not_here(tmp_path, monk
     assert json.loads(out.read_text())["targets"][1]["certified_per_seed"] == [89.0, 88.3333]
 
 
+def test_a_row_at_a_radius_written_rounded_is_replaced_not_repeated(tmp_path, monkeypatch, shared_data):
+    """8/255 is written as 0.0314: a second pass at 8/255 still finds the row's recorded runs and replaces it."""
+    monkeypatch.chdir(tmp_path)
+    eps = 8 / 255
+    one = _file(tmp_path / "one.json", "mnist", eps, [_record("runs/n_s0", 30.0, 40.0, 5000.0)],
+                [_record("runs/x_s0", 31.0, 42.0, 5000.0)])
+    out = tmp_path / "out.json"
+    argv = ["--data-dir", str(shared_data), "--eps", repr(eps), "--target", "30", "--out", str(out),
+            "--nemon", "runs/n_s0", "--explicit", "runs/x_s0"]
+    assert certified_targets.main(argv + ["--recorded", str(one)]) == 0
+    assert [t["eps"] for t in json.loads(out.read_text())["targets"]] == [0.0314]
+    assert certified_targets.main(argv) == 0   # the runs as --out recorded them at 0.0314
+    targets = json.loads(out.read_text())["targets"]
+    assert len(targets) == 1 and targets[0]["certified_per_seed"] == [30.0]
+
+
 def test_runs_neither_here_nor_recorded_are_one_line_errors(tmp_path, monkeypatch, capsys, shared_data):
     monkeypatch.chdir(tmp_path)
     rec = _file(tmp_path / "rec.json", "mnist", 0.1, [_record("runs/n_s0", 89.0, 96.8, 1.0)], [])
