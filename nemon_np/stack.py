@@ -675,7 +675,11 @@ class StackedClassifier:
         steps = self._check_steps(steps)
         if not (isinstance(rounds, (int, np.integer)) and rounds >= 1):
             raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-        boxes = self.enclosing_boxes(U_lo, U_hi, **options) if boxes is None else boxes
+        if boxes is None:
+            boxes = self.enclosing_boxes(U_lo, U_hi, **options)
+        elif len(boxes) != len(self.layers) or len(boxes[0][0]) != len(self._inputs(U_lo, np.float64)):
+            raise ValueError(f"boxes must be enclosing_boxes of these inputs: {len(self.layers)} (lo, hi) pairs of "
+                             f"one row an image, got {len(boxes)} pairs of {len(boxes[0][0]) if boxes else 0} rows")
         narrowed = []
         for image in range(len(boxes[0][0])):
             one = [(lo[image:image + 1], hi[image:image + 1]) for lo, hi in boxes]

@@ -165,6 +165,9 @@ def test_relaxed_boxes_hold_every_reachable_state_and_lie_inside_the_interval_bo
     assert done == [1, 2, 3]
     given = model.relaxed_boxes(U - eps, U + eps, boxes=wide)   # the interval boxes passed, not recomputed
     assert all(np.array_equal(a, b) for box, same in zip(narrow, given) for a, b in zip(box, same))
+    for wrong in (wide[:-1], [(lo[:2], hi[:2]) for lo, hi in wide]):
+        with pytest.raises(ValueError, match="boxes must be enclosing_boxes of these inputs"):
+            model.relaxed_boxes(U - eps, U + eps, boxes=wrong)
     for (w_lo, w_hi), (n_lo, n_hi) in zip(wide, narrow):
         assert np.all(n_lo >= w_lo) and np.all(n_hi <= w_hi) and np.all(n_lo <= n_hi)
     for V in box_samples(rng, U - eps, U + eps, 40):
