@@ -205,7 +205,7 @@ def exit_with_parent(parent_pid, interval=2.0):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def evaluate_runs(runs, args, data, evaluate=evaluate_run, *extra):
+def evaluate_runs(runs, args, data, evaluate, *extra):
     """(run, ``evaluate(run, data, args.eps, args.pgd_steps, *extra)``) for each run (:func:`evaluate_run`,
     :func:`evaluate_exact`) as it finishes, ``args.jobs`` processes at a time (each one thread: the environment
     of :data:`nemon_np._threads.ONE_THREAD_ENV`, which spawned processes inherit), or in this process with one
