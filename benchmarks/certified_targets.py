@@ -54,6 +54,7 @@ from nemon_np.robustness import attack_flags
 from nemon_np.training import CERTIFIED_DEFAULTS, TrainConfig, config_from_dict
 
 CERTIFICATES = ("interval", "crown")
+CLOCK_NAMES = {"cpu": "CPU s", "wall": "wall s"}
 
 
 def _int_keys(d):
@@ -290,8 +291,8 @@ def matched_comparison(targets):
     accuracy (the row's certificate, first 1,000 test images and all of them, per seed), the difference of the
     means (NEMON - explicit, points), the training seconds and their ratio, and a verdict that claims a side
     only where every seed of one beats every seed of the other ("nemon ahead", "explicit ahead"), else "within
-    the seeds' spread" (two seeds support no finer test); none with one seed on a side. One dict a target, MNIST
-    first, by radius."""
+    the seeds' spread" (two seeds support no finer test); none with one seed on a side; and the clock the seconds
+    were read on ("cpu" or "wall", the row's "seconds_clock"). One dict a target, MNIST first, by radius."""
     out = []
     for t in sorted(targets, key=lambda t: (t["dataset"] != "mnist", t["dataset"], t["eps"])):
         x = t.get("explicit_matched")
@@ -312,13 +313,16 @@ def matched_comparison(targets):
                     "nemon_all": t.get("certified_all_per_seed"), "explicit_all": x.get("certified_all_per_seed"),
                     "difference": float(np.mean(nemon) - np.mean(explicit)),
                     "nemon_seconds": seconds, "explicit_seconds": float(x["seconds"]),
+                    # rows written before the clock was recorded were all matched on wall seconds
+                    "seconds_clock": t.get("seconds_clock", "wall"),
                     "seconds_ratio": seconds / x["seconds"], "verdict": verdict})
     return out
 
 
 def plot_matched(comparison, path):
     """Every target's NEMON stack beside its compute-matched explicit twin: certified accuracy on the first 1,000
-    test images (bars the means, dots the seeds, a black bar the target) and the training seconds."""
+    test images (bars the means, dots the seeds, a black bar the target) and the training seconds, each target's
+    on its own clock (named under it: two targets' seconds compare only on one clock)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -333,8 +337,9 @@ def plot_matched(comparison, path):
         if c["target"] is not None:
             ax[0].plot([i - 0.42, i + 0.42], [c["target"]] * 2, "k-", lw=2, label="target" if i == 0 else None)
         ax[0].annotate(f"{c['difference']:+.2f}\n{c['verdict']}", (i, 2), ha="center", fontsize=7)
+    ax[0].set_xticks(at, [c["label"] for c in comparison], fontsize=8)
+    ax[1].set_xticks(at, [f"{c['label']}\n{CLOCK_NAMES[c['seconds_clock']]}" for c in comparison], fontsize=8)
     for a in ax:
-        a.set_xticks(at, [c["label"] for c in comparison], fontsize=8)
         a.grid(alpha=0.3, axis="y")
     ax[0].set(ylabel="certified accuracy (%), first 1,000 test images", ylim=(0, 100),
               title="certified: NEMON - explicit (points) and the verdict")

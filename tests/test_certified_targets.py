@@ -144,6 +144,10 @@ def test_the_matched_comparison_claims_a_side_only_where_every_seed_says_so():
     assert c[0]["difference"] == pytest.approx(94.25 - 95.5) and c[0]["seconds_ratio"] == pytest.approx(2.0)
     assert c[1]["seconds_ratio"] == pytest.approx(6475.0 / 5000.0) and c[1]["explicit_all"] == [89.9, 90.0]
     assert c[2]["difference"] == pytest.approx(24.0 - 24.7)
+    # A row from before the clock was recorded was matched on wall seconds; a recorded clock is kept.
+    assert [r["seconds_clock"] for r in c] == ["wall"] * 3
+    rows[1]["seconds_clock"] = "cpu"
+    assert [r["seconds_clock"] for r in certified_targets.matched_comparison(rows)] == ["wall", "cpu", "wall"]
     # One seed on a side claims nothing, not even a clear win.
     one = certified_targets.matched_comparison([_matched_row("mnist", 0.3, [90.0], [97.0, 97.5], [1.0], [1.0]),
                                                 _matched_row("mnist", 0.1, [90.0], [90.0], [1.0], [1.0])])
