@@ -35,6 +35,8 @@ import traceback
 import numpy as np
 from scipy import stats
 
+from .training import TRAINING_STATE, is_complete
+
 __all__ = ["parse_grid", "plan_runs", "run_training", "summarize", "run_sweep", "METRICS"]
 
 # (name in the summary, how to read it from a run's metrics.json)
@@ -85,14 +87,6 @@ def plan_runs(grid, seeds, out, train_args, first_seed=0):
     return runs
 
 
-def is_complete(folder):
-    """A run is complete when its metrics.json holds the final summary (written after the last epoch)."""
-    try:
-        return "summary" in json.loads((pathlib.Path(folder) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def _last_line(path):
     lines = path.read_text().strip().splitlines()
     return lines[-1] if lines else ""
@@ -102,7 +96,6 @@ def _rerun_argv(argv, folder):
     """The training argv for a folder the sweep runs in: a run stopped after a complete epoch (its
     training state saved) is resumed from it; an empty folder or one whose run never finished an
     epoch is trained from scratch (--overwrite, since a failed start may have left files)."""
-    from .training import TRAINING_STATE
     if (folder / TRAINING_STATE).is_file() and (folder / "model.npz").is_file():
         keep = [a for i, a in enumerate(argv) if a == "--data-dir" or (i > 0 and argv[i - 1] == "--data-dir")]
         return ["--resume", str(folder), "--no-progress"] + keep

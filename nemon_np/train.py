@@ -26,8 +26,8 @@ from .solvers import ADJOINT_METHODS, FORWARD_METHODS, TOL_MODES
 from .constraints import get_constraint
 from .stack import PRESETS
 from .training import (CONSTRAINTS, LIPSCHITZ_FORMS, MODELS, BackgroundCheckpoints, TrainConfig, Trainer,
-                       TRAINING_STATE, config_from_dict, plot_history, restore_training_state, resume_point,
-                       write_metrics)
+                       TRAINING_STATE, config_from_dict, is_complete, plot_history, restore_training_state,
+                       resume_point, write_metrics)
 
 HELP = {
     "model": "nemon (this library's l_inf-contractive model), mondeq (the monDEQ baseline, "
@@ -178,7 +178,7 @@ def build_parser():
                    help="continue the stopped run in folder RUN from its last complete epoch, with its own settings "
                         "(parameters, Adam's state, the learning-rate and eps schedules and the random stream as they "
                         "were: the same model as a run that went through); only --data-dir and --no-progress may "
-                        "be given beside it")
+                        "be given beside it. A complete run (its summary written) is left as it is")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -246,6 +246,10 @@ def main(argv=None):
     history = []
     if args.resume is not None:
         config, history, out = _resumed_run(parser, args)
+        if is_complete(out):
+            # Finishing again would only rewrite its files, and its summary with this process's seconds.
+            print(f"{out} is complete ({len(history)} epochs and its summary in metrics.json): nothing to resume")
+            return 0
     else:
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:
@@ -304,6 +308,8 @@ def main(argv=None):
           f"; writing to {out}"
           f"{f', resuming after epoch {len(history)}' if history else ''}")
     started = time.perf_counter()
+    # A resumed run's total counts the epochs of the processes before this one (their epoch_seconds).
+    earlier_seconds = sum(row.get("epoch_seconds", 0.0) for row in history)
 
     # The epoch's files are written while the next epoch trains; waited for before anything reads them.
     checkpoints = BackgroundCheckpoints(out)
@@ -343,7 +349,7 @@ def main(argv=None):
                "mu_inf_saved": saved.mu_inf(),
                "mu_inf_unweighted_saved": saved.mu_inf() if saved.weights is None else mu_inf(saved.A),
                "weighted": saved.weights is not None, "verified": verified, "train_samples": len(X),
-               "total_seconds": time.perf_counter() - started}
+               "total_seconds": earlier_seconds + time.perf_counter() - started}
     if "test_certified_acc" in trainer.history[-1]:
         summary.update(certified_eps=config.certified_eps, test_certified_acc=trainer.history[-1]["test_certified_acc"],
                        test_certified_samples=trainer.history[-1]["test_certified_samples"])

@@ -674,6 +674,14 @@ def write_metrics(out_dir, config, history, extra=None):
         os.replace(tmp, out_dir / "metrics.csv")
 
 
+def is_complete(folder):
+    """A run is complete when its metrics.json holds the final summary (written after the last epoch)."""
+    try:
+        return "summary" in json.loads((pathlib.Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _atomic_write(path, data):
     """``path`` holds the text or bytes ``data``, replaced in one rename: never half written."""
     tmp = path.with_name(path.name + ".part")

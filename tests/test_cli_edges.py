@@ -86,9 +86,10 @@ def test_a_log_file_gets_epoch_lines_not_progress_bars(shared_data, tmp_path):
     assert proc.stdout.count("epoch ") >= 2 and "batch/s" not in proc.stderr
 
 
-def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tmp_path, shared_data):
+def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tmp_path, shared_data, capsys):
     """A certified stack run stopped by Ctrl-C after its first epoch and continued with --resume ends
-    with the same model file as the run that went through, bit for bit."""
+    with the same model file as the run that went through, bit for bit, and its total seconds count both
+    processes; resumed once more, the complete run is left as it is."""
     import signal
 
     flags = ["--dataset", "mnist", "--data-dir", str(shared_data), "--arch", "conv8k4s2p1,relu,nemon30",
@@ -108,10 +109,21 @@ def test_resume_continues_a_stopped_run_to_the_model_of_one_that_went_through(tm
     assert proc.returncode == 130 and "--resume" in err, err
     import json
     assert len(json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]) < 3
-    assert train.main(["--resume", str(tmp_path / "stopped"), "--data-dir", str(shared_data), "--no-progress"]) == 0
+    stopped_seconds = sum(r["epoch_seconds"] for r in json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+                          ["epochs"])
+    resume = ["--resume", str(tmp_path / "stopped"), "--data-dir", str(shared_data), "--no-progress"]
+    assert train.main(resume) == 0
     through, resumed = load_model(tmp_path / "through" / "model.npz"), load_model(tmp_path / "stopped" / "model.npz")
     for k, v in through.params().items():
         assert np.array_equal(resumed.params()[k], v), k
+    # The total counts the stopped process's epochs too, not only the seconds after the resume.
+    metrics = (tmp_path / "stopped" / "metrics.json").read_bytes()
+    summary, epochs = json.loads(metrics)["summary"], json.loads(metrics)["epochs"]
+    assert summary["total_seconds"] >= sum(r["epoch_seconds"] for r in epochs) >= stopped_seconds > 0
+    # Resuming a complete run says so and leaves its files as they are.
+    capsys.readouterr()
+    assert train.main(resume) == 0
+    assert "is complete" in capsys.readouterr().out and (tmp_path / "stopped" / "metrics.json").read_bytes() == metrics
 
 
 @pytest.mark.parametrize("killed_in", ["_write_training_state", "write_metrics"])
