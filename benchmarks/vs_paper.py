@@ -1,13 +1,14 @@
-"""Our training epoch against the paper's own PyTorch code, in one run, A B A B (issue #27).
+"""Our training epoch against the paper's own PyTorch code, in one run, A B B A (issue #27).
 
 Run:  python benchmarks/vs_paper.py --paper-code DIR --paper-python PY [--model dense|conv] [--images N]
           [--epochs E] [--repeats R] [--data-dir DIR] [-- extra nemon_np.train flags for our side]
+      python benchmarks/vs_paper.py --old-code CHECKOUT [...]   (this code against an older one, in turn)
 
 DIR is a checkout of the paper's repository (github.com/davydovalexander/Non-Euclidean_Mon_Op_Net; it is
 not part of this project and nothing of it is copied here); PY a Python with torch (``pip install
 torch==2.13.0`` in a venv of its own). Both sides train on the same first N MNIST training images
 (normalized once, here, and handed over as arrays), batch 100, from a fresh model, with one thread each
-(BLAS, numba, torch), in separate processes taken in turn, R times; each then tests on the 10,000 test
+(BLAS, numba, torch), in separate processes taken in turn (A B, then B A), R times; each then tests on the 10,000 test
 images. The paper's side is its ``experiments.py`` MNIST model (dense: n = 100, alpha 1, tol 1e-2;
 conv: 5 x 5 kernels, --channels) in its own training loop (``paper_worker.py``). Ours is
 ``python -m nemon_np.train --dataset mnist`` with its defaults (conv: ``--model conv --kernel 5``), plus
@@ -123,8 +124,12 @@ def _time_products(U, B, G, A, n_batches, products):
     return time.process_time() - start
 
 
-def run_side(cmd):
-    out = subprocess.run(cmd, env={**os.environ, **ONE_THREAD_ENV}, capture_output=True, text=True)
+def run_side(cmd, pythonpath=None):
+    """Run one side's command with one thread (and ``pythonpath`` first on PYTHONPATH); its JSON line."""
+    env = {**os.environ, **ONE_THREAD_ENV}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,6 +140,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper-code", help="a checkout of the paper's repository (omit to time our side alone)")
     p.add_argument("--paper-python", default=None, help="a Python that has torch, for the paper's side")
+    p.add_argument("--old-code", help="another checkout of nemon_np: its code (on PYTHONPATH) trains our side too, "
+                   "in turn with this one, and the ratio old / ours is printed pair by pair")
     p.add_argument("--model", choices=("dense", "conv"), default="dense")
     p.add_argument("--channels", type=int, default=32, help="conv channels on the paper's side (ours: --channels "
                    "after --, default 32)")
@@ -153,6 +160,8 @@ def main(argv=None):
         return 0
     if args.paper_code and not args.paper_python:
         p.error("--paper-code needs --paper-python (a Python with torch)")
+    if args.old_code and not (pathlib.Path(args.old_code) / "nemon_np" / "__init__.py").is_file():
+        p.error(f"--old-code {args.old_code} is not a checkout of nemon_np (no nemon_np/__init__.py in it)")
     if args.images < 100 or args.epochs < 1 or args.repeats < 1:
         p.error("--images must be >= 100, --epochs and --repeats >= 1")
     our_config(args.model, args.epochs, extra)   # a bad flag fails here, not after the paper's run
@@ -166,10 +175,14 @@ def main(argv=None):
             sides = {"paper": [args.paper_python, str(HERE / "paper_worker.py"), "--paper-code", args.paper_code,
                                "--arrays", str(arrays), "--model", args.model, "--channels", str(args.channels),
                                "--epochs", str(args.epochs)], **sides}
+        if args.old_code:
+            sides["old"] = sides["ours"]
         runs = {name: [] for name in sides}
         for rep in range(args.repeats):
-            for name, cmd in sides.items():
-                r = run_side(cmd)
+            # A B, then B A: whichever side ran second in a pair ran about 5% faster on this machine
+            # (docs/benchmarks.md, eighteenth session), so the order alternates and the medians cancel it.
+            for name, cmd in (list(sides.items())[::-1] if rep % 2 else sides.items()):
+                r = run_side(cmd, args.old_code if name == "old" else None)
                 runs[name].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {name:5s}: train {sum(r['train_seconds']):7.2f} s "
                       f"(CPU {sum(r['train_cpu_seconds']):.2f} s) "
@@ -191,6 +204,10 @@ def main(argv=None):
         print(f"  paper / ours: training {med['paper']['train_seconds'] / med['ours']['train_seconds']:.2f}x "
               f"(CPU seconds: {med['paper']['train_cpu_seconds'] / med['ours']['train_cpu_seconds']:.2f}x), "
               f"test {med['paper']['test_seconds'] / med['ours']['test_seconds']:.2f}x")
+    if "old" in runs:
+        pairs = [sum(o["train_cpu_seconds"]) / sum(n["train_cpu_seconds"]) for o, n in zip(runs["old"], runs["ours"])]
+        print(f"  old / ours, training CPU seconds pair by pair: {', '.join(f'{r:.3f}' for r in pairs)}; "
+              f"median {np.median(pairs):.3f}x")
     if args.model == "dense":
         r = runs["ours"][0]
         floor = blas_floor(args.images, r["hidden"], np.mean(r["fwd_iters"]), np.mean(r["bwd_iters"]),

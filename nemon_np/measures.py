@@ -60,7 +60,13 @@ def row_measures(A, weights=None):
     check the measure of every matrix they iterate with, the embedded network's (2n x 2n) included.
     """
     A = as_square_matrix(A)
-    eta = as_weights(weights, A.shape[0])
+    return checked_row_measures(A, as_weights(weights, A.shape[0]))
+
+
+def checked_row_measures(A, eta):
+    """:func:`row_measures` of a square float matrix A and float64 weights eta (or None) that the caller
+    has already checked (:func:`nemon_np._validation.as_square_matrix`, ``as_weights``): the solvers
+    take the measure at every call, and checking A again would cost as much as the kernel."""
     return _row_measures(np.ascontiguousarray(A), np.empty(0) if eta is None else eta)
 
 

@@ -208,8 +208,8 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         """Forward solve (from X0, default zeros), then the adjoint for dL/dY: the cross-entropy's
         (``y`` given) or ``dY``'s."""
         U = self._inputs(U)
-        X, finfo = self.equilibrium(U, tol=tol, max_iter=max_iter, method=method, alpha=alpha, X0=X0,
-                                    on_violation=on_violation, tol_mode=tol_mode)
+        X, finfo = self._solve_injected(self._inject(self.B, U) + self.b, tol, max_iter, method, alpha, X0,
+                                        on_violation, tol_mode)
         finfo["logits"], G, P = self._readout_forward(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, U.shape[0], self.n_out))
@@ -265,7 +265,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         """
         U, X, loss, readout_grads, delta, info = self._backward(U, y, tol, max_iter, method, alpha, adjoint,
                                                                 adjoint_tol, on_violation, tol_mode=tol_mode, X0=X0)
-        grads = {"A": delta.T @ X, "B": delta.T @ U, "b": delta.sum(axis=0), **readout_grads}
+        grads = {"A": delta.T @ X, "B": self._inject_grad(delta, U), "b": delta.sum(axis=0), **readout_grads}
         return (loss, grads, info) if return_info else (loss, grads)
 
     def input_grad(self, U, y, *, tol=1e-6, max_iter=500, method="average", alpha=None,

@@ -10,7 +10,8 @@ import nemon_np
 
 from nemon_np import (ConvergenceWarning, WellPosednessError, contraction_alpha, contraction_factor,
                       mu_inf, project_mu_inf, solve_adjoint, solve_equilibrium)
-from nemon_np.solvers import WellPosednessWarning, _averaged_fixed_point, averaged_fixed_point_reference
+from nemon_np.solvers import (WellPosednessWarning, _averaged_fixed_point, _max_magnitude,
+                              averaged_fixed_point_reference)
 
 
 def well_posed(rng, n, mu, diag_shift=0.0, weights=None):
@@ -54,14 +55,16 @@ def test_fixed_point_solves_its_active_linear_system(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_kernel_matches_numpy_reference(rng, dtype):
+@pytest.mark.parametrize("start", ["random", "zero"])   # the kernel skips the zero start's product
+def test_kernel_matches_numpy_reference(rng, dtype, start):
     n, m = 40, 25
     A = well_posed(rng, n, 0.5).astype(dtype)
     Q = rng.normal(size=(m, n)).astype(dtype)
     S = (rng.random((m, n)) > 0.4).astype(dtype)
-    X0 = rng.normal(size=(m, n)).astype(dtype)
+    X0 = rng.normal(size=(m, n)).astype(dtype) if start == "random" else np.zeros((m, n), dtype)
     tol = dtype(1e-10 if dtype == np.float64 else 1e-4)
-    for relu, l1, mask in ((True, False, np.empty((0, n), dtype)), (False, True, S)):
+    no_mask = np.empty((0, n), dtype)
+    for relu, l1, mask in ((True, False, no_mask), (False, True, S), (True, True, S), (False, False, no_mask)):
         args = (np.ascontiguousarray(A.T), Q, mask, X0, dtype(0.8), tol, 300, relu, l1)
         got = _averaged_fixed_point(*args)
         ref = averaged_fixed_point_reference(*args)
@@ -72,6 +75,22 @@ def test_kernel_matches_numpy_reference(rng, dtype):
         else:  # BLAS and NumPy sum in different orders: compare the converged points.
             np.testing.assert_allclose(got[0], ref[0], atol=1e-3)
             assert np.abs(got[2] - ref[2]).max() <= 3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_by_bit_patterns_is_the_floating_max(rng, dtype):
+    """The l_inf residual's maximum, taken over IEEE 754 bit patterns, is np.max for entries >= 0: across
+    magnitudes (subnormals to inf), with signed zeros, and NaN when there is one (a NaN residual never
+    passes the tolerance)."""
+    tiny = np.finfo(dtype).tiny
+    rows = [np.abs(rng.normal(size=n)).astype(dtype) * scale for n in (1, 7, 100, 333)
+            for scale in (dtype(1), dtype(1e30), tiny / 8)]
+    rows += [np.array([0.0, -0.0], dtype), np.array([-0.0], dtype), np.array([3.0, np.inf, 1.0], dtype)]
+    for v in rows:
+        assert _max_magnitude(v.copy()) == v.max()
+    v = np.abs(rng.normal(size=50)).astype(dtype)
+    v[17] = np.nan
+    assert np.isnan(_max_magnitude(v))
 
 
 def test_samples_are_solved_independently(rng):
