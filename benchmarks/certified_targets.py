@@ -267,9 +267,9 @@ def plot_curves(rows, path, title):
                      ls="-" if "_s0" in run else "--")
         ax[0].plot(curve["train_seconds"], np.array(curve["certified"], float), **style)
         ax[1].plot(curve["train_seconds"], curve["clean"], **style)
-    ax[0].set(xlabel="training seconds", ylabel="certified accuracy (%), interval, per-epoch test subset",
-              title=title, ylim=(0, 100))
-    ax[1].set(xlabel="training seconds", ylabel="clean test accuracy (%)", title="clean accuracy")
+    ax[0].set(xlabel="training seconds", ylabel="certified accuracy (%)", ylim=(0, 100),
+              title=f"{title}\ncertified by intervals, on the per-epoch test subset")
+    ax[1].set(xlabel="training seconds", ylabel="clean test accuracy (%)", title="clean accuracy\n ")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
@@ -512,7 +512,7 @@ def main(argv=None):
     existing["targets"] = [t for t in existing["targets"] if not same_target(t, args.dataset, args.eps)] + [target]
     out.write_text(dumps(existing))
     figure = out.with_name(f"certified_targets_{args.dataset}_{args.eps:g}.png")
-    drawn = plot_curves(rows, figure, f"{args.dataset} eps {args.eps:g}: NEMON stack against its explicit twin")
+    drawn = plot_curves(rows, figure, f"{target_label(args.dataset, args.eps)}: NEMON stack against its explicit twin")
     comparison = matched_comparison(existing["targets"])
     summary = out.with_name("certified_targets_matched.png")
     plot_matched(comparison, summary)
