@@ -179,8 +179,8 @@ def main(argv=None):
             sides["old"] = sides["ours"]
         runs = {name: [] for name in sides}
         for rep in range(args.repeats):
-            # A B, then B A: whichever side ran second in a pair ran about 5% faster on this machine
-            # (docs/benchmarks.md, eighteenth session), so the order alternates and the medians cancel it.
+            # A B, then B A: neither side always runs second, so a drift in the machine's speed within a
+            # pair cannot favour one of them.
             for name, cmd in (list(sides.items())[::-1] if rep % 2 else sides.items()):
                 r = run_side(cmd, args.old_code if name == "old" else None)
                 runs[name].append(r)
