@@ -118,7 +118,10 @@ class DenseImplicitMap:
         Returns ``(X, info)``: X (m, n_hidden) and the solver's OptimizeResult with
         per-sample ``iterations`` and ``residual`` (see :func:`nemon_np.solve_equilibrium`).
         """
-        U = self._inputs(U)
+        return self._solve_checked(self._inputs(U), tol, max_iter, method, alpha, X0, on_violation, tol_mode)
+
+    def _solve_checked(self, U, tol, max_iter, method, alpha, X0, on_violation, tol_mode):
+        """:meth:`equilibrium` of inputs that :meth:`_inputs` has already checked."""
         return self._solve_injected(self._inject(self.B, U) + self.b, tol, max_iter, method, alpha, X0, on_violation,
                                     tol_mode)
 
@@ -208,8 +211,7 @@ class NEMON(DenseImplicitMap, ImplicitClassifier):
         """Forward solve (from X0, default zeros), then the adjoint for dL/dY: the cross-entropy's
         (``y`` given) or ``dY``'s."""
         U = self._inputs(U)
-        X, finfo = self._solve_injected(self._inject(self.B, U) + self.b, tol, max_iter, method, alpha, X0,
-                                        on_violation, tol_mode)
+        X, finfo = self._solve_checked(U, tol, max_iter, method, alpha, X0, on_violation, tol_mode)
         finfo["logits"], G, P = self._readout_forward(X)
         if dY is None:
             loss, dY = softmax_cross_entropy(finfo["logits"], check_labels(y, U.shape[0], self.n_out))
